@@ -1,0 +1,20 @@
+"""User-facing errors: one paragraph each, what is wrong, where, and what to do."""
+from __future__ import annotations
+
+
+class MergelabError(Exception):
+    """An error the user can cause and fix. The CLI prints its message without a traceback."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()) if "\n\n" not in message else message)
+
+
+def name_list(items, limit: int = 10) -> str:
+    """'a, b, c' with at most `limit` named and a count of the rest."""
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:limit])
+    if len(items) > limit:
+        shown += f" and {len(items) - limit} more"
+    return shown

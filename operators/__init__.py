@@ -1,0 +1,17 @@
+"""Merge operators: pure tensor functions and the registry that names them.
+
+Importing this package registers every operator; `get_operator(name)` finds one.
+"""
+from .base import (  # noqa: F401
+    REGISTRY,
+    MergeInputs,
+    OperatorSpec,
+    ParamSpec,
+    get_operator,
+    operator_names,
+    register,
+    tensor_seed,
+)
+
+# Each module registers its operators on import.
+# (filled in by the operator modules; keep this list in sync)

@@ -1,0 +1,1 @@
+"""Evolutionary search over merge recipes (search space, optimizers, trial loop, workers)."""
