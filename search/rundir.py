@@ -1,0 +1,464 @@
+"""Run directories: the on-disk record of one search, written by the loop and read by viewers.
+
+Everything a dashboard, `mergelab runs` or `mergelab resume` needs is here; none of them talks to
+the search loop's memory.
+
+Layout of ``runs/NAME/``::
+
+    config.yaml        the search config exactly as given (frozen; never rewritten)
+    resolved.json      the resolved config: absolute paths, layer count, the list of searched
+                       parameters, optimizer and its options, budget, seed, device, storage URL,
+                       versions of mergelab / torch / transformers / optuna / python, created time
+    study.db           the Optuna study (SQLite) unless --storage named another storage; the run
+                       is a normal Optuna study: ``optuna-dashboard sqlite:///runs/NAME/study.db``
+    pycma.pkl          pycma optimizer only: the pickled cma.CMAEvolutionStrategy and the pending
+                       generation (asked solutions, values told so far), rewritten after every
+                       ask and every finished trial
+    trials.jsonl       append-only, one JSON object per line, one line per finished or failed
+                       trial (see TRIAL RECORD below); each line is written with one write() on
+                       an O_APPEND descriptor under an flock, then fsync'ed, so a reader never
+                       sees half a line except the one being written (ignore a last line without
+                       "\\n")
+    summary.json       the run's state (see SUMMARY below), rewritten (atomic rename) after every
+                       trial and on every status change
+    best/recipe.yaml   the best trial's recipe (mergekit format), rewritten when the best improves
+    best/trial.json    that trial's record
+    log.txt            plain log lines ("2024-05-01 12:00:00 INFO message")
+    workers/ID.json    one heartbeat file per search process: {"worker", "pid", "host",
+                       "started", "heartbeat" (epoch s, refreshed every HEARTBEAT_S), "trial"
+                       (number being evaluated or null), "paused"}; deleted on a clean exit
+    control.json       written by a UI to steer the loop: {"command": "pause"|"resume"|"stop",
+                       "at": epoch}; the loop reads it between trials (and "stop" also while
+                       paused), acts, and on stop/finish removes it
+    .lock              flock target serializing writers of summary.json and trials.jsonl
+
+TRIAL RECORD (trials.jsonl): number (Optuna trial number), state ("COMPLETE", "PRUNED" or
+"FAIL"), params (the optimizer's values by parameter name), recipe (the candidate recipe dict,
+mergekit format), value (combined score, higher is better; null when failed), values (one per
+objective for multi-objective runs, else null), metrics (every metric of every scorer), scores
+(per scorer, higher is better), error (text when failed), interrupted (true for a trial whose
+process died; it is re-tried under a new number and does NOT count towards the budget),
+retry_of (number of the interrupted trial this one re-tries, else null), timings {"merge_s",
+"eval_s", "total_s"}, started / finished (epoch s), device, worker.
+
+SUMMARY (summary.json): name, status ("running", "stopped", "finished", "failed"), detail (why,
+e.g. "budget met", "stopped by user", the error), paused, optimizer, directions, objective_names,
+budget {"trials", "timeout"}, trials_done (COMPLETE + PRUNED + FAIL-not-interrupted: what the
+budget counts), trials_complete, trials_failed, trials_pruned, elapsed_s (search time summed
+over sessions, up to "updated"), created, updated (epoch s), best {number, value, values,
+metrics, scores, params} or null, pareto (multi-objective: list of {number, values, params}),
+device, seed, storage.
+
+A status read by RunDir.status() corrects "running" to "stopped" (detail "interrupted") when no
+worker heartbeat is fresh: the process died without a chance to say so.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from mergelab.errors import MergelabError
+
+CONFIG_FILE = "config.yaml"
+RESOLVED_FILE = "resolved.json"
+STUDY_FILE = "study.db"
+PYCMA_FILE = "pycma.pkl"
+TRIALS_FILE = "trials.jsonl"
+SUMMARY_FILE = "summary.json"
+BEST_DIR = "best"
+LOG_FILE = "log.txt"
+WORKERS_DIR = "workers"
+CONTROL_FILE = "control.json"
+LOCK_FILE = ".lock"
+
+HEARTBEAT_S = 2.0
+STALE_AFTER_S = 15.0  # a worker whose heartbeat is older than this is taken for dead
+
+STATUSES = ("running", "stopped", "finished", "failed")
+COUNTED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+CONTROL_COMMANDS = ("pause", "resume", "stop")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a concurrent reader sees old or new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    # numpy scalars and tuples appear in params / metrics
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _clean(o: Any) -> Any:
+    """NaN/inf are not JSON; store them as null so every reader can parse the files."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    return o
+
+
+def dumps(o: Any, indent: int | None = None) -> str:
+    return json.dumps(_clean(o), default=_json_default, indent=indent, sort_keys=False)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunStatus:
+    """What a runs browser shows for one run directory."""
+
+    name: str
+    path: Path
+    status: str  # one of STATUSES
+    detail: str
+    paused: bool
+    optimizer: str | None
+    trials_done: int
+    budget_trials: int | None
+    budget_timeout: float | None
+    best_value: float | None
+    best_trial: int | None
+    created: float | None
+    last_activity: float | None  # epoch s of the last write (summary, trials, heartbeat)
+    elapsed_s: float
+    live_workers: list[str] = field(default_factory=list)
+
+
+class TrialTail:
+    """Incremental reader of trials.jsonl for live viewers: poll() returns the new records.
+
+    It remembers a byte offset and keeps a trailing partial line until its newline arrives, so
+    following a file another process appends to never yields a broken record.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self._partial = b""
+
+    def poll(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < self.offset:  # truncated or replaced: start over
+                    self.offset, self._partial = 0, b""
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # b"" when data ended with a newline
+        out = []
+        for line in lines:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a corrupt line (disk full, manual edit) must not stop a viewer
+        return out
+
+
+class RunDir:
+    """One run directory. Safe to read from any process while a search writes it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # -- creation / opening -------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, config_text: str, resolved: dict) -> "RunDir":
+        """A new run directory with the frozen config, the resolved config and a summary."""
+        p = Path(path)
+        if p.exists() and any(p.iterdir()):
+            raise MergelabError(
+                f"Run directory {p} already exists and is not empty. Resume it with "
+                f"`mergelab resume {p}`, pick another --run name, or delete it first."
+            )
+        p.mkdir(parents=True, exist_ok=True)
+        (p / WORKERS_DIR).mkdir(exist_ok=True)
+        (p / BEST_DIR).mkdir(exist_ok=True)
+        rd = cls(p)
+        _atomic_write(p / CONFIG_FILE, config_text)
+        _atomic_write(p / RESOLVED_FILE, dumps(resolved, indent=2) + "\n")
+        (p / TRIALS_FILE).touch()
+        now = time.time()
+        summary = {
+            "name": p.name,
+            "status": "stopped",
+            "detail": "created",
+            "paused": False,
+            "optimizer": resolved.get("optimizer", {}).get("name"),
+            "directions": resolved.get("directions", ["maximize"]),
+            "objective_names": resolved.get("objective_names", ["combined"]),
+            "budget": resolved.get("budget", {"trials": None, "timeout": None}),
+            "trials_done": 0,
+            "trials_complete": 0,
+            "trials_failed": 0,
+            "trials_pruned": 0,
+            "elapsed_s": 0.0,
+            "created": now,
+            "updated": now,
+            "best": None,
+            "pareto": [],
+            "device": resolved.get("device"),
+            "seed": resolved.get("seed"),
+            "storage": resolved.get("storage"),
+        }
+        rd.write_summary(summary)
+        return rd
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "RunDir":
+        p = Path(path)
+        if not (p / RESOLVED_FILE).is_file() or not (p / CONFIG_FILE).is_file():
+            raise MergelabError(
+                f"{p} is not a run directory (no {CONFIG_FILE} / {RESOLVED_FILE} in it). Give the "
+                f"directory that `mergelab search` created, e.g. runs/NAME; `mergelab runs` lists them."
+            )
+        return cls(p)
+
+    @staticmethod
+    def is_run_dir(path: str | os.PathLike) -> bool:
+        p = Path(path)
+        return (p / RESOLVED_FILE).is_file() and (p / CONFIG_FILE).is_file()
+
+    @staticmethod
+    def list(runs_dir: str | os.PathLike) -> list["RunDir"]:
+        """Run directories directly under runs_dir, newest first."""
+        d = Path(runs_dir)
+        if not d.is_dir():
+            return []
+        found = [RunDir(p) for p in d.iterdir() if p.is_dir() and RunDir.is_run_dir(p)]
+        found.sort(key=lambda r: r.created() or 0.0, reverse=True)
+        return found
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # -- static content -----------------------------------------------------------------
+    def config_text(self) -> str:
+        return (self.path / CONFIG_FILE).read_text(encoding="utf-8")
+
+    def resolved(self) -> dict:
+        return json.loads((self.path / RESOLVED_FILE).read_text(encoding="utf-8"))
+
+    def write_resolved(self, resolved: dict) -> None:
+        _atomic_write(self.path / RESOLVED_FILE, dumps(resolved, indent=2) + "\n")
+
+    def storage_url(self) -> str:
+        url = self.resolved().get("storage")
+        return url or f"sqlite:///{(self.path / STUDY_FILE).resolve()}"
+
+    def created(self) -> float | None:
+        s = self.summary()
+        return s.get("created") if s else None
+
+    # -- locking --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialize writers across processes (summary read-modify-write, jsonl appends)."""
+        with open(self.path / LOCK_FILE, "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    # -- trials.jsonl -----------------------------------------------------------------------
+    def append_trial(self, record: dict) -> None:
+        line = (dumps(record) + "\n").encode("utf-8")
+        with self.locked():
+            fd = os.open(self.path / TRIALS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def trials(self) -> list[dict]:
+        """Every complete line of trials.jsonl, in file order."""
+        return TrialTail(self.path / TRIALS_FILE).poll()
+
+    def follow(self) -> TrialTail:
+        """A tail that returns, at each poll(), the records appended since the last poll."""
+        return TrialTail(self.path / TRIALS_FILE)
+
+    # -- summary / best -------------------------------------------------------------------
+    def summary(self) -> dict:
+        try:
+            return json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def write_summary(self, summary: dict) -> None:
+        summary["updated"] = time.time()
+        _atomic_write(self.path / SUMMARY_FILE, dumps(summary, indent=2) + "\n")
+
+    def update_summary(self, fn: Callable[[dict], None]) -> dict:
+        """Read-modify-write of summary.json under the lock (several workers may share it)."""
+        with self.locked():
+            s = self.summary()
+            fn(s)
+            self.write_summary(s)
+            return s
+
+    def write_best(self, recipe_yaml: str, record: dict) -> None:
+        (self.path / BEST_DIR).mkdir(exist_ok=True)
+        _atomic_write(self.path / BEST_DIR / "recipe.yaml", recipe_yaml)
+        _atomic_write(self.path / BEST_DIR / "trial.json", dumps(record, indent=2) + "\n")
+
+    def best_recipe_text(self) -> str | None:
+        p = self.path / BEST_DIR / "recipe.yaml"
+        return p.read_text(encoding="utf-8") if p.is_file() else None
+
+    # -- log ---------------------------------------------------------------------------------
+    def log(self, message: str, level: str = "INFO") -> str:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {message}"
+        with open(self.path / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        return line
+
+    def log_lines(self, last: int | None = None) -> list[str]:
+        p = self.path / LOG_FILE
+        if not p.is_file():
+            return []
+        lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+        return lines[-last:] if last else lines
+
+    # -- workers / heartbeat -------------------------------------------------------------
+    def heartbeat(self, worker: str, info: dict) -> None:
+        (self.path / WORKERS_DIR).mkdir(exist_ok=True)
+        data = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), **info,
+                "heartbeat": time.time()}
+        _atomic_write(self.path / WORKERS_DIR / f"{worker}.json", dumps(data) + "\n")
+
+    def remove_worker(self, worker: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / WORKERS_DIR / f"{worker}.json").unlink()
+
+    def workers(self) -> list[dict]:
+        """Heartbeat records with an "alive" flag (fresh heartbeat, and pid alive when local)."""
+        d = self.path / WORKERS_DIR
+        out = []
+        if not d.is_dir():
+            return out
+        now = time.time()
+        host = socket.gethostname()
+        for p in sorted(d.glob("*.json")):
+            try:
+                w = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, FileNotFoundError):
+                continue
+            alive = now - float(w.get("heartbeat", 0)) < STALE_AFTER_S
+            if alive and w.get("host") == host:
+                alive = _pid_alive(int(w.get("pid", -1)))
+            w["alive"] = alive
+            out.append(w)
+        return out
+
+    def live_workers(self) -> list[str]:
+        return [w["worker"] for w in self.workers() if w["alive"]]
+
+    # -- control (UI -> loop) --------------------------------------------------------------
+    def request(self, command: str) -> None:
+        """Ask the running search to pause, resume or stop (between trials)."""
+        if command not in CONTROL_COMMANDS:
+            raise ValueError(f"unknown control command {command!r}; use one of {CONTROL_COMMANDS}")
+        _atomic_write(self.path / CONTROL_FILE, dumps({"command": command, "at": time.time()}) + "\n")
+
+    def control(self) -> str | None:
+        try:
+            c = json.loads((self.path / CONTROL_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        cmd = c.get("command")
+        return cmd if cmd in CONTROL_COMMANDS else None
+
+    def clear_control(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / CONTROL_FILE).unlink()
+
+    # -- status ------------------------------------------------------------------------------
+    def last_activity(self) -> float | None:
+        times = []
+        for name in (SUMMARY_FILE, TRIALS_FILE, LOG_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                times.append((self.path / name).stat().st_mtime)
+        for w in self.workers():
+            times.append(float(w.get("heartbeat", 0)))
+        return max(times) if times else None
+
+    def status(self) -> RunStatus:
+        s = self.summary()
+        status = s.get("status", "stopped")
+        detail = s.get("detail", "")
+        live = self.live_workers()
+        if status == "running" and not live:
+            status, detail = "stopped", "interrupted (no live search process)"
+        budget = s.get("budget") or {}
+        best = s.get("best") or {}
+        return RunStatus(
+            name=self.name,
+            path=self.path,
+            status=status if status in STATUSES else "stopped",
+            detail=detail,
+            paused=bool(s.get("paused")) and status == "running",
+            optimizer=s.get("optimizer"),
+            trials_done=int(s.get("trials_done", 0)),
+            budget_trials=budget.get("trials"),
+            budget_timeout=budget.get("timeout"),
+            best_value=best.get("value"),
+            best_trial=best.get("number"),
+            created=s.get("created"),
+            last_activity=self.last_activity(),
+            elapsed_s=float(s.get("elapsed_s", 0.0)),
+            live_workers=live,
+        )
