@@ -1,0 +1,63 @@
+"""`linear`: the weighted average of the models (model soup), mergekit's default semantics.
+
+Every entry of the recipe's `models` takes part, the base too when it is listed there.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import MergeInputs, OperatorSpec, ParamSpec, register
+from .checks import add_check, raise_if_invalid
+
+
+def linear(inp: MergeInputs) -> torch.Tensor:
+    """Σ wᵢθᵢ, divided by Σ wᵢ when `normalize` (mergekit's linear_merge, same operations)."""
+    raise_if_invalid("linear", inp.name, inp.model_params, inp.params, inp.base_index)
+    first = inp.models[0]
+    weights = torch.tensor(
+        [float(mp["weight"]) for mp in inp.model_params], dtype=torch.float32, device=first.device
+    )
+    result = torch.zeros_like(first, dtype=torch.float32)
+    scalar_shape = (1,) * first.dim()
+    for tensor, weight in zip(inp.models, weights.unbind(0)):
+        result.addcmul_(tensor, weight.reshape(scalar_shape))
+    if inp.params["normalize"]:
+        result.div_(weights.sum(dim=0).reshape(scalar_shape))
+    return result
+
+
+def _check(model_params: list[dict[str, Any]], params: dict[str, Any], base_index) -> str | None:
+    if params["normalize"] and sum(float(mp["weight"]) for mp in model_params) == 0:
+        return (
+            "the weights sum to 0 and normalize is true, so the average would divide by zero; "
+            "change a weight or set normalize: false."
+        )
+    return None
+
+
+register(
+    OperatorSpec(
+        name="linear",
+        fn=linear,
+        params=(
+            ParamSpec(
+                "weight", "model", None, "float", required=True, search_range=(0.0, 1.0),
+                help="Coefficient of this model in the weighted sum (any finite number).",
+            ),
+            ParamSpec(
+                "normalize", "global", True, "bool",
+                help="Divide by the sum of the weights, making the result a weighted average.",
+            ),
+        ),
+        summary="θ = Σ wᵢθᵢ / Σ wᵢ (the division only with normalize; the base counts when listed in models)",
+        paper=(
+            "Model soups: averaging weights of multiple fine-tuned models improves accuracy "
+            "without increasing inference time (arXiv 2203.05482)"
+        ),
+        needs_base=False,
+        min_models=1,
+    )
+)
+add_check("linear", _check)
