@@ -1,0 +1,628 @@
+"""Inference-time logit fusion (PackLLM): weight each model by how well it predicts the prompt.
+
+Pure weight formulas on tensors, a `FusedLogitModel` that the quick eval scores like any model,
+and the `logit_fusion` recipe (YAML) whose models may be paths, Hub ids or weight-merge recipes.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import MergelabError, name_list
+
+WEIGHTINGS = ("sim", "opt", "uniform", "top1")
+FUSION_METHOD = "logit_fusion"
+
+
+# -- the formulas (pure functions, per example in a batch) -----------------------------------------
+def prompt_target_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the prompt tokens that are predicted from earlier prompt tokens.
+
+    A row's real tokens are numbered 0.. in order (padding skipped); token j is a target when
+    1 <= j < prompt_length: the first token has no prediction, and the continuation is not
+    scored (weighting a prediction by its own answer would leak it).
+    """
+    mask = attention_mask.bool()
+    rank = attention_mask.long().cumsum(-1) - 1
+    lengths = prompt_lengths.to(rank.device).long().view(-1, 1)
+    return mask & (rank >= 1) & (rank < lengths)
+
+
+@dataclass
+class _PromptRows:
+    """The logits that predict prompt targets, packed over the batch: rows[k, n] predicts y[n]."""
+
+    rows: torch.Tensor  # [K, N, V] float32
+    y: torch.Tensor  # [N] target ids
+    example: torch.Tensor  # [N] which batch row each target belongs to
+    counts: torch.Tensor  # [B] number of targets per example
+    batch: int
+
+
+def _pack_prompt_rows(
+    logits: Sequence[torch.Tensor], input_ids: torch.Tensor, target_mask: torch.Tensor
+) -> _PromptRows:
+    b_idx, t_idx = target_mask.nonzero(as_tuple=True)
+    rows = torch.stack([lg[b_idx, t_idx - 1].float() for lg in logits])
+    counts = torch.bincount(b_idx, minlength=input_ids.shape[0]).to(rows.dtype)
+    return _PromptRows(rows, input_ids[b_idx, t_idx], b_idx, counts, input_ids.shape[0])
+
+
+def _example_ce(rows: torch.Tensor, p: _PromptRows) -> torch.Tensor:
+    """[B] mean cross-entropy per example of `rows` [N, V] (0 where an example has no target)."""
+    ce = torch.logsumexp(rows, -1) - rows.gather(-1, p.y.view(-1, 1)).squeeze(-1)
+    total = torch.zeros(p.batch, dtype=rows.dtype, device=rows.device).index_add_(0, p.example, ce)
+    return total / p.counts.clamp(min=1)
+
+
+def _fused_rows(p: _PromptRows, weights: torch.Tensor) -> torch.Tensor:
+    w = weights[p.example]  # [N, K]
+    return torch.einsum("nk,knv->nv", w, p.rows)
+
+
+def log_perplexities(
+    logits: Sequence[torch.Tensor], input_ids: torch.Tensor, target_mask: torch.Tensor
+) -> torch.Tensor:
+    """[B, K]: ℓ_k per example, the mean token cross-entropy of model k on the masked targets.
+
+    `logits[k][:, t]` predicts `input_ids[:, t + 1]`; an example without targets gets 0.
+    """
+    p = _pack_prompt_rows(logits, input_ids, target_mask)
+    return torch.stack([_example_ce(p.rows[k], p) for k in range(p.rows.shape[0])], dim=1)
+
+
+def sim_weights(log_ppl: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """PackLLM-sim: λ = softmax(−ℓ / τ) over the models, per example ([B, K] -> [B, K])."""
+    return torch.softmax(-log_ppl.double() / tau, dim=-1).to(log_ppl.dtype)
+
+
+def uniform_weights(log_ppl: torch.Tensor) -> torch.Tensor:
+    """Every model weighs 1/K (fused logits = mean of the logits)."""
+    return torch.full_like(log_ppl, 1.0 / log_ppl.shape[-1])
+
+
+def top1_weights(log_ppl: torch.Tensor) -> torch.Tensor:
+    """The lowest-ℓ model alone (the first of equals on a tie)."""
+    best = torch.argmin(log_ppl, dim=-1)
+    return torch.nn.functional.one_hot(best, log_ppl.shape[-1]).to(log_ppl.dtype)
+
+
+def _grid(step: float) -> list[float]:
+    # Descending from 1 so that a tie keeps the weight on the better-ranked models already in.
+    n = int(math.floor(1.0 / step + 1e-9))
+    values = {round(1.0 - i * step, 12) for i in range(n + 1)} | {0.0}
+    return sorted((v for v in values if v >= 0.0), reverse=True)
+
+
+def opt_weights(
+    logits: Sequence[torch.Tensor],
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    grid_step: float = 0.05,
+    tau: float = 1.0,
+) -> torch.Tensor:
+    """PackLLM-opt, per example: greedy minimisation of the fused prompt cross-entropy.
+
+    Models are ranked by ℓ; the fusion starts from the best one; each next model joins through
+    a line search over μ on a grid (fused ← μ·fused + (1−μ)·next, earlier weights rescaled by
+    μ), reusing the logits already computed. The grid contains μ = 1 (the next model left out),
+    so the result is never worse on the prompt than the best single model. The greedy can miss
+    the continuous optimum, so as a last step the sim weights (same τ) are taken instead where
+    they fit the prompt strictly better — this guard is ours, not the paper's; it makes opt never
+    worse than sim on the prompt.
+    """
+    p = _pack_prompt_rows(logits, input_ids, target_mask)
+    k_models = p.rows.shape[0]
+    ell = torch.stack([_example_ce(p.rows[k], p) for k in range(k_models)], dim=1)  # [B, K]
+    order = torch.argsort(ell, dim=1, stable=True)
+    arange_b = torch.arange(p.batch, device=ell.device)
+    weights = torch.zeros_like(ell)
+    weights[arange_b, order[:, 0]] = 1.0
+    if k_models == 1:
+        return weights
+    arange_n = torch.arange(p.y.shape[0], device=ell.device)
+    current = p.rows[order[p.example, 0], arange_n]  # [N, V]
+    current_loss = ell.gather(1, order[:, :1]).squeeze(1)
+    for step in range(1, k_models):
+        nxt = p.rows[order[p.example, step], arange_n]
+        best_loss = torch.full_like(current_loss, float("inf"))
+        best_mu = torch.ones_like(current_loss)
+        for mu in _grid(grid_step):
+            loss = _example_ce(mu * current + (1.0 - mu) * nxt, p)
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_mu = torch.where(better, torch.full_like(best_mu, mu), best_mu)
+        mu_rows = best_mu[p.example].unsqueeze(-1)
+        current = mu_rows * current + (1.0 - mu_rows) * nxt
+        weights = weights * best_mu.unsqueeze(1)
+        weights[arange_b, order[:, step]] += 1.0 - best_mu
+        current_loss = best_loss
+    sim = sim_weights(ell, tau)
+    sim_loss = _example_ce(_fused_rows(p, sim), p)
+    return torch.where((sim_loss < current_loss).unsqueeze(1), sim, weights)
+
+
+@dataclass
+class FusionWeights:
+    """Per-example fusion weights and the prompt log-perplexities they came from."""
+
+    weights: torch.Tensor  # [B, K], rows sum to 1
+    log_ppl: torch.Tensor  # [B, K] ℓ_k per example (0 where the prompt has < 2 tokens)
+    scored_tokens: torch.Tensor  # [B] number of prompt tokens that ℓ averages over
+
+
+def fusion_weights(
+    weighting: str,
+    logits: Sequence[torch.Tensor],
+    input_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    tau: float = 1.0,
+    grid_step: float = 0.05,
+) -> FusionWeights:
+    """The weights of one weighting mode; an example with no prompt target gets uniform weights."""
+    _check_weighting(weighting)
+    ell = log_perplexities(logits, input_ids, target_mask)
+    if weighting == "sim":
+        w = sim_weights(ell, tau)
+    elif weighting == "opt":
+        w = opt_weights(logits, input_ids, target_mask, grid_step, tau)
+    elif weighting == "uniform":
+        w = uniform_weights(ell)
+    else:
+        w = top1_weights(ell)
+    scored = target_mask.sum(-1)
+    # Nothing to judge the models by: no model is preferred.
+    w = torch.where((scored == 0).unsqueeze(1).to(w.device), uniform_weights(ell), w)
+    return FusionWeights(w, ell, scored)
+
+
+def fuse_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k λ_k · logits_k with per-example λ ([B, K]); logits are [B, ..., V]."""
+    out = None
+    for k, lg in enumerate(logits):
+        w = weights[:, k].to(lg.device, torch.float32).view(-1, *([1] * (lg.dim() - 1)))
+        term = w * lg.float()
+        out = term if out is None else out + term
+    return out
+
+
+def _check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise MergelabError(
+            f"Unknown fusion weighting {weighting!r}. Allowed values: {', '.join(WEIGHTINGS)} "
+            "(sim: softmax of −log-perplexity/τ; opt: greedy perplexity minimisation; "
+            "uniform: mean of the logits; top1: the best model on the prompt alone)."
+        )
+
+
+# -- vocabularies ----------------------------------------------------------------------------------
+def check_shared_vocabulary(tokenizers: Sequence[Any], names: Sequence[str]) -> int:
+    """Check that every tokenizer has the first one's vocabulary (same tokens, same ids).
+
+    Returns the vocabulary size. Raises MergelabError naming the first id that differs.
+    """
+    ref = {i: t for t, i in tokenizers[0].get_vocab().items()}
+    for name, tok in zip(names[1:], tokenizers[1:]):
+        other = {i: t for t, i in tok.get_vocab().items()}
+        if other == ref:
+            continue
+        for i in sorted(set(ref) | set(other)):
+            a, b = ref.get(i), other.get(i)
+            if a != b:
+                a_s = repr(a) if a is not None else "missing"
+                b_s = repr(b) if b is not None else "missing"
+                raise MergelabError(
+                    f"The models {names[0]} and {name} do not share a tokenizer: id {i} is {a_s} "
+                    f"in {names[0]} but {b_s} in {name} (vocabularies of {len(ref)} and "
+                    f"{len(other)} tokens). Logit fusion adds next-token logits id by id, so all "
+                    "models must use one tokenizer; fuse models fine-tuned from the same base, "
+                    "or leave this one out (mapping between tokenizers is not supported)."
+                )
+    return len(ref)
+
+
+def _output_rows(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.vocab_size)
+
+
+# -- members: one wrapped model each, with its own KV cache during generation -----------------------
+def _is_hf_model(obj: Any) -> bool:
+    return isinstance(obj, torch.nn.Module) and hasattr(obj, "config") and hasattr(obj, "forward")
+
+
+class _HFMember:
+    """A transformers causal LM called with left padding, explicit position ids and a KV cache."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.rows = _output_rows(model)
+        self.device = next(model.parameters()).device
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes).
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _cache_of(self, out):
+        return getattr(out, self._cache_kw, None) if self._cache_kw == "cache" else out.past_key_values
+
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask):
+        return self.prefill(input_ids, attention_mask, use_cache=False)[0]
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, attention_mask, use_cache=True):
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device).long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache
+        )
+        state = {"cache": self._cache_of(out), "mask": mask, "pos": pos[:, -1]} if use_cache else None
+        return out.logits.float(), state
+
+    @torch.inference_mode()
+    def step(self, state, tokens):
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
+        state["pos"] = state["pos"] + 1
+        out = self.model(
+            input_ids=tokens.to(self.device).view(-1, 1),
+            attention_mask=state["mask"],
+            position_ids=state["pos"].view(-1, 1),
+            use_cache=True,
+            **{self._cache_kw: state["cache"]},
+        )
+        state["cache"] = self._cache_of(out)
+        return out.logits[:, -1].float()
+
+
+class _ProtocolMember:
+    """Any LogitModel; it has no incremental step, so generation rescores the whole sequence."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.rows = int(model.vocab_size)
+        self.device = model.device
+
+    def logits(self, input_ids, attention_mask):
+        return self.model.logits(input_ids.to(self.device), attention_mask.to(self.device)).float()
+
+    def prefill(self, input_ids, attention_mask, use_cache=True):
+        state = {"ids": input_ids.to(self.device), "mask": attention_mask.to(self.device)}
+        return self.logits(input_ids, attention_mask), state
+
+    def step(self, state, tokens):
+        state["ids"] = torch.cat([state["ids"], tokens.to(self.device).view(-1, 1)], 1)
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
+        return self.logits(state["ids"], state["mask"])[:, -1]
+
+
+def _member(model: Any):
+    if _is_hf_model(model):
+        return _HFMember(model)
+    inner = getattr(model, "model", None)  # e.g. an HFLogitModel: use its model, for the KV cache
+    if inner is not None and _is_hf_model(inner):
+        return _HFMember(inner)
+    if hasattr(model, "logits") and hasattr(model, "vocab_size"):
+        return _ProtocolMember(model)
+    raise MergelabError(
+        f"Cannot fuse an object of type {type(model).__name__}: pass transformers causal language "
+        "models or objects implementing mergelab.eval.protocol.LogitModel."
+    )
+
+
+# -- the fused model -------------------------------------------------------------------------------
+class FusedLogitModel:
+    """K models fused at inference time; implements mergelab.eval.protocol.LogitModel.
+
+    Weights are computed per example from the prompt. In `logits`, the prompt is the first
+    `prompt_lengths[b]` real tokens of row b. When `prompt_lengths` is None (plain perplexity of
+    a text), the weights come from the first half of each text (floor(length / 2) tokens), since
+    weighting a text's prediction by how well each model predicts that same text would leak it;
+    the logits are still returned for every position. `last_weights` holds the weights of the
+    latest call (the CLI prints them).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[Any],
+        weighting: str = "sim",
+        tau: float = 1.0,
+        grid_step: float = 0.05,
+        tokenizers: Sequence[Any] | None = None,
+        names: Sequence[str] | None = None,
+    ):
+        if len(models) == 0:
+            raise MergelabError("A logit fusion needs at least one model; none was given.")
+        _check_weighting(weighting)
+        if not (tau > 0 and math.isfinite(tau)):
+            raise MergelabError(f"The fusion temperature tau must be a positive number; got {tau}.")
+        if not (0 < grid_step <= 1):
+            raise MergelabError(f"The opt grid step must be in (0, 1]; got {grid_step}.")
+        self.names = list(names) if names is not None else [f"model{i}" for i in range(len(models))]
+        self.members = [_member(m) for m in models]
+        self.weighting, self.tau, self.grid_step = weighting, float(tau), float(grid_step)
+        self.device = self.members[0].device
+        if tokenizers is not None:
+            self.vocab_size = check_shared_vocabulary(tokenizers, self.names)
+            for name, m in zip(self.names, self.members):
+                if m.rows < self.vocab_size:
+                    raise MergelabError(
+                        f"Model {name} has {m.rows} output rows but its tokenizer has "
+                        f"{self.vocab_size} tokens; its logits cannot cover the vocabulary. "
+                        "Check that the tokenizer belongs to this model."
+                    )
+        else:
+            # Rows past the smallest model's are padding rows (e.g. rounded up to a multiple of 64).
+            self.vocab_size = min(m.rows for m in self.members)
+        self.last_weights: FusionWeights | None = None
+
+    def _weights(self, logits, input_ids, attention_mask, prompt_lengths) -> FusionWeights:
+        target = prompt_target_mask(attention_mask.to(self.device), prompt_lengths.to(self.device))
+        fw = fusion_weights(
+            self.weighting, logits, input_ids.to(self.device), target, self.tau, self.grid_step
+        )
+        self.last_weights = fw
+        return fw
+
+    def _all_logits(self, input_ids, attention_mask):
+        return [
+            m.logits(input_ids, attention_mask)[..., : self.vocab_size].to(self.device)
+            for m in self.members
+        ]
+
+    @torch.inference_mode()
+    def weights(self, input_ids, attention_mask, prompt_lengths=None) -> FusionWeights:
+        """The fusion weights for these prompts (whole rows unless prompt_lengths is given)."""
+        if prompt_lengths is None:
+            prompt_lengths = attention_mask.sum(-1)
+        return self._weights(self._all_logits(input_ids, attention_mask), input_ids, attention_mask, prompt_lengths)
+
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask, prompt_lengths=None):
+        if prompt_lengths is None:
+            prompt_lengths = attention_mask.sum(-1) // 2
+        all_logits = self._all_logits(input_ids, attention_mask)
+        fw = self._weights(all_logits, input_ids, attention_mask, prompt_lengths)
+        return fuse_logits(all_logits, fw.weights)
+
+    @torch.inference_mode()
+    def generate_greedy(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        stop: Callable[[list[int]], bool] | None = None,
+    ) -> list[list[int]]:
+        """Greedy decoding of the fused distribution; each model keeps its own KV cache.
+
+        The weights are computed once, from the whole prompt. A row ends after emitting
+        `eos_token_id` (kept in its output, as transformers does) or when `stop` says so.
+        """
+        batch = input_ids.shape[0]
+        outs: list[list[int]] = [[] for _ in range(batch)]
+        if max_new_tokens <= 0:
+            return outs
+        states, prompt_logits = [], []
+        for m in self.members:
+            lg, st = m.prefill(input_ids, attention_mask)
+            prompt_logits.append(lg[..., : self.vocab_size].to(self.device))
+            states.append(st)
+        fw = self._weights(prompt_logits, input_ids, attention_mask, attention_mask.sum(-1))
+        next_logits = fuse_logits([lg[:, -1] for lg in prompt_logits], fw.weights)
+        done = [False] * batch
+        for i in range(max_new_tokens):
+            tokens = next_logits.argmax(-1)
+            for b, t in enumerate(tokens.tolist()):
+                if done[b]:
+                    continue
+                outs[b].append(t)
+                if (eos_token_id is not None and t == eos_token_id) or (stop is not None and stop(outs[b])):
+                    done[b] = True
+            if all(done) or i == max_new_tokens - 1:
+                break
+            step_logits = [
+                m.step(st, tokens)[..., : self.vocab_size].to(self.device)
+                for m, st in zip(self.members, states)
+            ]
+            next_logits = fuse_logits(step_logits, fw.weights)
+        return outs
+
+
+# -- the fusion recipe -----------------------------------------------------------------------------
+class FusionModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+
+
+class FusionParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weighting: str = "sim"
+    tau: float = Field(1.0, gt=0)
+    grid_step: float = Field(0.05, gt=0, le=1)
+
+    @field_validator("weighting")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {v!r}; allowed values: {', '.join(WEIGHTINGS)}")
+        return v
+
+
+class FusionRecipe(BaseModel):
+    """`merge_method: logit_fusion`, the models to fuse, and the weighting parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: Literal["logit_fusion"]
+    models: list[FusionModelEntry] = Field(min_length=1)
+    parameters: FusionParameters = FusionParameters()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_strings(cls, v: Any) -> Any:
+        # `- path` is accepted as shorthand for `- model: path`.
+        if isinstance(v, list):
+            return [{"model": x} if isinstance(x, str) else x for x in v]
+        return v
+
+
+def is_fusion_recipe(data: Any) -> bool:
+    """True for a recipe mapping whose merge_method is logit_fusion."""
+    return isinstance(data, dict) and data.get("merge_method") == FUSION_METHOD
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validate_fusion_recipe(data: Any, where: str = "fusion recipe") -> FusionRecipe:
+    """Validate a fusion recipe mapping; errors name the field and what to do."""
+    if not isinstance(data, dict):
+        raise MergelabError(f"The {where} must be a YAML mapping with `merge_method: logit_fusion` and `models`.")
+    try:
+        return FusionRecipe.model_validate(data)
+    except ValidationError as e:
+        parts = []
+        for err in e.errors()[:5]:
+            loc = _loc(err["loc"])
+            if err["type"] == "extra_forbidden":
+                parts.append(f"unknown field `{loc}`")
+            elif err["type"] == "missing":
+                parts.append(f"missing field `{loc}`")
+            else:
+                parts.append(f"`{loc}`: {err['msg'].removeprefix('Value error, ')}")
+        raise MergelabError(
+            f"Invalid {where}: " + "; ".join(parts) + ". A fusion recipe has `merge_method: "
+            "logit_fusion`, `models: [{model: PATH_OR_HUB_ID_OR_RECIPE.yml}, ...]` (at least one) and "
+            "optional `parameters: {weighting: sim|opt|uniform|top1, tau: > 0, grid_step: (0, 1]}`."
+        ) from None
+
+
+@dataclass
+class _Source:
+    name: str  # as written in the recipe
+    kind: str  # "hf" (directory or Hub id) or "recipe" (a weight-merge recipe file)
+    location: str
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _resolve_source(entry: str, base_dir: Path | None, where: str, index: int) -> _Source:
+    candidates = [Path(entry)] + ([base_dir / entry] if base_dir and not Path(entry).is_absolute() else [])
+    found = next((c for c in candidates if c.exists()), None)
+    is_yaml = entry.endswith((".yml", ".yaml"))
+    if found is not None:
+        if is_yaml or found.is_file():
+            return _Source(entry, "recipe", str(found))
+        return _Source(entry, "hf", str(found))
+    if not is_yaml and _HUB_ID.match(entry):
+        return _Source(entry, "hf", entry)
+    raise MergelabError(
+        f"In the {where}, models[{index}] ({entry!r}) was not found: it is neither an existing "
+        f"path (tried {name_list(str(c) for c in candidates)}) nor a Hub id like owner/name. Fix "
+        "the path (relative paths are tried from the current directory, then from the recipe's)."
+    )
+
+
+def _check_merge_recipe(src: _Source, where: str, index: int) -> None:
+    """Validate a hybrid's weight-merge recipe before any model is loaded."""
+    from .recipe import load_recipe, read_yaml
+
+    data = read_yaml(src.location)
+    if is_fusion_recipe(data):
+        raise MergelabError(
+            f"In the {where}, models[{index}] ({src.name}) is itself a logit-fusion recipe; nested "
+            "fusions are not supported. List its models directly in this recipe instead."
+        )
+    load_recipe(data, where=f"merge recipe {src.location} (models[{index}] of the {where})")
+
+
+def _hf_error(location: str, e: Exception) -> MergelabError:
+    return MergelabError(
+        f"Could not load the model {location}: {e}. Check the path (a directory with "
+        "config.json, safetensors weights and a tokenizer) or the Hub id and your connection."
+    )
+
+
+def _load_sources(sources: list[_Source], where: str, device: str | torch.device) -> tuple[list[Any], list[Any]]:
+    """Check every source cheaply first (merge recipes, tokenizers), then load the weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .eval.models import resolve_device
+
+    device = resolve_device(device)
+    # float32 on the CPU (half precision is slow there), the checkpoint's own dtype on a GPU.
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    for i, src in enumerate(sources):
+        if src.kind == "recipe":
+            _check_merge_recipe(src, where, i)
+    tokenizers: dict[int, Any] = {}
+    for i, src in enumerate(sources):
+        if src.kind == "hf":
+            try:
+                tokenizers[i] = AutoTokenizer.from_pretrained(src.location, trust_remote_code=False)
+            except (OSError, ValueError) as e:
+                raise _hf_error(src.location, e) from None
+    # A vocabulary mismatch between plain models stops here, before any weights are read.
+    if len(tokenizers) > 1:
+        check_shared_vocabulary(list(tokenizers.values()), [sources[i].name for i in tokenizers])
+    models: list[Any] = []
+    toks: list[Any] = []
+    for i, src in enumerate(sources):
+        if src.kind == "recipe":
+            from .trial import load_recipe_model
+
+            model, tok = load_recipe_model(src.location, device=device)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    src.location, trust_remote_code=False, use_safetensors=True, dtype=dtype
+                )
+            except (OSError, ValueError) as e:
+                raise _hf_error(src.location, e) from None
+            model, tok = model.to(device), tokenizers[i]
+        models.append(model.eval())
+        toks.append(tok)
+    return models, toks
+
+
+def load_fusion(path_or_dict: str | Path | dict, device: str | torch.device = "cpu") -> tuple[FusedLogitModel, Any]:
+    """Build the FusedLogitModel of a fusion recipe (path or mapping); returns it and the tokenizer.
+
+    Every entry is checked (paths exist, merge recipes validate, tokenizers agree) before any
+    weights are loaded; a weight-merge recipe entry is merged in memory (a hybrid).
+    """
+    from .recipe import read_yaml
+
+    if isinstance(path_or_dict, (str, Path)):
+        where, base_dir = f"fusion recipe {path_or_dict}", Path(path_or_dict).parent
+        data = read_yaml(path_or_dict, what="fusion recipe")
+    else:
+        where, base_dir, data = "fusion recipe", None, path_or_dict
+    recipe = validate_fusion_recipe(data, where)
+    sources = [_resolve_source(e.model, base_dir, where, i) for i, e in enumerate(recipe.models)]
+    models, tokenizers = _load_sources(sources, where, device)
+    p = recipe.parameters
+    fused = FusedLogitModel(
+        models, p.weighting, p.tau, p.grid_step, tokenizers=tokenizers, names=[s.name for s in sources]
+    )
+    return fused, tokenizers[0]
+
+
+def load_models(names: Sequence[str], device: str | torch.device = "cpu") -> tuple[list[Any], list[Any]]:
+    """Load models given by path, Hub id or weight-merge recipe file (the `fuse --models` list)."""
+    sources = [_resolve_source(n, None, "--models list", i) for i, n in enumerate(names)]
+    return _load_sources(sources, "--models list", device)
