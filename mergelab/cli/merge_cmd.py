@@ -1,0 +1,70 @@
+"""`mergelab merge RECIPE.yml OUT_DIR`: validate, plan and run a streaming merge to disk."""
+from __future__ import annotations
+
+import logging
+
+import click
+import torch
+
+from ..errors import MergelabError
+
+_COMPUTE = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--compute-dtype", type=click.Choice(sorted(_COMPUTE)), default="float32", show_default=True)
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB or bytes.")
+@click.option("--seed", type=int, default=None, help="Seed for random operators (overrides the recipe's).")
+@click.option("--dry-run", is_flag=True, help="Validate everything and print the plan; merge nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, overwrite, quiet):
+    """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR, one tensor at a time."""
+    from ..engine import merge_to_dir, prepare, resolve_device
+    from ..writer import parse_size
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    size = parse_size(shard_size)
+    dev = resolve_device(device)
+    plan, sources = prepare(recipe, seed)
+    from pathlib import Path
+
+    out = Path(out_dir)
+    if not dry_run and out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergelabError(
+            f"The output directory {out} already exists and is not empty. Choose a new directory, "
+            "or pass --overwrite to replace it."
+        )
+    if dry_run:
+        n_shards = 1
+        used = 0
+        for j in plan.jobs:
+            if used and used + j.nbytes > size:
+                n_shards, used = n_shards + 1, 0
+            used += j.nbytes
+        click.echo(f"recipe: {recipe} ({plan.recipe.merge_method}, {len(plan.recipe.models)} models, "
+                   f"base {plan.recipe.base_model or '-'})")
+        for ref, s in sources.items():
+            click.echo(f"  source {ref}: {s.path} ({len(s.tensors)} tensors)")
+        for note in plan.notes:
+            click.echo(f"  note: {note}")
+        click.echo(f"tensors: {len(plan.jobs)}  output: {_human(plan.total_bytes)} in {n_shards} shard(s)")
+        click.echo(f"largest tensor: {_human(plan.largest_bytes)}  estimated peak tensor memory: "
+                   f"{_human(plan.peak_memory_estimate())}  device: {dev}")
+        click.echo("dry run: nothing written")
+        return
+    rep = merge_to_dir(plan.recipe, out, device=dev, compute_dtype=_COMPUTE[compute_dtype], shard_size=size,
+                       seed=seed, quiet=quiet, overwrite=overwrite, plan_and_sources=(plan, sources))
+    click.echo(f"wrote {rep.out_dir} ({rep.tensors} tensors, {_human(rep.bytes)}, {rep.shards} shard(s)) "
+               f"in {rep.seconds:.1f}s")

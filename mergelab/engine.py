@@ -1,0 +1,276 @@
+"""The streaming merge engine: for each planned tensor, read the sources (prefetched on a
+thread), apply the operator on the compute device, and hand the result to a sink (disk or model)."""
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from operators import MergeInputs, get_operator
+
+from .errors import MergelabError
+from .plan import MergePlan, TensorJob, build_plan
+from .recipe import Recipe, load_recipe
+from .sources import ModelSource, open_sources
+
+log = logging.getLogger("mergelab")
+
+RECIPE_FILE = "mergelab_recipe.yaml"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise MergelabError(f"--device `{device}` is not a device. Use auto, cpu, cuda or cuda:N.") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise MergelabError(
+            f"--device {device} asks for a GPU, but torch sees no CUDA device here. Use --device cpu "
+            "(or auto), or install a CUDA build of torch."
+        )
+    return d
+
+
+def fit_rows(t: torch.Tensor, rows: int | None, filler: torch.Tensor | None) -> torch.Tensor:
+    """Cut or pad dim 0 to `rows` (vocabulary tensors); padding takes `filler`'s rows so a
+    model that lacks a token adds no task vector for it."""
+    if rows is None or t.shape[0] == rows:
+        return t
+    if t.shape[0] > rows:
+        return t[:rows]
+    pad = filler[t.shape[0]:rows] if filler is not None else torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+    return torch.cat([t, pad.to(t.dtype)], dim=0)
+
+
+def read_job(job: TensorJob, sources: dict[str, ModelSource]) -> dict[tuple[str, str], torch.Tensor]:
+    """The raw source tensors of one job, each read once even when a model is listed twice."""
+    out: dict[tuple[str, str], torch.Tensor] = {}
+    for r in ([job.base] if job.base else []) + list(job.models):
+        key = (r.ref, r.tensor)
+        if key not in out:
+            out[key] = sources[r.ref].get(r.tensor)
+    return out
+
+
+def compute_job(
+    job: TensorJob,
+    raw: dict[tuple[str, str], torch.Tensor],
+    plan: MergePlan,
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Merge one tensor. Shared by the disk path and the in-memory path's fallback."""
+    ref_read = job.base if job.base is not None else job.models[0]
+    if job.copy:
+        return raw[(ref_read.ref, ref_read.tensor)].clone()
+    ref_raw = raw[(ref_read.ref, ref_read.tensor)]
+    cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(r):
+        key = (r.ref, r.tensor)
+        if key not in cache:
+            t = fit_rows(raw[key], job.rows, ref_raw)
+            cache[key] = t.to(device=device, dtype=compute_dtype)
+        return cache[key]
+
+    base = get(job.base) if job.base is not None else None
+    models = [get(r) for r in job.models]
+    return run_operator(job, plan, base, models).to(job.out_dtype)
+
+
+def run_operator(job: TensorJob, plan: MergePlan, base, models, deltas=None, sorted_abs=None) -> torch.Tensor:
+    op = get_operator(plan.recipe.merge_method)
+    inp = MergeInputs(
+        name=job.name,
+        base=base,
+        models=models,
+        model_params=job.model_params,
+        params=job.params,
+        seed=plan.seed,
+        base_index=plan.recipe.base_index,
+        deltas=deltas,
+        sorted_abs=sorted_abs,
+    )
+    return op.fn(inp)
+
+
+def iter_merged(
+    plan: MergePlan,
+    sources: dict[str, ModelSource],
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
+    prefetch: int = 2,
+) -> Iterator[tuple[TensorJob, torch.Tensor]]:
+    """Yield (job, merged tensor) in plan order; a reader thread keeps `prefetch` jobs' source
+    tensors ready so disk reads overlap compute. Memory: at most prefetch+1 jobs' inputs."""
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def reader():
+        try:
+            for job in plan.jobs:
+                if stop.is_set():
+                    return
+                item = (job, read_job(job, sources))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            q.put(None)
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+
+    th = threading.Thread(target=reader, name="mergelab-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            job, raw = item
+            out = compute_job(job, raw, plan, device, compute_dtype)
+            del raw, item
+            yield job, out
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
+class Progress:
+    """Tensors done / total and bytes/s on stderr, one line rewritten in place."""
+
+    def __init__(self, total: int, total_bytes: int, quiet: bool = False, stream=None):
+        self.total, self.total_bytes, self.quiet = total, total_bytes, quiet
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.bytes = 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+
+    def update(self, nbytes: int) -> None:
+        self.done += 1
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.quiet or (now - self._last < 0.2 and self.done < self.total):
+            return
+        self._last = now
+        rate = self.bytes / max(now - self.t0, 1e-9)
+        width = 30
+        fill = int(width * self.done / max(self.total, 1))
+        self.stream.write(
+            f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} tensors "
+            f"{self.bytes / 1e6:,.1f}/{self.total_bytes / 1e6:,.1f} MB {rate / 1e6:,.1f} MB/s"
+        )
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    tensors: int
+    bytes: int
+    seconds: float
+    shards: int
+
+
+def prepare(recipe: Recipe | str | Path | dict, seed: int | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
+    """Validate the recipe, open the sources (metadata only) and build the plan."""
+    r = load_recipe(recipe)
+    sources = open_sources(r.all_refs())
+    plan = build_plan(r, sources, seed=seed)
+    for note in plan.notes:
+        log.warning(note)
+    return plan, sources
+
+
+def merge_to_dir(
+    recipe: Recipe | str | Path | dict,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device | None = "auto",
+    compute_dtype: torch.dtype = torch.float32,
+    shard_size: int | str = 5 * 10**9,
+    seed: int | None = None,
+    quiet: bool = True,
+    overwrite: bool = False,
+    extra_files: dict[str, str | bytes] | None = None,
+    on_tensor: Callable[[int, int], None] | None = None,
+    plan_and_sources: tuple[MergePlan, dict[str, ModelSource]] | None = None,
+) -> MergeReport:
+    """Merge a recipe into a model directory with the streaming engine (atomic: a directory
+    under `out_dir`'s name appears only when the merge is complete)."""
+    from .writer import ShardWriter, output_config, parse_size
+
+    dev = resolve_device(device)
+    plan, sources = plan_and_sources or prepare(recipe, seed)
+    ref_src = sources[plan.reference]
+    writer = ShardWriter(out_dir, [(j.name, j.out_dtype, j.shape) for j in plan.jobs],
+                         parse_size(shard_size), overwrite=overwrite)
+    prog = Progress(len(plan.jobs), plan.total_bytes, quiet=quiet)
+    t0 = time.perf_counter()
+    with writer:
+        for i, (job, tensor) in enumerate(iter_merged(plan, sources, dev, compute_dtype)):
+            writer.write(job.name, tensor)
+            prog.update(job.nbytes)
+            if on_tensor:
+                on_tensor(i + 1, len(plan.jobs))
+            del tensor
+        out_dtype = next((j.out_dtype for j in plan.jobs if not j.copy), None)
+        vocab = next((j.shape[0] for j in plan.jobs if j.rows is not None), None)
+        if vocab is not None and vocab == ref_src.vocab_size:
+            vocab = None
+        files = {
+            "config.json": _json(output_config(ref_src.config, out_dtype, vocab)),
+            RECIPE_FILE: written_recipe(plan).to_yaml(),
+        }
+        files["README.md"] = _card(plan, extra_files, Path(out_dir))
+        files.update(extra_files or {})
+        copy = list(ref_src.tokenizer_files())
+        gen = ref_src.path / "generation_config.json"
+        if gen.is_file():
+            copy.append(gen)
+        out = writer.finish(files, copy)
+    return MergeReport(out, len(plan.jobs), writer.bytes_written, time.perf_counter() - t0, writer.n_shards)
+
+
+def written_recipe(plan: MergePlan) -> Recipe:
+    """The recipe as it ran: a random operator's seed is recorded so it reproduces."""
+    if get_operator(plan.recipe.merge_method).uses_random and plan.recipe.seed != plan.seed:
+        return plan.recipe.model_copy(update={"seed": plan.seed})
+    return plan.recipe
+
+
+def _json(d: dict) -> str:
+    import json
+
+    return json.dumps(d, indent=2) + "\n"
+
+
+def _card(plan: MergePlan, extra_files, out_dir: Path) -> str:
+    """The model card, when the card module is available (it records provenance)."""
+    import json
+
+    from .card import render_model_card, sources_info_from_local
+
+    search = None
+    if extra_files and "mergelab_search.json" in extra_files:
+        search = json.loads(extra_files["mergelab_search.json"])
+    recipe = written_recipe(plan).to_dict()
+    return render_model_card(out_dir, recipe, search=search, sources_info=sources_info_from_local(recipe))

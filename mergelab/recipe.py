@@ -1,0 +1,321 @@
+"""Merge recipes: the YAML format (a superset of mergekit's for the methods mergelab runs),
+pydantic validation against the operator registry, and writing recipes back out."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import MergelabError
+
+Scalar = Union[bool, float, int]
+Gradient = list[float]
+
+
+class FilterEntry(BaseModel):
+    """`{filter: self_attn, value: 0.5}`: applies to tensors whose name contains `filter`."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, Gradient]
+
+
+ParamValue = Union[Scalar, Gradient, list[FilterEntry], FilterEntry]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class SliceDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Recipe(BaseModel):
+    """A weight-merge recipe. Field names and meaning follow mergekit's YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceDef] | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    # mergelab's own key (mergekit ignores unknown keys): seeds the random operators.
+    seed: int | None = None
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v):
+        aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+        return aliases.get(v, v)
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def model_refs(self) -> list[str]:
+        return [m.model for m in self.models]
+
+    @property
+    def base_index(self) -> int | None:
+        if self.base_model is None:
+            return None
+        for i, m in enumerate(self.models):
+            if m.model == self.base_model:
+                return i
+        return None
+
+    def all_refs(self) -> list[str]:
+        refs = [] if self.base_model is None else [self.base_model]
+        for r in self.model_refs:
+            if r not in refs:
+                refs.append(r)
+        return refs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(exclude_none=True, mode="json")
+        if not d.get("parameters"):
+            d.pop("parameters", None)
+        for m in d.get("models", []):
+            if not m.get("parameters"):
+                m.pop("parameters", None)
+        d.pop("slices", None)
+        return d
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+# -- YAML ----------------------------------------------------------------------------------------
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _repr_list(dumper, data):
+    flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _repr_list)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
+def read_yaml(path: str | Path, what: str = "recipe") -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise MergelabError(
+            f"The {what} file {p} does not exist (or is not a file). Check the path; "
+            f"paths are relative to the current directory ({Path.cwd()})."
+        )
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise MergelabError(f"The {what} file {p} is not valid YAML: {e}. Fix the syntax and retry.") from None
+
+
+# -- validation ----------------------------------------------------------------------------------
+def _fmt_loc(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_message(e: ValidationError, where: str) -> str:
+    errs = []
+    for err in e.errors()[:5]:
+        loc = _fmt_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            errs.append(f"unknown field `{loc}`")
+        elif err["type"] == "missing":
+            errs.append(f"missing field `{loc}`")
+        else:
+            errs.append(f"`{loc}`: {err['msg']}")
+    return f"Invalid {where}: " + "; ".join(errs) + "."
+
+
+def _values_of(value: Any) -> list[Any]:
+    """Every scalar inside a parameter value (gradients and filter entries unpacked)."""
+    if isinstance(value, FilterEntry):
+        return _values_of(value.value)
+    if isinstance(value, list):
+        out: list[Any] = []
+        for v in value:
+            out.extend(_values_of(v))
+        return out
+    return [value]
+
+
+def _slices_to_models(r: Recipe, where: str) -> Recipe:
+    """mergekit's `slices:` form where every slice takes the same layers from every source is
+    the same merge as the `models:` form; anything else (layer stacking) is a passthrough
+    recipe that this operator set does not run."""
+    if r.models:
+        raise MergelabError(
+            f"{where} has both `models` and `slices`. Use one of them: `models` for a whole-model "
+            "merge, `slices` (mergekit's form) only when all sources cover the same layers."
+        )
+    if len(r.slices) != 1:
+        raise MergelabError(
+            f"{where} uses {len(r.slices)} `slices`; mergelab runs recipes whose single slice takes "
+            "the same layer range from every source. Rewrite it with `models:` (one entry per "
+            "source, parameters per model), or merge with mergekit's passthrough for layer stacking."
+        )
+    s = r.slices[0]
+    ranges = {tuple(src.layer_range) for src in s.sources}
+    if len(ranges) != 1:
+        raise MergelabError(
+            f"{where}: the slice's sources take different layer ranges ({sorted(ranges)}). mergelab "
+            "merges layer i of every source into layer i; use the same `layer_range` for all sources."
+        )
+    params = dict(s.parameters)
+    merged_global = {**r.parameters, **params}
+    models = [ModelEntry(model=src.model, parameters=src.parameters) for src in s.sources]
+    out = r.model_copy(update={"models": models, "slices": None, "parameters": merged_global})
+    out._layer_range = next(iter(ranges))  # type: ignore[attr-defined]
+    return out
+
+
+def validate_recipe(r: Recipe, where: str = "recipe") -> Recipe:
+    """Check the recipe against the operator registry. Reads nothing from disk."""
+    from operators import get_operator, operator_names
+
+    if r.slices is not None:
+        r = _slices_to_models(r, where)
+    try:
+        op = get_operator(r.merge_method)
+    except KeyError:
+        if r.merge_method == "logit_fusion":
+            raise MergelabError(
+                f"{where} uses merge_method `logit_fusion`, which runs at inference time and "
+                "produces no weights. Use `mergelab fuse --recipe FILE` to generate with it or "
+                "`mergelab eval FILE --eval SPEC` to score it."
+            ) from None
+        raise MergelabError(
+            f"{where}: unknown merge_method `{r.merge_method}`. Allowed: "
+            f"{', '.join(operator_names())}."
+        ) from None
+    if not r.models:
+        raise MergelabError(f"{where}: `models` is empty. List at least one model to merge.")
+    if op.needs_base and r.base_model is None:
+        raise MergelabError(
+            f"{where}: merge_method `{op.name}` needs `base_model` (the model the task vectors are "
+            "measured from). Add `base_model: <path or org/name>`."
+        )
+    n_models = len([m for i, m in enumerate(r.models) if not (op.needs_base and m.model == r.base_model)])
+    if n_models < op.min_models or (op.max_models is not None and n_models > op.max_models):
+        extra = 1 if op.needs_base else 0
+        lo, hi = op.min_models + extra, (op.max_models + extra if op.max_models is not None else None)
+        want = f"exactly {lo}" if hi == lo else f"at least {lo}" + (f" and at most {hi}" if hi else "")
+        scope = " in all, base_model included," if op.needs_base else ""
+        raise MergelabError(
+            f"{where}: merge_method `{op.name}` needs {want} models{scope} but the recipe has "
+            f"{n_models + extra}. Fix the `models` list."
+        )
+    known_model = {p.name for p in op.params if p.scope == "model"}
+    known_global = {p.name for p in op.params}  # a model parameter in `parameters` applies to all
+
+    def check(pname: str, value: Any, field: str, allowed: set[str]):
+        spec = op.param(pname)
+        if pname not in allowed or spec is None:
+            raise MergelabError(
+                f"{where}: unknown parameter `{field}` for merge_method `{op.name}`. Allowed here: "
+                f"{', '.join(sorted(allowed)) or 'none'}."
+            )
+        for v in _values_of(value):
+            why = spec.check(v)
+            if why is not None:
+                raise MergelabError(f"{where}: `{field}` is invalid: {why}. Allowed: {spec.allowed()}.")
+
+    for pname, value in r.parameters.items():
+        check(pname, value, f"parameters.{pname}", known_global)
+    for i, m in enumerate(r.models):
+        for pname, value in m.parameters.items():
+            check(pname, value, f"models[{i}].parameters.{pname}", known_model)
+    for spec in op.params:
+        if not spec.required:
+            continue
+        if spec.name in r.parameters:
+            continue
+        for i, m in enumerate(r.models):
+            if op.needs_base and i == r.base_index:
+                continue
+            if spec.scope == "global" or spec.name not in m.parameters:
+                raise MergelabError(
+                    f"{where}: merge_method `{op.name}` needs `{spec.name}` for models[{i}] "
+                    f"({m.model}); set it in that model's `parameters` or in the global `parameters`."
+                )
+    return r
+
+
+def load_recipe(src: str | Path | dict, where: str | None = None) -> Recipe:
+    """Load and validate a recipe from a YAML path or a dict (mergekit format accepted)."""
+    if isinstance(src, Recipe):
+        return validate_recipe(src, where or "recipe")
+    if isinstance(src, (str, Path)):
+        where = where or f"recipe {src}"
+        data = read_yaml(src)
+    else:
+        where = where or "recipe"
+        data = src
+    if not isinstance(data, dict):
+        raise MergelabError(f"{where} must be a YAML mapping with at least `merge_method` and `models`.")
+    try:
+        r = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise MergelabError(_pydantic_message(e, where)) from None
+    return validate_recipe(r, where)
+
+
+def resolve_value(value: Any, tensor_name: str, t: float) -> Any:
+    """A parameter's value for one tensor: filters by substring (first match wins, like
+    mergekit), gradients interpolated at t in [0, 1] exactly as mergekit does."""
+    if isinstance(value, FilterEntry):
+        value = [value]
+    if isinstance(value, list):
+        if not value:
+            return None
+        if all(isinstance(e, FilterEntry) for e in value):
+            for cond in value:
+                if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                    return resolve_value(cond.value, tensor_name, t)
+            return None
+        if any(isinstance(e, bool) for e in value):
+            return value[int(t * (len(value) - 1))]
+        scaled = t * (len(value) - 1)
+        i0 = int(scaled)
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * value[i0] + frac * value[i1]
+    return value
+
+
+def is_finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

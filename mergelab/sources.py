@@ -1,0 +1,224 @@
+"""Model sources: a local directory or a Hugging Face repo id, read one tensor at a time from
+memory-mapped safetensors (single file or sharded), never loaded whole."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import MergelabError, name_list
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+# files a merge needs; nothing else is downloaded
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.txt",
+)
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _read_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100_000_000:
+            raise MergelabError(f"{path} is not a valid safetensors file (bad header length).")
+        return json.loads(f.read(n))
+
+
+def resolve_local_path(ref: str, *, download: bool = True) -> Path:
+    """A local directory for `ref`: the directory itself, or a hub snapshot (fetched with
+    huggingface_hub, honouring HF_HOME, HF_TOKEN and HF_HUB_OFFLINE)."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise MergelabError(
+                f"Model `{ref}` is a file, not a model directory. Point at the directory that "
+                "holds config.json and the *.safetensors weights."
+            )
+        return p
+    if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+        raise MergelabError(
+            f"Model `{ref}` is neither an existing directory nor a Hugging Face repo id "
+            "(`org/name` or `org/name@revision`). Check the path (relative to "
+            f"{Path.cwd()}) or the repo id."
+        )
+    if not download:
+        return p
+    repo, _, revision = ref.partition("@")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(repo_id=repo, revision=revision or None, allow_patterns=HUB_PATTERNS)
+        )
+    except LocalEntryNotFoundError:
+        raise MergelabError(
+            f"Model `{ref}` is not in the local Hugging Face cache and cannot be downloaded "
+            "(offline: HF_HUB_OFFLINE is set or there is no network). Download it once with "
+            "network access, or point at a local directory."
+        ) from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        raise MergelabError(
+            f"Could not fetch model `{ref}` from the Hugging Face Hub (HTTP {status}). Check the "
+            "repo id and revision; for gated or private repos set HF_TOKEN or run `hf auth login`."
+        ) from None
+
+
+class ModelSource:
+    """One model's tensors, read lazily. Thread-safe for concurrent `get` calls."""
+
+    def __init__(self, ref: str, path: Path):
+        self.ref = ref
+        self.path = path
+        self.config = self._read_config()
+        self.tensors: dict[str, TensorInfo] = self._index()
+        self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, ref: str) -> "ModelSource":
+        return cls(ref, resolve_local_path(ref))
+
+    # -- metadata ------------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise MergelabError(
+                f"Model `{self.ref}` ({self.path}) has no config.json, so it is not a Hugging Face "
+                "model directory. Point at the directory saved with `save_pretrained`."
+            )
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise MergelabError(f"{cfg} is not valid JSON ({e}). Fix or re-save the model.") from None
+
+    def _index(self) -> dict[str, TensorInfo]:
+        idx = self.path / "model.safetensors.index.json"
+        files: list[Path]
+        if idx.is_file():
+            try:
+                weight_map = json.loads(idx.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise MergelabError(f"{idx} is not a valid safetensors index ({e}).") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MergelabError(
+                    f"Model `{self.ref}`: the index names shards that are missing: "
+                    f"{name_list(missing)}. Re-download or re-save the model."
+                )
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            bins = sorted(p.name for p in self.path.glob("*.bin")) + sorted(
+                p.name for p in self.path.glob("*.pt")
+            )
+            if bins:
+                raise MergelabError(
+                    f"Model `{self.ref}` ({self.path}) has only pickle checkpoints "
+                    f"({name_list(bins, 3)}), which mergelab does not read because loading pickles "
+                    "can run arbitrary code. Convert it once to safetensors, e.g. "
+                    "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, "
+                    "safe_serialization=True)` with a transformers version you trust."
+                )
+            raise MergelabError(
+                f"Model `{self.ref}` ({self.path}) has no *.safetensors weights. Point at a "
+                "directory saved with `save_pretrained(..., safe_serialization=True)`."
+            )
+        out: dict[str, TensorInfo] = {}
+        for f in files:
+            header = _read_header(f)
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                dtype = _ST_DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    raise MergelabError(
+                        f"{f}: tensor {name} has dtype {meta['dtype']}, which mergelab cannot merge."
+                    )
+                out[name] = TensorInfo(str(f), dtype, tuple(meta["shape"]))
+        return out
+
+    @property
+    def num_layers(self) -> int | None:
+        cfg = self.config.get("text_config", self.config)
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+        return None
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        cfg = self.config.get("text_config", self.config)
+        return bool(cfg.get("tie_word_embeddings", self.config.get("tie_word_embeddings", False)))
+
+    @property
+    def vocab_size(self) -> int | None:
+        cfg = self.config.get("text_config", self.config)
+        return cfg.get("vocab_size")
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+
+    # -- data ----------------------------------------------------------------------------------
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        with self._lock:
+            h = self._handles.get(info.file)
+            if h is None:
+                h = safe_open(info.file, framework="pt", device="cpu")
+                self._handles[info.file] = h
+        return h.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __repr__(self) -> str:
+        return f"ModelSource({self.ref!r}, {len(self.tensors)} tensors)"
+
+
+def open_sources(refs: list[str]) -> dict[str, ModelSource]:
+    out: dict[str, ModelSource] = {}
+    for r in refs:
+        if r not in out:
+            out[r] = ModelSource.open(r)
+    return out
+
+
+def hub_token_in_env() -> bool:
+    return bool(os.environ.get("HF_TOKEN"))

@@ -1,0 +1,205 @@
+"""In-memory trial merges: load the sources once, keep what the operators need on the compute
+device, and write each candidate recipe's merged tensors straight into one transformers model."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from operators import get_operator
+
+from .engine import compute_job, fit_rows, read_job, resolve_device, run_operator
+from .errors import MergelabError
+from .plan import MergePlan, TensorJob, build_plan
+from .recipe import Recipe, load_recipe
+from .sources import ModelSource, open_sources
+
+log = logging.getLogger("mergelab")
+
+
+class TrialMerger:
+    """Merge many candidate recipes over the same sources into one model held in memory.
+
+    Base tensors, each model's tensors and (when an operator wants them) task vectors and
+    their magnitude order are cached once on the device; a candidate then costs one operator
+    call per tensor whose parameters changed since the previous candidate. When the cache would
+    exceed `max_memory` bytes it streams from disk per candidate instead (slower, same result).
+    """
+
+    def __init__(
+        self,
+        base_model: str | None,
+        models: list[str],
+        *,
+        device: str | torch.device | None = "auto",
+        compute_dtype: torch.dtype = torch.float32,
+        model_dtype: torch.dtype = torch.float32,
+        max_memory: int | None = None,
+        sources: dict[str, ModelSource] | None = None,
+    ):
+        self.base_model = base_model
+        self.model_refs = list(models)
+        self.device = resolve_device(device)
+        self.compute_dtype = compute_dtype
+        refs = ([base_model] if base_model else []) + [m for m in models if m != base_model]
+        self.sources = sources or open_sources(refs)
+        self.reference = base_model or models[0]
+        self.max_memory = max_memory
+        self._model = None
+        self._tokenizer = None
+        self._params: dict[str, torch.Tensor] | None = None
+        self._inputs: dict[tuple[str, str], torch.Tensor] = {}  # (ref, tensor) -> compute tensor
+        self._deltas: dict[tuple[str, str], torch.Tensor] = {}
+        self._sorted: dict[tuple[str, str], torch.Tensor] = {}
+        self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
+        self._streaming: bool | None = None
+        self.model_dtype = model_dtype
+        self.last_stats: dict[str, Any] = {}
+
+    # -- model -----------------------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            path = self.sources[self.reference].path
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            with torch.device(self.device):
+                self._model = AutoModelForCausalLM.from_config(config, dtype=self.model_dtype)
+            self._model.eval()
+            self._model.requires_grad_(False)
+            self._params = {**dict(self._model.named_parameters()), **dict(self._model.named_buffers())}
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.sources[self.reference].path, trust_remote_code=False)
+        return self._tokenizer
+
+    # -- planning --------------------------------------------------------------------------------
+    def plan(self, recipe: Recipe | dict | str | Path, seed: int | None = None) -> MergePlan:
+        r = load_recipe(recipe)
+        wanted = set(r.all_refs())
+        known = set(self.sources)
+        if not wanted <= known:
+            raise MergelabError(
+                f"The candidate recipe uses models this trial merger was not built with: "
+                f"{sorted(wanted - known)}. Known: {sorted(known)}."
+            )
+        if (r.base_model or r.models[0].model) != self.reference:
+            raise MergelabError(
+                f"The candidate recipe's base ({r.base_model}) differs from the trial merger's ({self.reference})."
+            )
+        return build_plan(r, {k: self.sources[k] for k in wanted}, seed=seed)
+
+    def _cache_bytes(self, plan: MergePlan) -> int:
+        op = get_operator(plan.recipe.merge_method)
+        n_refs = len(self.sources)
+        per_elem = 4 * (n_refs + (n_refs if op.uses_deltas or op.uses_sorted_abs else 0) + (n_refs if op.uses_sorted_abs else 0))
+        return sum(_numel(j.shape) * per_elem for j in plan.jobs)
+
+    def _input(self, job: TensorJob, ref_raw_cache: dict, r) -> torch.Tensor:
+        key = (r.ref, r.tensor)
+        t = self._inputs.get(key)
+        if t is None:
+            ref_read = job.base if job.base is not None else job.models[0]
+            ref_raw = self.sources[ref_read.ref].get(ref_read.tensor)
+            raw = self.sources[r.ref].get(r.tensor)
+            t = fit_rows(raw, job.rows, ref_raw).to(device=self.device, dtype=self.compute_dtype)
+            self._inputs[key] = t
+        return t
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merged_tensors(self, recipe, seed: int | None = None, only_changed: bool = False):
+        """Yield (job, merged tensor in the output dtype) for a candidate."""
+        plan = self.plan(recipe, seed)
+        op = get_operator(plan.recipe.merge_method)
+        if self._streaming is None:
+            need = self._cache_bytes(plan)
+            self._streaming = self.max_memory is not None and need > self.max_memory
+            if self._streaming:
+                log.warning(
+                    "The sources and task vectors need %.1f MB, more than --max-memory (%.1f MB): "
+                    "trial merges will stream from disk per candidate (slower, same result).",
+                    need / 1e6, self.max_memory / 1e6,
+                )
+        for job in plan.jobs:
+            key = (plan.recipe.merge_method, plan.seed, job.param_key())
+            if only_changed and self._last.get(job.name) == key:
+                continue
+            if self._streaming or job.copy:
+                out = compute_job(job, read_job(job, self.sources), plan, self.device, self.compute_dtype)
+            else:
+                base = self._input(job, {}, job.base) if job.base is not None else None
+                models = [self._input(job, {}, r) for r in job.models]
+                deltas = sorted_abs = None
+                if base is not None and (op.uses_deltas or op.uses_sorted_abs):
+                    deltas = []
+                    for i, (r, m) in enumerate(zip(job.models, models)):
+                        if i == plan.recipe.base_index:
+                            deltas.append(None)
+                            continue
+                        k = (r.ref, r.tensor)
+                        if k not in self._deltas:
+                            self._deltas[k] = m - base
+                        deltas.append(self._deltas[k])
+                    if op.uses_sorted_abs:
+                        sorted_abs = []
+                        for r, d in zip(job.models, deltas):
+                            if d is None:
+                                sorted_abs.append(None)
+                                continue
+                            k = (r.ref, r.tensor)
+                            if k not in self._sorted:
+                                self._sorted[k] = torch.sort(d.abs().flatten(), descending=True, stable=True).values
+                            sorted_abs.append(self._sorted[k])
+                out = run_operator(job, plan, base, models, deltas, sorted_abs).to(job.out_dtype)
+            yield job, key, out
+
+    def apply(self, recipe, seed: int | None = None):
+        """Write the candidate's merged weights into the in-memory model and return the model."""
+        model = self.model
+        t0 = time.perf_counter()
+        changed = 0
+        with torch.no_grad():
+            for job, key, out in self.merged_tensors(recipe, seed, only_changed=True):
+                p = self._params.get(job.name)
+                if p is None:
+                    if "lm_head" in job.name and getattr(model.config, "tie_word_embeddings", False):
+                        self._last[job.name] = key
+                        continue
+                    raise MergelabError(
+                        f"The model built from {self.reference}'s config has no parameter `{job.name}`; "
+                        "its checkpoint and config disagree."
+                    )
+                p.copy_(out)
+                self._last[job.name] = key
+                changed += 1
+        self.last_stats = {"changed_tensors": changed, "merge_seconds": time.perf_counter() - t0}
+        return model
+
+    def state_dict(self, recipe, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """The candidate's merged tensors in the output dtype (what `mergelab merge` writes)."""
+        return {job.name: out.cpu() for job, _, out in self.merged_tensors(recipe, seed)}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load_recipe_model(recipe: Recipe | dict | str | Path, device: str | torch.device | None = "auto",
+                      seed: int | None = None):
+    """Merge a recipe in memory and return (transformers model, tokenizer). Nothing is written."""
+    r = load_recipe(recipe)
+    tm = TrialMerger(r.base_model, r.model_refs, device=device)
+    model = tm.apply(r, seed)
+    return model, tm.tokenizer

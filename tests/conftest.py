@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny transformers models saved as safetensors (made on the fly, offline)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def make_llama(path: Path, seed: int = 0, *, layers: int = 2, hidden: int = 32, vocab: int = 64,
+               tie: bool = False, dtype=torch.float32, base: Path | None = None, scale: float = 0.05,
+               shard_size: str | None = None) -> Path:
+    """A tiny Llama. With `base`, a 'fine-tune': the base's weights plus seeded noise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    if base is not None:
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in sorted(base.glob("*.safetensors")):
+            sd.update(load_file(f))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in sd:
+                    p.copy_(sd[name].float() + scale * torch.randn(p.shape, generator=g))
+    model = model.to(dtype)
+    kw = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("family")
+    base = make_llama(root / "base", 0)
+    a = make_llama(root / "ft_a", 1, base=base)
+    b = make_llama(root / "ft_b", 2, base=base)
+    c = make_llama(root / "ft_c", 3, base=base)
+    return {"base": base, "a": a, "b": b, "c": c}
+
+
+@pytest.fixture(scope="session")
+def tied_family(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tied")
+    base = make_llama(root / "base", 0, tie=True)
+    a = make_llama(root / "ft_a", 1, base=base, tie=True)
+    b = make_llama(root / "ft_b", 2, base=base, tie=True)
+    return {"base": base, "a": a, "b": b}
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def load_dir(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
