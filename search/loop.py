@@ -1,0 +1,739 @@
+"""The trial loop: ask -> candidate recipe -> objective -> tell -> trials.jsonl -> best/summary.
+
+`prepare_run` validates a config and creates the run directory; `run_search` runs (or resumes,
+or joins as a worker) until the budget is met; `SearchController` steers it from a UI.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import optuna
+from optuna.trial import TrialState
+
+from mergelab.errors import MergelabError
+
+from .config import SearchConfig, load_search_config, parse_search_config
+from .optimizers import (
+    INTERRUPTED_ATTR,
+    RETRY_ATTR,
+    FixedSampler,
+    PycmaDriver,
+    counted,
+    make_sampler,
+    n_counted,
+)
+from .rundir import HEARTBEAT_S, RunDir, dumps, worker_id
+from .space import Space, build_space
+
+STUDY_NAME = "mergelab"
+RECORD_ATTR = "mergelab_record"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class TrialContext:
+    """What an objective gets besides the recipe."""
+
+    number: int
+    params: dict[str, float]
+    device: str
+    run_dir: RunDir
+    trial: optuna.trial.Trial | None = None
+    pruning: bool = False
+    log: Callable[[str], None] = print
+    progress: Callable[[str, float], None] | None = None  # (stage, fraction) for a UI
+
+    def report(self, value: float, step: int) -> None:
+        """Intermediate value (e.g. after each scorer); raises optuna.TrialPruned when pruned."""
+        if self.trial is None or not self.pruning:
+            return
+        self.trial.report(float(value), step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+
+class EvalResultLike(Protocol):
+    combined: float
+    scores: dict
+    metrics: dict
+
+
+Objective = Callable[[dict, TrialContext], Any]
+
+
+@dataclass
+class Outcome:
+    combined: float
+    scores: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    merge_s: float | None = None
+    eval_s: float | None = None
+
+
+def _outcome(res: Any) -> Outcome:
+    if isinstance(res, Outcome):
+        return res
+    if isinstance(res, (int, float)):
+        return Outcome(float(res))
+    if isinstance(res, dict):
+        return Outcome(float(res["combined"]), dict(res.get("scores", {})), dict(res.get("metrics", {})),
+                       res.get("merge_s"), res.get("eval_s"))
+    return Outcome(float(res.combined), dict(getattr(res, "scores", {}) or {}),
+                   dict(getattr(res, "metrics", {}) or {}), getattr(res, "merge_s", None),
+                   getattr(res, "eval_s", None))
+
+
+# -- versions / resolved config ---------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for mod in ("mergelab", "torch", "transformers", "optuna", "cmaes", "cma"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # a missing optional package is recorded as absent, not an error
+            out[mod] = None
+    return out
+
+
+def _abs_ref(ref: str) -> str:
+    p = Path(ref).expanduser()
+    return str(p.resolve()) if p.exists() else ref
+
+
+def _scorer_names(spec_ref: str | dict, base_dir: str | Path = ".") -> list[str]:
+    return [s.name for s in _load_eval_spec(spec_ref, base_dir).scorers]
+
+
+def _load_eval_spec(spec_ref: str | dict, base_dir: str | Path = "."):
+    """An EvalSpec from a path or an inline mapping (relative data paths: from base_dir)."""
+    from mergelab.eval.spec import EvalSpec
+
+    if isinstance(spec_ref, dict):
+        return EvalSpec.from_dict(spec_ref, base_dir=base_dir, source="search config `eval`")
+    return EvalSpec.load(spec_ref)
+
+
+def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
+                    base_dir: str | Path = ".") -> tuple[SearchConfig, Space]:
+    """Everything a search needs, checked before the first trial (raises MergelabError)."""
+    from mergelab.sources import resolve_local_path
+
+    refs = [cfg.base_model, *cfg.models]
+    paths = {}
+    for field_name, ref in [("base_model", cfg.base_model)] + [(f"models[{i}]", r) for i, r in enumerate(cfg.models)]:
+        try:
+            p = resolve_local_path(ref)
+        except MergelabError as e:
+            raise MergelabError(f"search config `{field_name}`: {e}") from None
+        if not (p / "config.json").is_file():
+            raise MergelabError(
+                f"search config `{field_name}`: {ref} has no config.json; point at a model directory "
+                "(config.json + *.safetensors) or a hub id."
+            )
+        paths[ref] = p
+    if len(set(refs)) != len(refs):
+        raise MergelabError(f"search config: a model is listed twice (base_model + models: {refs}).")
+    if isinstance(cfg.eval, str) and not Path(cfg.eval).is_file():
+        raise MergelabError(
+            f"search config `eval`: the eval spec file {cfg.eval} does not exist (paths are relative "
+            f"to {Path.cwd()}). Give the path of an eval spec YAML or an inline spec."
+        )
+    if cfg.budget.trials is None and cfg.budget.timeout is None:
+        raise MergelabError("search config `budget`: give `trials`, `timeout` (seconds) or both.")
+    if cfg.warm_start is not None and not Path(cfg.warm_start).is_file():
+        raise MergelabError(f"search config `warm_start`: the recipe {cfg.warm_start} does not exist.")
+    if cfg.optimizer.name == "nsga2" and cfg.pruner is not None:
+        raise MergelabError("search config: `pruner` works with single-objective optimizers, not nsga2.")
+    space = build_space(cfg, paths[cfg.base_model])
+    if check_eval:
+        from mergelab.eval.evaluator import load_data
+
+        load_data(_load_eval_spec(cfg.eval, base_dir))  # reads and checks every scorer's data
+    if cfg.warm_start is not None:
+        from mergelab.recipe import load_recipe
+
+        r = load_recipe(cfg.warm_start, f"warm_start recipe {cfg.warm_start}")
+        if r.merge_method not in space.methods:
+            raise MergelabError(
+                f"search config `warm_start`: the recipe uses `{r.merge_method}`, which is not in "
+                f"`method` ({', '.join(space.methods)})."
+            )
+    return cfg, space
+
+
+def resolved_config(cfg: SearchConfig, space: Space, storage: str | None, objective_names: list[str]) -> dict:
+    d = cfg.model_dump(mode="json")
+    d["base_model"] = _abs_ref(cfg.base_model)
+    d["models"] = [_abs_ref(r) for r in cfg.models]
+    d["model_space"] = {_abs_ref(k): v for k, v in cfg.model_space.items()}
+    if isinstance(cfg.eval, str):
+        d["eval"] = str(Path(cfg.eval).resolve())
+    if cfg.warm_start:
+        d["warm_start"] = str(Path(cfg.warm_start).resolve())
+    multi = cfg.optimizer.name == "nsga2"
+    d.update(
+        optimizer=cfg.optimizer.model_dump(mode="json"),
+        storage=storage,
+        num_layers=space.num_layers,
+        params=space.describe(),
+        objective_names=objective_names if multi else ["combined"],
+        directions=["maximize"] * (len(objective_names) if multi else 1),
+        versions=_versions(),
+        created=time.time(),
+        cwd=str(Path.cwd()),
+    )
+    return d
+
+
+def _open_storage(url: str, heartbeat: bool):
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    if url.startswith(("sqlite:", "postgresql", "mysql")):
+        kw = {"heartbeat_interval": 5, "grace_period": 20} if heartbeat and not url.startswith("sqlite") else {}
+        try:
+            return optuna.storages.RDBStorage(url, **kw)
+        except Exception as e:  # connection errors come from many drivers
+            raise MergelabError(
+                f"Cannot open the study storage {url.split('@')[-1]}: {type(e).__name__}: {e}. Check the "
+                "URL (postgresql+psycopg2://user:password@host/db, mysql+pymysql://..., sqlite:///path, "
+                "journal:PATH) and that the server is running."
+            ) from None
+    raise MergelabError(
+        f"--storage {url!r} is not a storage URL. Use postgresql+psycopg2://user:password@host/db, "
+        "mysql+pymysql://user:password@host/db, sqlite:///PATH or journal:PATH."
+    )
+
+
+def prepare_run(config_path: str | Path, run: str | Path | None = None, *, storage: str | None = None,
+                device: str | None = None, runs_dir: str | Path = "runs",
+                objective_names: list[str] | None = None) -> RunDir:
+    """Validate a search config and create its run directory (no trial runs here)."""
+    cfg, text = load_search_config(config_path)
+    if device:
+        cfg.device = device
+    base_dir = Path(config_path).parent.resolve()
+    cfg, space = validate_config(cfg, base_dir=base_dir)
+    if objective_names is None:
+        objective_names = _scorer_names(cfg.eval, base_dir) if cfg.optimizer.name == "nsga2" else ["combined"]
+    if run is None:
+        run = Path(runs_dir) / f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(run)
+    if storage is not None and storage.startswith("journal:"):
+        storage = "journal:" + str(Path(storage[len("journal:"):]).resolve())
+    if storage is not None and RunDir.is_run_dir(run):
+        # a worker joining a run created by another process on this machine (shared storage)
+        return RunDir.open(run)
+    resolved = resolved_config(cfg, space, storage, objective_names)
+    resolved["eval_base_dir"] = str(base_dir)
+    rd = RunDir.create(run, text, resolved)
+    st = _open_storage(rd.storage_url(), heartbeat=False)
+    directions = ["maximize"] * len(rd.resolved()["directions"])
+    optuna.create_study(storage=st, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
+    rd.log(f"created run {rd.path} ({cfg.optimizer.name}, {space.size_text()}, storage {rd.storage_url().split('@')[-1]})")
+    return rd
+
+
+def config_of(rd: RunDir) -> tuple[SearchConfig, Space]:
+    """The run's config with the resolved (absolute) paths, re-validated."""
+    res = rd.resolved()
+    keys = SearchConfig.model_fields.keys()
+    cfg = parse_search_config({k: res[k] for k in keys if k in res}, f"resolved config of {rd.path}")
+    return validate_config(cfg, check_eval=False)
+
+
+# -- control -------------------------------------------------------------------------------------
+class SearchController:
+    """Pause / resume / stop a search between trials. Goes through the run directory's control
+    file, so it works the same for a search in this process and one in another process."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+        self.stop_event = threading.Event()
+
+    def pause(self) -> None:
+        self.run_dir.request("pause")
+
+    def resume(self) -> None:
+        self.run_dir.request("resume")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.run_dir.request("stop")
+
+
+# -- the real objective ------------------------------------------------------------------------
+def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
+    """Merge in memory with TrialMerger, score with the Evaluator (sources loaded once)."""
+    from mergelab.eval.evaluator import Evaluator
+    from mergelab.eval.models import HFLogitModel
+    from mergelab.trial import TrialMerger
+
+    spec = _load_eval_spec(cfg.eval, rd.resolved().get("eval_base_dir", "."))
+    tm = TrialMerger(cfg.base_model, cfg.models, device=cfg.device)
+    ev = Evaluator(spec, tm.tokenizer, cfg.device)
+
+    def objective(recipe: dict, ctx: TrialContext):
+        t0 = time.perf_counter()
+        if ctx.progress:
+            ctx.progress("merge", 0.0)
+        model = tm.apply(recipe)
+        t1 = time.perf_counter()
+        step = [0]
+
+        def report(*args, **kwargs):
+            # the evaluator reports (scorer name, value) as each scorer finishes
+            value = kwargs.get("value", args[-1] if args else None)
+            if ctx.progress and args:
+                ctx.progress(str(args[0]), (step[0] + 1) / max(1, len(getattr(spec, "scorers", [1]))))
+            if isinstance(value, (int, float)):
+                ctx.report(float(value), step[0])
+            step[0] += 1
+
+        res = ev.evaluate(HFLogitModel(model, tm.tokenizer), report=report)
+        t2 = time.perf_counter()
+        out = _outcome(res)
+        out.merge_s, out.eval_s = t1 - t0, t2 - t1
+        return out
+
+    return objective
+
+
+# -- the loop ------------------------------------------------------------------------------------
+class _Signals:
+    def __init__(self):
+        self.stop = False
+        self.count = 0
+        self._old = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.stop = True
+        self.count += 1
+        if self.count >= 2 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[optuna.trial.FrozenTrial], bool],
+                      log: Callable[[str], None], retry: bool) -> None:
+    """RUNNING trials whose process is gone -> FAIL (interrupted); then make sure every
+    interrupted trial has a re-try queued (idempotent, so a crash here is harmless)."""
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if numbers_alive(t):
+            continue
+        storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        rec = {"number": t.number, "state": "FAIL", "params": t.params, "recipe": None, "value": None,
+               "values": None, "metrics": {}, "scores": {}, "error": "interrupted: the search process died",
+               "interrupted": True, "retry_of": t.user_attrs.get(RETRY_ATTR), "timings": {},
+               "started": t.datetime_start.timestamp() if t.datetime_start else None,
+               "finished": time.time(), "device": t.user_attrs.get("device"), "worker": t.user_attrs.get("worker")}
+        rd.append_trial(rec)
+        log(f"trial {t.number} was running when its process died: marked failed, will be re-tried")
+    if not retry:
+        return
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried and t.params:
+            study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
+
+
+def _reconcile_jsonl(study: optuna.Study, rd: RunDir, log) -> None:
+    """A trial told to the storage whose line never reached trials.jsonl (killed in between)."""
+    have = {r.get("number") for r in rd.trials()}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if t.number in have:
+            continue
+        rec = t.user_attrs.get(RECORD_ATTR)
+        if rec is None:
+            continue
+        rec = json.loads(rec)
+        rd.append_trial(rec)
+        _update_summary(rd, rec, log)
+        log(f"trial {t.number}: restored its trials.jsonl line from the study")
+
+
+def _is_better(rec: dict, best: dict | None) -> bool:
+    v = rec.get("value")
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return False
+    if best is None or best.get("value") is None:
+        return True
+    return v > best["value"]
+
+
+def _pareto(points: list[dict]) -> list[dict]:
+    front = []
+    for p in points:
+        dominated = False
+        for q in points:
+            if q is p:
+                continue
+            if all(a >= b for a, b in zip(q["values"], p["values"])) and any(
+                a > b for a, b in zip(q["values"], p["values"])
+            ):
+                dominated = True
+                break
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p["number"])
+
+
+def _update_summary(rd: RunDir, rec: dict, log) -> None:
+    from mergelab.recipe import dump_yaml
+
+    improved = {}
+
+    def fn(s: dict) -> None:
+        if rec["state"] == "COMPLETE":
+            s["trials_complete"] = s.get("trials_complete", 0) + 1
+        elif rec["state"] == "PRUNED":
+            s["trials_pruned"] = s.get("trials_pruned", 0) + 1
+        else:
+            s["trials_failed"] = s.get("trials_failed", 0) + 1
+        if not rec.get("interrupted"):
+            s["trials_done"] = s.get("trials_done", 0) + 1
+        if rec["state"] == "COMPLETE" and _is_better(rec, s.get("best")):
+            s["best"] = {k: rec.get(k) for k in ("number", "value", "values", "metrics", "scores", "params")}
+            improved["yes"] = True
+        if rec.get("values") and rec["state"] == "COMPLETE":
+            pts = list(s.get("pareto") or []) + [{"number": rec["number"], "values": rec["values"], "params": rec["params"]}]
+            s["pareto"] = _pareto(pts)
+
+    with rd.locked():
+        s = rd.summary()
+        fn(s)
+        if improved:
+            rd.write_best(dump_yaml(rec["recipe"]), rec)
+        rd.write_summary(s)
+    if improved:
+        log(f"new best: trial {rec['number']} score {rec['value']:.6g}")
+
+
+@dataclass
+class SearchResult:
+    status: str
+    detail: str
+    trials_done: int
+    best: dict | None
+
+
+def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, worker: bool = False,
+               controller: SearchController | None = None, log: Callable[[str], None] | None = None,
+               progress: Callable[[dict], None] | None = None, install_signals: bool = True,
+               max_trials_this_session: int | None = None) -> SearchResult:
+    """Run (or resume) the search of a run directory until its budget is met.
+
+    worker=True joins a search other processes run on the same shared storage (no exclusive
+    claim; stale trials of dead workers are failed and re-tried). `progress` receives events
+    ({"event": "trial_start"|"trial_end"|"stage", ...}) for a UI. `max_trials_this_session`
+    stops after that many trials (tests use it to simulate interruptions).
+    """
+    rd = run if isinstance(run, RunDir) else RunDir.open(run)
+    cfg, space = config_of(rd)
+    res = rd.resolved()
+    wid = worker_id()
+    say = log or (lambda m: None)
+
+    def logline(msg: str, level: str = "INFO") -> None:
+        line = rd.log(f"[{wid}] {msg}", level)
+        say(line)
+
+    live = [w for w in rd.workers() if w["alive"] and w["worker"] != wid]
+    if live and not worker:
+        raise MergelabError(
+            f"Run {rd.path} is being searched right now by {', '.join(w['worker'] for w in live)}. Watch "
+            f"it, stop it first, or join it as another worker with `mergelab search --run {rd.path} --worker`."
+        )
+    opt = cfg.optimizer.name
+    if opt == "pycma" and (worker or (res.get("storage") and live)):
+        raise MergelabError(
+            "The pycma optimizer runs in a single process (its state lives in pycma.pkl in the run "
+            "directory); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
+        )
+    storage = _open_storage(rd.storage_url(), heartbeat=True)
+    sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump())
+    pruner = _make_pruner(cfg)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner)
+    multi = len(res["directions"]) > 1
+    objective_names = res["objective_names"]
+    rd.heartbeat(wid, {"trial": None, "paused": False, "started": time.time()})
+
+    # -- recover what an earlier process left behind
+    def alive(t) -> bool:
+        w = t.user_attrs.get("worker")
+        return worker and w is not None and w in rd.live_workers() and w != wid
+
+    if isinstance(storage, optuna.storages.RDBStorage) and worker:
+        optuna.storages.fail_stale_trials(study)
+    _mark_interrupted(study, rd, alive, logline, retry=opt != "pycma")
+    _reconcile_jsonl(study, rd, logline)
+    driver = PycmaDriver(rd.path, space, cfg.seed, cfg.optimizer.popsize, cfg.optimizer.sigma0) if opt == "pycma" else None
+    if driver is not None:
+        _recover_pycma(driver, study)
+    if cfg.warm_start and not study.get_trials(deepcopy=False) and opt != "pycma":
+        from mergelab.recipe import load_recipe
+
+        values, clipped = space.values_from_recipe(load_recipe(cfg.warm_start))
+        if clipped:
+            logline(f"warm start: {', '.join(clipped)} outside the searched ranges, clipped", "WARNING")
+        study.enqueue_trial(values, user_attrs={"warm_start": True})
+    if objective is None:
+        objective = real_objective(rd, cfg)
+    if not worker:
+        rd.clear_control()
+
+    sig = _Signals()
+    if install_signals:
+        sig.install()
+    budget_trials = cfg.budget.trials
+    budget_timeout = cfg.budget.timeout
+    elapsed_before = float(rd.summary().get("elapsed_s", 0.0))
+    session_start = time.time()
+    stop_hb = threading.Event()
+    current = {"trial": None, "paused": False}
+
+    def heartbeat_loop():
+        while not stop_hb.wait(HEARTBEAT_S):
+            rd.heartbeat(wid, {"trial": current["trial"], "paused": current["paused"], "started": session_start})
+
+    hb = threading.Thread(target=heartbeat_loop, daemon=True, name="mergelab-heartbeat")
+    hb.start()
+
+    def set_status(status: str, detail: str, paused: bool = False) -> None:
+        def fn(s):
+            s.update(status=status, detail=detail, paused=paused)
+            s["elapsed_s"] = elapsed_before + (time.time() - session_start)
+        rd.update_summary(fn)
+
+    set_status("running", "worker joined" if worker else ("resumed" if study.get_trials(deepcopy=False) else "started"))
+    logline(f"search {'worker ' if worker else ''}started: {opt}, {space.size_text()}, budget "
+            f"{budget_trials if budget_trials else '-'} trials / {budget_timeout if budget_timeout else '-'} s")
+    status, detail = "running", ""
+    session_trials = 0
+    try:
+        while True:
+            # -- stop / pause between trials
+            cmd = rd.control()
+            stopping = sig.stop or cmd == "stop" or (controller is not None and controller.stop_event.is_set())
+            if stopping:
+                status, detail = "stopped", "stopped by signal" if sig.stop else "stopped by user"
+                break
+            if cmd == "pause":
+                if not current["paused"]:
+                    current["paused"] = True
+                    set_status("running", "paused", paused=True)
+                    logline("paused (resume from the dashboard or `control.json`)")
+                time.sleep(0.2)
+                continue
+            if current["paused"]:
+                current["paused"] = False
+                set_status("running", "running")
+                logline("resumed")
+            done = n_counted(study)
+            elapsed = elapsed_before + (time.time() - session_start)
+            if budget_trials is not None and done >= budget_trials:
+                status, detail = "finished", f"budget met: {done} trials"
+                break
+            if budget_timeout is not None and elapsed >= budget_timeout:
+                status, detail = "finished", f"budget met: {elapsed:.0f} s of search time"
+                break
+            if max_trials_this_session is not None and session_trials >= max_trials_this_session:
+                status, detail = "stopped", "session trial limit"
+                break
+            if budget_trials is not None and worker:
+                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                if done + running >= budget_trials:
+                    time.sleep(0.3)  # the last trials are running elsewhere; one may fail and need us
+                    continue
+            _one_trial(study, rd, space, objective, driver, cfg, wid, multi, objective_names, current,
+                       logline, progress)
+            session_trials += 1
+    except KeyboardInterrupt:
+        status, detail = "stopped", "interrupted (Ctrl-C twice)"
+    except MergelabError as e:
+        status, detail = "failed", str(e)
+        logline(f"search failed: {e}", "ERROR")
+        raise
+    except Exception as e:
+        status, detail = "failed", f"{type(e).__name__}: {e}"
+        logline(f"search failed: {detail}\n{traceback.format_exc()}", "ERROR")
+        raise
+    finally:
+        stop_hb.set()
+        hb.join(timeout=5)
+        if status == "running":
+            status = "failed"
+        others = [w for w in rd.live_workers() if w != wid]
+        final = status
+        if worker and others and status in ("finished", "stopped"):
+            final = "running"  # other workers still search this run
+        set_status(final, detail)
+        if status in ("finished", "stopped") and not others:
+            rd.clear_control()
+        rd.remove_worker(wid)
+        if install_signals:
+            sig.restore()
+        logline(f"search {status}: {detail}")
+    s = rd.summary()
+    return SearchResult(status, detail, int(s.get("trials_done", 0)), s.get("best"))
+
+
+def _make_pruner(cfg: SearchConfig):
+    p = cfg.pruner
+    if p is None:
+        return optuna.pruners.NopPruner()
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.name == "percentile":
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
+                                               n_warmup_steps=p.n_warmup_steps)
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.HyperbandPruner()
+
+
+def _recover_pycma(driver: PycmaDriver, study: optuna.Study) -> None:
+    """A slot whose trial finished in the study but whose value never reached pycma.pkl."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for slot, number in list(driver.state["trials"].items()):
+        if slot in driver.state["values"]:
+            continue
+        t = by_number.get(number)
+        if t is not None and t.state == TrialState.COMPLETE:
+            driver.tell(slot, t.value)
+        elif t is not None and t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR):
+            driver.tell(slot, None)
+
+
+def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: PycmaDriver | None,
+               cfg: SearchConfig, wid: str, multi: bool, objective_names: list[str], current: dict,
+               logline, progress) -> None:
+    slot = None
+    if driver is not None:
+        slot, values = driver.next_slot()
+        study.sampler.next_values = values
+    trial = study.ask()
+    values = {p.name: trial.suggest_float(p.name, p.low, p.high) for p in space.params}
+    trial.set_user_attr("worker", wid)
+    trial.set_user_attr("device", cfg.device)
+    if driver is not None:
+        driver.started(slot, trial.number)
+        trial.set_user_attr("pycma_slot", [driver.generation, slot])
+    current["trial"] = trial.number
+    retry_of = trial.user_attrs.get(RETRY_ATTR)
+    started = time.time()
+    recipe = space.recipe(values)
+    if progress:
+        progress({"event": "trial_start", "number": trial.number, "params": values, "recipe": recipe})
+
+    def stage(name: str, frac: float) -> None:
+        if progress:
+            progress({"event": "stage", "number": trial.number, "stage": name, "fraction": frac})
+
+    ctx = TrialContext(number=trial.number, params=values, device=cfg.device, run_dir=rd, trial=trial,
+                       pruning=cfg.pruner is not None, log=logline, progress=stage)
+    state, out, error = "COMPLETE", None, None
+    t0 = time.perf_counter()
+    try:
+        out = _outcome(objective(recipe, ctx))
+        if not math.isfinite(out.combined):
+            state, error = "FAIL", f"non-finite score {out.combined}"
+    except optuna.TrialPruned as e:
+        state, error = "PRUNED", str(e) or "pruned"
+    except KeyboardInterrupt:
+        raise
+    except MergelabError:
+        raise
+    except Exception as e:
+        state, error = "FAIL", f"{type(e).__name__}: {e}"
+        logline(f"trial {trial.number} failed: {error}", "WARNING")
+    total = time.perf_counter() - t0
+    vals = None
+    if state == "COMPLETE" and multi:
+        missing = [n for n in objective_names if n not in out.scores]
+        if missing:
+            state, error = "FAIL", f"the eval gave no score for objective(s) {missing}"
+        else:
+            vals = [float(out.scores[n]) for n in objective_names]
+    rec = {
+        "number": trial.number,
+        "state": state,
+        "params": values,
+        "recipe": recipe,
+        "value": out.combined if (out is not None and state == "COMPLETE") else None,
+        "values": vals,
+        "metrics": out.metrics if out is not None else {},
+        "scores": out.scores if out is not None else {},
+        "error": error,
+        "interrupted": False,
+        "retry_of": retry_of,
+        "timings": {"merge_s": out.merge_s if out else None, "eval_s": out.eval_s if out else None,
+                    "total_s": total},
+        "started": started,
+        "finished": time.time(),
+        "device": cfg.device,
+        "worker": wid,
+    }
+    # the record goes into the study first, so a kill before the jsonl append is repaired on resume
+    trial.set_user_attr(RECORD_ATTR, dumps(rec))
+    if state == "COMPLETE":
+        study.tell(trial, vals if multi else out.combined)
+    elif state == "PRUNED":
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+    if driver is not None:
+        driver.tell(slot, out.combined if state == "COMPLETE" else None)
+    rd.append_trial(rec)
+    current["trial"] = None
+    _update_summary(rd, rec, logline)
+    score = f"{rec['value']:.6g}" if rec["value"] is not None else state
+    logline(f"trial {trial.number} {state.lower()}: score {score} ({total:.2f} s)")
+    if progress:
+        progress({"event": "trial_end", "number": trial.number, "record": rec})
+
+
+def start_search_thread(run: str | Path | RunDir, objective: Objective | None = None, **kw):
+    """Run the search in a background thread (for a UI in the main thread).
+
+    Returns (thread, controller); the thread's result is in thread.result once it ends and any
+    exception in thread.error."""
+    rd = run if isinstance(run, RunDir) else RunDir.open(run)
+    ctl = SearchController(rd)
+
+    class _T(threading.Thread):
+        result: SearchResult | None = None
+        error: BaseException | None = None
+
+        def run(self):
+            try:
+                self.result = run_search(rd, objective, controller=ctl, install_signals=False, **kw)
+            except BaseException as e:  # handed to the UI thread, which decides what to show
+                self.error = e
+
+    t = _T(daemon=True, name="mergelab-search")
+    t.start()
+    return t, ctl
