@@ -1,0 +1,371 @@
+"""Merge operators against hand-computed results on small tensors, plus determinism and the
+precomputed-delta path (which must be bit-identical to the plain one)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import operators
+from mergelab.errors import MergelabError
+from operators import MergeInputs, get_operator, operator_names
+from operators.sparsify import sorted_magnitudes, top_k_mask
+from operators.table import operator_table_markdown
+
+T = torch.tensor
+
+
+def run(op, base, models, model_params, params=None, *, base_index=None, seed=0, name="w", pre=False):
+    """Call operator `op` the way the engine does: defaults filled, optional precompute."""
+    spec = get_operator(op)
+    g = {p.name: p.default for p in spec.params if p.scope == "global"}
+    g.update(params or {})
+    md = {p.name: p.default for p in spec.params if p.scope == "model"}
+    mps = [{**md, **mp} for mp in model_params]
+    deltas = sorted_abs = None
+    if pre and base is not None:
+        deltas = [None if i == base_index else m - base for i, m in enumerate(models)]
+        sorted_abs = [None if d is None else sorted_magnitudes(d) for d in deltas]
+    inp = MergeInputs(
+        name=name, base=base, models=list(models), model_params=mps, params=g, seed=seed,
+        base_index=base_index, deltas=deltas, sorted_abs=sorted_abs,
+    )
+    out = spec.fn(inp)
+    assert out.dtype == torch.float32 and out.shape == models[0].shape
+    return out
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- registry -------------------------------------------------------------------------------
+
+REQUIRED = {
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock",
+}
+
+
+def test_registry_has_every_operator_with_documented_parameters():
+    assert REQUIRED <= set(operator_names())
+    for name in REQUIRED:
+        spec = get_operator(name)
+        assert spec.summary and spec.paper
+        for p in spec.params:
+            assert p.help, (name, p.name)
+            assert p.scope in ("model", "global")
+            if not p.required:
+                assert p.check(p.default) is None, (name, p.name)
+    # mergekit's defaults
+    d = lambda op, p: get_operator(op).param(p).default  # noqa: E731
+    assert d("ties", "normalize") is True and d("ties", "rescale") is False
+    assert d("dare_ties", "normalize") is False and d("dare_ties", "rescale") is True
+    assert d("dare_linear", "rescale") is True and d("task_arithmetic", "normalize") is False
+    assert d("della", "normalize") is True and d("della_linear", "normalize") is False
+    assert d("breadcrumbs", "gamma") == 0.01 and d("della", "epsilon") == 0.15
+    assert d("ties", "density") == 1.0 and d("ties", "lambda") == 1.0
+    assert d("linear", "normalize") is True
+    assert get_operator("ties").param("weight").required
+    assert get_operator("slerp").param("t").required
+
+
+def test_parameter_ranges():
+    density = get_operator("ties").param("density")
+    assert density.check(0) is not None and density.check(1.5) is not None
+    assert density.check(1) is None and density.check(0.01) is None
+    weight = get_operator("linear").param("weight")
+    assert weight.check(-0.5) is None and weight.check(float("inf")) is not None
+    t = get_operator("slerp").param("t")
+    assert t.check(0) is None and t.check(1) is None and t.check(1.2) is not None
+    eps = get_operator("della").param("epsilon")
+    assert eps.check(0.5) is not None and eps.check(0.0) is None
+
+
+def test_operator_table_lists_every_operator():
+    table = operator_table_markdown()
+    lines = table.strip().splitlines()
+    assert lines[0] == "| name | parameters | what it computes | reference |"
+    for name in REQUIRED:
+        row = next(line for line in lines if line.startswith(f"| `{name}` |"))
+        assert "arXiv" in row or name == "slerp"
+    assert "`density` (per model, default 1, (0, 1])" in table
+
+
+# ---- linear -------------------------------------------------------------------------------
+
+def test_linear_weights_one_zero_returns_first_model_exactly():
+    a, b = rand(5, 7, seed=1), rand(5, 7, seed=2)
+    assert torch.equal(run("linear", None, [a, b], [{"weight": 1.0}, {"weight": 0.0}]), a)
+
+
+def test_linear_normalize_true_and_false():
+    a, b = T([1.0, 2.0]), T([10.0, 20.0])
+    mps = [{"weight": 2.0}, {"weight": 1.0}]
+    assert torch.equal(run("linear", None, [a, b], mps, {"normalize": False}), T([12.0, 24.0]))
+    assert torch.equal(run("linear", None, [a, b], mps), T([4.0, 8.0]))
+
+
+def test_linear_zero_weight_sum_is_a_user_error():
+    a, b = T([1.0]), T([2.0])
+    with pytest.raises(MergelabError, match="sum to 0"):
+        run("linear", None, [a, b], [{"weight": 1.0}, {"weight": -1.0}])
+
+
+# ---- task arithmetic ----------------------------------------------------------------------
+
+def test_task_arithmetic_lambda_zero_returns_base():
+    base = rand(4, 6, seed=3)
+    models = [rand(4, 6, seed=4), rand(4, 6, seed=5)]
+    out = run("task_arithmetic", base, models, [{"weight": 0.7}, {"weight": 1.3}], {"lambda": 0.0})
+    assert torch.equal(out, base)
+
+
+def test_task_arithmetic_by_hand():
+    base = T([1.0, 1.0, 1.0])
+    m1, m2 = T([2.0, 0.0, 1.0]), T([1.0, 3.0, 1.0])
+    # τ1 = [1, -1, 0], τ2 = [0, 2, 0]; 1·τ1 + 0.5·τ2 = [1, 0, 0]; λ = 2
+    out = run("task_arithmetic", base, [m1, m2], [{"weight": 1.0}, {"weight": 0.5}], {"lambda": 2.0})
+    assert torch.equal(out, T([3.0, 1.0, 1.0]))
+    # normalize divides by Σw = 1.5
+    out = run("task_arithmetic", base, [m1, m2], [{"weight": 1.0}, {"weight": 0.5}], {"normalize": True})
+    assert torch.allclose(out, T([1 + 1 / 1.5, 1.0, 1.0]))
+
+
+def test_base_listed_in_models_is_skipped_like_mergekit():
+    base = rand(3, 4, seed=6)
+    m1, m2 = rand(3, 4, seed=7), rand(3, 4, seed=8)
+    mps = [{"weight": 0.6, "density": 0.5}, {"weight": 0.3, "density": 0.7}]
+    for op in ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs"):
+        plain = run(op, base, [m1, m2], mps, name="x")
+        listed = run(op, base, [m1, base, m2], [mps[0], {"weight": 99.0}, mps[1]], base_index=1, name="x")
+        assert torch.equal(plain, listed), op
+
+
+def test_no_model_besides_base_returns_base():
+    base = rand(3, seed=9)
+    out = run("ties", base, [base], [{"weight": 1.0}], base_index=0)
+    assert torch.equal(out, base)
+
+
+# ---- TIES ---------------------------------------------------------------------------------
+
+def test_ties_two_by_three_by_hand():
+    base = torch.ones(2, 3)
+    taus = [
+        T([[0.9, -0.1, 0.5], [-0.4, 0.2, 0.05]]),
+        T([[-0.3, 0.8, 0.6], [0.1, -0.7, 0.02]]),
+        T([[0.2, -0.6, -0.7], [0.5, 0.3, 0.01]]),
+    ]
+    models = [base + t for t in taus]
+    mps = [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}, {"weight": 1.0, "density": 0.5}]
+    # k = int(0.5·6) = 3 per model. Trimmed, weighted:
+    #   w1τ1 = [[0.9, 0, 0.5], [-0.4, 0, 0]]
+    #   w2τ2 = [[0, 0.4, 0.3], [0, -0.35, 0]]
+    #   w3τ3 = [[0, -0.6, -0.7], [0.5, 0, 0]]
+    # Σ = [[0.9, -0.2, 0.1], [0.1, -0.35, 0]] → signs [[+, -, +], [+, -, + (0 counts +)]]
+    # disjoint mean: (0,0) 0.9/1; (0,1) -0.6/1; (0,2) (0.5+0.3)/(1+0.5); (1,0) 0.5/1;
+    #                (1,1) -0.35/0.5; (1,2) nothing agrees → 0
+    expected = base + T([[0.9, -0.6, 0.8 / 1.5], [0.5, -0.7, 0.0]])
+    out = run("ties", base, models, mps)
+    # the models are base + τ in float32, so τ comes back within an ulp of 1
+    assert torch.allclose(out, expected, atol=1e-6, rtol=0)
+    assert out[1, 2] == 1.0  # no agreeing model: exactly the base
+    # λ scales the merged task vector
+    out2 = run("ties", base, models, mps, {"lambda": 2.0})
+    assert torch.allclose(out2, base + 2 * (expected - base), atol=2e-6, rtol=0)
+
+
+def test_ties_threshold_ties_are_broken_by_flat_index():
+    base = torch.zeros(6)
+    tau = T([3.0, 1.0, 1.0, 1.0, 0.5, -1.0])
+    for pre in (False, True):
+        out = run("ties", base, [tau], [{"weight": 1.0, "density": 0.5}], pre=pre)
+        # k = 3: 3.0, then the first two of the four |1.0| entries by position
+        assert torch.equal(out, T([3.0, 1.0, 1.0, 0.0, 0.0, 0.0])), pre
+
+
+def test_ties_keep_count_follows_mergekit():
+    tau = torch.arange(1.0, 101.0)  # distinct magnitudes 1..100
+    base = torch.zeros(100)
+    kept = lambda d: int((run("ties", base, [tau], [{"weight": 1.0, "density": d}]) != 0).sum())  # noqa: E731
+    assert kept(0.57) == int(0.57 * 100) == 56  # int() of the float product, not round()
+    assert kept(0.001) == 1  # max(1, ...): never empty
+    assert kept(1.0) == 100
+
+
+def test_top_k_mask_linear_pass_matches_a_stable_sort():
+    x = torch.randint(0, 5, (1000,), generator=torch.Generator().manual_seed(3)).float()
+    order = torch.sort(x, descending=True, stable=True).indices
+    for k in (0, 1, 7, 333, 999, 1000):
+        expected = torch.zeros(1000, dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(top_k_mask(x, k), expected), k
+        assert torch.equal(top_k_mask(x, k, sorted_magnitudes(x)), expected), k
+
+
+# ---- DARE ---------------------------------------------------------------------------------
+
+def test_dare_with_density_one_equals_task_arithmetic():
+    base = rand(8, 9, seed=10)
+    models = [rand(8, 9, seed=11), rand(8, 9, seed=12)]
+    mps = [{"weight": 0.6, "density": 1.0}, {"weight": 0.9, "density": 1.0}]
+    ta = run("task_arithmetic", base, models, mps, {"lambda": 1.2})
+    assert torch.equal(run("dare_linear", base, models, mps, {"lambda": 1.2}), ta)
+    ties = run("ties", base, models, mps, {"normalize": False})
+    assert torch.equal(run("dare_ties", base, models, mps), ties)
+
+
+def test_dare_kept_fraction_and_mean():
+    base = torch.zeros(512, 512)
+    model = torch.ones(512, 512)
+    n = model.numel()
+    mp = [{"weight": 1.0, "density": 0.3}]
+    # mergekit's rescale: survivors scaled to keep the L1 norm, so the mean stays exactly ~1
+    out = run("dare_linear", base, [model], mp, seed=1)
+    kept = (out != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.005  # std of the fraction is 0.0009
+    assert abs(out.mean().item() - 1.0) < 1e-5
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], n / (kept * n)), rtol=1e-5)
+    # the paper's rescale: survivors multiplied by 1/density, the mean is 1 in expectation
+    paper = run("dare_linear", base, [model], mp, {"rescale_inverse_density": True}, seed=1)
+    assert torch.equal(paper != 0, out != 0)  # the same draws
+    assert torch.allclose(paper[paper != 0], torch.tensor(1 / 0.3), rtol=1e-6)
+    assert abs(paper.mean().item() - 1.0) < 0.02
+    # no rescale: survivors keep their value, the mean is the kept fraction
+    plain = run("dare_linear", base, [model], mp, {"rescale": False}, seed=1)
+    assert torch.equal(plain, (out != 0).float())
+
+
+def test_dare_is_deterministic_per_seed_and_tensor_name():
+    base = rand(64, 64, seed=13)
+    models = [rand(64, 64, seed=14), rand(64, 64, seed=15)]
+    mps = [{"weight": 0.5, "density": 0.4}, {"weight": 0.5, "density": 0.6}]
+    a = run("dare_ties", base, models, mps, seed=3, name="layers.0.q")
+    b = run("dare_ties", base, models, mps, seed=3, name="layers.0.k")  # another tensor first
+    a2 = run("dare_ties", base, models, mps, seed=3, name="layers.0.q")
+    assert torch.equal(a, a2)
+    assert not torch.equal(a != base, b != base)
+    c = run("dare_ties", base, models, mps, seed=4, name="layers.0.q")
+    assert not torch.equal(a, c)
+
+
+# ---- breadcrumbs and DELLA ------------------------------------------------------------------
+
+def test_breadcrumbs_drops_outliers_then_smallest():
+    tau = T([10.0, -9.0, 8.0, 7.0, -6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    base = torch.zeros(10)
+    # target = 5, n_top = 1, n_bottom = 4: drop 10, keep the next five, drop the rest
+    out = run("breadcrumbs", base, [tau], [{"weight": 1.0, "density": 0.5, "gamma": 0.1}])
+    assert torch.equal(out, T([0.0, -9.0, 8.0, 7.0, -6.0, 5.0, 0.0, 0.0, 0.0, 0.0]))
+    # target = 8, n_top = 3 would leave fewer than 8: the outlier cut shrinks to 2
+    out = run("breadcrumbs", base, [tau], [{"weight": 1.0, "density": 0.8, "gamma": 0.3}])
+    assert torch.equal(out, T([0.0, 0.0, 8.0, 7.0, -6.0, 5.0, 4.0, 3.0, 2.0, 1.0]))
+
+
+def test_della_keeps_large_entries_more_often():
+    row = torch.arange(1.0, 20001.0).view(1, -1)  # magnitudes increase along the row
+    base = torch.zeros_like(row)
+    mp = [{"weight": 1.0, "density": 0.5, "epsilon": 0.2}]
+    out = run("della_linear", base, [row], mp, {"rescale": False})
+    kept = (out != 0).float()[0]
+    # keep probability rises linearly from 0.3 (smallest) to 0.7 (largest)
+    assert abs(kept[:2000].mean().item() - 0.32) < 0.04
+    assert abs(kept[-2000:].mean().item() - 0.68) < 0.04
+    assert abs(kept.mean().item() - 0.5) < 0.02
+    assert torch.equal(out[out != 0], row[out != 0])
+
+
+def test_della_epsilon_must_keep_probabilities_inside_zero_one():
+    base, m = torch.zeros(4, 4), torch.ones(4, 4)
+    with pytest.raises(MergelabError, match="density - epsilon > 0"):
+        run("della", base, [m], [{"weight": 1.0, "density": 0.1, "epsilon": 0.15}])
+    assert operators.check_params("della", [{"density": 0.9, "epsilon": 0.15}], {}) is not None
+    assert operators.check_params("della", [{"density": 1.0, "epsilon": 0.15}], {}) is None
+
+
+def test_della_single_entry_rows_do_not_fail():
+    out = run("della", torch.zeros(3, 1), [torch.ones(3, 1)], [{"weight": 1.0, "density": 0.5}], name="b")
+    assert set(out.flatten().tolist()) <= {0.0, 1.0, 1.5, 3.0}
+
+
+# ---- slerp --------------------------------------------------------------------------------
+
+def test_slerp_endpoints_are_exact():
+    a, b = rand(6, 5, seed=16), rand(6, 5, seed=17)
+    assert torch.equal(run("slerp", a, [b], [{}], {"t": 0.0}), a)
+    assert torch.equal(run("slerp", a, [b], [{}], {"t": 1.0}), b)
+    # base listed among the models: the base is still t = 0, wherever it is
+    assert torch.equal(run("slerp", a, [b, a], [{}, {}], {"t": 0.0}, base_index=1), a)
+
+
+def test_slerp_half_way_on_orthogonal_vectors():
+    v0, v1 = T([2.0, 0.0]), T([0.0, 3.0])
+    out = run("slerp", v0, [v1], [{}], {"t": 0.5})
+    # θ = π/2: both coefficients are sin(π/4)/sin(π/2) = √2/2, applied to the unnormalized vectors
+    h = math.sqrt(0.5)
+    assert torch.allclose(out, T([2 * h, 3 * h]), atol=1e-6)
+
+
+def test_slerp_falls_back_to_lerp_for_parallel_vectors():
+    v0 = T([1.0, 2.0, 3.0])
+    for v1 in (T([2.0, 4.0, 6.001]), T([-2.0, -4.0, -6.0])):
+        out = run("slerp", v0, [v1], [{}], {"t": 0.25})
+        assert torch.allclose(out, 0.75 * v0 + 0.25 * v1, atol=1e-6)
+
+
+def test_slerp_needs_exactly_one_other_model():
+    a = T([1.0, 0.0])
+    with pytest.raises(MergelabError, match="exactly one other model"):
+        run("slerp", a, [a, a], [{}, {}], {"t": 0.5})
+
+
+# ---- model_stock --------------------------------------------------------------------------
+
+def test_model_stock_by_hand():
+    base = T([1.0, 1.0])
+    m1, m2 = T([2.0, 1.0]), T([2.0, 2.0])
+    # τ = [1, 0] and [1, 1]: cosθ = 1/√2, t = 2c/(1+c) = 2(√2 − 1); mean = [2, 1.5]
+    t = 2 * (math.sqrt(2) - 1)
+    out = run("model_stock", base, [m1, m2], [{}, {}])
+    assert torch.allclose(out, T([1 + t, 1 + 0.5 * t]), atol=1e-6)
+    # opposed task vectors: 1 + (N−1)cosθ = 0, the base is kept
+    out = run("model_stock", base, [T([2.0, 1.0]), T([0.0, 1.0])], [{}, {}])
+    assert torch.equal(out, base)
+
+
+def test_model_stock_filter_wise_uses_one_angle_per_row():
+    base = torch.zeros(2, 2)
+    m1 = T([[1.0, 0.0], [1.0, 0.0]])
+    m2 = T([[1.0, 1.0], [0.0, 1.0]])
+    out = run("model_stock", base, [m1, m2], [{}, {}], {"filter_wise": True})
+    t = 2 * (math.sqrt(2) - 1)  # row 0: cos = 1/√2; row 1: orthogonal, t = 0
+    assert torch.allclose(out, T([[t, 0.5 * t], [0.0, 0.0]]), atol=1e-6)
+
+
+def test_model_stock_needs_two_models_besides_base():
+    with pytest.raises(MergelabError, match="at least two models"):
+        run("model_stock", T([0.0]), [T([1.0])], [{}])
+
+
+# ---- precomputed task vectors ---------------------------------------------------------------
+
+@pytest.mark.parametrize("op", sorted(REQUIRED))
+def test_precomputed_path_is_bit_identical(op):
+    base = rand(33, 17, seed=20)
+    models = [base + 0.1 * rand(33, 17, seed=21 + i) for i in range(3)]
+    # a few exact ties in magnitude to exercise the threshold tie rule
+    models[0][0, :5] = base[0, :5] + 0.05
+    if op == "slerp":
+        cases = [([base, models[0]], [{}, {}], {"t": 0.3}, 0)]
+    elif op == "linear":
+        cases = [(models, [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {}, None)]
+    else:
+        mps = [{"weight": 0.5, "density": 0.3}, {"weight": 0.9, "density": 0.6}, {"weight": -0.2, "density": 0.9}]
+        mps = [{**mp, "epsilon": 0.05} for mp in mps] if op.startswith("della") else mps
+        cases = [([base] + models, [{}] + mps, {}, 0)]
+    for ms, mps, params, bi in cases:
+        plain = run(op, base, ms, mps, params, base_index=bi, name="layer.3.w", seed=5)
+        pre = run(op, base, ms, mps, params, base_index=bi, name="layer.3.w", seed=5, pre=True)
+        assert torch.equal(plain, pre)
