@@ -56,7 +56,8 @@ _EVOLUTIONARY_PAPER = (
 # Hub ids: "owner/name", optionally "@revision" (mergekit's model reference syntax).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # Keys whose values never belong in a public card, wherever they appear in the recipe/eval spec.
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization)", re.I)
+# ("max_tokens" or "tokenizer" are not secrets; "hf_token", "api_key", "db_password" are.)
+_SECRET_KEY = re.compile(r"(secret|password|passwd|(^|[_-])(token|api[_-]?key|authorization)$)", re.I)
 
 _SPARK = "▁▂▃▄▅▆▇█"
 

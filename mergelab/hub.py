@@ -273,7 +273,7 @@ def _explain(err: Exception, *, repo_id: str, revision: str, endpoint: str, toke
                 f"'{owner}' (a fine-grained token needs write access to that user or organization), "
                 "or push to your own namespace with --repo YOUR_NAME/NAME."
             )
-        if isinstance(err, RevisionNotFoundError) or status == 404 and "revision" in text.lower():
+        if isinstance(err, RevisionNotFoundError) or (status == 404 and "revision" in text.lower()):
             return MergelabError(
                 f"Branch '{revision}' does not exist in {repo_id} on {where} and could not be "
                 "created. Check --revision, or omit it to push to main."
