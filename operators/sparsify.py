@@ -1,7 +1,7 @@
 """Sparsification of task vectors: magnitude top-k, Bernoulli (DARE), breadcrumbs, DELLA.
 
-Each routine reproduces mergekit's `sparsify.py` arithmetic, with ties broken deterministically
-(among equal magnitudes the lower flat index counts as larger) and random draws from a CPU generator.
+Each routine reproduces mergekit's `sparsify.py` arithmetic in place (the caller owns the
+tensor), breaks magnitude ties by flat index and draws its randomness from a CPU generator.
 """
 from __future__ import annotations
 
@@ -58,24 +58,26 @@ def rank_range_mask(
     return keep
 
 
-def apply_mask(
+def apply_mask_(
     delta: torch.Tensor, mask: torch.Tensor, rescale: RescaleMode, density: float
 ) -> torch.Tensor:
-    """delta * mask, rescaled as asked.
+    """delta *= mask, rescaled as asked; in place, returns delta.
 
     "l1" is mergekit's rescale: survivors are scaled so the L1 norm equals the original's,
     skipped when either norm is below 1e-7. "inverse_density" is the DARE paper's 1/density.
+    The element operations are mergekit's (multiply by the 0/1 mask, then by before/after),
+    so the values are the same bit for bit.
     """
-    masked = delta * mask
+    before = delta.abs().sum() if rescale == "l1" else None
+    delta.mul_(mask)
     if rescale == "none":
-        return masked
+        return delta
     if rescale == "inverse_density":
-        return masked / density
-    before = delta.abs().sum()
-    after = masked.abs().sum()
+        return delta.div_(density)
+    after = delta.abs().sum()
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return masked
-    return masked * (before / after)
+        return delta
+    return delta.mul_(before / after)
 
 
 def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -84,23 +86,21 @@ def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device
     return torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
 
 
-def magnitude(
+def magnitude_(
     delta: torch.Tensor,
     density: float,
     rescale: RescaleMode = "none",
     sorted_abs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Keep the top k = max(1, int(density * numel)) entries by |delta| (mergekit's count)."""
-    if density >= 1:
+    if density >= 1 or delta.numel() == 0:
         return delta
-    if delta.numel() == 0:
-        return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
     mask = top_k_mask(delta.abs().flatten(), k, sorted_abs).view(delta.shape)
-    return apply_mask(delta, mask, rescale, density)
+    return apply_mask_(delta, mask, rescale, density)
 
 
-def breadcrumbs(
+def breadcrumbs_(
     delta: torch.Tensor,
     density: float,
     gamma: float,
@@ -118,20 +118,20 @@ def breadcrumbs(
     # mergekit keeps ascending positions [n_bottom, n_bottom + target); in descending ranks that
     # is [n - n_bottom - target, n - n_bottom).
     mask = rank_range_mask(delta.abs().flatten(), n - n_bottom - target, n - n_bottom, sorted_abs)
-    return apply_mask(delta, mask.view(delta.shape), rescale, density)
+    return apply_mask_(delta, mask.view(delta.shape), rescale, density)
 
 
-def bernoulli(
+def bernoulli_(
     delta: torch.Tensor, density: float, generator: torch.Generator, rescale: RescaleMode = "l1"
 ) -> torch.Tensor:
     """DARE: keep each entry with probability `density`."""
     if density >= 1:
         return delta
     mask = _uniform(delta.shape, generator, delta.device) < density
-    return apply_mask(delta, mask, rescale, density)
+    return apply_mask_(delta, mask, rescale, density)
 
 
-def della(
+def della_(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
@@ -142,7 +142,6 @@ def della(
     and keep each with probability density - epsilon + 2 * epsilon * rank / (row length - 1)."""
     if density >= 1:
         return delta
-    shape = delta.shape
     work = delta
     while work.dim() < 2:
         work = work.unsqueeze(0)
@@ -162,5 +161,7 @@ def della(
         # mergekit divides 0 by 0 here and fails; a lone entry sits in the middle of its rank.
         rank_norm = torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
+    del order, ranks, rank_norm
     mask = _uniform(probs.shape, generator, probs.device) < probs
-    return apply_mask(work, mask, rescale, density).reshape(shape)
+    apply_mask_(work, mask, rescale, density)
+    return delta

@@ -29,13 +29,14 @@ class TaskVectorMethod:
     rescale: bool  # default of the `rescale` parameter
 
 
-def _task_vector(inp: MergeInputs, base: torch.Tensor, i: int) -> torch.Tensor:
+def _task_vector_into(out: torch.Tensor, inp: MergeInputs, base: torch.Tensor, i: int) -> torch.Tensor:
+    """τᵢ = θᵢ − base written into `out` (a row of the stacked buffer)."""
     if inp.deltas is not None and inp.deltas[i] is not None:
-        return inp.deltas[i]
-    return inp.models[i] - base
+        return out.copy_(inp.deltas[i])
+    return torch.sub(inp.models[i], base, out=out)
 
 
-def _sparsify(
+def _sparsify_(
     method: TaskVectorMethod,
     delta: torch.Tensor,
     mp: dict[str, Any],
@@ -50,13 +51,13 @@ def _sparsify(
     else:
         rescale = "none"
     if kind == "magnitude":
-        return _sp.magnitude(delta, density, rescale, sorted_abs)
+        return _sp.magnitude_(delta, density, rescale, sorted_abs)
     if kind == "breadcrumbs":
-        return _sp.breadcrumbs(delta, density, float(mp["gamma"]), rescale, sorted_abs)
+        return _sp.breadcrumbs_(delta, density, float(mp["gamma"]), rescale, sorted_abs)
     if kind == "bernoulli":
-        return _sp.bernoulli(delta, density, generator, rescale)
+        return _sp.bernoulli_(delta, density, generator, rescale)
     if kind == "della":
-        return _sp.della(delta, density, float(mp["epsilon"]), generator, rescale)
+        return _sp.della_(delta, density, float(mp["epsilon"]), generator, rescale)
     return delta
 
 
@@ -77,12 +78,14 @@ def generalized_task_arithmetic(method: TaskVectorMethod, inp: MergeInputs) -> t
     params = inp.params
     generator = inp.generator() if method.sparsification in ("bernoulli", "della") else None
 
-    # One stacked buffer, as mergekit does, so the sums over models reduce in the same order.
+    # One stacked buffer, as mergekit does, so the sums over models reduce in the same order;
+    # each task vector is computed and sparsified in its row, in place, to bound memory.
     deltas = base.new_empty((len(others), *base.shape))
     for row, i in enumerate(others):
         sorted_abs = inp.sorted_abs[i] if inp.sorted_abs is not None else None
-        deltas[row] = _sparsify(
-            method, _task_vector(inp, base, i), inp.model_params[i], params, generator, sorted_abs
+        _sparsify_(
+            method, _task_vector_into(deltas[row], inp, base, i), inp.model_params[i], params,
+            generator, sorted_abs,
         )
     weights = torch.tensor(
         [float(inp.model_params[i]["weight"]) for i in others], dtype=deltas.dtype, device=deltas.device

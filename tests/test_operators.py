@@ -366,6 +366,9 @@ def test_precomputed_path_is_bit_identical(op):
         mps = [{**mp, "epsilon": 0.05} for mp in mps] if op.startswith("della") else mps
         cases = [([base] + models, [{}] + mps, {}, 0)]
     for ms, mps, params, bi in cases:
+        snapshot = [base.clone()] + [m.clone() for m in ms]
         plain = run(op, base, ms, mps, params, base_index=bi, name="layer.3.w", seed=5)
         pre = run(op, base, ms, mps, params, base_index=bi, name="layer.3.w", seed=5, pre=True)
         assert torch.equal(plain, pre)
+        # operators work in their own buffers: the inputs are untouched
+        assert all(torch.equal(a, b) for a, b in zip(snapshot, [base] + ms))
