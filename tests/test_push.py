@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -339,8 +340,35 @@ def test_run_directory_without_rundir_api(tmp_path, fakehub, monkeypatch):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
     (run / "trials.jsonl").write_text("")
+    expected = r"run directories can be pushed once exported: run `mergelab export .*r1 OUT_DIR` then push OUT_DIR"
     monkeypatch.setitem(sys.modules, "search.rundir", None)  # import fails whatever exists
-    with pytest.raises(MergelabError, match=r"run directories can be pushed once exported: run "
-                                            r"`mergelab export .*r1 OUT_DIR` then push OUT_DIR"):
+    with pytest.raises(MergelabError, match=expected):
+        main(["--debug", "push", str(run), "--repo", "alice/x"])
+    # A RunDir without export_best gives the same advice instead of an AttributeError.
+    monkeypatch.setitem(sys.modules, "search.rundir", types.SimpleNamespace(RunDir=type("RunDir", (), {})))
+    with pytest.raises(MergelabError, match=expected):
         main(["--debug", "push", str(run), "--repo", "alice/x"])
     assert fakehub.requests == []
+
+
+def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
+    run = tmp_path / "runs" / "r2"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    exported = make_model(tmp_path)
+    opened = []
+
+    class FakeRunDir:
+        @classmethod
+        def open(cls, path):
+            opened.append(Path(path))
+            return cls()
+
+        def export_best(self):
+            return exported
+
+    monkeypatch.setitem(sys.modules, "search.rundir", types.SimpleNamespace(RunDir=FakeRunDir))
+    assert main(["push", str(run), "--repo", "alice/best"]) == 0
+    assert opened == [run]
+    (commit,) = fakehub.commits
+    assert commit.files == folder_bytes(exported)

@@ -21,13 +21,17 @@ def resolve_model_dir(path: Path) -> Path:
     """MODEL_DIR itself, or for a run directory the export of its best trial."""
     if not is_run_dir(path):
         return path
+    unavailable = MergelabError(
+        f"{path} is a search run directory, not a merged model; run directories can be pushed "
+        f"once exported: run `mergelab export {path} OUT_DIR` then push OUT_DIR."
+    )
     try:
         from search.rundir import RunDir
     except ImportError:
-        raise MergelabError(
-            f"{path} is a search run directory, not a merged model; run directories can be pushed "
-            f"once exported: run `mergelab export {path} OUT_DIR` then push OUT_DIR."
-        ) from None
+        raise unavailable from None
+    if not hasattr(RunDir, "export_best"):  # the run-directory API predates export_best
+        raise unavailable
+    # export_best() -> Path: the folder of the best trial's export, reusing an up-to-date one.
     return Path(RunDir.open(path).export_best())
 
 
