@@ -1,0 +1,43 @@
+"""mergelab's terminal UI (Textual): the live search dashboard, reading only the run directory.
+
+`run_dashboard` opens it on a run directory; `search_with_dashboard` runs a search in a thread
+under it (what `mergelab search` does on a terminal).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_dashboard", "search_with_dashboard"]
+
+
+def run_dashboard(run_dir: str | Path, controller: Any = None, *, search_thread: Any = None,
+                  feed: Any = None) -> None:
+    """Open the dashboard on a run directory until the user quits (blocks)."""
+    from search.rundir import RunDir
+
+    from .app import MergelabApp
+
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    MergelabApp(rd, controller=controller, search_thread=search_thread, feed=feed).run()
+
+
+def search_with_dashboard(run_dir: str | Path, objective: Any = None, **search_kw: Any):
+    """Run (or resume) a search in a background thread with the dashboard in front; returns the
+    search's SearchResult once both have ended (quitting the UI stops the search after its trial)."""
+    from search.loop import start_search_thread
+    from search.rundir import RunDir
+
+    from .state import LiveFeed
+
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    feed = LiveFeed()
+    thread, controller = start_search_thread(rd, objective, progress=feed, **search_kw)
+    run_dashboard(rd, controller, search_thread=thread, feed=feed)
+    if thread.is_alive():
+        controller.stop()
+        print(f"waiting for the running trial of {rd.name} to finish before stopping...", flush=True)
+        thread.join()
+    if thread.error is not None:
+        raise thread.error
+    return thread.result

@@ -1,0 +1,91 @@
+"""What the dashboard's keys do besides showing: export a trial's merged model, and push the best
+one to the Hub, on the same code paths as the command line (engine.merge_to_dir, hub.push_folder)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from search.rundir import RunDir
+
+from ..errors import MergelabError
+
+BEST_MODEL_DIR = "model"  # runs/NAME/best/model: where `u` exports the best trial before pushing
+
+
+def search_provenance(rd: RunDir, record: dict) -> dict:
+    """The `mergelab_search.json` the model card reads: how the exported recipe was found."""
+    summary = rd.summary()
+    resolved = rd.resolved()
+    trials = sorted((r for r in rd.trials() if isinstance(r.get("number"), int)), key=lambda r: r["number"])
+    history, best = [], None
+    for r in trials:
+        v = r.get("value")
+        if r.get("state") == "COMPLETE" and isinstance(v, (int, float)):
+            best = v if best is None else max(best, v)
+        history.append(best)
+    spec = resolved.get("eval")
+    if isinstance(spec, str) and Path(spec).is_file():
+        import yaml
+
+        try:
+            spec = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            pass  # the card then names the file instead of showing it
+    return {
+        "run_name": summary.get("name") or rd.name,
+        "optimizer": summary.get("optimizer") or (resolved.get("optimizer") or {}).get("name"),
+        "n_trials": summary.get("trials_done", len(trials)),
+        "best_trial": record.get("number"),
+        "best_metrics": record.get("metrics") or {},
+        "eval_spec": spec,
+        "history": history,
+    }
+
+
+def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
+                 on_tensor: Callable[[int, int], None] | None = None, overwrite: bool = False) -> Path:
+    """Write the merged model of one trial of a run to out_dir (streaming engine, atomic)."""
+    from ..engine import merge_to_dir
+
+    recipe = record.get("recipe")
+    if not recipe:
+        raise MergelabError(
+            f"Trial {record.get('number')} of {rd.path} has no recipe (it was interrupted before it "
+            "was built), so it cannot be exported. Pick a COMPLETE trial."
+        )
+    extra = {"mergelab_search.json": json.dumps(search_provenance(rd, record), indent=2) + "\n"}
+    device = rd.resolved().get("device") or "auto"
+    report = merge_to_dir(recipe, out_dir, device=device, on_tensor=on_tensor, overwrite=overwrite,
+                          extra_files=extra)
+    return Path(getattr(report, "out_dir", out_dir))
+
+
+def best_export(rd: RunDir, *, on_tensor: Callable[[int, int], None] | None = None) -> Path:
+    """runs/NAME/best/model holding the current best trial's merge; exported only when missing or
+    when it holds an older best."""
+    best = (rd.summary().get("best") or {}).get("number")
+    if best is None:
+        raise MergelabError(f"{rd.path} has no completed trial yet, so there is no best model to push.")
+    record = next((r for r in rd.trials() if r.get("number") == best), None)
+    if record is None:
+        raise MergelabError(f"{rd.path}: the best trial {best} is missing from trials.jsonl; the run directory is damaged.")
+    out = rd.path / "best" / BEST_MODEL_DIR
+    prov = out / "mergelab_search.json"
+    if prov.is_file() and any(out.glob("*.safetensors")):
+        try:
+            if json.loads(prov.read_text(encoding="utf-8")).get("best_trial") == best:
+                return out
+        except ValueError:
+            pass  # unreadable: export again
+    return export_trial(rd, record, out, on_tensor=on_tensor, overwrite=True)
+
+
+def push_best(rd: RunDir, repo_id: str, *, on_tensor: Callable[[int, int], None] | None = None,
+              progress: Callable[[str, str], None] | None = None, private: bool = False):
+    """Export the best trial if needed, then push it exactly as `mergelab push` does."""
+    from ..hub import check_repo_id, push_folder
+
+    check_repo_id(repo_id)  # before the export, which may take minutes
+    folder = best_export(rd, on_tensor=on_tensor)
+    return push_folder(folder, repo_id, private=private, progress=progress)

@@ -1,0 +1,164 @@
+"""Small dashboard panels: the run header, the running trial with its stage progress, the log pane
+and the task bar that shows an export or push in progress."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Label, ProgressBar, RichLog, Static
+
+from ..state import RunState, fmt_duration, fmt_num
+
+_STATUS_STYLE = {"running": "bold green", "paused": "bold yellow", "stopped": "bold yellow",
+                 "finished": "bold cyan", "failed": "bold red"}
+
+
+class RunHeader(Static):
+    """Run name, optimizer, device, trials done / budget, elapsed, ETA, best score and its trial."""
+
+    def show(self, state: RunState, now: float) -> None:
+        s = state.summary
+        status = state.status()
+        if state.paused():
+            status = "paused"
+        elif state.control == "pause" and status == "running":
+            status = "pausing"
+        elif state.control == "stop" and status == "running":
+            status = "stopping"
+        budget = s.get("budget") or {}
+        done = int(s.get("trials_done") or 0)
+        trials = f"{done}/{budget['trials']}" if budget.get("trials") else str(done)
+        if budget.get("timeout"):
+            trials += f" (limit {fmt_duration(float(budget['timeout']))})"
+        best = s.get("best") or {}
+        best_txt = f"{fmt_num(best.get('value'))} (trial {best.get('number')})" if best else "-"
+        if state.multi:
+            best_txt = f"{len(state.pareto())} on the Pareto front"
+        eta = state.eta(now)
+        workers = [w for w in state.workers if w.get("alive")]
+        t = Table.grid(expand=True, padding=(0, 2))
+        for _ in range(4):
+            t.add_column(no_wrap=True, overflow="ellipsis")
+        t.add_row(Text.assemble(("run ", "dim"), (state.name, "bold")),
+                  Text.assemble(("status ", "dim"), (status, _STATUS_STYLE.get(status, "bold yellow"))),
+                  Text.assemble(("optimizer ", "dim"), str(s.get("optimizer") or "-"),
+                                ("  device ", "dim"), str(s.get("device") or state.resolved.get("device") or "-")),
+                  Text.assemble(("best ", "dim"), (best_txt, "bold")))
+        t.add_row(Text.assemble(("trials ", "dim"), trials,
+                                ("  failed ", "dim"), str(s.get("trials_failed") or 0)),
+                  Text.assemble(("elapsed ", "dim"), fmt_duration(state.elapsed(now))),
+                  Text.assemble(("ETA ", "dim"), fmt_duration(eta) if eta is not None else
+                                ("done" if status == "finished" else "-")),
+                  Text.assemble(("workers ", "dim"), str(len(workers)),
+                                ("  ", ""), (str(s.get("detail") or ""), "dim")))
+        self.update(t)
+
+
+class CurrentTrial(Vertical):
+    """The trial being evaluated: its number, parameters and progress across merge -> each scorer."""
+
+    def compose(self) -> ComposeResult:
+        yield Label("no trial running", id="current-title")
+        yield ProgressBar(total=1, show_eta=False, id="current-progress")
+        yield Static("", id="current-stages")
+        yield Static("", id="current-params")
+
+    def show(self, state: RunState) -> None:
+        title = self.query_one("#current-title", Label)
+        bar = self.query_one("#current-progress", ProgressBar)
+        stages_w = self.query_one("#current-stages", Static)
+        params_w = self.query_one("#current-params", Static)
+        if not state.running:
+            title.update("no trial running" if not state.paused() else "paused between trials")
+            bar.display = False
+            stages_w.update("")
+            params_w.update("")
+            return
+        cur = state.running[0]
+        more = f"  (+{len(state.running) - 1} on other workers)" if len(state.running) > 1 else ""
+        title.update(f"trial {cur['number']} on {cur.get('worker') or '?'}{more}")
+        stages = list(state.stages)
+        for st in [*(cur.get("stages_done") or []), cur.get("stage")]:
+            if st and st not in stages:
+                stages.append(st)
+        done = set(cur.get("stages_done") or [])
+        if cur.get("stage") is None and not done:
+            stage_text = Text("stage not reported by this worker", style="dim") if not cur.get("live") else Text("starting", style="dim")
+        else:
+            parts = []
+            for st in stages:
+                if st in done:
+                    parts.append((f"✓ {st}", "green"))
+                elif st == cur.get("stage"):
+                    parts.append((f"▶ {st}", "bold yellow"))
+                else:
+                    parts.append((f"· {st}", "dim"))
+                parts.append(("  ", ""))
+            stage_text = Text.assemble(*parts)
+        bar.display = True
+        bar.update(total=max(1, len(stages)), progress=len(done & set(stages)))
+        stages_w.update(stage_text)
+        params = cur.get("params") or {}
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="dim", no_wrap=True)
+        grid.add_column(no_wrap=True)
+        for k, v in list(params.items())[:24]:
+            grid.add_row(k, fmt_num(v))
+        if len(params) > 24:
+            grid.add_row("…", f"{len(params) - 24} more")
+        params_w.update(grid if params else Text("parameters not yet known", style="dim"))
+
+
+def log_text(line: str) -> Text:
+    """A log line, with warnings and errors highlighted."""
+    parts = line.split(" ", 3)
+    level = parts[2] if len(parts) >= 3 else ""
+    style = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red"}.get(level, "")
+    if not style and ("Traceback" in line or "Error" in line.split(":", 1)[0]):
+        style = "red"
+    return Text(line, style=style)
+
+
+class LogPane(RichLog):
+    """The run's log.txt, followed; keeps the last lines only."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, max_lines=2000, wrap=False, markup=False, highlight=False, **kwargs)
+        self.warnings = 0
+        self.errors = 0
+
+    def add_lines(self, lines: list[str]) -> None:
+        for line in lines:
+            t = log_text(line)
+            if " WARNING " in line:
+                self.warnings += 1
+            elif " ERROR " in line or " CRITICAL " in line:
+                self.errors += 1
+            self.write(t)
+
+
+class TaskBar(Horizontal):
+    """One long task (export, push) at a time: a label and a progress bar, hidden when idle."""
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="task-label")
+        yield ProgressBar(total=None, show_eta=False, id="task-progress")
+
+    def start(self, label: str, total: float | None = None) -> None:
+        self.query_one("#task-label", Label).update(label)
+        self.query_one("#task-progress", ProgressBar).update(total=total, progress=0)
+        self.display = True
+
+    def step(self, done: float, total: float | None = None, label: str | None = None) -> None:
+        if label is not None:
+            self.query_one("#task-label", Label).update(label)
+        bar = self.query_one("#task-progress", ProgressBar)
+        if total is not None:
+            bar.update(total=total)
+        bar.update(progress=done)
+
+    def finish(self) -> None:
+        self.display = False
