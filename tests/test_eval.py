@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,6 @@ def test_multiple_choice_batches_group_whole_items_and_report_after_each(tmp_pat
 
 # -- exact match -------------------------------------------------------------------------------------
 def test_extract_answer_uses_the_last_match_after_cutting_at_stops():
-    import re
 
     assert extract_answer("x=12 then 7\ny=99", ["\n"], re.compile(r"\d+"), True) == "7"
     assert extract_answer("x=12 then 7\ny=99", [], re.compile(r"=(\d+)"), True) == "99"
@@ -423,3 +423,129 @@ def test_data_paths_are_relative_to_the_spec_and_limit_override(tmp_path):
     assert spec.with_limit(7).scorers[0].limit == 7 and spec.scorers[0].limit == 3
     embedded = EvalSpec.from_dict({"scorers": [{"name": "a", "type": "perplexity", "data": "t.txt"}]}, base_dir=sub)
     assert embedded.scorers[0].data == sub / "t.txt"
+
+
+# -- lm-eval adapter (offline: local task YAML + local JSONL) ----------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+
+
+def _lm_eval_spec(tmp_path, **scorer):
+    return spec_of(tmp_path, [{"name": "h", "type": "lm_eval", **scorer}])
+
+
+def test_lm_eval_multiple_choice_task_matches_our_scorer(tmp_path, tok, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra mergelab[lmeval]")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # data_files are resolved against the task YAML, not the cwd
+    table = _logprob_rows(tok, {":": {"a": -1.0, "b": -0.5}, "b": {"b": -0.5}})
+    spec = spec_of(tmp_path, [
+        {"name": "h", "type": "lm_eval", "task_yaml": str(FIXTURES / "tiny_mc.yaml")},
+        {"name": "ours", "type": "multiple_choice", "data": str(FIXTURES / "tiny_mc.jsonl")},
+    ])
+    calls = []
+    result = Evaluator(spec, tok).evaluate(BigramModel(table), report=lambda *a: calls.append(a))
+    assert result.metrics["h/acc"] == pytest.approx(2 / 3)
+    assert result.metrics["ours/accuracy"] == pytest.approx(2 / 3)
+    assert result.directions["h/acc"] == "higher" and result.scores["h"] == pytest.approx(2 / 3)
+    assert calls[0] == ("h", 1, pytest.approx(2 / 3))
+
+
+def test_lm_eval_generation_task_with_limit_and_seed(tmp_path, tok, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra mergelab[lmeval]")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    spec = _lm_eval_spec(tmp_path, task="mergelab_tiny_gen", include_path=str(FIXTURES))
+    model = FixedTextModel(tok, "42\nand more")
+    result = Evaluator(spec, tok).evaluate(model)
+    assert result.metrics["h/exact_match"] == pytest.approx(3 / 4)  # "until" cut the text at "\n"
+    assert result.counts == {"h": 4}
+    limited = _lm_eval_spec(tmp_path, task="mergelab_tiny_gen", include_path=str(FIXTURES), limit=2, seed=1)
+    prompts = ["1+1=", "2+2=", "3+3=", "4+4="]
+    picked = sorted(subset(4, 2, 1))
+    model = FixedTextModel(tok, "42\n")
+    result = Evaluator(limited, tok).evaluate(model)
+    assert sorted(model.prompts) == sorted(f"<s>{prompts[i]}" for i in picked)
+    assert result.metrics["h/exact_match"] == sum(prompts[i] != "3+3=" for i in picked) / 2
+
+
+def test_lm_eval_loglikelihood_requests_match_direct_computation(tmp_path, tok, llama):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra mergelab[lmeval]")
+    from types import SimpleNamespace
+
+    from mergelab.eval.lmeval import _adapter_class
+
+    lm = _adapter_class()(tok, batch_size=2, max_length=64, chat=False)
+    lm.model = HFLogitModel(llama, tok)
+    pairs = [("12+34=", "46"), ("hello", " world"), ("", "abc")]
+    got = lm.loglikelihood([SimpleNamespace(args=p) for p in pairs])
+    rolling = lm.loglikelihood_rolling([SimpleNamespace(args=("abc",))])
+    with torch.no_grad():
+        for (ctx, cont), (lp, greedy) in zip(pairs, got):
+            c = tok(ctx)["input_ids"] if ctx else [tok.bos_token_id]
+            ids = torch.tensor([c + tok(cont, add_special_tokens=False)["input_ids"]])
+            logp = torch.log_softmax(llama(input_ids=ids).logits[0, :-1].float(), -1)
+            targets = ids[0, 1:]
+            n = len(ids[0]) - len(c)
+            expect = logp[-n:].gather(-1, targets[-n:, None]).sum().item()
+            assert lp == pytest.approx(expect, rel=1e-5, abs=1e-5)
+            assert greedy == bool((logp[-n:].argmax(-1) == targets[-n:]).all())
+    # A rolling log-likelihood of "abc" is the "" -> "abc" continuation (BOS-prefixed) above.
+    assert rolling[0] == pytest.approx(got[2][0], rel=1e-5)
+
+
+def test_lm_eval_unknown_task_is_a_clear_error(tmp_path, tok):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra mergelab[lmeval]")
+    spec = _lm_eval_spec(tmp_path, task="no_such_task", include_path=str(FIXTURES))
+    with pytest.raises(MergelabError, match=r"lm-eval knows no task 'no_such_task'"):
+        load_data(spec)
+    with pytest.raises(MergelabError, match=r"task_yaml .*missing\.yaml does not exist"):
+        load_data(_lm_eval_spec(tmp_path, task_yaml="missing.yaml"))
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+def test_cli_eval_on_a_saved_model_directory(tmp_path, tok, llama):
+    from click.testing import CliRunner
+
+    from mergelab.cli import cli
+
+    model_dir = tmp_path / "model"
+    llama.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    (tmp_path / "t.txt").write_text("abc def\n\nghi")
+    write_jsonl(tmp_path / "em.jsonl", [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(5)])
+    (tmp_path / "eval.yml").write_text(yaml.safe_dump({"scorers": [
+        {"name": "ppl", "type": "perplexity", "data": "t.txt", "weight": 0.5},
+        {"name": "add", "type": "exact_match", "data": "em.jsonl", "max_new_tokens": 3},
+    ]}))
+    out_json = tmp_path / "out" / "r.json"
+    res = CliRunner().invoke(cli, ["eval", str(model_dir), "--eval", str(tmp_path / "eval.yml"),
+                                   "--device", "cpu", "--json", str(out_json), "--limit", "3"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out_json.read_text())
+    # The same numbers as the library on the same model and spec.
+    spec = EvalSpec.load(tmp_path / "eval.yml").with_limit(3)
+    expect = Evaluator(spec, tok).evaluate(HFLogitModel(llama, tok))
+    assert saved["metrics"] == pytest.approx(expect.metrics, rel=1e-6)
+    assert saved["combined"] == pytest.approx(expect.combined, rel=1e-6)
+    assert saved["counts"] == {"ppl": 2, "add": 3}
+    assert saved["directions"]["ppl/perplexity"] == "lower"
+    lines = res.output.splitlines()  # stderr (transformers' progress bars) is mixed in
+    assert re.search(r"scorer\s+metric\s+value\s+direction\s+weight\n", res.output)
+    assert any(l.split()[:4] == ["ppl", "score", "=", "-nll"] and l.split()[-1] == "0.5" for l in lines)
+    assert any(l.split()[:3] == ["ppl", "perplexity", f"{expect.metrics['ppl/perplexity']:.6g}"] for l in lines)
+    assert f"combined score (sum of weight x score, higher is better): {expect.combined:.6g}" in res.output
+
+
+def test_cli_errors_come_before_model_loading(tmp_path):
+    from mergelab.cli import main
+
+    (tmp_path / "eval.yml").write_text(yaml.safe_dump({"scorers": [{"name": "a", "type": "exact_match", "data": "gone.jsonl"}]}))
+    # The model path does not exist either: the data error must be the one reported.
+    assert main(["eval", str(tmp_path / "nomodel"), "--eval", str(tmp_path / "eval.yml")]) == 2
+    (tmp_path / "em.jsonl").write_text('{"prompt": "x", "answer": "y"}\n')
+    (tmp_path / "eval.yml").write_text(yaml.safe_dump({"scorers": [{"name": "a", "type": "exact_match", "data": "em.jsonl"}]}))
+    with pytest.raises(MergelabError, match=r"nomodel does not exist"):
+        main(["--debug", "eval", str(tmp_path / "nomodel"), "--eval", str(tmp_path / "eval.yml")])
+    with pytest.raises(MergelabError, match=r"gone\.jsonl of scorer 'a' does not exist"):
+        (tmp_path / "eval.yml").write_text(yaml.safe_dump({"scorers": [{"name": "a", "type": "exact_match", "data": "gone.jsonl"}]}))
+        main(["--debug", "eval", str(tmp_path / "nomodel"), "--eval", str(tmp_path / "eval.yml")])

@@ -130,7 +130,7 @@ def _adapter_class():
             self.prefix = prefix_id_of(tokenizer)
             self._cache: dict[tuple, tuple[list[int], int]] = {}
 
-        def _device(self):
+        def _model_device(self):
             return self.model.device
 
         def _pair(self, context: str, continuation: str) -> tuple[list[int], int]:
@@ -150,7 +150,7 @@ def _adapter_class():
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start: start + self.batch_size]
                 batch = make_batch([r[0] for r in chunk], [r[1] for r in chunk],
-                                   [len(r[0]) - r[1] for r in chunk], self.pad, self._device())
+                                   [len(r[0]) - r[1] for r in chunk], self.pad, self._model_device())
                 s, g = continuation_logprobs(self.model, batch, greedy=greedy)
                 sums.extend(float(x) for x in s)
                 if greedy:
@@ -201,7 +201,7 @@ def _adapter_class():
                             ids = encode(self.tokenizer, requests[i].args[0], self.special)
                             self._cache[key] = ids[-max(1, self.max_length - max_new):]
                         seqs.append(self._cache[key])
-                    batch = make_batch(seqs, [0] * len(seqs), [len(s) for s in seqs], self.pad, self._device())
+                    batch = make_batch(seqs, [0] * len(seqs), [len(s) for s in seqs], self.pad, self._model_device())
                     outs = self.model.generate_greedy(
                         batch.ids, batch.mask, max_new, eos_token_id=self.tokenizer.eos_token_id,
                         stop=stop if until else None,

@@ -158,7 +158,7 @@ class PerplexityScorer(Scorer):
     def __init__(self, spec: PerplexityScorerSpec, tokenizer, device, batch_size: int, items=None):
         self.name, self.weight = spec.name, spec.weight
         self.directions = {f"{self.name}/perplexity": LOWER, f"{self.name}/nll": LOWER}
-        self.score_definition = "-nll (mean negative log-likelihood per token, negated)"
+        self.score_definition = "-nll"  # mean negative log-likelihood per token, negated
         items = items if items is not None else read_perplexity(spec)
         chosen = [items[i] for i in subset(len(items), spec.limit, spec.seed)]
         self.n_items = len(chosen)

@@ -29,7 +29,8 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     value = Path(value).expanduser()
     if not value.is_absolute() and base is not None:
         value = Path(base) / value
-    return value
+    # Absolute, because lm-eval tasks are loaded from their own folder (see lmeval._working_dir).
+    return value.absolute()
 
 
 class _ScorerBase(BaseModel):
