@@ -119,28 +119,42 @@ def opt_weights(
     worse than sim on the prompt.
     """
     p = _pack_prompt_rows(logits, input_ids, target_mask)
+    ell = torch.stack([_example_ce(p.rows[k], p) for k in range(p.rows.shape[0])], dim=1)
+    return _opt_from_rows(p, ell, grid_step, tau)
+
+
+def _opt_from_rows(p: _PromptRows, ell: torch.Tensor, grid_step: float, tau: float) -> torch.Tensor:
     k_models = p.rows.shape[0]
-    ell = torch.stack([_example_ce(p.rows[k], p) for k in range(k_models)], dim=1)  # [B, K]
-    order = torch.argsort(ell, dim=1, stable=True)
+    order = torch.argsort(ell, dim=1, stable=True)  # [B, K], best first
     arange_b = torch.arange(p.batch, device=ell.device)
     weights = torch.zeros_like(ell)
     weights[arange_b, order[:, 0]] = 1.0
     if k_models == 1:
         return weights
     arange_n = torch.arange(p.y.shape[0], device=ell.device)
-    current = p.rows[order[p.example, 0], arange_n]  # [N, V]
+    y = p.y.view(-1, 1)
+    current = p.rows[order[p.example, 0], arange_n]  # [N, V], fused rows so far
     current_loss = ell.gather(1, order[:, :1]).squeeze(1)
     for step in range(1, k_models):
         nxt = p.rows[order[p.example, step], arange_n]
+        # fused(μ) = nxt + μ·(current − nxt): one pass per grid value, plus the logsumexp;
+        # the target logit is linear in μ, so it comes from two gathers made once.
+        diff = current - nxt
+        t_next = nxt.gather(-1, y).squeeze(-1)
+        t_diff = diff.gather(-1, y).squeeze(-1)
         best_loss = torch.full_like(current_loss, float("inf"))
         best_mu = torch.ones_like(current_loss)
         for mu in _grid(grid_step):
-            loss = _example_ce(mu * current + (1.0 - mu) * nxt, p)
+            # μ = 1 and 0 use the rows themselves, so "nothing added" is exact, not (c − n) + n.
+            fused = current if mu == 1.0 else nxt if mu == 0.0 else torch.add(nxt, diff, alpha=mu)
+            target = current.gather(-1, y).squeeze(-1) if mu == 1.0 else t_next + mu * t_diff
+            ce = torch.logsumexp(fused, -1) - target
+            loss = torch.zeros_like(best_loss).index_add_(0, p.example, ce) / p.counts.clamp(min=1)
             better = loss < best_loss
             best_loss = torch.where(better, loss, best_loss)
             best_mu = torch.where(better, torch.full_like(best_mu, mu), best_mu)
         mu_rows = best_mu[p.example].unsqueeze(-1)
-        current = mu_rows * current + (1.0 - mu_rows) * nxt
+        current = torch.where(mu_rows == 1.0, current, nxt + mu_rows * diff)
         weights = weights * best_mu.unsqueeze(1)
         weights[arange_b, order[:, step]] += 1.0 - best_mu
         current_loss = best_loss
@@ -168,11 +182,12 @@ def fusion_weights(
 ) -> FusionWeights:
     """The weights of one weighting mode; an example with no prompt target gets uniform weights."""
     _check_weighting(weighting)
-    ell = log_perplexities(logits, input_ids, target_mask)
+    p = _pack_prompt_rows(logits, input_ids, target_mask)
+    ell = torch.stack([_example_ce(p.rows[k], p) for k in range(p.rows.shape[0])], dim=1)
     if weighting == "sim":
         w = sim_weights(ell, tau)
     elif weighting == "opt":
-        w = opt_weights(logits, input_ids, target_mask, grid_step, tau)
+        w = _opt_from_rows(p, ell, grid_step, tau)
     elif weighting == "uniform":
         w = uniform_weights(ell)
     else:
