@@ -549,3 +549,58 @@ def test_cli_errors_come_before_model_loading(tmp_path):
     with pytest.raises(MergelabError, match=r"gone\.jsonl of scorer 'a' does not exist"):
         (tmp_path / "eval.yml").write_text(yaml.safe_dump({"scorers": [{"name": "a", "type": "exact_match", "data": "gone.jsonl"}]}))
         main(["--debug", "eval", str(tmp_path / "nomodel"), "--eval", str(tmp_path / "eval.yml")])
+
+
+def test_cli_eval_merges_a_recipe_in_memory(tmp_path, tok):
+    from click.testing import CliRunner
+
+    from mergelab.cli import cli
+
+    dirs = []
+    for seed in (1, 2):
+        d = tmp_path / f"m{seed}"
+        make_llama(tok, seed).save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs.append(d)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(d), "parameters": {"weight": 0.5}} for d in dirs]}))
+    (tmp_path / "t.txt").write_text("abc def\n\nghi jkl")
+    (tmp_path / "eval.yml").write_text(yaml.safe_dump({"scorers": [{"name": "ppl", "type": "perplexity", "data": "t.txt"}]}))
+    files_before = sorted(p for p in tmp_path.rglob("*"))
+    res = CliRunner().invoke(cli, ["eval", str(recipe), "--eval", str(tmp_path / "eval.yml"),
+                                   "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p for p in tmp_path.rglob("*")) == sorted(files_before + [tmp_path / "r.json"])  # no weights written
+    # The same number as scoring the average of the two models' weights.
+    avg = make_llama(tok, 1)
+    other = make_llama(tok, 2).state_dict()
+    avg.load_state_dict({k: 0.5 * v + 0.5 * other[k] for k, v in avg.state_dict().items()})
+    expect = Evaluator(EvalSpec.load(tmp_path / "eval.yml"), tok).evaluate(HFLogitModel(avg, tok))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["metrics"]["ppl/nll"] == pytest.approx(expect.metrics["ppl/nll"], rel=1e-5)
+
+
+def test_hf_logit_model_drops_padding_rows_of_the_vocabulary(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok) + 10, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    lm = HFLogitModel(LlamaForCausalLM(cfg).eval(), tok)
+    assert lm.vocab_size == len(tok)
+    assert lm.logits(torch.tensor([[1, 5, 6]]), torch.ones(1, 3, dtype=torch.long)).shape == (1, 3, len(tok))
+
+
+def test_load_model_refuses_what_it_cannot_load_safely(tmp_path, tok, llama):
+    from mergelab.eval import load_model
+
+    with pytest.raises(MergelabError, match=r"does not exist"):
+        load_model(tmp_path / "nope")
+    d = tmp_path / "m"
+    llama.save_pretrained(d)
+    tok.save_pretrained(d)
+    for f in d.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(MergelabError, match=r"no \*\.safetensors weights"):
+        load_model(d)

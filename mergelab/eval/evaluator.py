@@ -78,10 +78,13 @@ class Evaluator:
         batch_size: int | None = None,
         data: dict[str, Any] | None = None,
     ):
+        from .models import resolve_device
+
         self.spec = spec
+        device = resolve_device(device)
         data = data if data is not None else load_data(spec)
         self.scorers: list[Scorer] = [
-            _build(s, tokenizer, torch.device(device), s.batch_size or batch_size or spec.batch_size, data[s.name])
+            _build(s, tokenizer, device, s.batch_size or batch_size or spec.batch_size, data[s.name])
             for s in spec.scorers
         ]
 

@@ -246,7 +246,7 @@ class LmEvalScorer(Scorer):
         self.n_items = sum(len(v) for v in self.samples.values())
         self.lm = _adapter_class()(tokenizer, batch_size, max_length_of(tokenizer, spec.max_length), spec.chat_template)
         self.directions: dict[str, str] = {}
-        self.score_definition = f"lm-eval metric {spec.metric or '(the task’s first)'}"
+        self.score_definition = spec.metric or "the task's first metric"
 
     def _metric_key(self, task: str, metric: str) -> str:
         single = len(self.loaded["tasks"]) == 1
@@ -288,7 +288,7 @@ class LmEvalScorer(Scorer):
             values.append(value if higher else -value)
         score = sum(values) / len(values)
         self.directions = directions
-        self.score_definition = f"{chosen}" + ("" if per_task[next(iter(per_task))][chosen][1] else " negated (lower is better)")
+        self.score_definition = chosen if per_task[next(iter(per_task))][chosen][1] else f"-{chosen}"
         if report is not None:
             report(self.name, 1, score)
         return metrics, score

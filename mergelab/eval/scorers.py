@@ -109,7 +109,8 @@ def continuation_logprobs(model: LogitModel, batch: Batch, greedy: bool = False)
     targets = torch.where(selected, ids[:, 1:], torch.zeros_like(ids[:, 1:]))
     # log_softmax would materialize a second [B, T, V] tensor; gather minus logsumexp does not.
     token_lp = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    sums = (token_lp.double() * selected).sum(dim=1).cpu()
+    # where(), not a multiply: padded positions may hold NaN (fully masked attention rows).
+    sums = torch.where(selected, token_lp.double(), 0.0).sum(dim=1).cpu()
     if not greedy:
         return sums, None
     is_greedy = ((logits.argmax(-1) == targets) | ~selected).all(dim=1).cpu()
