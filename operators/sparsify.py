@@ -28,7 +28,7 @@ def top_k_mask(abs_flat: torch.Tensor, k: int, sorted_abs: torch.Tensor | None =
     Entries equal to the threshold are kept in flat-index order until k are kept, which is the
     order a stable descending sort gives. With `sorted_abs` the threshold is read from it;
     without, it is found by selection (torch.kthvalue, O(n)): the same value, hence the same
-    mask, bit for bit. Everything after the threshold is one linear pass.
+    mask, bit for bit. Everything after the threshold is a linear pass.
     """
     n = abs_flat.numel()
     if k <= 0:
@@ -40,12 +40,13 @@ def top_k_mask(abs_flat: torch.Tensor, k: int, sorted_abs: torch.Tensor | None =
     else:
         # kthvalue counts from the smallest: the k-th largest is the (n - k + 1)-th smallest.
         threshold = torch.kthvalue(abs_flat, n - k + 1).values
-    greater = abs_flat > threshold
-    equal = abs_flat == threshold
-    need = k - int(greater.sum())
-    if int(equal.sum()) == need:  # no tie straddles the threshold: nothing to choose
-        return greater | equal
-    return greater | (equal & (torch.cumsum(equal, dim=0) <= need))
+    keep = abs_flat > threshold
+    need = k - int(torch.count_nonzero(keep))
+    # The threshold itself is among the top k, so need >= 1: keep the first `need` entries
+    # equal to it, in flat order (nonzero lists them in increasing index; usually just one).
+    tied = torch.nonzero(abs_flat == threshold).squeeze(1)
+    keep[tied[:need]] = True
+    return keep
 
 
 def rank_range_mask(

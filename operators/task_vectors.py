@@ -94,7 +94,11 @@ def generalized_task_arithmetic(method: TaskVectorMethod, inp: MergeInputs) -> t
 
     if method.consensus:
         positive = deltas.sum(dim=0) >= 0
-        mask = torch.where(positive, deltas > 0, deltas < 0)
+        # sign(wτᵢ) == majority sign; row by row to keep the boolean temporaries small
+        mask = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
+        for row in range(len(others)):
+            torch.where(positive, deltas[row] > 0, deltas[row] < 0, out=mask[row])
+        del positive
         deltas.mul_(mask)
         mixed = deltas.sum(dim=0)
         # Reuse the buffer for weights * mask (the per-entry divisor).
@@ -113,7 +117,7 @@ def generalized_task_arithmetic(method: TaskVectorMethod, inp: MergeInputs) -> t
     lam = float(params["lambda"])
     if lam != 1:
         mixed *= lam
-    return (base + mixed).to(base.dtype)
+    return mixed.add_(base).to(base.dtype)  # = base + mixed, bit for bit, without a new tensor
 
 
 def _della_check(model_params: list[dict[str, Any]], params: dict[str, Any], base_index) -> str | None:
