@@ -604,3 +604,29 @@ def test_load_model_refuses_what_it_cannot_load_safely(tmp_path, tok, llama):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(MergelabError, match=r"no \*\.safetensors weights"):
         load_model(d)
+
+
+def test_cli_eval_scores_a_logit_fusion_recipe(tmp_path, tok, llama):
+    from click.testing import CliRunner
+
+    from mergelab.cli import cli
+
+    d = tmp_path / "m"
+    llama.save_pretrained(d)
+    tok.save_pretrained(d)
+    recipe = tmp_path / "fuse.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "logit_fusion", "models": [str(d), str(d)],
+                                      "parameters": {"weighting": "uniform"}}))
+    (tmp_path / "t.txt").write_text("abc def\n\nghi jkl")
+    write_jsonl(tmp_path / "mc.jsonl", [{"prompt": f"{i}=", "choices": ["ab", "c"], "answer": i % 2} for i in range(4)])
+    (tmp_path / "eval.yml").write_text(yaml.safe_dump({"scorers": [
+        {"name": "ppl", "type": "perplexity", "data": "t.txt"},
+        {"name": "mc", "type": "multiple_choice", "data": "mc.jsonl"}]}))
+    res = CliRunner().invoke(cli, ["eval", str(recipe), "--eval", str(tmp_path / "eval.yml"),
+                                   "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    # Fusing a model with itself is that model: same perplexity and accuracy.
+    expect = Evaluator(EvalSpec.load(tmp_path / "eval.yml"), tok).evaluate(HFLogitModel(llama, tok))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["metrics"]["ppl/nll"] == pytest.approx(expect.metrics["ppl/nll"], rel=1e-5)
+    assert saved["metrics"]["mc/accuracy"] == expect.metrics["mc/accuracy"]
