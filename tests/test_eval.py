@@ -136,6 +136,10 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size(tmp_path, tok):
     assert result.combined == pytest.approx(-math.log(V), rel=1e-7)
     assert result.directions == {"wiki/perplexity": "lower", "wiki/nll": "lower"}
     assert result.counts == {"wiki": 3}  # three blank-line separated documents
+    by_line = spec_of(tmp_path, [{"name": "wiki", "type": "perplexity", "data": "wiki.txt", "split": "lines"}])
+    assert Evaluator(by_line, tok).evaluate(UniformModel(V)).counts == {"wiki": 4}
+    whole = spec_of(tmp_path, [{"name": "wiki", "type": "perplexity", "data": "wiki.txt", "split": "none"}])
+    assert Evaluator(whole, tok).scorers[0].n_items == 1
 
 
 def test_perplexity_windows_score_every_token_once(tmp_path, tok):

@@ -93,8 +93,16 @@ def read_perplexity(spec: PerplexityScorerSpec) -> list[TextItem]:
             TextItem(_string(path, n, _field(path, n, r, spec.field, f"a `{spec.field}` string"), spec.field), n)
             for n, r in _jsonl(path, spec.name)
         ]
+    elif spec.split == "none":
+        items = [TextItem(_check_file(path, spec.name), 1)]
+    elif spec.split == "lines":
+        items = [
+            TextItem(line, number)
+            for number, line in enumerate(_check_file(path, spec.name).splitlines(), start=1)
+            if line.strip()
+        ]
     else:
-        # A plain text file: documents are separated by blank lines, so `limit` picks paragraphs.
+        # Paragraphs: documents are separated by blank lines, so `limit` picks paragraphs.
         items, current, start = [], [], 0
         for number, line in enumerate(_check_file(path, spec.name).splitlines(), start=1):
             if line.strip():

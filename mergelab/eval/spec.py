@@ -54,10 +54,12 @@ class _DataScorer(_ScorerBase):
 
 
 class PerplexityScorerSpec(_DataScorer):
-    """Text file (documents separated by blank lines) or JSONL with a text field."""
+    """Text file (documents: paragraphs, lines or the whole file) or JSONL with a text field."""
 
     type: Literal["perplexity"]
     field: str = "text"
+    # How a plain text file is cut into documents (the items `limit` picks from).
+    split: Literal["paragraphs", "lines", "none"] = "paragraphs"
     max_length: int | None = Field(default=None, ge=2)
 
 
