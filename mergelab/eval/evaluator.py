@@ -95,7 +95,10 @@ class Evaluator:
         start = time.perf_counter()
         for scorer in self.scorers:
             t0 = time.perf_counter()
-            m, score = scorer.run(model, report)
+            # inference_mode for every LogitModel, not only HFLogitModel: no autograd graph is
+            # ever needed while scoring, and fused or merged models skip its bookkeeping too.
+            with torch.inference_mode():
+                m, score = scorer.run(model, report)
             timings[scorer.name] = time.perf_counter() - t0
             metrics.update(m)
             scores[scorer.name] = score
