@@ -417,8 +417,8 @@ def test_dashboard_snapshot_multi_objective_pareto(tmp_path, snap_compare):
     app = MergelabApp(run, clock=lambda: FROZEN)
 
     async def ready(pilot):
-        await loaded(pilot)
-        await pilot.press("v")
+        screen = await loaded(pilot)
+        assert screen.query_one(ScorePlot).mode == "pareto"  # the default view of an nsga2 run
 
     assert snap_compare(app, terminal_size=SIZE, run_before=ready)
 

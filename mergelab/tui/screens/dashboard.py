@@ -163,6 +163,9 @@ class DashboardScreen(Screen):
         now = self.clock()
         if ch.summary or ch.trials or first:
             self.query_one(RunHeader).show(self.state, now)
+        if first and self.state.multi:
+            self.query_one(ScorePlot).mode = "pareto"  # what a multi-objective search is after
+            self.query_one(ScorePlot).border_title = "objectives"
         if ch.trials or ch.best or first:
             self.query_one(ScorePlot).update_from(self.state)
             self.query_one(TrialsTable).show(self.state)
@@ -228,6 +231,7 @@ class DashboardScreen(Screen):
     def action_plot_mode(self) -> None:
         plot = self.query_one(ScorePlot)
         plot.mode = "pareto" if plot.mode == "history" and self.state.multi else "history"
+        plot.border_title = "score" if plot.mode == "history" else "objectives"
         plot.update_from(self.state)
 
     def _request(self, command: str) -> None:

@@ -37,11 +37,13 @@ class ScorePlot(PlotextPlot):
                 plt.scatter(xs0, ys0, marker="dot", color="gray", label="trials")
                 n += len(xs0)
             if front:
-                plt.plot([f[0] for f in front], [f[1] for f in front], color="red", label="Pareto front")
-                n += len(front)
+                fx, fy = [f[0] for f in front], [f[1] for f in front]
+                plt.plot(fx, fy, marker="braille", color="red")
+                plt.scatter(fx, fy, marker="x", color="red", label="Pareto front")
+                n += 2 * len(front)
             plt.xlabel(names[0] if names else "objective 1")
             plt.ylabel(names[1] if len(names) > 1 else "objective 2")
-            plt.title("Pareto front")
+            plt.title("Pareto front (v: by trial)")
         else:
             if state.multi:
                 colors = ["cyan", "orange", "green", "magenta"]
