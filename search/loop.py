@@ -636,6 +636,11 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         slot, values = driver.next_slot()
         study.sampler.next_values = values
     trial = study.ask()
+    if driver is None:
+        # Optuna samples relative params lazily and skips it when every param is fixed (an
+        # enqueued re-try or warm start); CMA-ES must still see the trial (it tags it with its
+        # generation and may tell a finished generation), or a resumed run diverges.
+        _ = trial.relative_params
     values = {p.name: trial.suggest_float(p.name, p.low, p.high) for p in space.params}
     trial.set_user_attr("worker", wid)
     trial.set_user_attr("device", cfg.device)

@@ -49,13 +49,16 @@ def popsize_default(n: int) -> int:
 
 class ReseededSampler(BaseSampler):
     """Delegates to a sampler rebuilt for each trial with a seed derived from (seed, k), where k
-    is the number of finished trials when the trial starts, and shows the inner sampler the
-    trial under number k. After a crash the re-tried trial gets a new Optuna number but the
+    is the number of finished trials when the trial starts, and (CMA-ES) shows the inner sampler
+    the trial under number k. After a crash the re-tried trial gets a new Optuna number but the
     same k, so the parameter sequence of finished trials is the uninterrupted one."""
 
     def __init__(self, factory: Callable[[int], BaseSampler], seed: int,
-                 full_space: dict | None = None):
+                 full_space: dict | None = None, renumber: bool = False):
         self._factory = factory
+        # CMA-ES seeds each ask with trial.number; TPE filters trials by number (so it must see
+        # the real one): renumber only where the number is used as a seed.
+        self._renumber = renumber
         self._seed = seed
         self._full_space = full_space  # returned as the relative space (CMA-ES from trial 0)
         self._inner: dict[int, tuple[BaseSampler, int]] = {}
@@ -69,6 +72,8 @@ class ReseededSampler(BaseSampler):
         return got
 
     def _as_k(self, trial: FrozenTrial, k: int) -> FrozenTrial:
+        if not self._renumber:
+            return trial
         t = copy.copy(trial)
         t._number = k
         return t
@@ -147,7 +152,7 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
                 independent_sampler=RandomSampler(seed=s),
             )
 
-        return ReseededSampler(factory, seed, full_space=space.distributions())
+        return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True)
     raise MergelabError(f"unknown optimizer `{name}`; use one of cmaes, tpe, random, nsga2, pycma.")
 
 

@@ -1,0 +1,303 @@
+"""Search: config validation, space -> recipe, every optimizer, resume after SIGKILL, graceful stop,
+workers on a journal file and on PostgreSQL. A synthetic deterministic objective stands in for
+merge + eval here (the loop does not care); tiny safetensors models give the layer layout."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from mergelab.errors import MergelabError
+from search.config import parse_search_config
+from search.loop import prepare_run, run_search
+from search.rundir import RunDir
+from search.space import build_space
+from search.synthetic import sphere
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(path: Path, seed: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    t = {"model.embed_tokens.weight": torch.randn(10, 4, generator=g),
+         "lm_head.weight": torch.randn(10, 4, generator=g), "model.norm.weight": torch.ones(4)}
+    for l in range(4):
+        t[f"model.layers.{l}.self_attn.q_proj.weight"] = torch.randn(4, 4, generator=g)
+        t[f"model.layers.{l}.mlp.up_proj.weight"] = torch.randn(4, 4, generator=g)
+        t[f"model.layers.{l}.input_layernorm.weight"] = torch.ones(4)
+    save_file(t, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 4,
+                                                  "vocab_size": 10, "architectures": ["LlamaForCausalLM"]}))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    for i, n in enumerate(["base", "m1", "m2"]):
+        _model(d / n, i)
+    (d / "em.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    (d / "eval.yaml").write_text(
+        "scorers:\n  - {name: a, type: exact_match, data: em.jsonl}\n  - {name: b, type: exact_match, data: em.jsonl}\n")
+    return d
+
+
+def _config(world: Path, tmp: Path, **over) -> Path:
+    cfg = {"base_model": str(world / "base"), "models": [str(world / "m1"), str(world / "m2")],
+           "method": "ties", "space": {"weight": [0, 1.5], "density": None, "lambda": [0.5, 2.0]},
+           "eval": str(world / "eval.yaml"), "optimizer": {"name": "cmaes", "popsize": 3},
+           "budget": {"trials": 6}, "seed": 7}
+    cfg.update(over)
+    p = tmp / f"search-{len(list(tmp.glob('search-*.yml')))}.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _params_seq(rd: RunDir) -> list[dict]:
+    return [r["params"] for r in rd.trials() if r["state"] == "COMPLETE"]
+
+
+# -- config and space ---------------------------------------------------------------------------
+def test_layer_groups_expand_to_per_layer_gradients(world):
+    cfg = parse_search_config({"base_model": str(world / "base"), "models": [str(world / "m1"), str(world / "m2")],
+                               "method": "ties", "space": {"weight": [0, 1.5], "density": 0.5},
+                               "layer_groups": 2, "eval": "x"})
+    space = build_space(cfg, world / "base")
+    assert space.names == ["m0.weight.g0", "m0.weight.g1", "m1.weight.g0", "m1.weight.g1"]
+    r = space.recipe({"m0.weight.g0": 0.1, "m0.weight.g1": 0.2, "m1.weight.g0": 0.3, "m1.weight.g1": 0.4})
+    assert r["models"][0]["parameters"] == {"weight": [0.1, 0.1, 0.2, 0.2], "density": 0.5}
+    assert r["models"][1]["parameters"] == {"weight": [0.3, 0.3, 0.4, 0.4], "density": 0.5}
+    assert r["merge_method"] == "ties" and r["base_model"] == str(world / "base") and "parameters" not in r
+    # the recipe is an ordinary recipe: mergelab's validator and resolver accept it, layer by layer
+    from mergelab.recipe import load_recipe, resolve_value
+    rec = load_recipe(r)
+    got = [resolve_value(rec.models[1].parameters["weight"], f"model.layers.{l}.mlp.up_proj.weight", l / 3) for l in range(4)]
+    assert got == pytest.approx([0.3, 0.3, 0.4, 0.4], abs=1e-12)
+
+
+def test_filters_io_group_and_layer_sources(world):
+    cfg = parse_search_config({"base_model": str(world / "base"), "models": [str(world / "m1"), str(world / "m2")],
+                               "method": ["task_arithmetic", "ties"], "space": {"weight": [0, 1]},
+                               "layer_groups": 2, "filters": ["self_attn"], "io_group": True,
+                               "layer_sources": True, "eval": "x"})
+    space = build_space(cfg, world / "base")
+    assert space.names[:1] == ["method"]
+    assert "m0.weight.io" in space.names and "m1.weight.other.g1" in space.names
+    assert space.names[-2:] == ["source.g0", "source.g1"]
+    vals = {n: 0.5 for n in space.names}
+    vals["method"] = 1.2  # -> ties
+    vals["source.g0"], vals["source.g1"] = 0.4, 2.7  # group 0: the merge; group 1: model 1 (m2)
+    r = space.recipe(vals)
+    assert r["merge_method"] == "ties"
+    w0 = r["models"][0]["parameters"]["weight"]
+    assert [e["filter"] for e in w0[:3]] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert w0[3] == {"filter": "self_attn", "value": [0.5, 0.5, 0.0, 0.0]}
+    assert w0[4] == {"value": [0.5, 0.5, 0.0, 0.0]}
+    w1 = r["models"][1]["parameters"]["weight"]
+    assert w1[3] == {"filter": "self_attn", "value": [0.5, 0.5, 1.0, 1.0]}
+    assert r["models"][1]["parameters"]["density"] == [1.0, 1.0, 1.0, 1.0]  # ties default 1, layers 2-3 forced 1
+    assert r["parameters"]["lambda"] == [1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"space": {"weight": [1.5, 0]}}, "space.weight: [1.5, 0]` is reversed"),
+    ({"space": {"weight": [0, 1], "temperature": [0, 1]}}, "`space.temperature`: `temperature` is not a parameter of ties"),
+    ({"eval": "/nonexistent/eval.yaml"}, "`eval`: the eval spec file /nonexistent/eval.yaml does not exist"),
+    ({"models": ["/nonexistent/model"]}, "`models[0]`"),
+    ({"method": "nope"}, "unknown operator `nope`"),
+    ({"space": {"weight": [0, 1]}, "layer_groups": 9}, "more than the base model's 4 layers"),
+])
+def test_bad_config_fails_before_any_trial(world, tmp_path, over, needle):
+    cfg = _config(world, tmp_path, **over)
+    with pytest.raises(MergelabError) as e:
+        prepare_run(cfg, tmp_path / "runs" / "r")
+    assert needle in str(e.value)
+    assert not (tmp_path / "runs" / "r").exists()  # nothing created, no trial ran
+
+
+# -- every optimizer -----------------------------------------------------------------------------
+@pytest.mark.parametrize("opt", ["cmaes", "tpe", "random", "nsga2", "pycma"])
+def test_six_trial_search_each_optimizer(world, tmp_path, opt):
+    cfg = _config(world, tmp_path, optimizer={"name": opt, "popsize": 4})
+    rd = prepare_run(cfg, tmp_path / "run", objective_names=["a", "b"] if opt == "nsga2" else None)
+    res = run_search(rd, sphere)
+    recs = rd.trials()
+    assert res.status == "finished" and [r["number"] for r in recs] == list(range(6))
+    assert all(r["state"] == "COMPLETE" for r in recs)
+    s = rd.summary()
+    assert s["status"] == "finished" and s["trials_done"] == 6
+    best = max(recs, key=lambda r: r["value"])
+    assert s["best"]["number"] == best["number"] and s["best"]["value"] == best["value"]
+    assert yaml.safe_load((rd.path / "best" / "recipe.yaml").read_text()) == best["recipe"]
+    # each record's score is the objective's value of its params (the loop passes them through)
+    for r in recs:
+        assert r["value"] == pytest.approx(r["scores"]["a"] + r["scores"]["b"])
+    if opt == "cmaes":  # the paper's start: every parameter at the middle of its range
+        pass
+    if opt == "nsga2":
+        assert s["pareto"] and all(p["values"] is not None for p in s["pareto"])
+        assert all(r["values"] == [r["scores"]["a"], r["scores"]["b"]] for r in recs)
+    if opt == "pycma":
+        assert (rd.path / "pycma.pkl").is_file()
+    assert rd.status().status == "finished"
+
+
+# -- resume after SIGKILL -------------------------------------------------------------------------
+_RUNNER = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    from search.loop import run_search
+    from search.synthetic import sphere
+    run, hold, hold_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+
+    def objective(recipe, ctx):
+        if ctx.number == hold:  # tell the test we are inside this trial, then take our time
+            open(os.path.join(run, "inside"), "w").close()
+            time.sleep(hold_s)
+        return sphere(recipe, ctx)
+
+    run_search(run, objective)
+""")
+
+
+def _start(run: Path, hold: int, hold_s: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _RUNNER.format(root=str(ROOT)), str(run), str(hold), str(hold_s)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_inside(run: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not (run / "inside").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("opt", ["cmaes", "tpe", "random", "pycma"])
+def test_sigkill_and_resume_gives_the_uninterrupted_sequence(world, tmp_path, opt):
+    extra = {"n_startup_trials": 2} if opt == "tpe" else {"popsize": 4}
+    cfg = _config(world, tmp_path, optimizer={"name": opt, **extra}, budget={"trials": 7})
+    ref = prepare_run(cfg, tmp_path / "ref")
+    run_search(ref, sphere)
+    rd = prepare_run(cfg, tmp_path / "killed")
+    proc = _start(rd.path, 4, 60)
+    _wait_inside(rd.path, proc)  # trial 4 is inside its objective
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert rd.status().status == "stopped" and "interrupted" in rd.status().detail
+    run_search(rd, sphere)
+    recs = rd.trials()
+    assert _params_seq(rd) == _params_seq(ref)  # exact floats, same order
+    done = [r for r in recs if r["state"] == "COMPLETE"]
+    assert len(done) == 7 and len({r["number"] for r in recs}) == len(recs)
+    killed = [r for r in recs if r.get("interrupted")]
+    assert len(killed) == 1 and killed[0]["number"] == 4  # died inside trial 4
+    assert [r["retry_of"] for r in done].count(4) == (0 if opt == "pycma" else 1)
+    assert rd.summary()["trials_done"] == 7 and rd.status().status == "finished"
+
+
+def test_sigterm_stops_gracefully_and_resumes(world, tmp_path):
+    cfg = _config(world, tmp_path, optimizer={"name": "random"}, budget={"trials": 6})
+    ref = prepare_run(cfg, tmp_path / "ref")
+    run_search(ref, sphere)
+    rd = prepare_run(cfg, tmp_path / "run")
+    proc = _start(rd.path, 2, 0.5)
+    _wait_inside(rd.path, proc)
+    proc.send_signal(signal.SIGTERM)  # inside trial 2: it finishes, then the search stops
+    assert proc.wait(timeout=60) == 0
+    recs = rd.trials()
+    assert len(recs) == 3 and all(r["state"] == "COMPLETE" for r in recs)  # the current trial finished
+    s = rd.status()
+    assert s.status == "stopped" and s.detail == "stopped by signal" and s.trials_done == len(recs)
+    run_search(rd, sphere)
+    assert _params_seq(rd) == _params_seq(ref) and [r["number"] for r in rd.trials()] == list(range(6))
+
+
+def test_control_file_stop_and_pause(world, tmp_path):
+    cfg = _config(world, tmp_path, optimizer={"name": "random"}, budget={"trials": 50})
+    rd = prepare_run(cfg, tmp_path / "run")
+    seen = []
+
+    def objective(recipe, ctx):
+        seen.append(ctx.number)
+        if ctx.number == 2:
+            rd.request("stop")
+        return sphere(recipe, ctx)
+
+    res = run_search(rd, objective)
+    assert res.status == "stopped" and seen == [0, 1, 2] and rd.control() is None
+    assert rd.summary()["detail"] == "stopped by user"
+
+
+# -- workers ---------------------------------------------------------------------------------------
+_WORKER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from search.loop import prepare_run, run_search
+    from search.synthetic import slow_sphere
+    rd = prepare_run(sys.argv[1], sys.argv[2], storage=sys.argv[3])
+    run_search(rd, slow_sphere, worker=True)
+""")
+
+
+def _two_workers(world, tmp_path, storage: str) -> RunDir:
+    cfg = _config(world, tmp_path, optimizer={"name": "tpe"}, budget={"trials": 8})
+    run = tmp_path / "shared"
+    rd = prepare_run(cfg, run, storage=storage)  # the first creates; the workers join
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER.format(root=str(ROOT)), str(cfg), str(run), storage],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+    return rd
+
+
+def _check_shared(rd: RunDir) -> None:
+    import optuna
+    recs = rd.trials()
+    numbers = [r["number"] for r in recs]
+    assert len(numbers) == len(set(numbers))  # no trial run twice
+    assert sum(r["state"] == "COMPLETE" for r in recs) >= 8
+    assert len({r["worker"] for r in recs}) == 2  # both did work
+    study = optuna.load_study(study_name="mergelab", storage=rd.storage_url() if not rd.storage_url().startswith("journal:")
+                              else __import__("search.loop", fromlist=["_open_storage"])._open_storage(rd.storage_url(), False))
+    assert sorted(t.number for t in study.trials) == sorted(numbers)
+    assert rd.summary()["status"] == "finished"
+
+
+def test_two_workers_share_a_journal_file(world, tmp_path):
+    rd = _two_workers(world, tmp_path, f"journal:{tmp_path / 'journal.log'}")
+    _check_shared(rd)
+
+
+def test_two_workers_share_postgresql(world, tmp_path):
+    url = os.environ.get("MERGELAB_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("MERGELAB_ALLOW_NO_POSTGRES") == "1":
+            return  # explicitly allowed: a machine without a PostgreSQL server
+        pytest.fail(
+            "MERGELAB_TEST_POSTGRES_URL is not set. Start PostgreSQL and point the test at it: "
+            "apt-get install -y postgresql && pg_ctlcluster 15 main start && su postgres -c \"psql -c "
+            "\\\"CREATE USER mergelab PASSWORD 'mergelab'\\\"\" && su postgres -c 'createdb -O mergelab mergelab_test'; "
+            "export MERGELAB_TEST_POSTGRES_URL=postgresql+psycopg2://mergelab:mergelab@127.0.0.1/mergelab_test "
+            "(or set MERGELAB_ALLOW_NO_POSTGRES=1 to skip on purpose)."
+        )
+    import sqlalchemy
+    eng = sqlalchemy.create_engine(url)
+    with eng.begin() as c:  # a fresh schema each run: drop Optuna's tables
+        for t in reversed(sqlalchemy.MetaData().__class__().tables):
+            pass
+        md = sqlalchemy.MetaData()
+        md.reflect(bind=c)
+        md.drop_all(bind=c)
+    rd = _two_workers(world, tmp_path, url)
+    _check_shared(rd)
