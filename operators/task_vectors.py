@@ -127,7 +127,7 @@ def _della_check(model_params: list[dict[str, Any]], params: dict[str, Any], bas
         density, epsilon = float(mp["density"]), float(mp["epsilon"])
         if density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
             return (
-                f"model {i} has density {density:g} and epsilon {epsilon:g}, but DELLA needs "
+                f"models[{i}] has density {density:g} and epsilon {epsilon:g}, but DELLA needs "
                 f"density - epsilon > 0 and density + epsilon < 1 (keep probabilities inside "
                 f"(0, 1)); lower epsilon below {min(density, 1 - density):g} or set density to 1."
             )
