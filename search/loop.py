@@ -742,3 +742,26 @@ def start_search_thread(run: str | Path | RunDir, objective: Objective | None = 
     t = _T(daemon=True, name="mergelab-search")
     t.start()
     return t, ctl
+
+
+def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | None = None,
+                 device: str | None = None, on_tensor=None) -> tuple[Path, dict]:
+    """Write the merged model of a trial (default: the best) with the streaming engine; the
+    trial's recipe is written beside it, so the export is the same merge the trial scored."""
+    from mergelab.engine import merge_to_dir
+
+    rd = run if isinstance(run, RunDir) else RunDir.open(run)
+    recs = [r for r in rd.trials() if r.get("recipe") and r.get("state") == "COMPLETE"]
+    if trial is None:
+        best = rd.summary().get("best")
+        if not best:
+            raise MergelabError(f"Run {rd.path} has no finished trial yet; nothing to export.")
+        trial = best["number"]
+    rec = next((r for r in recs if r["number"] == trial), None)
+    if rec is None:
+        raise MergelabError(
+            f"Run {rd.path} has no finished trial number {trial}. `mergelab show {rd.path}` lists them."
+        )
+    dev = device or rd.resolved().get("device") or "auto"
+    merge_to_dir(rec["recipe"], out_dir, device=dev, on_tensor=on_tensor)
+    return Path(out_dir), rec

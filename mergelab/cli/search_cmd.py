@@ -1,0 +1,145 @@
+"""`mergelab search / resume / runs / show / export`: run recipe searches and look at their runs.
+
+The search itself lives in search.loop; these commands parse options and print plain lines.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import MergelabError
+
+
+def _age(t: float | None) -> str:
+    if not t:
+        return "-"
+    s = time.time() - t
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+@click.command()
+@click.argument("config", type=click.Path())
+@click.option("--run", "run", type=click.Path(), default=None, help="Run directory (default runs/CONFIG-TIMESTAMP).")
+@click.option("--storage", default=None, help="Shared Optuna storage: postgresql+psycopg2://..., mysql+pymysql://..., journal:PATH.")
+@click.option("--workers", type=int, default=1, show_default=True, help="Start this many worker processes on this machine.")
+@click.option("--worker", is_flag=True, help="Join the run's shared study as one more worker.")
+@click.option("--no-tui", is_flag=True, help="Plain log lines instead of the dashboard.")
+@click.option("--dry-run", is_flag=True, help="Validate the config and print the search space; run nothing.")
+@click.option("--device", default=None, help="Override the config's device (cpu, cuda, cuda:1, auto).")
+def search(config, run, storage, workers, worker, no_tui, dry_run, device):
+    """Search merge recipes for CONFIG (a search YAML); results go to a run directory."""
+    from search.config import load_search_config
+    from search.loop import prepare_run, run_search, validate_config
+
+    if dry_run:
+        cfg, _ = load_search_config(config)
+        if device:
+            cfg.device = device
+        cfg, space = validate_config(cfg, base_dir=Path(config).parent.resolve())
+        click.echo(f"config OK: {', '.join(space.methods)} over {len(space.models)} models, "
+                   f"{space.size_text()}, optimizer {cfg.optimizer.name}, budget "
+                   f"{cfg.budget.trials or '-'} trials / {cfg.budget.timeout or '-'} s")
+        for p in space.params:
+            click.echo(f"  {p.name}: [{p.low:g}, {p.high:g}]")
+        return
+    if workers > 1:
+        if storage is None:
+            raise MergelabError(
+                "--workers N needs a storage several processes can share: add --storage "
+                "journal:runs/NAME.journal (one machine) or a PostgreSQL/MySQL URL."
+            )
+    rd = prepare_run(config, run, storage=storage, device=device)
+    click.echo(f"run directory: {rd.path}")
+    if workers > 1:
+        cmd = [sys.executable, "-c", "from mergelab.cli import run; run()", "search", config, "--run", str(rd.path), "--storage", storage,
+               "--worker", "--no-tui"] + (["--device", device] if device else [])
+        procs = [subprocess.Popen(cmd) for _ in range(workers)]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise MergelabError(f"{sum(1 for c in codes if c)} of {workers} workers failed; see {rd.path / 'log.txt'}.")
+        _print_result(rd)
+        return
+    res = run_search(rd, worker=worker, log=click.echo)
+    click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
+    _print_result(rd)
+
+
+def _print_result(rd) -> None:
+    best = rd.summary().get("best")
+    if best:
+        click.echo(f"best: trial {best['number']} score {best['value']:.6g} -> {rd.path / 'best' / 'recipe.yaml'}")
+
+
+@click.command()
+@click.argument("run", type=click.Path())
+@click.option("--worker", is_flag=True, help="Join as one more worker instead of taking the run over.")
+def resume(run, worker):
+    """Continue the search of run directory RUN until its budget is met."""
+    from search.loop import run_search
+    from search.rundir import RunDir
+
+    rd = RunDir.open(run)
+    res = run_search(rd, worker=worker, log=click.echo)
+    click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
+    _print_result(rd)
+
+
+@click.command()
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path())
+def runs(runs_dir):
+    """List run directories: status, trials done / budget, best score, last activity."""
+    from search.rundir import RunDir
+
+    found = RunDir.list(runs_dir)
+    if not found:
+        click.echo(f"no run directories under {runs_dir}")
+        return
+    click.echo(f"{'NAME':30} {'STATUS':9} {'TRIALS':>9} {'BEST':>10} {'OPTIMIZER':9} LAST ACTIVITY")
+    for r in found:
+        s = r.status()
+        budget = f"{s.trials_done}/{s.budget_trials if s.budget_trials else '-'}"
+        best = f"{s.best_value:.4g}" if s.best_value is not None else "-"
+        click.echo(f"{s.name[:30]:30} {s.status + ('*' if s.paused else ''):9} {budget:>9} {best:>10} "
+                   f"{(s.optimizer or '-'):9} {_age(s.last_activity)}")
+
+
+@click.command()
+@click.argument("run", type=click.Path())
+@click.option("--top", default=10, show_default=True, help="How many trials to list.")
+def show(run, top):
+    """Print the top trials of run directory RUN and its best recipe."""
+    from search.rundir import RunDir
+
+    rd = RunDir.open(run)
+    s = rd.status()
+    click.echo(f"{s.name}: {s.status} ({rd.summary().get('detail', '')}), {s.trials_done}/"
+               f"{s.budget_trials or '-'} trials, optimizer {s.optimizer}")
+    recs = [r for r in rd.trials() if r.get("value") is not None]
+    recs.sort(key=lambda r: r["value"], reverse=True)
+    for r in recs[:top]:
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("scores") or {}).items())
+        click.echo(f"  trial {r['number']:4d}  {r['value']:.6g}  {scores}")
+    text = rd.best_recipe_text()
+    if text:
+        click.echo("best recipe:")
+        click.echo(text.rstrip())
+
+
+@click.command()
+@click.argument("run", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+@click.option("--trial", "trial", type=int, default=None, help="Trial number (default: the best).")
+@click.option("--device", default=None, help="Device for the merge (default: the run's).")
+def export(run, out_dir, trial, device):
+    """Write the merged model of the best (or --trial N) trial of RUN to OUT_DIR."""
+    from search.loop import export_trial
+
+    path, rec = export_trial(run, out_dir, trial=trial, device=device)
+    click.echo(f"trial {rec['number']} (score {rec['value']:.6g}) written to {path}")
