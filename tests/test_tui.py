@@ -260,6 +260,36 @@ async def test_quit_can_stop_a_search_in_another_process(tmp_path):
 
 
 @pytest.mark.asyncio
+async def test_quit_stops_a_search_running_in_this_process(tmp_path):
+    """With the search in a thread of this process, q can only stop it (after its trial) or cancel."""
+    import threading
+
+    from search.loop import SearchController
+
+    run = copy_run(tmp_path)
+    rd = make_live(run)
+    ctl = SearchController(rd)
+    thread = threading.Thread(target=ctl.stop_event.wait, args=(30,), daemon=True)
+    thread.start()
+    app = MergelabApp(rd, controller=ctl, search_thread=thread, clock=lambda: FROZEN)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot)
+        await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, ChoiceDialog)
+        assert [b.id for b in app.screen.query("Button")] == ["stop", "cancel"]
+        await pilot.click("#cancel")
+        await pilot.pause()
+        assert not ctl.stop_event.is_set() and app.is_running
+        await pilot.press("q")
+        await pilot.pause()
+        await pilot.click("#stop")
+        await pilot.pause()
+    thread.join(timeout=5)
+    assert ctl.stop_event.is_set() and rd.control() == "stop" and not thread.is_alive()
+
+
+@pytest.mark.asyncio
 async def test_watch_follows_trials_another_process_appends(tmp_path):
     run = copy_run(tmp_path)
     recs = records(run)

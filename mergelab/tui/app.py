@@ -22,6 +22,9 @@ class MergelabApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "mergelab"
     BINDINGS = [Binding("ctrl+c", "quit", "Quit", show=False, priority=True)]
+    # screen classes app.tcss uses to fit an 80x24 terminal
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (32, "-tall")]
 
     def __init__(self, run_dir: RunDir | str | Path | None = None, *, controller: Any = None,
                  search_thread: threading.Thread | None = None, feed: LiveFeed | None = None,

@@ -19,7 +19,14 @@ _STATUS_STYLE = {"running": "bold green", "paused": "bold yellow", "stopped": "b
 class RunHeader(Static):
     """Run name, optimizer, device, trials done / budget, elapsed, ETA, best score and its trial."""
 
+    _last: tuple[RunState, float] | None = None
+
+    def on_resize(self) -> None:
+        if self._last is not None:
+            self.show(*self._last)  # the layout depends on the width
+
     def show(self, state: RunState, now: float) -> None:
+        self._last = (state, now)
         s = state.summary
         status = state.status()
         if state.paused():
@@ -39,21 +46,27 @@ class RunHeader(Static):
             best_txt = f"{len(state.pareto())} on the Pareto front"
         eta = state.eta(now)
         workers = [w for w in state.workers if w.get("alive")]
+        run = Text.assemble(("run ", "dim"), (state.name, "bold"))
+        stat = Text.assemble(("status ", "dim"), (status, _STATUS_STYLE.get(status, "bold yellow")))
+        opt = Text.assemble(("optimizer ", "dim"), str(s.get("optimizer") or "-"),
+                            ("  device ", "dim"), str(s.get("device") or state.resolved.get("device") or "-"))
+        best_t = Text.assemble(("best ", "dim"), (best_txt, "bold"))
+        trials_t = Text.assemble(("trials ", "dim"), trials, ("  failed ", "dim"), str(s.get("trials_failed") or 0))
+        elapsed_t = Text.assemble(("elapsed ", "dim"), fmt_duration(state.elapsed(now)))
+        eta_t = Text.assemble(("ETA ", "dim"), fmt_duration(eta) if eta is not None else
+                              ("done" if status == "finished" else "-"))
+        workers_t = Text.assemble(("workers ", "dim"), str(len(workers)), ("  ", ""),
+                                  (str(s.get("detail") or ""), "dim"))
+        narrow = 0 < self.size.width < 100
         t = Table.grid(expand=True, padding=(0, 2))
-        for _ in range(4):
+        for _ in range(3 if narrow else 4):
             t.add_column(no_wrap=True, overflow="ellipsis")
-        t.add_row(Text.assemble(("run ", "dim"), (state.name, "bold")),
-                  Text.assemble(("status ", "dim"), (status, _STATUS_STYLE.get(status, "bold yellow"))),
-                  Text.assemble(("optimizer ", "dim"), str(s.get("optimizer") or "-"),
-                                ("  device ", "dim"), str(s.get("device") or state.resolved.get("device") or "-")),
-                  Text.assemble(("best ", "dim"), (best_txt, "bold")))
-        t.add_row(Text.assemble(("trials ", "dim"), trials,
-                                ("  failed ", "dim"), str(s.get("trials_failed") or 0)),
-                  Text.assemble(("elapsed ", "dim"), fmt_duration(state.elapsed(now))),
-                  Text.assemble(("ETA ", "dim"), fmt_duration(eta) if eta is not None else
-                                ("done" if status == "finished" else "-")),
-                  Text.assemble(("workers ", "dim"), str(len(workers)),
-                                ("  ", ""), (str(s.get("detail") or ""), "dim")))
+        if narrow:  # an 80-column terminal: what matters most, in three columns
+            t.add_row(run, stat, best_t)
+            t.add_row(trials_t, Text.assemble(elapsed_t, "  ", eta_t), opt)
+        else:
+            t.add_row(run, stat, opt, best_t)
+            t.add_row(trials_t, elapsed_t, eta_t, workers_t)
         self.update(t)
 
 
