@@ -224,6 +224,9 @@ def validate_recipe(r: Recipe, where: str = "recipe") -> Recipe:
         ) from None
     if not r.models:
         raise MergelabError(f"{where}: `models` is empty. List at least one model to merge.")
+    if op.name == "linear" and r.base_model is not None and r.base_index is None:
+        # mergekit averages an unlisted base_model in too (with the global weight)
+        r = r.model_copy(update={"models": [*r.models, ModelEntry(model=r.base_model)]})
     if op.needs_base and r.base_model is None:
         raise MergelabError(
             f"{where}: merge_method `{op.name}` needs `base_model` (the model the task vectors are "
