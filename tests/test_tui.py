@@ -330,7 +330,7 @@ def _tiny_run(tmp_path: Path) -> tuple[RunDir, dict[str, Path]]:
                         "params": [{"name": "m0.weight", "kind": "model", "param": "weight", "low": 0, "high": 1, "model": 0},
                                    {"name": "m1.weight", "kind": "model", "param": "weight", "low": 0, "high": 1, "model": 1}]})
     for n, (wa, wb, score) in enumerate([(0.5, 0.5, 0.1), (0.25, 0.75, 0.4)]):
-        recipe = {"merge_method": "linear", "base_model": str(base),
+        recipe = {"merge_method": "linear",
                   "models": [{"model": str(a), "parameters": {"weight": wa}},
                              {"model": str(b), "parameters": {"weight": wb}}], "dtype": "float32"}
         rec = {"number": n, "state": "COMPLETE", "params": {"m0.weight": wa, "m1.weight": wb}, "recipe": recipe,
