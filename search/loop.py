@@ -275,30 +275,39 @@ class SearchController:
 
 # -- the real objective ------------------------------------------------------------------------
 def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
-    """Merge in memory with TrialMerger, score with the Evaluator (sources loaded once)."""
+    """Merge in memory with TrialMerger, score with the Evaluator.
+
+    Built once per search process: the sources are read once (TrialMerger caches them on the
+    device) and the eval data is read and tokenized once (Evaluator); a trial then costs the
+    operator calls for the tensors whose parameters changed plus the forward passes.
+    Intermediate values for a pruner: after every eval batch, the combined score so far (the
+    finished scorers' weighted scores plus the running score of the current one), at a step
+    counting batches over all scorers, so every trial reports the same steps in the same order.
+    """
     from mergelab.eval.evaluator import Evaluator
     from mergelab.eval.models import HFLogitModel
     from mergelab.trial import TrialMerger
 
     spec = _load_eval_spec(cfg.eval, rd.resolved().get("eval_base_dir", "."))
     tm = TrialMerger(cfg.base_model, cfg.models, device=cfg.device)
-    ev = Evaluator(spec, tm.tokenizer, cfg.device)
+    ev = Evaluator(spec, tm.tokenizer, tm.device)
+    weights = {s.name: float(s.weight) for s in ev.scorers}
+    n_batches = sum(len(getattr(s, "batches", None) or [None]) for s in ev.scorers)
 
-    def objective(recipe: dict, ctx: TrialContext):
+    def objective(recipe: dict, ctx: TrialContext) -> Outcome:
         t0 = time.perf_counter()
         if ctx.progress:
             ctx.progress("merge", 0.0)
         model = tm.apply(recipe)
         t1 = time.perf_counter()
+        done: dict[str, float] = {}  # scorer -> weighted running score (the last one is final)
         step = [0]
 
-        def report(*args, **kwargs):
-            # the evaluator reports (scorer name, value) as each scorer finishes
-            value = kwargs.get("value", args[-1] if args else None)
-            if ctx.progress and args:
-                ctx.progress(str(args[0]), (step[0] + 1) / max(1, len(getattr(spec, "scorers", [1]))))
-            if isinstance(value, (int, float)):
-                ctx.report(float(value), step[0])
+        def report(scorer: str, _batch: int, running: float) -> None:
+            done[scorer] = weights.get(scorer, 1.0) * float(running)
+            if ctx.progress:
+                ctx.progress(f"eval {scorer}", min(1.0, (step[0] + 1) / max(1, n_batches)))
+            ctx.report(sum(done.values()), step[0])
             step[0] += 1
 
         res = ev.evaluate(HFLogitModel(model, tm.tokenizer), report=report)

@@ -23,6 +23,10 @@ Layout of ``runs/NAME/``::
                        trial and on every status change
     best/recipe.yaml   the best trial's recipe (mergekit format), rewritten when the best improves
     best/trial.json    that trial's record
+    best/model/        written on demand by RunDir.export_best() (`mergelab push runs/NAME`): the
+                       best trial's merged model, its card and mergelab_search.json (optimizer,
+                       n_trials, eval_spec, best_trial, best_metrics, source_metrics, history,
+                       run_name); reused while the best trial is the same
     log.txt            plain log lines ("2024-05-01 12:00:00 INFO message")
     workers/ID.json    one heartbeat file per search process: {"worker", "pid", "host",
                        "started", "heartbeat" (epoch s, refreshed every HEARTBEAT_S), "trial"
@@ -75,6 +79,8 @@ PYCMA_FILE = "pycma.pkl"
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_DIR = "best"
+BEST_MODEL_DIR = "model"  # under best/: RunDir.export_best()'s default folder
+SEARCH_META_FILE = "mergelab_search.json"  # the name mergelab.card reads
 LOG_FILE = "log.txt"
 WORKERS_DIR = "workers"
 CONTROL_FILE = "control.json"
@@ -462,3 +468,73 @@ class RunDir:
             elapsed_s=float(s.get("elapsed_s", 0.0)),
             live_workers=live,
         )
+
+    # -- export (push) ---------------------------------------------------------------------------
+    def history(self) -> list[float | None]:
+        """The best combined score after each counted trial, in trial-number order (null until
+        the first finished trial; interrupted trials are left out, their re-tries count)."""
+        recs = sorted((r for r in self.trials() if not r.get("interrupted")), key=lambda r: r["number"])
+        out: list[float | None] = []
+        top: float | None = None
+        for r in recs:
+            v = r.get("value") if r.get("state") == "COMPLETE" else None
+            if v is not None and (top is None or v > top):
+                top = v
+            out.append(top)
+        return out
+
+    def search_metadata(self) -> dict:
+        """What the model card records about the search (mergelab_search.json)."""
+        import yaml
+
+        s = self.summary()
+        res = self.resolved()
+        best = s.get("best")
+        if not best:
+            raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
+        spec = res.get("eval")
+        if isinstance(spec, str):
+            try:
+                spec = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                spec = {"path": res.get("eval")}  # moved since: keep at least where it was
+        metrics = dict(best.get("metrics") or {})
+        metrics["combined"] = best.get("value")
+        return {
+            "optimizer": (res.get("optimizer") or {}).get("name") or s.get("optimizer"),
+            "n_trials": int(s.get("trials_done", 0)),
+            "eval_spec": spec,
+            "best_trial": best["number"],
+            "best_metrics": metrics,
+            "source_metrics": dict(s.get("source_metrics") or {}),
+            "history": self.history(),
+            "run_name": self.name,
+        }
+
+    def export_best(self, out_dir: str | os.PathLike | None = None, device: str = "auto") -> Path:
+        """The best trial's merged model (streaming engine) with its card and
+        mergelab_search.json; default folder runs/NAME/best/model. An export of the same best
+        trial already there is reused; a stale one in the default folder is replaced."""
+        from mergelab.engine import merge_to_dir
+
+        meta = self.search_metadata()
+        target = Path(out_dir) if out_dir is not None else self.path / BEST_DIR / BEST_MODEL_DIR
+        old = target / SEARCH_META_FILE
+        if old.is_file() and any(target.glob("*.safetensors")):
+            try:
+                prev = json.loads(old.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                prev = {}
+            if prev.get("best_trial") == meta["best_trial"] and prev.get("run_name") == meta["run_name"]:
+                return target
+        rec = next((r for r in self.trials() if r.get("number") == meta["best_trial"]
+                    and r.get("state") == "COMPLETE" and r.get("recipe")), None)
+        if rec is None:
+            raise MergelabError(
+                f"Run {self.path}: the best trial {meta['best_trial']} has no record with a recipe in "
+                f"{TRIALS_FILE}; the run directory is damaged. `mergelab show {self.path}` lists the trials."
+            )
+        dev = device if device != "auto" else (self.resolved().get("device") or "auto")
+        merge_to_dir(rec["recipe"], target, device=dev, overwrite=out_dir is None,
+                     extra_files={SEARCH_META_FILE: dumps(meta, indent=2) + "\n"})
+        return target
