@@ -1,4 +1,4 @@
-"""`mergelab watch RUN_DIR` and `mergelab tui`: the terminal UI on run directories.
+"""`mergelab watch RUN_DIR` and `mergelab tui`: the terminal UI on one run directory, or the runs browser.
 
 Both only read the run directory (pause / stop go through its control file), so they attach to any
 run, live or finished, started here or by another process or machine sharing the directory.
@@ -28,18 +28,25 @@ def watch(run_dir: Path) -> None:
 
 
 @click.command("tui")
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
-              help="Directory holding the run directories.")
-def tui(runs_dir: Path) -> None:
-    """Open the terminal UI on the most recent run under --runs-dir."""
-    from search.rundir import RunDir
+@click.option("--runs-dir", "runs_dirs", type=click.Path(path_type=Path), multiple=True,
+              help="Another directory holding run directories (repeatable); runs/ is always listed, and "
+                   "new searches go to the first --runs-dir given.")
+def tui(runs_dirs: tuple[Path, ...]) -> None:
+    """Open the runs browser: every run under runs/ (and --runs-dir) with its status and best score.
 
-    from ..tui import run_dashboard
+    Keys: Enter dashboard, r resume, d delete, / filter, space mark, c compare marked runs,
+    n new search, q quit.
+    """
+    from ..tui import run_browser
 
-    runs = RunDir.list(runs_dir)
-    if not runs:
-        raise MergelabError(
-            f"No run directories under {runs_dir.resolve()}: start a search with `mergelab search "
-            "CONFIG.yml`, try `mergelab demo`, or point --runs-dir at the directory holding your runs."
-        )
-    run_dashboard(runs[0])
+    for d in runs_dirs:
+        if not d.is_dir():
+            raise MergelabError(
+                f"No run directories under {d.resolve()}: the directory does not exist. Check the "
+                "--runs-dir path, or leave it out to browse runs/ (press n there to start a search)."
+            )
+    dirs: list[Path] = []
+    for d in (Path("runs"), *runs_dirs):
+        if all(d.resolve() != e.resolve() for e in dirs):
+            dirs.append(d)
+    run_browser(dirs, new_runs_dir=runs_dirs[0] if runs_dirs else Path("runs"))

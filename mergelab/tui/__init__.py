@@ -1,14 +1,23 @@
-"""mergelab's terminal UI (Textual): the live search dashboard, reading only the run directory.
+"""mergelab's terminal UI (Textual): runs browser, live dashboard, new-search form, compare view;
+every screen reads only run directories.
 
-`run_dashboard` opens it on a run directory; `search_with_dashboard` runs a search in a thread
-under it (what `mergelab search` does on a terminal).
+`run_browser` opens the runs browser (`mergelab tui`); `run_dashboard` opens one run's dashboard;
+`search_with_dashboard` runs a search in a thread under it (what `mergelab search` does on a terminal).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_dashboard", "search_with_dashboard"]
+__all__ = ["run_browser", "run_dashboard", "search_with_dashboard"]
+
+
+def run_browser(runs_dirs: list[str | Path], new_runs_dir: str | Path | None = None) -> None:
+    """Open the runs browser over runs_dirs until the user quits (blocks); new searches go to
+    new_runs_dir (default: the first of runs_dirs)."""
+    from .app import MergelabApp
+
+    MergelabApp(runs_dirs=list(runs_dirs), new_runs_dir=new_runs_dir).run()
 
 
 def run_dashboard(run_dir: str | Path, controller: Any = None, *, search_thread: Any = None,

@@ -1,6 +1,8 @@
-"""Modal dialogs shared by the app's screens: a one-line input (a directory, a repo id) and a choice
-among buttons (quit: stop the search or leave it running)."""
+"""Modal dialogs shared by the app's screens: a one-line input (a directory, a repo id), a choice
+among buttons (quit, delete), and a directory / file picker (the new-search form)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -72,6 +74,86 @@ class ChoiceDialog(ModalScreen[str | None]):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         event.stop()
         self.dismiss(event.button.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class PathPicker(ModalScreen[str | None]):
+    """Pick a directory (a model) or a file (an eval spec) with Textual's DirectoryTree.
+
+    Enter opens a folder (or picks a file in file mode), c chooses the highlighted entry,
+    backspace goes to the parent folder, Escape cancels."""
+
+    BINDINGS = [
+        Binding("c", "choose", "Choose highlighted"),
+        Binding("backspace", "parent", "Parent folder"),
+        Binding("escape", "cancel", "Cancel"),
+    ]
+
+    def __init__(self, title: str, start: str | Path = ".", *, files: bool = False) -> None:
+        super().__init__()
+        self.title_text, self.files = title, files
+        start = Path(start).expanduser()
+        if start.is_file():
+            start = start.parent
+        while not start.is_dir() and start != start.parent:
+            start = start.parent  # a half-typed path: start from the nearest existing folder
+        self.start = start.resolve()
+        self.highlighted: Path | None = None
+
+    def compose(self) -> ComposeResult:
+        from textual.widgets import DirectoryTree, Footer
+
+        with Vertical(classes="dialog picker"):
+            yield Label(self.title_text, classes="dialog-title")
+            yield Label(str(self.start), id="picker-path")
+            yield DirectoryTree(self.start, id="picker-tree")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Choose", variant="primary", id="choose")
+                yield Button("Cancel", id="cancel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#picker-tree").focus()
+
+    def on_tree_node_highlighted(self, event) -> None:
+        data = getattr(event.node, "data", None)
+        path = getattr(data, "path", None)
+        if path is not None:
+            self.highlighted = Path(path)
+            self.query_one("#picker-path", Label).update(str(path))
+
+    def on_directory_tree_file_selected(self, event) -> None:
+        event.stop()
+        if self.files:
+            self.dismiss(str(event.path))
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if event.button.id == "choose":
+            self.action_choose()
+        else:
+            self.dismiss(None)
+
+    def action_choose(self) -> None:
+        path = self.highlighted or self.start
+        if self.files and not path.is_file():
+            self.notify("highlight a file (an eval spec YAML) to choose it", severity="warning")
+            return
+        if not self.files and not path.is_dir():
+            path = path.parent
+        self.dismiss(str(path))
+
+    def action_parent(self) -> None:
+        from textual.widgets import DirectoryTree
+
+        tree = self.query_one("#picker-tree", DirectoryTree)
+        parent = Path(tree.path).resolve().parent
+        tree.path = parent
+        self.start = parent
+        self.highlighted = None
+        self.query_one("#picker-path", Label).update(str(parent))
 
     def action_cancel(self) -> None:
         self.dismiss(None)
