@@ -137,7 +137,7 @@ class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scorers: list[ScorerSpec] = Field(min_length=1)
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
     def _unique_names(self):
