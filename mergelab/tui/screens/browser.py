@@ -180,7 +180,7 @@ class RunsBrowserScreen(Screen):
         counts: dict[str, int] = {}
         for r in self.runs:
             counts[r.status] = counts.get(r.status, 0) + 1
-        title = Text.assemble(("runs ", "dim"), (", ".join(str(d) for d in self.runs_dirs), "bold"),
+        title = Text.assemble(("mergelab runs ", "bold"), ("in " + ", ".join(f"{d}/" for d in self.runs_dirs), "dim"),
                               ("  " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items())), "dim"))
         self.query_one("#browser-title", Static).update(title)
         if not n:
