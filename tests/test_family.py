@@ -25,13 +25,15 @@ from mergelab.demo.train_family import (
 MODELS = ("base",) + SKILLS
 # Correct answers out of the first 30 test items, measured when the family was committed.
 EXPECTED_30 = {
-    ("base", "addition"): None,
-    ("base", "sort"): None,
-    ("base", "reverse"): None,
-    ("addition", "addition"): None,
-    ("sort", "sort"): None,
-    ("reverse", "reverse"): None,
+    ("base", "addition"): 7,
+    ("base", "sort"): 30,
+    ("base", "reverse"): 22,
+    ("addition", "addition"): 24,
+    ("sort", "sort"): 30,
+    ("reverse", "reverse"): 29,
 }
+# Sort is already saturated in the base (99% on the full test split), so its fine-tune can only tie there.
+MIN_GAIN = {"addition": 12, "sort": 0, "reverse": 4}
 MARGIN = 2  # items; greedy argmax may flip on a near-tie with another BLAS
 
 
@@ -136,4 +138,4 @@ def test_fine_tune_beats_base_on_its_own_skill(models, skill):
     base, ft = _score30(models, "base", skill), _score30(models, skill, skill)
     assert abs(base - EXPECTED_30[("base", skill)]) <= MARGIN
     assert abs(ft - EXPECTED_30[(skill, skill)]) <= MARGIN
-    assert ft >= base + 5
+    assert ft >= base + MIN_GAIN[skill]
