@@ -185,7 +185,7 @@ class NewSearchScreen(Screen):
     def schedule_check(self, delay: float = CHECK_DELAY_S) -> None:
         if self._timer is not None:
             self._timer.stop()
-        self._timer = self.set_timer(delay, self._start_check)
+        self._timer = self.set_timer(max(delay, 0.01), self._start_check)  # Textual rejects a 0 s timer
 
     def _start_check(self) -> None:
         self._version += 1

@@ -1,0 +1,233 @@
+"""The new-search form: registry pre-fill, the command line's validator messages beside the fields,
+the search-space size, and the config it writes (accepted by `mergelab search --dry-run`)."""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergelab.tui.app import MergelabApp
+from mergelab.tui.form import FormValues, build_config, field_of, parse_param_text, sync_params
+from mergelab.tui.screens.browser import RunsBrowserScreen
+from mergelab.tui.screens.dashboard import DashboardScreen
+from mergelab.tui.screens.new_search import NewSearchScreen
+from search.rundir import RunDir
+
+MODELS = Path(__file__).parent / "fixtures" / "runs" / "models"  # base, m1, m2 (4 layers), eval.yaml
+FROZEN = 1_800_000_000.0
+SMALL = (80, 24)
+REVERSED = ("search config: the range `space.weight: [1.5, 0]` is reversed or empty (low must be below "
+            "high). Write it as [0, 1.5], or give a single value to fix the parameter.")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+class _FakeProcess:
+    """Stands in for the background search process (the browser tests start a real one)."""
+
+    pid = 0
+
+    def poll(self):
+        return None
+
+
+async def until(pilot, cond, timeout: float = 5.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def open_form(pilot, runs: Path, started: list) -> NewSearchScreen:
+    await until(pilot, lambda: isinstance(pilot.app.screen, RunsBrowserScreen) and pilot.app.screen.scans)
+    browser = pilot.app.screen
+
+    def start(rd: RunDir):
+        started.append(rd)
+        return _FakeProcess()
+
+    form = NewSearchScreen(runs, clock=lambda: FROZEN, browser=browser, start_process=start,
+                           values=FormValues(name="my-search"))
+    pilot.app.push_screen(form)
+    await until(pilot, lambda: form.checks >= 1)
+    return form
+
+
+async def settle(pilot, form: NewSearchScreen) -> None:
+    """Wait for the check that follows the last edit (checks run in a worker after a pause)."""
+    await pilot.pause()
+    n = form.checks
+    form.schedule_check(0.0)
+    await until(pilot, lambda: form.checks > n)
+
+
+def fill(form: NewSearchScreen, base: str, models: str, eval_spec: str, **more: str) -> None:
+    q = form.query_one
+    q("#f-base").value = base
+    q("#f-models").value = models
+    q("#f-eval").value = eval_spec
+    for wid, value in more.items():
+        q(f"#{wid}").value = value
+
+
+# ------------------------------------------------------------------------------- pure parts
+def test_param_text_and_field_mapping():
+    assert parse_param_text("0, 1.5") == [0, 1.5] and parse_param_text("[0.1, 1]") == [0.1, 1]
+    assert parse_param_text("0.5") == 0.5 and parse_param_text("true") is True and parse_param_text(" ") is None
+    assert field_of(REVERSED) == "space.weight"
+    assert field_of("search config `models[1]`: Model `x` is neither ...") == "models"
+    assert field_of("Invalid search config: `budget.trials`: Input should be a valid integer") == "budget"
+    assert field_of("search config `layer_groups: 9` is more than the base model's 4 layers") == "layer_groups"
+    assert field_of("a model is listed twice") == "general"
+
+
+def test_registry_prefill_and_config_mapping(tmp_path):
+    v = FormValues(methods=["ties"], base_model="org/base", models="org/a, org/b", eval="spec.yml",
+                   layer_groups="2", trials="5", timeout="", seed="3")
+    specs = sync_params(v)
+    # ties' registry: weight (required, [0, 1]), density ([0.1, 1]), lambda ([0.5, 2]), bools
+    assert [s.name for s in specs] == ["weight", "density", "lambda", "normalize", "rescale", "int8_mask"]
+    assert {n: (c.searched, c.text) for n, c in v.params.items()} == {
+        "weight": (True, "0, 1"), "density": (True, "0.1, 1"), "lambda": (False, "0.5, 2"),
+        "normalize": (False, "true"), "rescale": (False, "false"), "int8_mask": (False, "false")}
+    v.params["normalize"].searched = True  # a checked single value is a fixed value
+    assert build_config(v) == {
+        "base_model": "org/base", "models": ["org/a", "org/b"], "method": "ties",
+        "space": {"weight": [0, 1], "density": [0.1, 1], "normalize": True}, "layer_groups": 2,
+        "eval": "spec.yml", "optimizer": "cmaes", "budget": {"trials": 5}, "seed": 3, "device": "cpu"}
+    v.methods = ["ties", "slerp"]  # two operators: a list, and slerp's `t` joins the parameters
+    sync_params(v)
+    assert build_config(v)["method"] == ["ties", "slerp"] and "t" in v.params
+
+
+# ------------------------------------------------------------------------------- pilot
+@pytest.mark.asyncio
+async def test_n_opens_the_form_with_registry_ranges(tmp_path):
+    runs = tmp_path / "runs"
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, RunsBrowserScreen) and app.screen.scans)
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, NewSearchScreen) and app.screen.checks >= 1)
+        form = app.screen
+        assert form.query_one("#pv-weight").value == "0, 1" and form.query_one("#p-weight").value is True
+        assert form.query_one("#pv-density").value == "0.1, 1"
+        assert form.query_one("#pv-lambda").value == "0.5, 2" and form.query_one("#p-lambda").value is False
+        # empty required fields are not shouted at before Start
+        assert form.error("base_model") is None
+        assert "3 fields to fix" in str(form.query_one("#form-size").render())
+        # choosing another operator rebuilds the parameter rows (slerp: only `t`)
+        sel = form.query_one("#f-methods")
+        sel.deselect("ties")
+        sel.select("slerp")
+        await until(pilot, lambda: [r.id for r in form.query(".param-value")] == ["pv-t"])
+        assert form.query_one("#pv-t").value == "0, 1"
+        await pilot.press("escape")
+        assert isinstance(app.screen, RunsBrowserScreen)
+
+
+@pytest.mark.asyncio
+async def test_form_shows_the_validators_message_for_a_reversed_range(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, [])
+        fill(form, str(MODELS / "base"), f"{MODELS / 'm1'}, {MODELS / 'm2'}", str(MODELS / "eval.yaml"))
+        form.query_one("#pv-weight").value = "1.5, 0"
+        form.query_one("#pv-density").value = "0.1, 2"
+        await settle(pilot, form)
+        assert form.error("space.weight") == REVERSED
+        assert form.error("space.density") == (
+            "search config `space.density`: the range [0.1, 2] leaves the allowed values of `density` "
+            "(a finite number in (0, 1]). Narrow the range.")
+        assert not form.result.ok and "2 fields to fix" in str(form.query_one("#form-size").render())
+        await pilot.press("ctrl+s")  # refused: nothing is created
+        await pilot.pause()
+        assert form.started is None and not runs.exists()
+        # a layer-group count the base model cannot take: the validator's message beside that field
+        form.query_one("#pv-weight").value = "0, 1.5"
+        form.query_one("#pv-density").value = "0.1, 1"
+        form.query_one("#f-groups").value = "9"
+        await settle(pilot, form)
+        assert form.error("layer_groups") == (
+            "search config `layer_groups: 9` is more than the base model's 4 layers; use at most 4.")
+        assert form.error("space.weight") is None
+    # the command line says exactly the same about the same config
+    cfg = build_config(FormValues(base_model=str(MODELS / "base"), models=f"{MODELS / 'm1'}, {MODELS / 'm2'}",
+                                  eval=str(MODELS / "eval.yaml"), params={}))
+    cfg["space"] = {"weight": [1.5, 0]}
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump(cfg))
+    from mergelab.cli import main
+
+    assert main(["search", "--dry-run", str(tmp_path / "bad.yml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {REVERSED}"
+
+
+@pytest.mark.asyncio
+async def test_filled_form_writes_a_config_the_command_line_accepts_and_starts_it(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    started: list[RunDir] = []
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, started)
+        fill(form, str(MODELS / "base"), f"{MODELS / 'm1'}, {MODELS / 'm2'}", str(MODELS / "eval.yaml"),
+             **{"f-groups": "2", "f-trials": "4", "f-seed": "5"})
+        form.query_one("#p-lambda").value = True  # search lambda too, over its registry range
+        await settle(pilot, form)
+        assert form.result.ok and form.result.complete, form.result.errors
+        # 2 models x 2 layer groups for weight and density, plus one global lambda
+        assert form.result.size_text == "9 searched numbers (lambda 1, weight 4, density 4)"
+        assert str(form.query_one("#f-scorers").render()) == \
+            "2 scorers: a (exact_match, em.jsonl, weight 1); b (exact_match, em.jsonl, weight 1)"
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen), timeout=10)
+        assert app.screen.rd.path == runs / "my-search"
+    run = runs / "my-search"
+    assert [rd.path for rd in started] == [run]
+    text = (run / "config.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    assert cfg == {"base_model": str(MODELS / "base"), "models": [str(MODELS / "m1"), str(MODELS / "m2")],
+                   "method": "ties", "space": {"weight": [0, 1], "density": [0.1, 1], "lambda": [0.5, 2]},
+                   "layer_groups": 2, "eval": str(MODELS / "eval.yaml"), "optimizer": "cmaes",
+                   "budget": {"trials": 4}, "seed": 5, "device": "cpu"}
+    assert RunDir(run).summary()["status"] == "stopped" and RunDir(run).resolved()["num_layers"] == 4
+    # the file runs unchanged with the command line (dry run: validated, nothing started)
+    (tmp_path / "copy.yml").write_text(text)
+    from mergelab.cli import main
+
+    assert main(["search", "--dry-run", str(tmp_path / "copy.yml")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config OK: ties over 2 models, 9 searched numbers, optimizer cmaes, budget 4 trials")
+
+
+@pytest.mark.asyncio
+async def test_an_existing_run_name_is_refused(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "runs" / "stopped-tpe", runs / "stopped-tpe")
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, [])
+        form.query_one("#f-name").value = "stopped-tpe"
+        await settle(pilot, form)
+        assert form.error("name").startswith(f"Run directory {runs / 'stopped-tpe'} already exists")
+
+
+# ------------------------------------------------------------------------------- snapshot
+def test_form_snapshot(tmp_path, monkeypatch, snap_compare):
+    shutil.copytree(MODELS, tmp_path / "models")
+    monkeypatch.chdir(tmp_path)  # relative paths on screen: the picture does not depend on the machine
+    app = MergelabApp(runs_dirs=[Path("runs")], clock=lambda: FROZEN, browse_interval=600)
+
+    async def ready(pilot):
+        form = await open_form(pilot, Path("runs"), [])
+        fill(form, "models/base", "models/m1, models/m2", "models/eval.yaml", **{"f-groups": "2"})
+        form.query_one("#pv-weight").value = "1.5, 0"
+        await settle(pilot, form)
+        form.query_one("#form").scroll_to(y=0, animate=False)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=ready)
