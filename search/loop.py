@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from mergelab.errors import MergelabError
 
 from .config import SearchConfig, load_search_config, parse_search_config
 from .optimizers import (
+    ABANDONED_ATTR,
     INTERRUPTED_ATTR,
     RETRY_ATTR,
     FixedSampler,
@@ -32,7 +35,7 @@ from .optimizers import (
     make_sampler,
     n_counted,
 )
-from .rundir import HEARTBEAT_S, RunDir, dumps, worker_id
+from .rundir import HEARTBEAT_S, STALE_AFTER_S, RunDir, dumps, worker_id
 from .space import Space, build_space
 
 STUDY_NAME = "mergelab"
@@ -170,7 +173,8 @@ def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
     return cfg, space
 
 
-def resolved_config(cfg: SearchConfig, space: Space, storage: str | None, objective_names: list[str]) -> dict:
+def resolved_config(cfg: SearchConfig, space: Space, storage: str | None, objective_names: list[str],
+                    run_name: str = "") -> dict:
     d = cfg.model_dump(mode="json")
     d["base_model"] = _abs_ref(cfg.base_model)
     d["models"] = [_abs_ref(r) for r in cfg.models]
@@ -183,6 +187,9 @@ def resolved_config(cfg: SearchConfig, space: Space, storage: str | None, object
     d.update(
         optimizer=cfg.optimizer.model_dump(mode="json"),
         storage=storage,
+        # in a shared storage the study is named after the run, so that every worker (they all
+        # pass the same --run NAME) finds it and other runs in the same database stay apart
+        study_name=STUDY_NAME if storage is None else f"{STUDY_NAME}-{run_name}",
         num_layers=space.num_layers,
         params=space.describe(),
         objective_names=objective_names if multi else ["combined"],
@@ -235,12 +242,12 @@ def prepare_run(config_path: str | Path, run: str | Path | None = None, *, stora
     if storage is not None and RunDir.is_run_dir(run):
         # a worker joining a run created by another process on this machine (shared storage)
         return RunDir.open(run)
-    resolved = resolved_config(cfg, space, storage, objective_names)
+    resolved = resolved_config(cfg, space, storage, objective_names, run.name)
     resolved["eval_base_dir"] = str(base_dir)
     rd = RunDir.create(run, text, resolved)
     st = _open_storage(rd.storage_url(), heartbeat=False)
     directions = ["maximize"] * len(rd.resolved()["directions"])
-    optuna.create_study(storage=st, study_name=STUDY_NAME, directions=directions, load_if_exists=True)
+    optuna.create_study(storage=st, study_name=rd.study_name(), directions=directions, load_if_exists=True)
     rd.log(f"created run {rd.path} ({cfg.optimizer.name}, {space.size_text()}, storage {rd.storage_url().split('@')[-1]})")
     return rd
 
@@ -349,10 +356,13 @@ def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[
     interrupted trial has a re-try queued (idempotent, so a crash here is harmless)."""
     storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if numbers_alive(t):
+        if numbers_alive(t) and not t.user_attrs.get(INTERRUPTED_ATTR):
             continue
-        storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        try:
+            storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first (or it just finished)
         rec = {"number": t.number, "state": "FAIL", "params": t.params, "recipe": None, "value": None,
                "values": None, "metrics": {}, "scores": {}, "error": "interrupted: the search process died",
                "interrupted": True, "retry_of": t.user_attrs.get(RETRY_ATTR), "timings": {},
@@ -367,6 +377,20 @@ def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[
     for t in trials:
         if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried and t.params:
             study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
+
+
+def _fail_stale(study: optuna.Study, log) -> None:
+    """RUNNING trials whose storage heartbeat stopped (a worker on any machine died) -> marked
+    interrupted, so _mark_interrupted records them and queues their re-try."""
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return
+    for tid in storage._get_stale_trial_ids(study._study_id):
+        try:
+            storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # finished (or failed by another worker) meanwhile
+        log(f"trial id {tid}: its worker's storage heartbeat stopped")
 
 
 def _reconcile_jsonl(study: optuna.Study, rd: RunDir, log) -> None:
@@ -483,21 +507,36 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
             "directory); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
         )
     storage = _open_storage(rd.storage_url(), heartbeat=True)
-    sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump())
+    sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump(), shared=worker)
     pruner = _make_pruner(cfg)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner)
+    study = optuna.load_study(study_name=rd.study_name(), storage=storage, sampler=sampler, pruner=pruner)
     multi = len(res["directions"]) > 1
     objective_names = res["objective_names"]
     rd.heartbeat(wid, {"trial": None, "paused": False, "started": time.time()})
 
     # -- recover what an earlier process left behind
-    def alive(t) -> bool:
-        w = t.user_attrs.get("worker")
-        return worker and w is not None and w in rd.live_workers() and w != wid
+    host = socket.gethostname()
 
-    if isinstance(storage, optuna.storages.RDBStorage) and worker:
-        optuna.storages.fail_stale_trials(study)
-    _mark_interrupted(study, rd, alive, logline, retry=opt != "pycma")
+    def alive(t) -> bool:
+        """Is a RUNNING trial still being evaluated by some process? (taking it over alone, no)"""
+        if not worker:
+            return False
+        w = t.user_attrs.get("worker")
+        if w is None:  # asked but not tagged yet: a worker that is starting it right now
+            started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+            return time.time() - started < STALE_AFTER_S
+        if w == wid:
+            return False
+        if w.rsplit("-", 1)[0] != host:
+            return True  # another machine: the storage heartbeat (below) decides, not our files
+        return w in rd.live_workers()
+
+    def recover() -> None:
+        if worker:
+            _fail_stale(study, logline)
+        _mark_interrupted(study, rd, alive, logline, retry=opt != "pycma")
+
+    recover()
     _reconcile_jsonl(study, rd, logline)
     driver = PycmaDriver(rd.path, space, cfg.seed, cfg.optimizer.popsize, cfg.optimizer.sigma0) if opt == "pycma" else None
     if driver is not None:
@@ -524,9 +563,19 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     stop_hb = threading.Event()
     current = {"trial": None, "paused": False}
 
+    beat = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+
     def heartbeat_loop():
         while not stop_hb.wait(HEARTBEAT_S):
             rd.heartbeat(wid, {"trial": current["trial"], "paused": current["paused"], "started": session_start})
+            tid = current.get("trial_id")
+            if beat and tid is not None:
+                # what Study.optimize does for its trials: lets a worker on another machine tell
+                # our running trial from one whose process died (fail_stale_trials)
+                try:
+                    storage.record_heartbeat(tid)
+                except Exception as e:  # a lost connection must not kill the search thread
+                    logline(f"storage heartbeat failed: {type(e).__name__}: {e}", "WARNING")
 
     hb = threading.Thread(target=heartbeat_loop, daemon=True, name="mergelab-heartbeat")
     hb.start()
@@ -542,6 +591,7 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
             f"{budget_trials if budget_trials else '-'} trials / {budget_timeout if budget_timeout else '-'} s")
     status, detail = "running", ""
     session_trials = 0
+    last_recover = time.time()
     try:
         while True:
             # -- stop / pause between trials
@@ -575,10 +625,15 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
             if budget_trials is not None and worker:
                 running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                 if done + running >= budget_trials:
-                    time.sleep(0.3)  # the last trials are running elsewhere; one may fail and need us
+                    # the last trials are running elsewhere; one may fail or its worker die, and
+                    # then its re-try needs us
+                    time.sleep(0.3)
+                    if time.time() - last_recover > STALE_AFTER_S / 3:
+                        recover()
+                        last_recover = time.time()
                     continue
             _one_trial(study, rd, space, objective, driver, cfg, wid, multi, objective_names, current,
-                       logline, progress)
+                       logline, progress, budget_trials if worker else None)
             session_trials += 1
     except KeyboardInterrupt:
         status, detail = "stopped", "interrupted (Ctrl-C twice)"
@@ -639,24 +694,34 @@ def _recover_pycma(driver: PycmaDriver, study: optuna.Study) -> None:
 
 def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: PycmaDriver | None,
                cfg: SearchConfig, wid: str, multi: bool, objective_names: list[str], current: dict,
-               logline, progress) -> None:
+               logline, progress, shared_budget: int | None = None) -> None:
     slot = None
     if driver is not None:
         slot, values = driver.next_slot()
         study.sampler.next_values = values
     trial = study.ask()
+    trial.set_user_attr("worker", wid)  # first: a worker starting now must see who runs it
+    if shared_budget is not None and _over_budget(study, trial.number, shared_budget):
+        # Another worker created its trial between our budget check and our ask: the trials
+        # with lower numbers fill the budget, so this one is given up before any work (not
+        # counted, not re-tried, no trials.jsonl line). The lowest numbers win, so two racing
+        # workers never both give up.
+        study._storage.set_trial_user_attr(trial._trial_id, ABANDONED_ATTR, True)
+        study.tell(trial, state=TrialState.FAIL)
+        logline(f"trial {trial.number} given up: the budget is taken by other workers' trials")
+        return
     if driver is None:
         # Optuna samples relative params lazily and skips it when every param is fixed (an
         # enqueued re-try or warm start); CMA-ES must still see the trial (it tags it with its
         # generation and may tell a finished generation), or a resumed run diverges.
         _ = trial.relative_params
     values = {p.name: trial.suggest_float(p.name, p.low, p.high) for p in space.params}
-    trial.set_user_attr("worker", wid)
     trial.set_user_attr("device", cfg.device)
     if driver is not None:
         driver.started(slot, trial.number)
         trial.set_user_attr("pycma_slot", [driver.generation, slot])
     current["trial"] = trial.number
+    current["trial_id"] = trial._trial_id
     retry_of = trial.user_attrs.get(RETRY_ATTR)
     started = time.time()
     recipe = space.recipe(values)
@@ -723,11 +788,19 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         driver.tell(slot, out.combined if state == "COMPLETE" else None)
     rd.append_trial(rec)
     current["trial"] = None
+    current["trial_id"] = None
     _update_summary(rd, rec, logline)
     score = f"{rec['value']:.6g}" if rec["value"] is not None else state
     logline(f"trial {trial.number} {state.lower()}: score {score} ({total:.2f} s)")
     if progress:
         progress({"event": "trial_end", "number": trial.number, "record": rec})
+
+
+def _over_budget(study: optuna.Study, number: int, budget: int) -> bool:
+    """Do the counted trials plus the running ones numbered below `number` fill the budget?"""
+    trials = study.get_trials(deepcopy=False)
+    ahead = sum(1 for t in trials if t.state == TrialState.RUNNING and t.number < number)
+    return sum(1 for t in trials if counted(t)) + ahead >= budget
 
 
 def start_search_thread(run: str | Path | RunDir, objective: Objective | None = None, **kw):

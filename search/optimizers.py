@@ -24,6 +24,9 @@ from .space import Space
 
 INTERRUPTED_ATTR = "mergelab_interrupted"
 RETRY_ATTR = "mergelab_retry_of"
+# a worker's trial created after other workers had already taken the last budget slots: given
+# up before evaluation, never counted, never re-tried
+ABANDONED_ATTR = "mergelab_abandoned"
 
 
 def derive_seed(seed: int, n: int, salt: str = "") -> int:
@@ -35,7 +38,8 @@ def counted(t: FrozenTrial) -> bool:
     """Does this trial count towards the budget? (interrupted ones are re-tried instead)"""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR, False)
+    return (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR, False)
+            and not t.user_attrs.get(ABANDONED_ATTR, False))
 
 
 def n_counted(study: optuna.Study) -> int:
@@ -54,8 +58,12 @@ class ReseededSampler(BaseSampler):
     same k, so the parameter sequence of finished trials is the uninterrupted one."""
 
     def __init__(self, factory: Callable[[int], BaseSampler], seed: int,
-                 full_space: dict | None = None, renumber: bool = False):
+                 full_space: dict | None = None, renumber: bool = False, shared: bool = False):
         self._factory = factory
+        # Several workers asking at once see the same k: salt with the (unique) trial number so
+        # they do not propose the same candidate. Only for shared runs: a re-tried trial gets a
+        # new number, so the salt would break the resume equivalence of a single process.
+        self._shared = shared
         # CMA-ES seeds each ask with trial.number; TPE filters trials by number (so it must see
         # the real one): renumber only where the number is used as a seed.
         self._renumber = renumber
@@ -67,7 +75,8 @@ class ReseededSampler(BaseSampler):
         got = self._inner.get(trial._trial_id)
         if got is None:
             k = n_counted(study)
-            got = (self._factory(derive_seed(self._seed, k)), k)
+            salt = f"t{trial.number}" if self._shared else ""
+            got = (self._factory(derive_seed(self._seed, k, salt)), k)
             self._inner = {trial._trial_id: got}  # one trial at a time per process
         return got
 
@@ -121,8 +130,10 @@ class FixedSampler(BaseSampler):
         return self.next_values[param_name]
 
 
-def make_sampler(name: str, space: Space, seed: int, options: dict | None = None) -> BaseSampler:
-    """The study's sampler for optimizer `name` (pycma: a FixedSampler fed by PycmaDriver)."""
+def make_sampler(name: str, space: Space, seed: int, options: dict | None = None,
+                 shared: bool = False) -> BaseSampler:
+    """The study's sampler for optimizer `name` (pycma: a FixedSampler fed by PycmaDriver).
+    shared: several workers ask from this study at once (seeds salted per trial)."""
     from optuna.samplers import CmaEsSampler, NSGAIISampler, RandomSampler, TPESampler
 
     options = options or {}
@@ -130,14 +141,14 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
     if name == "pycma":
         return FixedSampler()
     if name == "random":
-        return ReseededSampler(lambda s: RandomSampler(seed=s), seed)
+        return ReseededSampler(lambda s: RandomSampler(seed=s), seed, shared=shared)
     if name == "tpe":
         nst = options.get("n_startup_trials")
         kw = {} if nst is None else {"n_startup_trials": nst}
-        return ReseededSampler(lambda s: TPESampler(seed=s, **kw), seed)
+        return ReseededSampler(lambda s: TPESampler(seed=s, **kw), seed, shared=shared)
     if name == "nsga2":
         pop = options.get("popsize") or max(4, popsize_default(n))
-        return ReseededSampler(lambda s: NSGAIISampler(seed=s, population_size=pop), seed)
+        return ReseededSampler(lambda s: NSGAIISampler(seed=s, population_size=pop), seed, shared=shared)
     if name == "cmaes":
         pop = options.get("popsize") or popsize_default(n)
         # Optuna's CMA works in [0, 1] per dimension and starts, by default, at the middle with
@@ -152,7 +163,7 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
                 independent_sampler=RandomSampler(seed=s),
             )
 
-        return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True)
+        return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True, shared=shared)
     raise MergelabError(f"unknown optimizer `{name}`; use one of cmaes, tpe, random, nsga2, pycma.")
 
 

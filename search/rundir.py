@@ -303,6 +303,11 @@ class RunDir:
         url = self.resolved().get("storage")
         return url or f"sqlite:///{(self.path / STUDY_FILE).resolve()}"
 
+    def study_name(self) -> str:
+        """The Optuna study's name in the storage ("mergelab" in the run's own study.db;
+        "mergelab-RUNNAME" in a shared --storage, so runs sharing a database stay apart)."""
+        return self.resolved().get("study_name") or "mergelab"
+
     def created(self) -> float | None:
         s = self.summary()
         return s.get("created") if s else None

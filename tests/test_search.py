@@ -250,9 +250,8 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _two_workers(world, tmp_path, storage: str) -> RunDir:
+def _two_workers(world, tmp_path, storage: str, run: Path) -> RunDir:
     cfg = _config(world, tmp_path, optimizer={"name": "tpe"}, budget={"trials": 8})
-    run = tmp_path / "shared"
     rd = prepare_run(cfg, run, storage=storage)  # the first creates; the workers join
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER.format(root=str(ROOT)), str(cfg), str(run), storage],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
@@ -261,43 +260,79 @@ def _two_workers(world, tmp_path, storage: str) -> RunDir:
     return rd
 
 
-def _check_shared(rd: RunDir) -> None:
+def check_shared(rd: RunDir, budget: int, storage) -> None:
+    """Budget met exactly, no trial run twice, the study and trials.jsonl agree."""
     import optuna
+
+    from search.optimizers import ABANDONED_ATTR
     recs = rd.trials()
     numbers = [r["number"] for r in recs]
     assert len(numbers) == len(set(numbers))  # no trial run twice
-    assert sum(r["state"] == "COMPLETE" for r in recs) >= 8
+    assert sum(r["state"] == "COMPLETE" for r in recs) == budget  # met, not overshot
+    assert len({json.dumps(r["params"], sort_keys=True) for r in recs}) == len(recs)
     # both workers usually take trials, but a worker that starts late on a loaded machine may
     # find the budget already taken; what matters is that none was run twice
     assert 1 <= len({r["worker"] for r in recs}) <= 2
-    study = optuna.load_study(study_name="mergelab", storage=rd.storage_url() if not rd.storage_url().startswith("journal:")
-                              else __import__("search.loop", fromlist=["_open_storage"])._open_storage(rd.storage_url(), False))
-    assert sorted(t.number for t in study.trials) == sorted(numbers)
-    assert rd.summary()["status"] == "finished"
-
-
-def test_two_workers_share_a_journal_file(world, tmp_path):
-    rd = _two_workers(world, tmp_path, f"journal:{tmp_path / 'journal.log'}")
-    _check_shared(rd)
+    study = optuna.load_study(study_name=rd.study_name(), storage=storage)
+    ran = [t for t in study.trials if not t.user_attrs.get(ABANDONED_ATTR)]
+    assert sorted(t.number for t in ran) == sorted(numbers)
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials if t.user_attrs.get(ABANDONED_ATTR))
+    assert rd.summary()["status"] == "finished" and rd.summary()["trials_done"] == budget
 
 
 def test_two_workers_share_postgresql(world, tmp_path):
+    import uuid
+
+    import optuna
     url = os.environ.get("MERGELAB_TEST_POSTGRES_URL")
     if not url:
         if os.environ.get("MERGELAB_ALLOW_NO_POSTGRES") == "1":
             return  # explicitly allowed: a machine without a PostgreSQL server
         pytest.fail(
-            "MERGELAB_TEST_POSTGRES_URL is not set. Start PostgreSQL and point the test at it: "
-            "apt-get install -y postgresql && pg_ctlcluster 15 main start && su postgres -c \"psql -c "
-            "\\\"CREATE USER mergelab PASSWORD 'mergelab'\\\"\" && su postgres -c 'createdb -O mergelab mergelab_test'; "
-            "export MERGELAB_TEST_POSTGRES_URL=postgresql+psycopg2://mergelab:mergelab@127.0.0.1/mergelab_test "
+            "MERGELAB_TEST_POSTGRES_URL is not set. Start PostgreSQL and point the test at it, as "
+            ".ci/run does: apt-get install -y postgresql && pg_ctlcluster 15 main start && su postgres "
+            "-c \"psql -c \\\"CREATE USER mergelab WITH PASSWORD 'mergelab'\\\"\" && su postgres -c "
+            "'createdb -O mergelab mergelab_ci'; export MERGELAB_TEST_POSTGRES_URL="
+            "postgresql+psycopg2://mergelab:mergelab@127.0.0.1/mergelab_ci "
             "(or set MERGELAB_ALLOW_NO_POSTGRES=1 to skip on purpose)."
         )
-    import sqlalchemy
-    eng = sqlalchemy.create_engine(url)
-    with eng.begin() as c:  # a fresh schema each run: drop Optuna's tables
-        md = sqlalchemy.MetaData()
-        md.reflect(bind=c)
-        md.drop_all(bind=c)
-    rd = _two_workers(world, tmp_path, url)
-    _check_shared(rd)
+    run = tmp_path / f"pg-{uuid.uuid4().hex[:12]}"  # its own study: reruns and parallel runs never meet
+    try:
+        rd = _two_workers(world, tmp_path, url, run)
+        assert rd.study_name() == f"mergelab-{run.name}"
+        check_shared(rd, 8, url)
+    finally:
+        try:
+            optuna.delete_study(study_name=f"mergelab-{run.name}", storage=url)
+        except KeyError:
+            pass  # never created (the run failed before)
+
+
+def test_racing_worker_gives_up_a_trial_past_the_budget(world, tmp_path):
+    """Two workers pass the budget check at once: the one whose trial has the higher number
+    gives it up before evaluating it (not counted, no trials.jsonl line)."""
+    import optuna
+
+    from search.loop import _one_trial, _open_storage, config_of
+    from search.optimizers import ABANDONED_ATTR, make_sampler, n_counted
+
+    journal = f"journal:{tmp_path / 'j.log'}"
+    cfg_path = _config(world, tmp_path, optimizer={"name": "random"}, budget={"trials": 3})
+    rd = prepare_run(cfg_path, tmp_path / "run", storage=journal)
+    run_search(rd, sphere, worker=True, max_trials_this_session=2)
+    cfg, space = config_of(rd)
+    storage = _open_storage(rd.storage_url(), False)
+    study = optuna.load_study(study_name=rd.study_name(), storage=storage,
+                              sampler=make_sampler("random", space, cfg.seed))
+    other = study.ask()  # trial 2: another worker took the last slot and is evaluating it
+    _one_trial(study, rd, space, sphere, None, cfg, "me", False, ["combined"], {"trial": None},
+               lambda *a: None, None, shared_budget=3)
+    t3 = study.trials[3]
+    assert t3.state == optuna.trial.TrialState.FAIL and t3.user_attrs[ABANDONED_ATTR] is True
+    assert [r["number"] for r in rd.trials()] == [0, 1] and n_counted(study) == 2
+    study.tell(other, 0.0)
+    assert n_counted(study) == 3  # the budget, exactly
+    # without the race the same call runs the trial
+    _one_trial(study, rd, space, sphere, None, cfg, "me", False, ["combined"], {"trial": None},
+               lambda *a: None, None, shared_budget=5)
+    assert [r["number"] for r in rd.trials()] == [0, 1, 4]

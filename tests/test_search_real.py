@@ -204,3 +204,21 @@ def test_pruner_stops_a_hopeless_trial(world, tmp_path):
     assert full[2] == pytest.approx(recs[0]["scores"]["ppl"] * 0.5, abs=1e-12)  # ppl done: its weighted score
     assert full[len(full) - 1] == pytest.approx(recs[0]["value"], abs=1e-12)  # the last step is the score
 
+
+
+def test_workers_two_processes_share_a_journal_file(world, tmp_path):
+    """`mergelab search --workers 2 --storage journal:...`: two worker processes with the real
+    objective, one study; the budget is met exactly and no trial runs twice."""
+    from mergelab.cli import cli
+    from search.loop import _open_storage
+    from test_search import check_shared
+
+    journal = f"journal:{tmp_path / 'study.journal'}"
+    cfg = _config(world, tmp_path, optimizer={"name": "random"}, budget={"trials": 6})
+    r = CliRunner().invoke(cli, ["search", str(cfg), "--run", str(tmp_path / "run"), "--storage", journal,
+                                 "--workers", "2", "--no-tui"])
+    assert r.exit_code == 0, r.output
+    rd = RunDir.open(tmp_path / "run")
+    assert f"best: trial {rd.summary()['best']['number']}" in r.output
+    check_shared(rd, 6, _open_storage(rd.storage_url(), False))
+    assert all(r["timings"]["eval_s"] > 0 and set(r["scores"]) == {"choice", "ppl"} for r in rd.trials())

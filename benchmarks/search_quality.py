@@ -1,0 +1,141 @@
+"""Search quality on the bundled family: does a searched merge beat the equal-weight ties merge?
+
+Fitness is the VAL split's combined score; every number in the table is the TEST split (items the
+search never scored). Usage: python benchmarks/search_quality.py [--family DIR] [--cmaes 20 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SKILLS = ("addition", "sort", "reverse")
+
+
+def _scorer(ev, tm, recipe: dict | None = None, model_dir: Path | None = None):
+    """The combined test result of a recipe (merged in memory) or of a model directory."""
+    from mergelab.eval.models import HFLogitModel, load_model
+
+    if recipe is not None:
+        return ev.evaluate(HFLogitModel(tm.apply(recipe), tm.tokenizer))
+    model, tok = load_model(model_dir, "cpu")
+    return ev.evaluate(HFLogitModel(model, tok))
+
+
+def _search(name: str, optimizer: str, trials: int, args, work: Path) -> tuple[dict, float, dict]:
+    """Run one search on the VAL spec; (best trial record, seconds, config written)."""
+    from search.loop import prepare_run, run_search
+
+    fam = args.family
+    cfg = {
+        "base_model": str(fam / "base"),
+        "models": [str(fam / s) for s in SKILLS],
+        "method": "ties",
+        "space": {"weight": [0.0, 1.0], "density": [0.1, 1.0], "lambda": list(args.lambda_range)},
+        "layer_groups": args.layer_groups,
+        "eval": str(args.val),
+        "optimizer": {"name": optimizer},
+        "budget": {"trials": trials},
+        "seed": args.seed,
+        "device": "cpu",
+    }
+    path = work / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rd = prepare_run(path, work / "runs" / name)
+    t0 = time.perf_counter()
+    run_search(rd, install_signals=False)
+    secs = time.perf_counter() - t0
+    best = json.loads((rd.path / "best" / "trial.json").read_text())
+    return best, secs, cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", type=Path, default=REPO / "mergelab/demo/family")
+    ap.add_argument("--val", type=Path, default=REPO / "mergelab/demo/data/eval_val.yml")
+    ap.add_argument("--test", type=Path, default=REPO / "mergelab/demo/data/eval_test.yml")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--random", type=int, default=20, help="random-search trials")
+    ap.add_argument("--cmaes", type=int, nargs="+", default=[20, 100], help="cmaes budgets")
+    ap.add_argument("--layer-groups", type=int, default=2)
+    ap.add_argument("--lambda-range", type=float, nargs=2, default=[0.0, 1.5])
+    ap.add_argument("--density", type=float, default=0.5, help="density of the equal-weight ties merge")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=None, help="keep run directories here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from mergelab.eval.evaluator import Evaluator
+    from mergelab.eval.spec import EvalSpec
+    from mergelab.trial import TrialMerger
+
+    fam = args.family
+    for d in ["base", *SKILLS]:
+        if not (fam / d / "config.json").is_file():
+            raise SystemExit(f"{fam / d} is not a model directory; train the family first "
+                             "(python -m mergelab.demo.train_family) or pass --family.")
+    work = args.work or Path(tempfile.mkdtemp(prefix="search_quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    tm = TrialMerger(str(fam / "base"), [str(fam / s) for s in SKILLS], device="cpu")
+    test = Evaluator(EvalSpec.load(args.test), tm.tokenizer, "cpu")
+    val = Evaluator(EvalSpec.load(args.val), tm.tokenizer, "cpu")
+    rows: list[dict] = []
+
+    def row(label: str, recipe=None, model_dir=None, val_score=None, trials=None, secs=None):
+        r = _scorer(test, tm, recipe, model_dir)
+        if val_score is None:
+            val_score = _scorer(val, tm, recipe, model_dir).combined
+        rows.append({"model": label, **{s: r.scores[s] for s in SKILLS}, "test": r.combined,
+                     "val": val_score, "trials": trials, "seconds": secs})
+        print(f"  {label}: test {r.combined:.4f} val {val_score:.4f}", file=sys.stderr, flush=True)
+
+    row("base", model_dir=fam / "base")
+    for s in SKILLS:
+        row(f"fine-tune `{s}`", model_dir=fam / s)
+    eq = {"merge_method": "ties", "base_model": str(fam / "base"),
+          "models": [{"model": str(fam / s), "parameters": {"weight": 1.0, "density": args.density}} for s in SKILLS]}
+    row(f"ties, equal weights (w=1, d={args.density:g}, lambda=1)", recipe=eq)
+    searches = [("random", args.random)] + [("cmaes", n) for n in args.cmaes]
+    configs = {}
+    for opt, n in searches:
+        best, secs, cfg = _search(f"{opt}-{n}", opt, n, args, work)
+        configs[f"{opt}-{n}"] = cfg
+        row(f"best of {n} `{opt}` trials (trial {best['number']})", recipe=best["recipe"],
+            val_score=best["value"], trials=n, secs=secs)
+
+    total = time.perf_counter() - t_start
+    cmd = "python benchmarks/search_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"Search quality on the bundled family (exact match, fraction correct per skill; "
+          f"combined = sum of the three). Fitness: VAL split ({args.val.name}); every number below "
+          f"is the TEST split ({args.test.name}), items no search scored. Space: ties, "
+          f"{args.layer_groups} layer groups, weight [0, 1] and density [0.1, 1] per model and "
+          f"group, lambda {list(args.lambda_range)}; seed {args.seed}; CPU, {args.threads} thread(s).\n")
+    print("| model | addition | sort | reverse | combined (test) | combined (val) | search time |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        t = f"{r['seconds']:.0f} s" if r["seconds"] is not None else ""
+        print(f"| {r['model']} | {r['addition']:.3f} | {r['sort']:.3f} | {r['reverse']:.3f} | "
+              f"**{r['test']:.3f}** | {r['val']:.3f} | {t} |")
+    print(f"\nCommand: `{cmd.strip()}` ({total:.0f} s in all; run directories in {work}).")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "configs": configs, "seconds": total}, indent=2))
+    eq_test = next(r["test"] for r in rows if r["model"].startswith("ties, equal"))
+    best_cmaes = max(r["test"] for r in rows if "`cmaes`" in r["model"])
+    print(f"\nsearched (best cmaes) {best_cmaes:.4f} vs equal-weight ties {eq_test:.4f}: "
+          f"{'BEATS' if best_cmaes > eq_test else 'does NOT beat'} it.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
