@@ -1,7 +1,8 @@
-"""Model sources: a local directory or a Hugging Face repo id, read one tensor at a time from
-memory-mapped safetensors (single file or sharded), never loaded whole."""
+"""Model sources: a local directory or a Hugging Face repo id, read one tensor (or a slice of one)
+at a time from safetensors files (single file or sharded) with positioned reads, never loaded whole."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import MergelabError, name_list
 
@@ -41,6 +41,14 @@ class TensorInfo:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # byte offset of the tensor's data in `file`
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
 
     @property
     def nbytes(self) -> int:
@@ -50,12 +58,23 @@ class TensorInfo:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _read_header(path: Path) -> dict:
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header and the byte offset where the data section starts."""
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if n <= 0 or n > 100_000_000:
             raise MergelabError(f"{path} is not a valid safetensors file (bad header length).")
-        return json.loads(f.read(n))
+        try:
+            return json.loads(f.read(n)), 8 + n
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MergelabError(f"{path} is not a valid safetensors file (unreadable header: {e}).") from None
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (any dtype, bfloat16 included),
+    for positioned reads and writes without an extra copy."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def resolve_local_path(ref: str, *, download: bool = True) -> Path:
@@ -107,7 +126,7 @@ class ModelSource:
         self.path = path
         self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = self._index()
-        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -162,7 +181,8 @@ class ModelSource:
             )
         out: dict[str, TensorInfo] = {}
         for f in files:
-            header = _read_header(f)
+            header, data_start = _read_header(f)
+            size = f.stat().st_size
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
@@ -171,7 +191,15 @@ class ModelSource:
                     raise MergelabError(
                         f"{f}: tensor {name} has dtype {meta['dtype']}, which mergelab cannot merge."
                     )
-                out[name] = TensorInfo(str(f), dtype, tuple(meta["shape"]))
+                begin, end = meta["data_offsets"]
+                info = TensorInfo(str(f), dtype, tuple(meta["shape"]), data_start + begin)
+                if end - begin != info.nbytes or data_start + end > size:
+                    raise MergelabError(
+                        f"{f}: tensor {name} has data offsets {begin}..{end}, which do not match its "
+                        f"shape {list(info.shape)} and dtype {meta['dtype']} or run past the end of "
+                        "the file. The file is truncated or corrupt; re-download or re-save it."
+                    )
+                out[name] = info
         return out
 
     @property
@@ -196,17 +224,54 @@ class ModelSource:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
 
     # -- data ----------------------------------------------------------------------------------
-    def get(self, name: str) -> torch.Tensor:
+    # Positioned reads (os.preadv) into caller buffers instead of memory-mapping: the page cache
+    # holds the file, not this process, so resident memory stays at the buffers actually used,
+    # and concurrent reads from several threads need no lock (only opening a file does).
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = os.open(file, os.O_RDONLY)
+                    self._fds[file] = fd
+        return fd
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Fill the contiguous CPU tensor `out` (the tensor's dtype) with elements
+        [start, start + out.numel()) of tensor `name` in flat order; returns `out`."""
         info = self.tensors[name]
-        with self._lock:
-            h = self._handles.get(info.file)
-            if h is None:
-                h = safe_open(info.file, framework="pt", device="cpu")
-                self._handles[info.file] = h
-        return h.get_tensor(name)
+        if out.dtype != info.dtype or not out.is_contiguous() or start + out.numel() > info.numel:
+            raise ValueError(f"read_into({name}): bad buffer {out.dtype}{tuple(out.shape)} at {start}")
+        if out.numel() == 0:
+            return out
+        view = tensor_bytes(out)
+        pos = info.offset + start * out.element_size()
+        fd = self._fd(info.file)
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got <= 0:
+                raise MergelabError(f"{info.file}: unexpected end of file while reading {name}.")
+            done += got
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor, freshly allocated."""
+        info = self.tensors[name]
+        return self.read_into(name, torch.empty(info.shape, dtype=info.dtype))
 
     def close(self) -> None:
-        self._handles.clear()
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def __repr__(self) -> str:
         return f"ModelSource({self.ref!r}, {len(self.tensors)} tensors)"

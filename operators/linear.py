@@ -16,14 +16,23 @@ def linear(inp: MergeInputs) -> torch.Tensor:
     """Σ wᵢθᵢ, divided by Σ wᵢ when `normalize` (mergekit's linear_merge, same operations)."""
     raise_if_invalid("linear", inp.name, inp.model_params, inp.params, inp.base_index)
     first = inp.models[0]
-    weights = torch.tensor(
-        [float(mp["weight"]) for mp in inp.model_params], dtype=torch.float32, device=first.device
-    )
-    result = torch.zeros_like(first, dtype=torch.float32)
-    scalar_shape = (1,) * first.dim()
-    for tensor, weight in zip(inp.models, weights.unbind(0)):
+    weights = linear_weights(inp.model_params, first.device)
+    result = torch.empty_like(first, dtype=torch.float32)
+    return weighted_sum_(result, inp.models, weights, inp.params["normalize"])
+
+
+def linear_weights(model_params: list[dict[str, Any]], device=None) -> torch.Tensor:
+    return torch.tensor([float(mp["weight"]) for mp in model_params], dtype=torch.float32, device=device)
+
+
+def weighted_sum_(result: torch.Tensor, tensors, weights: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """result = Σ wᵢ·tensors[i] (/ Σ wᵢ), in place. Element by element, so the chunked engine
+    calls it on slices and gets the full tensor's values bit for bit."""
+    scalar_shape = (1,) * result.dim()
+    result.zero_()
+    for tensor, weight in zip(tensors, weights.unbind(0)):
         result.addcmul_(tensor, weight.reshape(scalar_shape))
-    if inp.params["normalize"]:
+    if normalize:
         result.div_(weights.sum(dim=0).reshape(scalar_shape))
     return result
 

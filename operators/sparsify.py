@@ -22,31 +22,105 @@ def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
     return torch.sort(delta.abs().flatten(), descending=True, stable=True).values
 
 
+class TopKRule:
+    """The top-k mask of a flat magnitude tensor as a threshold rule: keep every entry above
+    `threshold`, and of the entries equal to it the first `need` in flat order (the order a
+    stable descending sort gives). Applied chunk by chunk in flat order (`mask_chunk`), it
+    yields the same mask as on the whole tensor at once.
+    """
+
+    def __init__(self, threshold: torch.Tensor, need: int, n_equal: int):
+        self.threshold = threshold
+        self.need = need  # entries equal to the threshold that are kept (>= 1)
+        self.partial = need < n_equal  # some equal entries are dropped: count them in order
+        self._left = need
+
+    def mask_chunk(self, abs_chunk: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The mask of the next chunk (chunks must come in flat order, each exactly once)."""
+        if not self.partial:
+            return torch.ge(abs_chunk, self.threshold, out=out)
+        keep = torch.gt(abs_chunk, self.threshold, out=out)
+        if self._left > 0:
+            tied = torch.nonzero(abs_chunk.reshape(-1) == self.threshold).squeeze(1)[: self._left]
+            keep.view(-1)[tied] = True
+            self._left -= len(tied)
+        return keep
+
+
+def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
+    """The k-th largest value v of the flat tensor (1 <= k <= n), exactly, in a few linear
+    passes, with the number of entries above v and equal to v.
+
+    A strided sample brackets v; the entries inside the bracket are counted and selected, and
+    v is picked among them (the sample never decides the result, it only keeps the final
+    selection small). Falls back to torch.kthvalue over everything when the bracket misses,
+    and for small tensors. v is the value torch.kthvalue(abs_flat, n - k + 1) gives.
+    """
+    n = abs_flat.numel()
+    if n > 1 << 17:
+        sample = abs_flat[:: n // (1 << 16)]
+        m = sample.numel()
+        ordered = torch.sort(sample, descending=True).values
+        q = k / n
+        margin = int(5 * (m * q * (1 - q)) ** 0.5) + 64
+        pos = int(q * m)
+        hi = ordered[pos - margin] if pos - margin >= 0 else None
+        lo = ordered[pos + margin] if pos + margin < m else None
+        band = None
+        above = 0
+        if hi is not None:
+            band = abs_flat <= hi
+            above = n - int(torch.count_nonzero(band))
+        if lo is not None:
+            band = (abs_flat >= lo) if band is None else band.logical_and_(abs_flat >= lo)
+        inside = n - above if band is None else int(torch.count_nonzero(band))
+        if above < k <= above + inside:
+            cand = abs_flat if band is None else abs_flat[band]
+            value = torch.kthvalue(cand, inside - (k - above) + 1).values
+            # every entry equal to v lies inside the bracket
+            return (value, above + int(torch.count_nonzero(cand > value)),
+                    int(torch.count_nonzero(cand == value)))
+    value = torch.kthvalue(abs_flat, n - k + 1).values
+    return value, int(torch.count_nonzero(abs_flat > value)), int(torch.count_nonzero(abs_flat == value))
+
+
+def top_k_rule(abs_flat: torch.Tensor, k: int, sorted_abs: torch.Tensor | None = None) -> TopKRule:
+    """The rule of the k largest entries of `abs_flat` (1 <= k < n). With `sorted_abs`
+    (descending) the threshold is read from it, without it is found by selection
+    (`kth_largest`): the same value either way, hence the same mask bit for bit."""
+    if sorted_abs is None:
+        threshold, above, equal = kth_largest(abs_flat, k)
+    else:
+        threshold = sorted_abs[k - 1]
+        above = int(torch.count_nonzero(abs_flat > threshold))
+        equal = int(torch.count_nonzero(abs_flat == threshold))
+    return TopKRule(threshold, k - above, equal)
+
+
+def top_k_rule_sorted_ascending(ascending: torch.Tensor, k: int) -> TopKRule:
+    """The rule from magnitudes sorted in ascending order: O(log n), no pass over the data."""
+    n = ascending.numel()
+    threshold = ascending[n - k]
+    value = threshold.reshape(1)
+    first = int(torch.searchsorted(ascending, value, right=False)[0])
+    after = int(torch.searchsorted(ascending, value, right=True)[0])
+    return TopKRule(threshold, k - (n - after), after - first)
+
+
 def top_k_mask(abs_flat: torch.Tensor, k: int, sorted_abs: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the k largest entries of the flat tensor `abs_flat`.
 
     Entries equal to the threshold are kept in flat-index order until k are kept, which is the
     order a stable descending sort gives. With `sorted_abs` the threshold is read from it;
-    without, it is found by selection (torch.kthvalue, O(n)): the same value, hence the same
-    mask, bit for bit. Everything after the threshold is a linear pass.
+    without, it is found by selection (O(n)): the same value, hence the same mask, bit for bit.
+    Everything after the threshold is a linear pass.
     """
     n = abs_flat.numel()
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=abs_flat.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=abs_flat.device)
-    if sorted_abs is not None:
-        threshold = sorted_abs[k - 1]
-    else:
-        # kthvalue counts from the smallest: the k-th largest is the (n - k + 1)-th smallest.
-        threshold = torch.kthvalue(abs_flat, n - k + 1).values
-    keep = abs_flat > threshold
-    need = k - int(torch.count_nonzero(keep))
-    # The threshold itself is among the top k, so need >= 1: keep the first `need` entries
-    # equal to it, in flat order (nonzero lists them in increasing index; usually just one).
-    tied = torch.nonzero(abs_flat == threshold).squeeze(1)
-    keep[tied[:need]] = True
-    return keep
+    return top_k_rule(abs_flat, k, sorted_abs).mask_chunk(abs_flat)
 
 
 def rank_range_mask(

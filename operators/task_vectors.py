@@ -87,37 +87,69 @@ def generalized_task_arithmetic(method: TaskVectorMethod, inp: MergeInputs) -> t
             method, _task_vector_into(deltas[row], inp, base, i), inp.model_params[i], params,
             generator, sorted_abs,
         )
-    weights = torch.tensor(
-        [float(inp.model_params[i]["weight"]) for i in others], dtype=deltas.dtype, device=deltas.device
-    ).view(len(others), *([1] * base.dim()))
-    deltas.mul_(weights)
+    weights = task_weights(inp.model_params, others, deltas)
+    return combine_(method, deltas, weights, base, params)
 
+
+def task_weights(model_params: list[dict[str, Any]], rows: list[int], like: torch.Tensor) -> torch.Tensor:
+    """The weights of the task-vector rows, shaped to broadcast over a stacked (rows, ...) buffer."""
+    return torch.tensor(
+        [float(model_params[i]["weight"]) for i in rows], dtype=like.dtype, device=like.device
+    ).view(len(rows), *([1] * (like.dim() - 1)))
+
+
+def combine_(
+    method: TaskVectorMethod,
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    base: torch.Tensor,
+    params: dict[str, Any],
+    out: torch.Tensor | None = None,
+    work: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """base + λ · mix(weights · deltas) for the stacked, already sparsified task vectors.
+
+    Every step is element by element (sums run over the stacked rows only), so the chunked
+    engine calls it on slices and gets the full tensor's values bit for bit. `deltas` is
+    overwritten; `out` (shaped like base) and `work` (scratch tensors keyed by role, reused
+    across calls) avoid fresh allocations.
+    """
+    work = {} if work is None else work
+
+    def scratch(key: str, shape, dtype) -> torch.Tensor:
+        t = work.get(key)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = work[key] = torch.empty(shape, dtype=dtype, device=deltas.device)
+        return t
+
+    rows_shape, one_shape = deltas.shape, base.shape
+    deltas.mul_(weights)
+    mixed = out if out is not None else torch.empty_like(base)
     if method.consensus:
-        positive = deltas.sum(dim=0) >= 0
-        # sign(wτᵢ) == majority sign; row by row to keep the boolean temporaries small
-        mask = torch.empty(deltas.shape, dtype=torch.bool, device=deltas.device)
-        for row in range(len(others)):
-            torch.where(positive, deltas[row] > 0, deltas[row] < 0, out=mask[row])
-        del positive
-        deltas.mul_(mask)
-        mixed = deltas.sum(dim=0)
-        # Reuse the buffer for weights * mask (the per-entry divisor).
-        torch.mul(weights, mask, out=deltas)
-        del mask
-        divisor = deltas.sum(dim=0)
-        divisor[divisor == 0] = 1
+        # Float agreement factor: 1 where sign(w·τᵢ) equals the majority sign (that of Σ wᵢτᵢ,
+        # ≥ 0 counting as +), 0 elsewhere (zeros never agree). Products and sums are those of a
+        # boolean mask, bit for bit, but float kernels are much faster than boolean ones.
+        total = torch.sum(deltas, dim=0, out=scratch("total", one_shape, deltas.dtype))
+        positive = torch.ge(total, 0, out=scratch("positive", one_shape, torch.bool))
+        majority = total.fill_(-1.0).masked_fill_(positive, 1.0)
+        agree = torch.sign(deltas, out=scratch("agree", rows_shape, deltas.dtype))
+        agree.mul_(majority).clamp_(min=0)
+        deltas.mul_(agree)
+        torch.sum(deltas, dim=0, out=mixed)
+        divisor = torch.sum(agree.mul_(weights), dim=0, out=scratch("divisor", one_shape, deltas.dtype))
+        torch.eq(divisor, 0, out=positive)
+        divisor.masked_fill_(positive, 1)
     else:
-        mixed = deltas.sum(dim=0)
+        torch.sum(deltas, dim=0, out=mixed)
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
-    del deltas
 
     if params["normalize"]:
         mixed /= divisor
     lam = float(params["lambda"])
     if lam != 1:
         mixed *= lam
-    return mixed.add_(base).to(base.dtype)  # = base + mixed, bit for bit, without a new tensor
+    return mixed.add_(base)  # = base + mixed, bit for bit, without a new tensor
 
 
 def _della_check(model_params: list[dict[str, Any]], params: dict[str, Any], base_index) -> str | None:
