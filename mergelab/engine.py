@@ -3,9 +3,8 @@ thread), apply the operator on the compute device, and hand the result to a sink
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from operators import MergeInputs, get_operator
 
+from . import _fast
 from .errors import MergelabError
 from .plan import MergePlan, TensorJob, build_plan
 from .recipe import Recipe, load_recipe
@@ -63,14 +63,56 @@ def read_job(job: TensorJob, sources: dict[str, ModelSource]) -> dict[tuple[str,
     return out
 
 
+class JobReader:
+    """A job's sources, not read yet: the chunked kernels read them slice by slice into the
+    workspace's buffers; any other path reads the whole tensors (`read_all`)."""
+
+    def __init__(self, job: TensorJob, sources: dict[str, ModelSource], ws: _fast.Workspace,
+                 reuse_output: bool = False):
+        self.job, self.sources, self.ws, self.reuse_output = job, sources, ws, reuse_output
+
+    def read_all(self) -> dict[tuple[str, str], torch.Tensor]:
+        return read_job(self.job, self.sources)
+
+    def output(self) -> torch.Tensor | None:
+        """A reused output buffer (valid until the next job), or None for a fresh tensor."""
+        if not self.reuse_output:
+            return None
+        n = _fast._numel(self.job.shape)
+        return self.ws.get(("result", self.job.out_dtype), n, self.job.out_dtype).view(self.job.shape)
+
+
+def advise(job: TensorJob, sources: dict[str, ModelSource]) -> None:
+    """Ask the kernel to start reading a job's tensors into the page cache (asynchronous
+    readahead), so disk reads of the next tensors overlap the compute of this one."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for r in ([job.base] if job.base else []) + list(job.models):
+        src = sources[r.ref]
+        info = src.tensors.get(r.tensor)
+        if info is not None:
+            try:
+                os.posix_fadvise(src._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
+
+
 def compute_job(
     job: TensorJob,
-    raw: dict[tuple[str, str], torch.Tensor],
+    raw: dict[tuple[str, str], torch.Tensor] | JobReader,
     plan: MergePlan,
     device: torch.device,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Merge one tensor. Shared by the disk path and the in-memory path's fallback."""
+    """Merge one tensor. Shared by the disk path and the in-memory path's fallback. With a
+    JobReader on the CPU, linear and the task-vector methods run the chunked kernels."""
+    if isinstance(raw, JobReader):
+        if device.type == "cpu" and _fast.supported(plan, job, compute_dtype):
+            inputs = _fast.DiskInputs(job, raw.sources, plan.recipe.base_index, raw.ws)
+            out, sink = _fast.full_output(job, raw.output())
+            _fast.merge_job(plan, job, inputs, sink, raw.ws)
+            return out
+        raw = raw.read_all()
     ref_read = job.base if job.base is not None else job.models[0]
     if job.copy:
         return raw[(ref_read.ref, ref_read.tensor)].clone()
@@ -111,44 +153,20 @@ def iter_merged(
     device: torch.device,
     compute_dtype: torch.dtype = torch.float32,
     prefetch: int = 2,
+    reuse_output: bool = False,
 ) -> Iterator[tuple[TensorJob, torch.Tensor]]:
-    """Yield (job, merged tensor) in plan order; a reader thread keeps `prefetch` jobs' source
-    tensors ready so disk reads overlap compute. Memory: at most prefetch+1 jobs' inputs."""
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def reader():
-        try:
-            for job in plan.jobs:
-                if stop.is_set():
-                    return
-                item = (job, read_job(job, sources))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-            q.put(None)
-        except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-
-    th = threading.Thread(target=reader, name="mergelab-prefetch", daemon=True)
-    th.start()
-    try:
-        while True:
-            item = q.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            job, raw = item
-            out = compute_job(job, raw, plan, device, compute_dtype)
-            del raw, item
-            yield job, out
-    finally:
-        stop.set()
-        th.join(timeout=5)
+    """Yield (job, merged tensor) in plan order. The next `prefetch` jobs' tensors are read
+    ahead into the page cache by the kernel while this one is merged; the merge itself reads
+    slices into reused buffers, so memory is a few slices plus the per-tensor statistics.
+    With `reuse_output` each yielded tensor is valid only until the next one is asked for."""
+    ws = _fast.Workspace()
+    jobs = plan.jobs
+    for idx, job in enumerate(jobs):
+        for nxt in jobs[idx + 1: idx + 1 + prefetch]:
+            advise(nxt, sources)
+        out = compute_job(job, JobReader(job, sources, ws, reuse_output), plan, device, compute_dtype)
+        yield job, out
+        del out
 
 
 class Progress:
@@ -226,7 +244,7 @@ def merge_to_dir(
     prog = Progress(len(plan.jobs), plan.total_bytes, quiet=quiet)
     t0 = time.perf_counter()
     with writer:
-        for i, (job, tensor) in enumerate(iter_merged(plan, sources, dev, compute_dtype)):
+        for i, (job, tensor) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
             writer.write(job.name, tensor)
             prog.update(job.nbytes)
             if on_tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -105,22 +105,23 @@ def combine_(
     base: torch.Tensor,
     params: dict[str, Any],
     out: torch.Tensor | None = None,
-    work: dict[str, torch.Tensor] | None = None,
+    work: Callable[[str, int, torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """base + λ · mix(weights · deltas) for the stacked, already sparsified task vectors.
 
     Every step is element by element (sums run over the stacked rows only), so the chunked
     engine calls it on slices and gets the full tensor's values bit for bit. `deltas` is
-    overwritten; `out` (shaped like base) and `work` (scratch tensors keyed by role, reused
-    across calls) avoid fresh allocations.
+    overwritten; `out` (shaped like base) and `work` (flat scratch buffers by role, reused
+    across calls: work(role, numel, dtype)) avoid fresh allocations.
     """
-    work = {} if work is None else work
 
     def scratch(key: str, shape, dtype) -> torch.Tensor:
-        t = work.get(key)
-        if t is None or t.shape != shape or t.dtype != dtype:
-            t = work[key] = torch.empty(shape, dtype=dtype, device=deltas.device)
-        return t
+        if work is None:
+            return torch.empty(shape, dtype=dtype, device=deltas.device)
+        n = 1
+        for d in shape:
+            n *= d
+        return work(key, n, dtype).view(shape)
 
     rows_shape, one_shape = deltas.shape, base.shape
     deltas.mul_(weights)

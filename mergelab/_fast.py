@@ -1,0 +1,292 @@
+"""Chunked, fused merge kernels shared by the streaming engine and the trial merger: a tensor is
+merged in cache-sized slices with reused buffers, giving bit for bit what the operators compute.
+
+Why it is exact: every step after the per-tensor statistics is element by element (the sums in
+`combine_` run over the stacked models, not over elements), so computing it slice by slice
+changes no value. The statistics that need the whole tensor (the top-k threshold, DARE's L1
+norms) are computed on a full-tensor buffer with the very calls the operators use, and random
+numbers are drawn in flat order from the same generator (float32 `uniform_` consumes the
+generator element by element, so slices draw the same numbers as one full-tensor draw).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from operators import get_operator, tensor_seed
+from operators import sparsify as _sp
+from operators.checks import raise_if_invalid
+from operators.linear import linear_weights, weighted_sum_
+from operators.task_vectors import METHODS, TaskVectorMethod, combine_, task_weights
+
+from .plan import MergePlan, Read, TensorJob
+
+# Elements per slice: a multiple of 64 (so slice boundaries never split a SIMD vector) small
+# enough that a slice of every operand stays in the L2 cache.
+CHUNK = max(64, int(os.environ.get("MERGELAB_CHUNK", 1 << 16)) // 64 * 64)
+
+_TASK: dict[str, TaskVectorMethod] = {m.name: m for m, _ in METHODS}
+_F32 = torch.float32
+
+Sink = Callable[[int, int, torch.Tensor], None]  # (start, stop, float32 slice of the result)
+
+
+class Workspace:
+    """Grow-only scratch buffers keyed by role: a merge allocates (and page-faults) each buffer
+    once, at the size of the largest tensor that needs it, instead of once per tensor."""
+
+    def __init__(self):
+        self._bufs: dict[object, torch.Tensor] = {}
+
+    def get(self, key, n: int, dtype: torch.dtype = _F32) -> torch.Tensor:
+        t = self._bufs.get(key)
+        if t is None or t.dtype != dtype or t.numel() < n:
+            t = self._bufs[key] = torch.empty(n, dtype=dtype)
+        return t[:n]
+
+    def release(self, key) -> None:
+        self._bufs.pop(key, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._bufs.values())
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _task_method(plan: MergePlan) -> TaskVectorMethod | None:
+    return _TASK.get(get_operator(plan.recipe.merge_method).name)
+
+
+def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32) -> bool:
+    """Whether the chunked kernels merge this job (else the engine calls the operator on whole
+    tensors): linear and the task-vector methods without DELLA/breadcrumbs ranking, float32
+    compute, no vocabulary cut or pad."""
+    if job.copy or job.rows is not None or compute_dtype != _F32:
+        return False
+    name = get_operator(plan.recipe.merge_method).name
+    if name == "linear":
+        return True
+    m = _TASK.get(name)
+    if m is None or m.sparsification not in ("none", "magnitude", "bernoulli"):
+        return False
+    if job.base is None and plan.recipe.base_index is None:
+        return False
+    return any(i != plan.recipe.base_index for i in range(len(job.models)))
+
+
+class Inputs:
+    """Slices of one job's inputs as float32. Subclasses: disk (positioned reads) and the trial
+    merger's in-memory cache."""
+
+    n: int
+
+    def model(self, i: int, s: int, e: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def base(self, s: int, e: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_into(self, i: int, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+        """τᵢ[s:e] = θᵢ − base, written into `out`."""
+        return torch.sub(self.model(i, s, e), self.base(s, e), out=out)
+
+    def abs_delta(self, i: int, ws: Workspace) -> torch.Tensor:
+        """|τᵢ| over the whole tensor, flat, in a workspace buffer."""
+        a = ws.get("abs_full", self.n)
+        for s in range(0, self.n, CHUNK):
+            e = min(self.n, s + CHUNK)
+            self.delta_into(i, s, e, a[s:e]).abs_()
+        return a
+
+    def top_k_rule(self, i: int, k: int, ws: Workspace) -> _sp.TopKRule:
+        return _sp.top_k_rule(self.abs_delta(i, ws), k)
+
+
+class DiskInputs(Inputs):
+    """Reads slices straight from the safetensors files into reused buffers (pread): nothing
+    is mapped, so the page cache holds the files and this process holds only the buffers."""
+
+    def __init__(self, job: TensorJob, sources: dict, base_index: int | None, ws: Workspace):
+        self.n = _numel(job.shape)
+        self.ws = ws
+        self._slots: list[tuple[object, str, torch.dtype]] = []
+        index: dict[tuple[str, str], int] = {}
+
+        def slot(r: Read) -> int:
+            key = (r.ref, r.tensor)
+            if key not in index:
+                src = sources[r.ref]
+                index[key] = len(self._slots)
+                self._slots.append((src, r.tensor, src.tensors[r.tensor].dtype))
+            return index[key]
+
+        self._model = [slot(r) for r in job.models]
+        if job.base is not None:
+            self._base = slot(job.base)
+        else:
+            self._base = self._model[base_index] if base_index is not None else None
+        self._at: dict[int, tuple[int, int]] = {}  # slot -> slice its buffer holds now
+        self._abs_of: int | None = None
+
+    def _get(self, slot: int, s: int, e: int) -> torch.Tensor:
+        f32 = self.ws.get(("in", slot), CHUNK)[: e - s]
+        if self._at.get(slot) == (s, e):
+            return f32
+        src, name, dtype = self._slots[slot]
+        if dtype == _F32:
+            src.read_into(name, f32, s)
+        else:
+            raw = self.ws.get(("raw", slot), CHUNK, dtype)[: e - s]
+            f32.copy_(src.read_into(name, raw, s))
+        self._at[slot] = (s, e)
+        return f32
+
+    def model(self, i, s, e):
+        return self._get(self._model[i], s, e)
+
+    def base(self, s, e):
+        return self._get(self._base, s, e)
+
+    def abs_delta(self, i, ws):
+        if self._abs_of == i:
+            return ws.get("abs_full", self.n)
+        a = super().abs_delta(i, ws)
+        self._abs_of = i
+        return a
+
+
+@dataclass
+class _Row:
+    """How one task vector is sparsified, decided before the element pass: a threshold rule
+    (TIES, applied slice by slice), or a full mask (DARE, or TIES with L1 rescale), then an
+    optional division (inverse density) and factor (L1 rescale)."""
+
+    i: int
+    rule: _sp.TopKRule | None = None
+    mask: torch.Tensor | None = None
+    div: float | None = None
+    factor: torch.Tensor | None = None
+
+    def apply_(self, d: torch.Tensor, s: int, e: int, ws: Workspace) -> None:
+        # the operations of sparsify.apply_mask_, in its order
+        if self.rule is not None:
+            a = torch.abs(d, out=ws.get("abs", e - s))
+            d.mul_(self.rule.mask_chunk(a, out=ws.get("keep", e - s, torch.bool)))
+        elif self.mask is not None:
+            d.mul_(self.mask[s:e])
+        if self.div is not None:
+            d.div_(self.div)
+        if self.factor is not None:
+            d.mul_(self.factor)
+
+
+def _rescale_mode(params: dict) -> str:
+    if params["rescale"]:
+        return "inverse_density" if params.get("rescale_inverse_density", False) else "l1"
+    return "none"
+
+
+def _l1_factor(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """sparsify.apply_mask_'s L1 rescale factor, from |τ| (overwritten) and the mask."""
+    before = a.sum()
+    a.mul_(mask)  # |τ|·m equals |τ·m| entry for entry (m is 0 or 1)
+    after = a.sum()
+    if before < _sp._RESCALE_EPS or after < _sp._RESCALE_EPS:
+        return None
+    return before / after
+
+
+def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, inputs: Inputs,
+                 ws: Workspace, gen: torch.Generator | None) -> _Row:
+    row = _Row(i)
+    n = inputs.n
+    density = float(job.model_params[i]["density"])
+    rescale = _rescale_mode(job.params)
+    kind = method.sparsification
+    if kind == "none" or density >= 1 or n == 0:
+        return row
+    if kind == "magnitude":
+        k = max(1, int(density * n))
+        if k >= n:
+            row.mask = torch.ones(n, dtype=torch.bool)
+        else:
+            row.rule = inputs.top_k_rule(i, k, ws)
+            if rescale == "l1":
+                a = inputs.abs_delta(i, ws)
+                row.mask = row.rule.mask_chunk(a, out=ws.get(("mask", slot), n, torch.bool))
+                row.rule = None
+    else:  # bernoulli: the draws of sparsify._uniform, slice by slice
+        mask = ws.get(("mask", slot), n, torch.bool)
+        r = ws.get("rand", CHUNK)
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            torch.lt(r[: e - s].uniform_(generator=gen), density, out=mask[s:e])
+        row.mask = mask
+    if rescale == "inverse_density":
+        row.div = density
+    elif rescale == "l1":
+        a = inputs.abs_delta(i, ws)
+        row.factor = _l1_factor(a, row.mask)
+        if isinstance(inputs, DiskInputs):
+            inputs._abs_of = None  # the buffer now holds |τ|·m
+    return row
+
+
+def merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace) -> None:
+    """Merge one tensor slice by slice, handing each float32 slice of the result to `sink`."""
+    op = get_operator(plan.recipe.merge_method)
+    base_index = plan.recipe.base_index
+    raise_if_invalid(op.name, job.name, job.model_params, job.params, base_index)
+    n = inputs.n
+    if op.name == "linear":
+        weights = linear_weights(job.model_params)
+        normalize = job.params["normalize"]
+        acc = ws.get("acc", CHUNK)
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            vals = [inputs.model(i, s, e) for i in range(len(job.models))]
+            sink(s, e, weighted_sum_(acc[: e - s], vals, weights, normalize))
+        return
+
+    method = _TASK[op.name]
+    others = [i for i in range(len(job.models)) if i != base_index]
+    gen = None
+    if method.sparsification == "bernoulli":
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(tensor_seed(plan.seed, job.name))
+    rows = [_prepare_row(method, job, i, r, inputs, ws, gen) for r, i in enumerate(others)]
+    stack = ws.get("stack", len(others) * CHUNK)
+    weights = task_weights(job.model_params, others, stack.view(len(others), -1))
+    out = ws.get("out", CHUNK)
+
+    def work(key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return ws.get(("combine", key), numel, dtype)
+
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        d = stack[: len(others) * (e - s)].view(len(others), e - s)
+        for r, row in enumerate(rows):
+            inputs.delta_into(row.i, s, e, d[r])
+            row.apply_(d[r], s, e, ws)
+        sink(s, e, combine_(method, d, weights, inputs.base(s, e), job.params, out=out[: e - s], work=work))
+
+
+def full_output(job: TensorJob, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Sink]:
+    """A tensor of the job's shape and output dtype and the sink that fills it."""
+    if out is None:
+        out = torch.empty(job.shape, dtype=job.out_dtype)
+    flat = out.view(-1)
+
+    def sink(s: int, e: int, chunk: torch.Tensor) -> None:
+        flat[s:e].copy_(chunk)
+
+    return out, sink
