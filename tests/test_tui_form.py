@@ -228,6 +228,40 @@ def test_form_snapshot(tmp_path, monkeypatch, snap_compare):
         form.query_one("#pv-weight").value = "1.5, 0"
         await settle(pilot, form)
         form.query_one("#form").scroll_to(y=0, animate=False)
+        for inp in form.query("Input"):
+            inp.cursor_blink = False  # a blinking cursor would make the picture depend on timing
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=SMALL, run_before=ready)
+
+
+@pytest.mark.asyncio
+async def test_ctrl_o_picks_a_model_directory_and_an_eval_file(tmp_path):
+    from mergelab.tui.screens.dialogs import PathPicker
+
+    runs = tmp_path / "runs"
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, [])
+        form.query_one("#f-base").value = str(MODELS / "base")
+        form.query_one("#f-base").focus()
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, PathPicker) and app.screen.highlighted is not None)
+        picker = app.screen
+        assert picker.start == (MODELS / "base").resolve() and not picker.files
+        picker.highlighted = MODELS / "m1"
+        await pilot.press("c")  # choose the highlighted directory
+        await until(pilot, lambda: app.screen is form)
+        assert form.query_one("#f-base").value == str(MODELS / "m1")
+        form.pick("f-models")  # Models: a picked directory is appended to the list
+        await until(pilot, lambda: isinstance(app.screen, PathPicker) and app.screen.highlighted is not None)
+        app.screen.highlighted = MODELS / "m2"
+        await pilot.press("c")
+        await until(pilot, lambda: app.screen is form)
+        assert form.query_one("#f-models").value == str(MODELS / "m2")
+        form.pick("f-eval")  # file mode: a folder is not a choice, a file is
+        await until(pilot, lambda: isinstance(app.screen, PathPicker) and app.screen.highlighted is not None)
+        app.screen.highlighted = MODELS / "eval.yaml"
+        await pilot.press("c")
+        await until(pilot, lambda: app.screen is form)
+        assert form.query_one("#f-eval").value == str(MODELS / "eval.yaml")

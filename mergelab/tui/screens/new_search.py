@@ -83,6 +83,7 @@ class NewSearchScreen(Screen):
             names = sorted({op.name for op in REGISTRY.values()})
             yield from self._row("Operators", SelectionList(*[(n, n, n in v.methods) for n in names], compact=True, id="f-methods"),
                                  field="method")
+            yield Static("", id="f-chosen", classes="form-note")
             yield Label("Parameters (checked: searched; text: low, high = range, one value = fixed)",
                         classes="form-section")
             yield Vertical(id="f-params")
@@ -224,6 +225,8 @@ class NewSearchScreen(Screen):
                 st.update(Text(msg or "", style="red"))
                 st.display = bool(msg)
         self.query_one("#f-scorers", Static).update(Text(res.scorers_text, style="dim"))
+        chosen = ", ".join(self.values.methods) or "none"
+        self.query_one("#f-chosen", Static).update(Text(f"chosen: {chosen} (space toggles)", style="dim"))
         n = len(res.errors)
         if n:
             status = Text(f"{n} field{'s' if n > 1 else ''} to fix", style="bold red")
@@ -311,10 +314,10 @@ class NewSearchScreen(Screen):
         st.display = True
         self.notify(msg, title="the search did not start", severity="error", timeout=15)
 
-    def _started(self, rd: RunDir, proc: subprocess.Popen) -> None:
+    async def _started(self, rd: RunDir, proc: subprocess.Popen) -> None:
         self._starting = False
         self.started = rd
-        self.app.pop_screen()
+        await self.app.pop_screen()  # gone before the dashboard mounts (its tabs mount in order)
         if self.browser is not None:
             self.browser.search_started(rd.path, proc)
         else:
