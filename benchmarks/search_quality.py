@@ -58,6 +58,12 @@ def _search(name: str, optimizer: str, trials: int, args, work: Path) -> tuple[d
     return best, secs, cfg
 
 
+def _fingerprint(fam: Path) -> dict:
+    """Size and mtime of every weight file: the table is only valid if the family did not
+    change while the benchmark ran (each search loads the models afresh)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(fam.glob("*/*.safetensors"))}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", type=Path, default=REPO / "mergelab/demo/family")
@@ -84,6 +90,7 @@ def main(argv=None) -> int:
         if not (fam / d / "config.json").is_file():
             raise SystemExit(f"{fam / d} is not a model directory; train the family first "
                              "(python -m mergelab.demo.train_family) or pass --family.")
+    fingerprint = _fingerprint(fam)
     work = args.work or Path(tempfile.mkdtemp(prefix="search_quality-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -115,6 +122,9 @@ def main(argv=None) -> int:
             val_score=best["value"], trials=n, secs=secs)
 
     total = time.perf_counter() - t_start
+    if _fingerprint(fam) != fingerprint:
+        raise SystemExit(f"The model files under {fam} changed while the benchmark ran; the rows "
+                         "mix two families. Run it again once the family is final.")
     cmd = "python benchmarks/search_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Search quality on the bundled family (exact match, fraction correct per skill; "
           f"combined = sum of the three). Fitness: VAL split ({args.val.name}); every number below "
