@@ -197,9 +197,9 @@ def _rescale_mode(params: dict) -> str:
 
 def _l1_factor(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """sparsify.apply_mask_'s L1 rescale factor, from |τ| (overwritten) and the mask."""
-    before = a.sum()
+    before = _sum(a)
     a.mul_(mask)  # |τ|·m equals |τ·m| entry for entry (m is 0 or 1)
-    after = a.sum()
+    after = _sum(a)
     if before < _sp._RESCALE_EPS or after < _sp._RESCALE_EPS:
         return None
     return before / after
@@ -241,8 +241,47 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
     return row
 
 
+class single_thread:
+    """Run torch ops on one intra-op thread. A slice is too small for OpenMP's fork/join to
+    pay: with 2 threads on a busy 2-core machine a 64K-element copy took 20x longer (threads
+    spin waiting for a descheduled peer). Results do not depend on the thread count, except
+    the whole-tensor sums of the L1 rescale, which run outside this scope like the operator's."""
+
+    ambient = 1  # the caller's thread count, while inside
+
+    def __enter__(self):
+        self._n = torch.get_num_threads()
+        single_thread.ambient = self._n
+        if self._n != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self._n != 1:
+            torch.set_num_threads(self._n)
+        return False
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    """t.sum() with the caller's thread count: a float sum's rounding depends on how it is split
+    across threads, and the operators sum with the ambient setting."""
+    n = torch.get_num_threads()
+    if n == single_thread.ambient:
+        return t.sum()
+    torch.set_num_threads(single_thread.ambient)
+    try:
+        return t.sum()
+    finally:
+        torch.set_num_threads(n)
+
+
 def merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace) -> None:
     """Merge one tensor slice by slice, handing each float32 slice of the result to `sink`."""
+    with single_thread():
+        _merge_job(plan, job, inputs, sink, ws)
+
+
+def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace) -> None:
     op = get_operator(plan.recipe.merge_method)
     base_index = plan.recipe.base_index
     raise_if_invalid(op.name, job.name, job.model_params, job.params, base_index)
@@ -290,3 +329,53 @@ def full_output(job: TensorJob, out: torch.Tensor | None = None) -> tuple[torch.
         flat[s:e].copy_(chunk)
 
     return out, sink
+
+
+class CachedInputs(Inputs):
+    """The trial merger's in-memory inputs: flat float32 tensors cached once per source (models,
+    base, task vectors) and magnitudes sorted ascending (so a TIES threshold is a lookup)."""
+
+    def __init__(self, n: int, base: torch.Tensor | None, models: list[torch.Tensor | None],
+                 deltas: list[torch.Tensor | None] | None = None,
+                 ascending: list[torch.Tensor | None] | None = None):
+        self.n = n
+        self._base = base
+        self._models = models
+        self._deltas = deltas
+        self._ascending = ascending
+
+    def model(self, i, s, e):
+        return self._models[i][s:e]
+
+    def base(self, s, e):
+        return self._base[s:e]
+
+    def delta_into(self, i, s, e, out):
+        if self._deltas is not None and self._deltas[i] is not None:
+            return out.copy_(self._deltas[i][s:e])
+        return super().delta_into(i, s, e, out)
+
+    def abs_delta(self, i, ws):
+        if self._deltas is not None and self._deltas[i] is not None:
+            return torch.abs(self._deltas[i], out=ws.get("abs_full", self.n))
+        return super().abs_delta(i, ws)
+
+    def top_k_rule(self, i, k, ws):
+        if self._ascending is not None and self._ascending[i] is not None:
+            return _sp.top_k_rule_sorted_ascending(self._ascending[i], k)
+        return super().top_k_rule(i, k, ws)
+
+
+def into_tensor(dest: torch.Tensor, out_dtype: torch.dtype, ws: Workspace) -> Sink:
+    """A sink writing into an existing contiguous tensor (a model parameter), rounding through
+    the output dtype first, exactly like `dest.copy_(result.to(out_dtype))`."""
+    flat = dest.view(-1)
+
+    def sink(s: int, e: int, chunk: torch.Tensor) -> None:
+        if out_dtype == dest.dtype:
+            flat[s:e].copy_(chunk)
+        else:
+            tmp = ws.get(("round", out_dtype), CHUNK, out_dtype)[: e - s]
+            flat[s:e].copy_(tmp.copy_(chunk))
+
+    return sink

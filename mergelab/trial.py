@@ -11,6 +11,7 @@ import torch
 
 from operators import get_operator
 
+from . import _fast
 from .engine import compute_job, fit_rows, read_job, resolve_device, run_operator
 from .errors import MergelabError
 from .plan import MergePlan, TensorJob, build_plan
@@ -53,7 +54,9 @@ class TrialMerger:
         self._params: dict[str, torch.Tensor] | None = None
         self._inputs: dict[tuple[str, str], torch.Tensor] = {}  # (ref, tensor) -> compute tensor
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
-        self._sorted: dict[tuple[str, str], torch.Tensor] = {}
+        self._sorted: dict[tuple[str, str], torch.Tensor] = {}  # descending (operators' form)
+        self._ascending: dict[tuple[str, str], torch.Tensor] = {}  # for the chunked kernels
+        self._ws = _fast.Workspace()
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
         self._streaming: bool | None = None
         self.model_dtype = model_dtype
@@ -116,8 +119,51 @@ class TrialMerger:
         return t
 
     # -- merging ---------------------------------------------------------------------------------
-    def merged_tensors(self, recipe, seed: int | None = None, only_changed: bool = False):
-        """Yield (job, merged tensor in the output dtype) for a candidate."""
+    def _delta(self, job: TensorJob, r, base: torch.Tensor) -> torch.Tensor:
+        """τ = model − base, cached flat; the model itself is not kept for it."""
+        k = (r.ref, r.tensor)
+        d = self._deltas.get(k)
+        if d is None:
+            m = self._inputs.get(k)
+            if m is None and job.rows is not None:
+                m = self._input(job, {}, r)
+            if m is None:
+                m = fit_rows(self.sources[r.ref].get(r.tensor), job.rows, None).to(
+                    device=self.device, dtype=self.compute_dtype)
+            d = self._deltas[k] = m - base
+        return d
+
+    def _fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs:
+        n = _numel(job.shape)
+        if op.name == "linear":
+            models = [self._input(job, {}, r).view(-1) for r in job.models]
+            return _fast.CachedInputs(n, None, models)
+        bi = plan.recipe.base_index
+        base_read = job.base if job.base is not None else job.models[bi]
+        base = self._input(job, {}, base_read)
+        deltas: list[torch.Tensor | None] = []
+        ascending: list[torch.Tensor | None] = []
+        for i, r in enumerate(job.models):
+            if i == bi:
+                deltas.append(None)
+                ascending.append(None)
+                continue
+            d = self._delta(job, r, base)
+            deltas.append(d.view(-1))
+            if op.uses_sorted_abs:
+                k = (r.ref, r.tensor)
+                if k not in self._ascending:
+                    self._ascending[k] = torch.sort(d.abs().flatten()).values
+                ascending.append(self._ascending[k])
+            else:
+                ascending.append(None)
+        return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, ascending)
+
+    # -- merging ---------------------------------------------------------------------------------
+    def merged_tensors(self, recipe, seed: int | None = None, only_changed: bool = False, target=None):
+        """Yield (job, key, merged tensor in the output dtype) for a candidate. With `target`
+        (job -> tensor or None) a chunked merge writes straight into the returned tensor and
+        yields None in place of the merged tensor."""
         plan = self.plan(recipe, seed)
         op = get_operator(plan.recipe.merge_method)
         if self._streaming is None:
@@ -135,6 +181,15 @@ class TrialMerger:
                 continue
             if self._streaming or job.copy:
                 out = compute_job(job, read_job(job, self.sources), plan, self.device, self.compute_dtype)
+            elif self.device.type == "cpu" and _fast.supported(plan, job, self.compute_dtype):
+                inputs = self._fast_inputs(job, plan, op)
+                dest = target(job) if target is not None else None
+                if dest is not None and dest.is_contiguous() and tuple(dest.shape) == tuple(job.shape):
+                    _fast.merge_job(plan, job, inputs, _fast.into_tensor(dest, job.out_dtype, self._ws), self._ws)
+                    out = None
+                else:
+                    out, sink = _fast.full_output(job)
+                    _fast.merge_job(plan, job, inputs, sink, self._ws)
             else:
                 base = self._input(job, {}, job.base) if job.base is not None else None
                 models = [self._input(job, {}, r) for r in job.models]
@@ -145,10 +200,7 @@ class TrialMerger:
                         if i == plan.recipe.base_index:
                             deltas.append(None)
                             continue
-                        k = (r.ref, r.tensor)
-                        if k not in self._deltas:
-                            self._deltas[k] = m - base
-                        deltas.append(self._deltas[k])
+                        deltas.append(self._delta(job, r, base))
                     if op.uses_sorted_abs:
                         sorted_abs = []
                         for r, d in zip(job.models, deltas):
@@ -168,7 +220,12 @@ class TrialMerger:
         t0 = time.perf_counter()
         changed = 0
         with torch.no_grad():
-            for job, key, out in self.merged_tensors(recipe, seed, only_changed=True):
+            for job, key, out in self.merged_tensors(recipe, seed, only_changed=True,
+                                                      target=lambda j: self._params.get(j.name)):
+                if out is None:  # written in place by the chunked kernels
+                    self._last[job.name] = key
+                    changed += 1
+                    continue
                 p = self._params.get(job.name)
                 if p is None:
                     if "lm_head" in job.name and getattr(model.config, "tie_word_embeddings", False):
