@@ -187,10 +187,10 @@ def _wait_inside(run: Path, proc: subprocess.Popen, timeout: float = 120) -> Non
 def test_sigkill_and_resume_gives_the_uninterrupted_sequence(world, tmp_path, opt):
     extra = {"n_startup_trials": 2} if opt == "tpe" else {"popsize": 4}
     cfg = _config(world, tmp_path, optimizer={"name": opt, **extra}, budget={"trials": 7})
-    ref = prepare_run(cfg, tmp_path / "ref")
-    run_search(ref, sphere)
     rd = prepare_run(cfg, tmp_path / "killed")
     proc = _start(rd.path, 4, 60)
+    ref = prepare_run(cfg, tmp_path / "ref")  # the reference runs while the subprocess starts up
+    run_search(ref, sphere)
     _wait_inside(rd.path, proc)  # trial 4 is inside its objective
     proc.send_signal(signal.SIGKILL)
     proc.wait()
