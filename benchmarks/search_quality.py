@@ -48,6 +48,8 @@ def _search(name: str, optimizer: str, trials: int, args, work: Path) -> tuple[d
         "seed": args.seed,
         "device": "cpu",
     }
+    if args.warm_start is not None:
+        cfg["warm_start"] = str(args.warm_start)
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     rd = prepare_run(path, work / "runs" / name)
@@ -73,7 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--random", type=int, default=20, help="random-search trials")
     ap.add_argument("--cmaes", type=int, nargs="+", default=[20, 100], help="cmaes budgets")
     ap.add_argument("--layer-groups", type=int, default=2)
-    ap.add_argument("--lambda-range", type=float, nargs=2, default=[0.0, 1.5])
+    # the registry's lambda range: CMA-ES starts at its middle (1.25), not below 1 where the
+    # merge shrinks towards a base that is worse than every fine-tune on this family
+    ap.add_argument("--lambda-range", type=float, nargs=2, default=[0.5, 2.0])
+    ap.add_argument("--no-warm-start", action="store_true",
+                    help="do not enqueue the equal-weight ties merge as every search's trial 0")
     ap.add_argument("--density", type=float, default=0.5, help="density of the equal-weight ties merge")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="keep run directories here")
@@ -113,6 +119,10 @@ def main(argv=None) -> int:
     eq = {"merge_method": "ties", "base_model": str(fam / "base"),
           "models": [{"model": str(fam / s), "parameters": {"weight": 1.0, "density": args.density}} for s in SKILLS]}
     row(f"ties, equal weights (w=1, d={args.density:g}, lambda=1)", recipe=eq)
+    args.warm_start = None
+    if not args.no_warm_start:
+        args.warm_start = work / "equal_weight_ties.yaml"
+        args.warm_start.write_text(yaml.safe_dump(eq, sort_keys=False))
     searches = [("random", args.random)] + [("cmaes", n) for n in args.cmaes]
     configs = {}
     for opt, n in searches:
@@ -130,7 +140,9 @@ def main(argv=None) -> int:
           f"combined = sum of the three). Fitness: VAL split ({args.val.name}); every number below "
           f"is the TEST split ({args.test.name}), items no search scored. Space: ties, "
           f"{args.layer_groups} layer groups, weight [0, 1] and density [0.1, 1] per model and "
-          f"group, lambda {list(args.lambda_range)}; seed {args.seed}; CPU, {args.threads} thread(s).\n")
+          f"group, lambda {list(args.lambda_range)}; "
+          f"{'warm start: the equal-weight ties merge is trial 0 of every search; ' if args.warm_start else ''}"
+          f"seed {args.seed}; CPU, {args.threads} thread(s).\n")
     print("| model | addition | sort | reverse | combined (test) | combined (val) | search time |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
