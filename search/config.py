@@ -6,7 +6,7 @@ search needs (ranges, parameter names against the operator registry, files) befo
 Example::
 
     base_model: mergelab/demo/family/base
-    models: [mergelab/demo/family/addition, mergelab/demo/family/sort]
+    models: [mergelab/demo/family/addition, mergelab/demo/family/sort, mergelab/demo/family/reverse]
     method: ties                     # or a list to choose from: [ties, dare_ties, task_arithmetic]
     space:
       weight: [0, 1.5]               # model parameter: one value per model (x layer groups)
@@ -20,7 +20,7 @@ Example::
     filters: [self_attn, mlp]        # optional: separate values per tensor family
     io_group: false                  # embeddings/head/final norm: tied to the first group
     layer_sources: false             # per group: the merge, or one model's layers
-    eval: mergelab/demo/data/eval_val.yaml   # or an inline eval spec mapping
+    eval: mergelab/demo/data/eval_val.yml    # or an inline eval spec mapping
     optimizer: {name: cmaes, popsize: null, sigma0: null}   # or just `cmaes`
     budget: {trials: 100, timeout: null}
     seed: 0

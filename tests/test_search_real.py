@@ -222,3 +222,28 @@ def test_workers_two_processes_share_a_journal_file(world, tmp_path):
     assert f"best: trial {rd.summary()['best']['number']}" in r.output
     check_shared(rd, 6, _open_storage(rd.storage_url(), False))
     assert all(r["timings"]["eval_s"] > 0 and set(r["scores"]) == {"choice", "ppl"} for r in rd.trials())
+
+
+def test_six_trial_search_on_the_bundled_family(tmp_path):
+    """The bundled family (mergelab/demo/family) with 4 val items per skill: a real 6-trial
+    cmaes search with layer groups; the best trial's recorded score is its recipe's score."""
+    repo = Path(__file__).resolve().parents[1]
+    fam, data = repo / "mergelab/demo/family", repo / "mergelab/demo/data"
+    spec = yaml.safe_load((data / "eval_val.yml").read_text())
+    for s in spec["scorers"]:
+        s["limit"], s["data"] = 4, str(data / s["data"])
+    (tmp_path / "eval.yml").write_text(yaml.safe_dump(spec))
+    cfg = {"base_model": str(fam / "base"), "models": [str(fam / s) for s in ("addition", "sort", "reverse")],
+           "method": "ties", "space": {"weight": [0, 1], "density": [0.1, 1], "lambda": [0.5, 2.0]},
+           "layer_groups": 2, "eval": str(tmp_path / "eval.yml"), "optimizer": "cmaes",
+           "budget": {"trials": 6}, "seed": 0}
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(cfg))
+    rd = prepare_run(tmp_path / "s.yml", tmp_path / "run")
+    assert run_search(rd).status == "finished"
+    recs = rd.trials()
+    assert [r["state"] for r in recs] == ["COMPLETE"] * 6
+    assert all(set(r["scores"]) == {"addition", "sort", "reverse"} for r in recs)
+    assert all(len(r["recipe"]["models"][0]["parameters"]["weight"]) == 4 for r in recs)  # 4 layers
+    best = rd.summary()["best"]
+    rec = next(r for r in recs if r["number"] == best["number"])
+    assert _score_recipe(rec["recipe"], tmp_path / "eval.yml").combined == pytest.approx(best["value"], abs=1e-9)
