@@ -66,12 +66,19 @@ def _task_method(plan: MergePlan) -> TaskVectorMethod | None:
     return _TASK.get(get_operator(plan.recipe.merge_method).name)
 
 
-def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32) -> bool:
+def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32,
+              sources: dict | None = None) -> bool:
     """Whether the chunked kernels merge this job (else the engine calls the operator on whole
     tensors): linear and the task-vector methods without DELLA/breadcrumbs ranking, float32
-    compute, no vocabulary cut or pad."""
-    if job.copy or job.rows is not None or compute_dtype != _F32:
+    compute, no vocabulary cut or pad (a vocabulary tensor whose sources all have the output's
+    shape needs none)."""
+    if job.copy or compute_dtype != _F32:
         return False
+    if job.rows is not None:
+        reads = ([job.base] if job.base is not None else []) + list(job.models)
+        if sources is None or any(tuple(sources[r.ref].tensors[r.tensor].shape) != tuple(job.shape)
+                                  for r in reads):
+            return False
     name = get_operator(plan.recipe.merge_method).name
     if name == "linear":
         return True

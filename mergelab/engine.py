@@ -107,7 +107,7 @@ def compute_job(
     """Merge one tensor. Shared by the disk path and the in-memory path's fallback. With a
     JobReader on the CPU, linear and the task-vector methods run the chunked kernels."""
     if isinstance(raw, JobReader):
-        if device.type == "cpu" and _fast.supported(plan, job, compute_dtype):
+        if device.type == "cpu" and _fast.supported(plan, job, compute_dtype, raw.sources):
             inputs = _fast.DiskInputs(job, raw.sources, plan.recipe.base_index, raw.ws)
             out, sink = _fast.full_output(job, raw.output())
             _fast.merge_job(plan, job, inputs, sink, raw.ws)

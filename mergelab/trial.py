@@ -181,7 +181,7 @@ class TrialMerger:
                 continue
             if self._streaming or job.copy:
                 out = compute_job(job, read_job(job, self.sources), plan, self.device, self.compute_dtype)
-            elif self.device.type == "cpu" and _fast.supported(plan, job, self.compute_dtype):
+            elif self.device.type == "cpu" and _fast.supported(plan, job, self.compute_dtype, self.sources):
                 inputs = self._fast_inputs(job, plan, op)
                 dest = target(job) if target is not None else None
                 if dest is not None and dest.is_contiguous() and tuple(dest.shape) == tuple(job.shape):
