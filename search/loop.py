@@ -635,6 +635,8 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
             _one_trial(study, rd, space, objective, driver, cfg, wid, multi, objective_names, current,
                        logline, progress, budget_trials if worker else None)
             session_trials += 1
+            # live viewers compute elapsed as elapsed_s + (now - updated): keep both current
+            rd.update_summary(lambda s: s.update(elapsed_s=elapsed_before + (time.time() - session_start)))
     except KeyboardInterrupt:
         status, detail = "stopped", "interrupted (Ctrl-C twice)"
     except MergelabError as e:

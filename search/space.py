@@ -185,6 +185,9 @@ class Space:
                 gparams[spec.name] = copy.deepcopy(self.fixed_global[spec.name])
         if self.layer_sources:
             self._apply_layer_sources(values, op, models, gparams)
+        if method == "linear" and all(m["model"] != self.base_model for m in models):
+            # linear averages an unlisted base_model in (mergekit's rule): list it with weight 0
+            models.append({"model": self.base_model, "parameters": {"weight": 0.0}})
         recipe: dict[str, Any] = {"merge_method": method, "base_model": self.base_model, "models": models}
         if gparams:
             recipe["parameters"] = gparams

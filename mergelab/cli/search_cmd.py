@@ -66,9 +66,20 @@ def search(config, run, storage, workers, worker, no_tui, dry_run, device):
             raise MergelabError(f"{sum(1 for c in codes if c)} of {workers} workers failed; see {rd.path / 'log.txt'}.")
         _print_result(rd)
         return
-    res = run_search(rd, worker=worker, log=click.echo)
+    res = _run(rd, worker, no_tui)
     click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
     _print_result(rd)
+
+
+def _run(rd, worker: bool, no_tui: bool):
+    """The search in this process: under the live dashboard on a terminal, else log lines."""
+    from search.loop import run_search
+
+    if not no_tui and sys.stdout.isatty() and sys.stdin.isatty():
+        from mergelab.tui import search_with_dashboard
+
+        return search_with_dashboard(rd, worker=worker)
+    return run_search(rd, worker=worker, log=click.echo)
 
 
 def _print_result(rd) -> None:
@@ -80,13 +91,13 @@ def _print_result(rd) -> None:
 @click.command()
 @click.argument("run", type=click.Path())
 @click.option("--worker", is_flag=True, help="Join as one more worker instead of taking the run over.")
-def resume(run, worker):
+@click.option("--no-tui", is_flag=True, help="Plain log lines instead of the dashboard.")
+def resume(run, worker, no_tui):
     """Continue the search of run directory RUN until its budget is met."""
-    from search.loop import run_search
     from search.rundir import RunDir
 
     rd = RunDir.open(run)
-    res = run_search(rd, worker=worker, log=click.echo)
+    res = _run(rd, worker, no_tui)
     click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
     _print_result(rd)
 
