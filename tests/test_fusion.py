@@ -153,6 +153,51 @@ def test_opt_is_never_worse_than_best_single_model_or_sim():
         assert (opt_ce <= sim_ce + 1e-5).all(), case
 
 
+def _opt_by_full_scan(logits, ids, target, grid):
+    """Reference PackLLM-opt: the greedy with every grid value tried, in float64 (no search)."""
+    k = len(logits)
+    singles = torch.stack([_ce(lg, ids, target) for lg in logits], 1)
+    out = []
+    for b in range(ids.shape[0]):
+        order = sorted(range(k), key=lambda i: singles[b, i].item())
+        w = torch.zeros(k, dtype=torch.float64)
+        w[order[0]] = 1.0
+        for nxt in order[1:]:
+            e = torch.zeros(k, dtype=torch.float64)
+            e[nxt] = 1.0
+            losses = []
+            for mu in grid:
+                cand = mu * w + (1 - mu) * e
+                fused = sum(cand[i] * logits[i][b : b + 1].double() for i in range(k))
+                losses.append(_ce(fused, ids[b : b + 1], target[b : b + 1])[0].item())
+            best = min(range(len(grid)), key=lambda i: (losses[i], i))  # first minimum: larger μ
+            w = grid[best] * w + (1 - grid[best]) * e
+        out.append(w)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("step", [0.05, 0.1, 0.07, 0.3, 1.0])
+def test_opt_search_picks_the_same_grid_point_as_the_full_scan(step):
+    # The Fibonacci search over μ must land where trying all grid values does (f is convex).
+    from mergelab.fusion import _grid
+
+    gen = torch.Generator().manual_seed(7)
+    for case in range(4):
+        k, b, t, v = 2 + case % 3, 4, 9, 13
+        logits = [torch.randn(b, t, v, generator=gen) * (0.5 + 3 * torch.rand(1, generator=gen)) for _ in range(k)]
+        ids = torch.randint(0, v, (b, t), generator=gen)
+        target = prompt_target_mask(torch.ones(b, t), torch.tensor([9, 7, 5, 9]))
+        want = _opt_by_full_scan(logits, ids, target, _grid(step))
+        # sim can only win where the greedy's CE is above sim's; compare before that guard.
+        w_sim = sim_weights(log_perplexities(logits, ids, target))
+        greedy_ce = _ce(fuse_logits(logits, want.float()), ids, target)
+        sim_ce = _ce(fuse_logits(logits, w_sim), ids, target)
+        got = opt_weights(logits, ids, target, grid_step=step)
+        for r in range(b):
+            expected = w_sim[r] if sim_ce[r] < greedy_ce[r] - 1e-6 else want[r].float()
+            assert got[r].tolist() == pytest.approx(expected.tolist(), abs=1e-6), (step, case, r)
+
+
 def test_weights_are_per_example_and_batch_invariant():
     gen = torch.Generator().manual_seed(3)
     v = 6
