@@ -4,7 +4,8 @@ merged in cache-sized slices with reused buffers, giving bit for bit what the op
 Why it is exact: every step after the per-tensor statistics is element by element (the sums in
 `combine_` run over the stacked models, not over elements), so computing it slice by slice
 changes no value. The statistics that need the whole tensor (the top-k threshold, DARE's L1
-norms) are computed on a full-tensor buffer with the very calls the operators use, and random
+norms, fixed-order sums that no thread count changes) are computed on a full-tensor buffer with
+the very calls the operators use, and random
 numbers are drawn in flat order from the same generator (float32 `uniform_` consumes the
 generator element by element, so slices draw the same numbers as one full-tensor draw).
 """
@@ -204,9 +205,9 @@ def _rescale_mode(params: dict) -> str:
 
 def _l1_factor(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """sparsify.apply_mask_'s L1 rescale factor, from |τ| (overwritten) and the mask."""
-    before = _sum(a)
+    before = _sp.l1_norm_of_abs(a)
     a.mul_(mask)  # |τ|·m equals |τ·m| entry for entry (m is 0 or 1)
-    after = _sum(a)
+    after = _sp.l1_norm_of_abs(a)
     if before < _sp._RESCALE_EPS or after < _sp._RESCALE_EPS:
         return None
     return before / after
@@ -251,14 +252,11 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
 class single_thread:
     """Run torch ops on one intra-op thread. A slice is too small for OpenMP's fork/join to
     pay: with 2 threads on a busy 2-core machine a 64K-element copy took 20x longer (threads
-    spin waiting for a descheduled peer). Results do not depend on the thread count, except
-    the whole-tensor sums of the L1 rescale, which run outside this scope like the operator's."""
-
-    ambient = 1  # the caller's thread count, while inside
+    spin waiting for a descheduled peer). Results do not depend on the thread count: the
+    only whole-tensor sums (the L1 rescale) are fixed-order (`sparsify.l1_norm`)."""
 
     def __enter__(self):
         self._n = torch.get_num_threads()
-        single_thread.ambient = self._n
         if self._n != 1:
             torch.set_num_threads(1)
         return self
@@ -267,19 +265,6 @@ class single_thread:
         if self._n != 1:
             torch.set_num_threads(self._n)
         return False
-
-
-def _sum(t: torch.Tensor) -> torch.Tensor:
-    """t.sum() with the caller's thread count: a float sum's rounding depends on how it is split
-    across threads, and the operators sum with the ambient setting."""
-    n = torch.get_num_threads()
-    if n == single_thread.ambient:
-        return t.sum()
-    torch.set_num_threads(single_thread.ambient)
-    try:
-        return t.sum()
-    finally:
-        torch.set_num_threads(n)
 
 
 def merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace) -> None:

@@ -15,6 +15,45 @@ RescaleMode = Literal["none", "l1", "inverse_density"]
 # mergekit skips the L1 rescale when either norm is below this (sparsify.rescaled_masked_tensor).
 _RESCALE_EPS = 1e-7
 
+# Row length of the fixed-order sum (`l1_norm`). A constant, so the summation order never depends
+# on the thread count: torch splits a [rows, _SUM_BLOCK] sum across rows, never inside one.
+_SUM_BLOCK = 4096
+
+
+def _fixed_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a flat tensor in an order fixed by its length alone, as float64.
+
+    A plain `t.sum()` over a large tensor is split across the intra-op threads and the partial
+    sums are combined per thread, so its rounding changes with the thread count (22345100 vs
+    22345098 on 28M values with 1 and 2 threads). Here each row of _SUM_BLOCK elements is summed
+    whole by one thread, and the row sums (float64) are reduced the same way until at most one
+    block remains; tails shorter than a block and the last block are below torch's parallel
+    grain, hence summed serially.
+    """
+    if t.device.type != "cpu":
+        t = t.cpu()  # the same summation code on every device
+    total = None
+    while t.numel() > _SUM_BLOCK:
+        rows = t.numel() // _SUM_BLOCK
+        cut = rows * _SUM_BLOCK
+        if cut < t.numel():
+            tail = t[cut:].sum(dtype=torch.float64)
+            total = tail if total is None else total + tail
+        t = t[:cut].reshape(rows, _SUM_BLOCK).sum(dim=1).to(torch.float64)
+    s = t.sum(dtype=torch.float64)
+    return s if total is None else s + total
+
+
+def l1_norm(t: torch.Tensor) -> torch.Tensor:
+    """Σ|t| as a float32 scalar, bit-identical for any thread count (see `_fixed_sum`); `t` is
+    read, not changed. The operators and the chunked kernels both take L1 norms through here."""
+    return _fixed_sum(t.reshape(-1).abs()).to(torch.float32)
+
+
+def l1_norm_of_abs(a: torch.Tensor) -> torch.Tensor:
+    """`l1_norm` of a tensor already holding magnitudes (no abs pass)."""
+    return _fixed_sum(a.reshape(-1)).to(torch.float32)
+
 
 def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
     """|delta| flattened and sorted in descending order (stable), the precomputable form the
@@ -141,15 +180,16 @@ def apply_mask_(
     "l1" is mergekit's rescale: survivors are scaled so the L1 norm equals the original's,
     skipped when either norm is below 1e-7. "inverse_density" is the DARE paper's 1/density.
     The element operations are mergekit's (multiply by the 0/1 mask, then by before/after),
-    so the values are the same bit for bit.
+    so the values are the same bit for bit whenever the two norms round alike (mergekit's
+    `.sum()` depends on the thread count; ours is a fixed-order sum, see `l1_norm`).
     """
-    before = delta.abs().sum() if rescale == "l1" else None
+    before = l1_norm(delta) if rescale == "l1" else None
     delta.mul_(mask)
     if rescale == "none":
         return delta
     if rescale == "inverse_density":
         return delta.div_(density)
-    after = delta.abs().sum()
+    after = l1_norm(delta)
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return delta
     return delta.mul_(before / after)
