@@ -1,6 +1,6 @@
 """The committed demo family: models load like hub models, data splits are sound, fine-tunes beat the base.
 
-Expected scores were measured with mergelab.demo.train_family.greedy_exact_match on the first 30 test items.
+Expected scores were measured with mergelab.demo.train_family.greedy_exact_match on all 200 test items.
 """
 from __future__ import annotations
 
@@ -18,23 +18,21 @@ from mergelab.demo.train_family import (
     FamilyConfig,
     greedy_exact_match,
     make_skill_data,
-    task_arithmetic,
-    ties,
 )
 
 MODELS = ("base",) + SKILLS
-# Correct answers out of the first 30 test items, measured when the family was committed.
-EXPECTED_30 = {
-    ("base", "addition"): 7,
-    ("base", "sort"): 30,
-    ("base", "reverse"): 22,
-    ("addition", "addition"): 24,
-    ("sort", "sort"): 30,
-    ("reverse", "reverse"): 29,
+# Correct answers out of all 200 test items, measured when the family was committed (RESULTS.md).
+EXPECTED_200 = {
+    ("base", "addition"): 26,
+    ("base", "sort"): 179,
+    ("base", "reverse"): 152,
+    ("addition", "addition"): 55,
+    ("sort", "sort"): 191,
+    ("reverse", "reverse"): 172,
 }
-# Sort is already saturated in the base (99% on the full test split), so its fine-tune can only tie there.
-MIN_GAIN = {"addition": 12, "sort": 0, "reverse": 4}
 MARGIN = 2  # items; greedy argmax may flip on a near-tie with another BLAS
+# Each fine-tune gains at least this many items on its own skill, even with both counts off by MARGIN.
+MIN_GAIN = {"addition": 20, "sort": 8, "reverse": 15}
 
 
 def _load(name):
@@ -97,7 +95,7 @@ def test_data_splits_are_well_formed_and_disjoint():
     data = make_skill_data(cfg)
     for skill in SKILLS:
         val, test = _rows(DATA_DIR / skill / "val.jsonl"), _rows(DATA_DIR / skill / "test.jsonl")
-        assert len(val) == cfg.val_size >= 200 and len(test) == cfg.test_size >= 200
+        assert (len(val), len(test)) == (cfg.val_size, cfg.test_size) == (150, 200)
         for row in val + test:
             assert set(row) == {"prompt", "answer"}
             assert row["answer"] == _truth(skill, row["prompt"])
@@ -122,20 +120,24 @@ def test_eval_specs_point_at_existing_data():
         spec = yaml.safe_load((DATA_DIR / f"eval_{split}.yml").read_text())
         assert [s["name"] for s in spec["scorers"]] == list(SKILLS)
         for s in spec["scorers"]:
-            assert s["type"] == "exact_match" and s["stop"] == ["\n"] and s["limit"] == 200 and s["seed"] == 0
+            # No `limit`: the split files hold exactly the scored items, so `mergelab eval` matches RESULTS.md.
+            assert s["type"] == "exact_match" and s["stop"] == ["\n"] and "limit" not in s
             assert (DATA_DIR / s["data"]).is_file()
             assert s["data"] == f"{s['name']}/{split}.jsonl"
 
 
-def _score30(models, name, skill):
+def _score(models, name, skill):
     model, tok = models[name]
-    rows = _rows(DATA_DIR / skill / "test.jsonl")[:30]
-    return round(30 * greedy_exact_match(model, tok, [(r["prompt"], r["answer"]) for r in rows], 12))
+    rows = _rows(DATA_DIR / skill / "test.jsonl")
+    return round(len(rows) * greedy_exact_match(model, tok, [(r["prompt"], r["answer"]) for r in rows], 12))
+
+
+@pytest.mark.parametrize("name,skill", sorted(EXPECTED_200))
+def test_scores_match_the_committed_measurements(models, name, skill):
+    assert abs(_score(models, name, skill) - EXPECTED_200[(name, skill)]) <= MARGIN
 
 
 @pytest.mark.parametrize("skill", SKILLS)
-def test_fine_tune_beats_base_on_its_own_skill(models, skill):
-    base, ft = _score30(models, "base", skill), _score30(models, skill, skill)
-    assert abs(base - EXPECTED_30[("base", skill)]) <= MARGIN
-    assert abs(ft - EXPECTED_30[(skill, skill)]) <= MARGIN
-    assert ft >= base + MIN_GAIN[skill]
+def test_fine_tune_clearly_beats_base_on_its_own_skill(skill):
+    # Holds for the measured scores whenever the test above passes.
+    assert EXPECTED_200[(skill, skill)] - MARGIN >= EXPECTED_200[("base", skill)] + MARGIN + MIN_GAIN[skill]
