@@ -640,7 +640,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _resolve_source(entry: str, base_dir: Path | None, where: str, index: int) -> _Source:
-    candidates = [Path(entry)] + ([base_dir / entry] if base_dir and not Path(entry).is_absolute() else [])
+    if base_dir is not None and (entry in (".", "..") or entry.startswith(("./", "../"))):
+        # An explicit ./ path in a recipe file is the recipe's own neighbour (e.g. an exported
+        # hybrid naming its merge folder as "."), wherever the command runs from.
+        candidates = [base_dir / entry]
+    else:
+        candidates = [Path(entry)] + ([base_dir / entry] if base_dir and not Path(entry).is_absolute() else [])
     found = next((c for c in candidates if c.exists()), None)
     is_yaml = entry.endswith((".yml", ".yaml"))
     if found is not None:
@@ -652,7 +657,8 @@ def _resolve_source(entry: str, base_dir: Path | None, where: str, index: int) -
     raise MergelabError(
         f"In the {where}, models[{index}] ({entry!r}) was not found: it is neither an existing "
         f"path (tried {name_list(str(c) for c in candidates)}) nor a Hub id like owner/name. Fix "
-        "the path (relative paths are tried from the current directory, then from the recipe's)."
+        "the path (relative paths are tried from the current directory, then from the recipe's; "
+        "a path starting with ./ only from the recipe's)."
     )
 
 

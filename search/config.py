@@ -28,6 +28,13 @@ Example::
     warm_start: null                 # a recipe YAML enqueued as the first trial
     pruner: null                     # or median / {name: median, n_warmup_steps: 1}
     recipe: {dtype: float32}         # fixed keys copied into every candidate recipe
+    fusion: null                     # or a hybrid: {weighting: [sim, opt, uniform, top1],
+                                     #   tau: [0.1, 5.0], members: [merge, sources]}
+
+Fusion (optional, off by default): each candidate becomes the merge recipe PLUS an inference-time
+logit fusion (mergelab.fusion, PackLLM) over `members` — `merge` (the candidate's merged model),
+`sources` (the fine-tunes in `models`), `base` (the base model). `weighting` and `tau` are fixed
+(one value) or searched (a list of weightings to choose from; a range [low, high] of tau > 0).
 
 Layer groups: with L transformer layers and K groups, group k covers layers
 [floor(k L / K), floor((k+1) L / K)); a candidate's K values become a per-layer gradient list of
@@ -50,6 +57,8 @@ from mergelab.errors import MergelabError
 
 OPTIMIZERS = ("cmaes", "tpe", "random", "nsga2", "pycma")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband")
+FUSION_WEIGHTINGS = ("sim", "opt", "uniform", "top1")  # as mergelab.fusion.WEIGHTINGS
+FUSION_MEMBERS = ("merge", "sources", "base")
 
 Range = list[float]
 
@@ -76,6 +85,20 @@ class PrunerConfig(BaseModel):
     percentile: float = 25.0
 
 
+class FusionSearchConfig(BaseModel):
+    """`fusion:` — the hybrid candidate (merge + logit fusion over it and other models)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weighting: Union[str, list[str]] = "sim"
+    tau: Union[float, list[float]] = 1.0
+    members: list[str] = Field(default_factory=lambda: ["merge", "sources"])
+    grid_step: float = Field(default=0.05, gt=0, le=1)
+
+    @property
+    def weightings(self) -> list[str]:
+        return [self.weighting] if isinstance(self.weighting, str) else list(self.weighting)
+
+
 class SearchConfig(BaseModel):
     """A search config as read from YAML (before validation against registry and disk)."""
 
@@ -98,6 +121,14 @@ class SearchConfig(BaseModel):
     warm_start: str | None = None
     pruner: PrunerConfig | None = None
     recipe: dict[str, Any] = Field(default_factory=dict)
+    fusion: FusionSearchConfig | None = None
+
+    @field_validator("fusion", mode="before")
+    @classmethod
+    def _fusion_switch(cls, v):
+        if v in (None, False, "off", "none"):
+            return None
+        return {} if v is True else v
 
     @field_validator("optimizer", mode="before")
     @classmethod
@@ -142,7 +173,7 @@ def parse_search_config(data: Any, where: str = "search config") -> SearchConfig
                 parts.append(f"`{loc}`: {err['msg']}")
         raise MergelabError(
             f"Invalid {where}: " + "; ".join(parts) + ". See `search/config.py` for the fields "
-            "(base_model, models, method, space, layer_groups, eval, optimizer, budget, seed...)."
+            "(base_model, models, method, space, layer_groups, eval, optimizer, budget, seed, fusion...)."
         ) from None
 
 

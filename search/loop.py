@@ -35,7 +35,17 @@ from .optimizers import (
     make_sampler,
     n_counted,
 )
-from .rundir import HEARTBEAT_S, STALE_AFTER_S, RunDir, dumps, worker_id
+from .rundir import (
+    BEST_MERGE_REF,
+    EXPORT_MERGE_REF,
+    FUSION_RECIPE_FILE,
+    HEARTBEAT_S,
+    STALE_AFTER_S,
+    RunDir,
+    dumps,
+    fusion_recipe,
+    worker_id,
+)
 from .space import Space, build_space
 
 STUDY_NAME = "mergelab"
@@ -55,6 +65,7 @@ class TrialContext:
     pruning: bool = False
     log: Callable[[str], None] = print
     progress: Callable[[str, float], None] | None = None  # (stage, fraction) for a UI
+    fusion: dict | None = None  # a hybrid candidate's fusion (Space.fusion_of), else None
 
     def report(self, value: float, step: int) -> None:
         """Intermediate value (e.g. after each scorer); raises optuna.TrialPruned when pruned."""
@@ -300,6 +311,22 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     ev = Evaluator(spec, tm.tokenizer, tm.device)
     weights = {s.name: float(s.weight) for s in ev.scorers}
     n_batches = sum(len(getattr(s, "batches", None) or [None]) for s in ev.scorers)
+    members: dict[str, tuple[Any, Any]] = {}  # fusion members other than the merge, loaded once
+
+    def scored(model, fusion: dict | None):
+        """The merged model itself, or (hybrid candidate) its fusion with the other members."""
+        if fusion is None:
+            return HFLogitModel(model, tm.tokenizer)
+        from mergelab.fusion import FusedLogitModel, load_models
+
+        todo = [m for m in fusion["members"] if m != "merge" and m not in members]
+        if todo:
+            loaded, toks = load_models(todo, device=tm.device)
+            members.update({ref: (m, t) for ref, m, t in zip(todo, loaded, toks)})
+        chosen = [(model, tm.tokenizer) if m == "merge" else members[m] for m in fusion["members"]]
+        return FusedLogitModel([m for m, _ in chosen], fusion["weighting"], fusion["tau"],
+                               fusion["grid_step"], tokenizers=[t for _, t in chosen],
+                               names=[Path(m).name or m for m in fusion["members"]])
 
     def objective(recipe: dict, ctx: TrialContext) -> Outcome:
         t0 = time.perf_counter()
@@ -317,7 +344,7 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
             ctx.report(sum(done.values()), step[0])
             step[0] += 1
 
-        res = ev.evaluate(HFLogitModel(model, tm.tokenizer), report=report)
+        res = ev.evaluate(scored(model, ctx.fusion), report=report)
         t2 = time.perf_counter()
         out = _outcome(res)
         out.merge_s, out.eval_s = t1 - t0, t2 - t1
@@ -450,6 +477,8 @@ def _update_summary(rd: RunDir, rec: dict, log) -> None:
             s["trials_done"] = s.get("trials_done", 0) + 1
         if rec["state"] == "COMPLETE" and _is_better(rec, s.get("best")):
             s["best"] = {k: rec.get(k) for k in ("number", "value", "values", "metrics", "scores", "params")}
+            if rec.get("fusion"):
+                s["best"]["fusion"] = rec["fusion"]
             improved["yes"] = True
         if rec.get("values") and rec["state"] == "COMPLETE":
             pts = list(s.get("pareto") or []) + [{"number": rec["number"], "values": rec["values"], "params": rec["params"]}]
@@ -459,7 +488,8 @@ def _update_summary(rd: RunDir, rec: dict, log) -> None:
         s = rd.summary()
         fn(s)
         if improved:
-            rd.write_best(dump_yaml(rec["recipe"]), rec)
+            fusion = dump_yaml(fusion_recipe(rec["fusion"], BEST_MERGE_REF)) if rec.get("fusion") else None
+            rd.write_best(dump_yaml(rec["recipe"]), rec, fusion)
         rd.write_summary(s)
     if improved:
         log(f"new best: trial {rec['number']} score {rec['value']:.6g}")
@@ -727,15 +757,17 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
     retry_of = trial.user_attrs.get(RETRY_ATTR)
     started = time.time()
     recipe = space.recipe(values)
+    fusion = space.fusion_of(values)
     if progress:
-        progress({"event": "trial_start", "number": trial.number, "params": values, "recipe": recipe})
+        progress({"event": "trial_start", "number": trial.number, "params": values, "recipe": recipe,
+                  **({"fusion": fusion} if fusion is not None else {})})
 
     def stage(name: str, frac: float) -> None:
         if progress:
             progress({"event": "stage", "number": trial.number, "stage": name, "fraction": frac})
 
     ctx = TrialContext(number=trial.number, params=values, device=cfg.device, run_dir=rd, trial=trial,
-                       pruning=cfg.pruner is not None, log=logline, progress=stage)
+                       pruning=cfg.pruner is not None, log=logline, progress=stage, fusion=fusion)
     state, out, error = "COMPLETE", None, None
     t0 = time.perf_counter()
     try:
@@ -778,6 +810,8 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         "device": cfg.device,
         "worker": wid,
     }
+    if fusion is not None:
+        rec["fusion"] = fusion  # a hybrid: the recipe's merge, fused at inference time (see rundir)
     # the record goes into the study first, so a kill before the jsonl append is repaired on resume
     trial.set_user_attr(RECORD_ATTR, dumps(rec))
     if state == "COMPLETE":
@@ -831,8 +865,14 @@ def start_search_thread(run: str | Path | RunDir, objective: Objective | None = 
 def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | None = None,
                  device: str | None = None, on_tensor=None) -> tuple[Path, dict]:
     """Write the merged model of a trial (default: the best) with the streaming engine; the
-    trial's recipe is written beside it, so the export is the same merge the trial scored."""
+    trial's recipe is written beside it, so the export is the same merge the trial scored.
+
+    A hybrid trial (merge + logit fusion) exports its merge as weights plus `fusion_recipe.yaml`
+    (the merge, i.e. this folder, fused with the trial's other members): fusion happens at
+    inference time, so `mergelab eval OUT/fusion_recipe.yaml` scores what the trial scored, while
+    the weights alone are only its merge part."""
     from mergelab.engine import merge_to_dir
+    from mergelab.recipe import dump_yaml
 
     rd = run if isinstance(run, RunDir) else RunDir.open(run)
     recs = [r for r in rd.trials() if r.get("recipe") and r.get("state") == "COMPLETE"]
@@ -847,5 +887,6 @@ def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | 
             f"Run {rd.path} has no finished trial number {trial}. `mergelab show {rd.path}` lists them."
         )
     dev = device or rd.resolved().get("device") or "auto"
-    merge_to_dir(rec["recipe"], out_dir, device=dev, on_tensor=on_tensor)
+    extra = {FUSION_RECIPE_FILE: dump_yaml(fusion_recipe(rec["fusion"], EXPORT_MERGE_REF))} if rec.get("fusion") else None
+    merge_to_dir(rec["recipe"], out_dir, device=dev, on_tensor=on_tensor, extra_files=extra)
     return Path(out_dir), rec

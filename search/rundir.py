@@ -23,6 +23,9 @@ Layout of ``runs/NAME/``::
                        trial and on every status change
     best/recipe.yaml   the best trial's recipe (mergekit format), rewritten when the best improves
     best/trial.json    that trial's record
+    best/fusion_recipe.yaml  only when the best is a hybrid (search config `fusion:`): the
+                       logit_fusion recipe of what that trial scored, its merge given as
+                       ./recipe.yaml; `mergelab eval runs/NAME/best/fusion_recipe.yaml` scores it
     best/model/        written on demand by RunDir.export_best() (`mergelab push runs/NAME`): the
                        best trial's merged model, its card and mergelab_search.json (optimizer,
                        n_trials, eval_spec, best_trial, best_metrics, source_metrics, history,
@@ -43,14 +46,17 @@ objective for multi-objective runs, else null), metrics (every metric of every s
 (per scorer, higher is better), error (text when failed), interrupted (true for a trial whose
 process died; it is re-tried under a new number and does NOT count towards the budget),
 retry_of (number of the interrupted trial this one re-tries, else null), timings {"merge_s",
-"eval_s", "total_s"}, started / finished (epoch s), device, worker.
+"eval_s", "total_s"}, started / finished (epoch s), device, worker; and for a hybrid
+candidate (config `fusion:`) fusion {weighting, tau, grid_step, members: ["merge" (the recipe's
+merged model) or model references]}: the recipe's merge was scored fused with those members at
+inference time, so the recipe alone is not what the score measures.
 
 SUMMARY (summary.json): name, status ("running", "stopped", "finished", "failed"), detail (why,
 e.g. "budget met", "stopped by user", the error), paused, optimizer, directions, objective_names,
 budget {"trials", "timeout"}, trials_done (COMPLETE + PRUNED + FAIL-not-interrupted: what the
 budget counts), trials_complete, trials_failed, trials_pruned, elapsed_s (search time summed
 over sessions, up to "updated"), created, updated (epoch s), best {number, value, values,
-metrics, scores, params} or null, pareto (multi-objective: list of {number, values, params}),
+metrics, scores, params, fusion (hybrids only)} or null, pareto (multi-objective: list of {number, values, params}),
 device, seed, storage.
 
 A status read by RunDir.status() corrects "running" to "stopped" (detail "interrupted") when no
@@ -85,6 +91,10 @@ LOG_FILE = "log.txt"
 WORKERS_DIR = "workers"
 CONTROL_FILE = "control.json"
 LOCK_FILE = ".lock"
+
+FUSION_RECIPE_FILE = "fusion_recipe.yaml"  # beside a hybrid's merge (best/ and exports)
+BEST_MERGE_REF = "./recipe.yaml"  # how best/fusion_recipe.yaml names the merge (beside it)
+EXPORT_MERGE_REF = "."  # how an export's fusion_recipe.yaml names the merge (its own folder)
 
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 15.0  # a worker whose heartbeat is older than this is taken for dead
@@ -137,6 +147,16 @@ def _clean(o: Any) -> Any:
 
 def dumps(o: Any, indent: int | None = None) -> str:
     return json.dumps(_clean(o), default=_json_default, indent=indent, sort_keys=False)
+
+
+def fusion_recipe(fusion: dict, merge_ref: str) -> dict:
+    """The logit_fusion recipe (mergelab.fusion) of a hybrid trial's `fusion` record; `merge_ref`
+    names the merge (a merge recipe or a model folder; ./ paths are relative to the recipe)."""
+    return {
+        "merge_method": "logit_fusion",
+        "models": [{"model": merge_ref if m == "merge" else m} for m in fusion["members"]],
+        "parameters": {k: fusion[k] for k in ("weighting", "tau", "grid_step")},
+    }
 
 
 def worker_id() -> str:
@@ -361,10 +381,15 @@ class RunDir:
             self.write_summary(s)
             return s
 
-    def write_best(self, recipe_yaml: str, record: dict) -> None:
+    def write_best(self, recipe_yaml: str, record: dict, fusion_yaml: str | None = None) -> None:
         (self.path / BEST_DIR).mkdir(exist_ok=True)
         _atomic_write(self.path / BEST_DIR / "recipe.yaml", recipe_yaml)
         _atomic_write(self.path / BEST_DIR / "trial.json", dumps(record, indent=2) + "\n")
+        fusion_path = self.path / BEST_DIR / FUSION_RECIPE_FILE
+        if fusion_yaml is not None:
+            _atomic_write(fusion_path, fusion_yaml)
+        elif fusion_path.exists():
+            fusion_path.unlink()  # the new best is a plain merge
 
     def best_recipe_text(self) -> str | None:
         p = self.path / BEST_DIR / "recipe.yaml"
@@ -505,7 +530,7 @@ class RunDir:
                 spec = {"path": res.get("eval")}  # moved since: keep at least where it was
         metrics = dict(best.get("metrics") or {})
         metrics["combined"] = best.get("value")
-        return {
+        out = {
             "optimizer": (res.get("optimizer") or {}).get("name") or s.get("optimizer"),
             "n_trials": int(s.get("trials_done", 0)),
             "eval_spec": spec,
@@ -515,6 +540,10 @@ class RunDir:
             "history": self.history(),
             "run_name": self.name,
         }
+        if best.get("fusion"):
+            # the metrics are those of the merge fused with other models at inference time
+            out["fusion"] = best["fusion"]
+        return out
 
     def export_best(self, out_dir: str | os.PathLike | None = None, device: str = "auto") -> Path:
         """The best trial's merged model (streaming engine) with its card and
@@ -540,6 +569,10 @@ class RunDir:
                 f"{TRIALS_FILE}; the run directory is damaged. `mergelab show {self.path}` lists the trials."
             )
         dev = device if device != "auto" else (self.resolved().get("device") or "auto")
-        merge_to_dir(rec["recipe"], target, device=dev, overwrite=out_dir is None,
-                     extra_files={SEARCH_META_FILE: dumps(meta, indent=2) + "\n"})
+        extra = {SEARCH_META_FILE: dumps(meta, indent=2) + "\n"}
+        if rec.get("fusion"):
+            from mergelab.recipe import dump_yaml
+
+            extra[FUSION_RECIPE_FILE] = dump_yaml(fusion_recipe(rec["fusion"], EXPORT_MERGE_REF))
+        merge_to_dir(rec["recipe"], target, device=dev, overwrite=out_dir is None, extra_files=extra)
         return target

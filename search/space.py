@@ -11,6 +11,8 @@ Parameter names (as Optuna and trials.jsonl show them):
   `m{i}.weight.io`               ... for embeddings / lm_head / final norm (io_group: true)
   `method`                       index into the config's method list (floored)
   `source.g{k}`                  layer group k's source: 0 = the merge, j + 1 = model j (floored)
+  `fusion.weighting`             index into the `fusion.weighting` list (floored; hybrid candidates)
+  `fusion.tau`                   the fusion temperature (hybrid candidates)
 Every parameter is a float range, so CMA-ES (which has no categorical dimension) searches the
 choices too: a choice among n is the interval [0, n) cut into n equal parts.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 from mergelab.errors import MergelabError
 
-from .config import SearchConfig, _range
+from .config import FUSION_MEMBERS, FUSION_WEIGHTINGS, FusionSearchConfig, SearchConfig, _range
 
 # Operators whose merge equals model j exactly when model j has weight 1, every other model
 # weight 0, density 1 and lambda 1: the layer-source search overrides those layers that way.
@@ -39,7 +41,7 @@ class ParamDef:
     name: str
     low: float
     high: float
-    kind: str  # "model" | "global" | "method" | "source"
+    kind: str  # "model" | "global" | "method" | "source" | "fusion"
     param: str | None = None  # operator parameter name (model / global)
     model: int | None = None  # model index (model)
     group: int | None = None  # layer group (model with groups, source)
@@ -51,6 +53,16 @@ class ParamDef:
 
     def to_unit(self, v: float) -> float:
         return (v - self.low) / (self.high - self.low)
+
+
+@dataclass
+class FusionSpec:
+    """The fusion part of hybrid candidates: fixed values, or None where `fusion.*` is searched."""
+
+    weightings: list[str]
+    tau: float | None  # fixed tau, or None when searched
+    members: list[str]  # "merge", "sources", "base", in the config's order
+    grid_step: float
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Space:
     searched_global_params: list[str] = field(default_factory=list)
     recipe_extra: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    fusion: FusionSpec | None = None
 
     # -- layout ---------------------------------------------------------------------------
     def group_of_layer(self, layer: int) -> int:
@@ -106,6 +119,23 @@ class Space:
 
     def to_unit(self, values: dict[str, float]) -> list[float]:
         return [p.to_unit(float(values[p.name])) for p in self.params]
+
+    # -- candidate -> fusion ----------------------------------------------------------------
+    def fusion_of(self, values: dict[str, float]) -> dict[str, Any] | None:
+        """The candidate's fusion (None without `fusion:`): weighting, tau, grid_step and the
+        members in order — "merge" for the candidate's merged model, else a model reference."""
+        fs = self.fusion
+        if fs is None:
+            return None
+        if len(fs.weightings) == 1:
+            weighting = fs.weightings[0]
+        else:
+            weighting = fs.weightings[self._choice(values["fusion.weighting"], len(fs.weightings))]
+        tau = fs.tau if fs.tau is not None else float(values["fusion.tau"])
+        members: list[str] = []
+        for m in fs.members:
+            members += ["merge"] if m == "merge" else (list(self.models) if m == "sources" else [self.base_model])
+        return {"weighting": weighting, "tau": tau, "grid_step": fs.grid_step, "members": members}
 
     # -- candidate -> recipe --------------------------------------------------------------
     def _choice(self, value: float, n: int) -> int:
@@ -258,6 +288,9 @@ class Space:
         for p in self.params:
             if p.kind == "method":
                 v = float(self.methods.index(recipe.merge_method)) + 0.5 if recipe.merge_method in self.methods else 0.0
+            elif p.kind == "fusion":  # a recipe holds no fusion: sim (or the first) at tau 1
+                ws = self.fusion.weightings if self.fusion else []
+                v = (float(ws.index("sim")) + 0.5 if "sim" in ws else 0.5) if p.name == "fusion.weighting" else 1.0
             elif p.kind == "source":
                 v = 0.0
             else:
@@ -488,6 +521,7 @@ def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
     if cfg.layer_sources:
         for k in range(K):
             params.append(ParamDef(f"source.g{k}", 0.0, float(len(cfg.models) + 1), "source", group=k))
+    fusion = _fusion_spec(cfg.fusion, params) if cfg.fusion is not None else None
     # required model parameters with no value anywhere
     for o in ops:
         for spec in o.params:
@@ -530,4 +564,50 @@ def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
         searched_global_params=searched_global,
         recipe_extra=dict(cfg.recipe),
         seed=cfg.seed,
+        fusion=fusion,
     )
+
+
+def _fusion_spec(fc: FusionSearchConfig, params: list[ParamDef]) -> FusionSpec:
+    """Check `fusion:` and add its searched numbers to `params`."""
+    ws = fc.weightings
+    bad = [w for w in ws if w not in FUSION_WEIGHTINGS]
+    if not ws or bad:
+        raise MergelabError(
+            f"search config `fusion.weighting`: {', '.join(map(repr, bad)) or 'an empty list'} is not a "
+            f"fusion weighting. Allowed values: {', '.join(FUSION_WEIGHTINGS)} (one, or a list to search)."
+        )
+    if len(set(ws)) != len(ws):
+        raise MergelabError(f"search config `fusion.weighting` lists a weighting twice: {ws}.")
+    if len(ws) > 1:
+        params.append(ParamDef("fusion.weighting", 0.0, float(len(ws)), "fusion"))
+    tau_range = _range(fc.tau, "fusion.tau")
+    if tau_range is None:
+        tau = fc.tau[0] if isinstance(fc.tau, list) and len(fc.tau) == 1 else fc.tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+            raise MergelabError(
+                f"search config `fusion.tau`: {fc.tau!r} is not a temperature; give a number > 0 "
+                "(e.g. 1.0) or a range [low, high] with low > 0 (e.g. [0.1, 5.0])."
+            )
+        fixed_tau: float | None = float(tau)
+    else:
+        if tau_range[0] <= 0:
+            raise MergelabError(
+                f"search config `fusion.tau`: the range {list(fc.tau)} must lie above 0 (the fusion "
+                "temperature divides the log-perplexities); e.g. [0.1, 5.0]."
+            )
+        params.append(ParamDef("fusion.tau", tau_range[0], tau_range[1], "fusion"))
+        fixed_tau = None
+    bad = [m for m in fc.members if m not in FUSION_MEMBERS]
+    if bad or not fc.members or len(set(fc.members)) != len(fc.members):
+        raise MergelabError(
+            f"search config `fusion.members`: {fc.members!r} must list each of "
+            f"{', '.join(FUSION_MEMBERS)} at most once (unknown: {', '.join(bad) or 'none'}); `merge` "
+            "is the candidate's merged model, `sources` the models in `models`, `base` the base model."
+        )
+    if "merge" not in fc.members:
+        raise MergelabError(
+            "search config `fusion.members` must include `merge`: a hybrid candidate fuses the "
+            "searched merge with other models (without it the merge parameters would change nothing)."
+        )
+    return FusionSpec(list(ws), fixed_tau, list(fc.members), float(fc.grid_step))

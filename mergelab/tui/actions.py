@@ -45,7 +45,8 @@ def search_provenance(rd: RunDir, record: dict) -> dict:
 
 def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
                  on_tensor: Callable[[int, int], None] | None = None, overwrite: bool = False) -> Path:
-    """Write the merged model of one trial of a run to out_dir (streaming engine, atomic)."""
+    """Write the merged model of one trial of a run to out_dir (streaming engine, atomic); a
+    hybrid trial (search `fusion:`) also gets fusion_recipe.yaml, which `mergelab eval` scores."""
     from ..engine import merge_to_dir
 
     recipe = record.get("recipe")
@@ -54,7 +55,18 @@ def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
             f"Trial {record.get('number')} of {rd.path} has no recipe (it was interrupted before it "
             "was built), so it cannot be exported. Pick a COMPLETE trial."
         )
-    extra = {"mergelab_search.json": json.dumps(search_provenance(rd, record), indent=2) + "\n"}
+    prov = search_provenance(rd, record)
+    extra = {}
+    if record.get("fusion"):
+        # a hybrid: the score is the merge's fused with other models at inference time, so the
+        # fusion recipe that reproduces it goes beside the merge's weights
+        from search.rundir import EXPORT_MERGE_REF, FUSION_RECIPE_FILE, fusion_recipe
+
+        from ..recipe import dump_yaml
+
+        prov["fusion"] = record["fusion"]
+        extra[FUSION_RECIPE_FILE] = dump_yaml(fusion_recipe(record["fusion"], EXPORT_MERGE_REF))
+    extra["mergelab_search.json"] = json.dumps(prov, indent=2) + "\n"
     device = rd.resolved().get("device") or "auto"
     report = merge_to_dir(recipe, out_dir, device=device, on_tensor=on_tensor, overwrite=overwrite,
                           extra_files=extra)

@@ -23,7 +23,7 @@ from ..state import Clock, Delta, LiveFeed, RunReader, RunState, fmt_num, global
 from ..widgets.heatmap import HeatMap
 from ..widgets.panels import CurrentTrial, LogPane, RunHeader, TaskBar
 from ..widgets.score_plot import ScorePlot
-from ..widgets.trials_table import TrialsTable
+from ..widgets.trials_table import FUSION_MARK, TrialsTable
 from .dialogs import ChoiceDialog, InputDialog
 
 
@@ -36,6 +36,13 @@ def hub_available() -> bool:
     return True
 
 
+def fusion_text(fusion: dict) -> str:
+    """One line saying that a hybrid trial's merge was scored fused with other models."""
+    names = ", ".join("the merge" if m == "merge" else Path(m).name or m for m in fusion.get("members") or [])
+    return (f"{FUSION_MARK}: {fusion.get('weighting')} weights, tau {fmt_num(fusion.get('tau'))}, over "
+            f"{names} (inference time: export writes the merge + fusion_recipe.yaml)")
+
+
 def recipe_text(rec: dict) -> Text:
     """A trial's full record for the recipe pane: number, state, score, metrics, recipe YAML."""
     head = [f"trial {rec.get('number')}  {rec.get('state')}  score {fmt_num(rec.get('value'))}"]
@@ -45,6 +52,9 @@ def recipe_text(rec: dict) -> Text:
         head.append(f"error: {rec['error']}")
     for k, v in (rec.get("metrics") or {}).items():
         head.append(f"  {k}: {fmt_num(v)}")
+    fusion = rec.get("fusion")
+    if fusion:
+        head.append(fusion_text(fusion))
     body = yaml.safe_dump(rec.get("recipe"), sort_keys=False, default_flow_style=None, width=100) \
         if rec.get("recipe") else "(no recipe: the trial was interrupted)\n"
     t = Text("\n".join(head) + "\n\n", style="bold")
@@ -192,9 +202,11 @@ class DashboardScreen(Screen):
         if recipe is None:
             text = self.rd.best_recipe_text()
             recipe = yaml.safe_load(text) if text else None
+        method = (recipe or {}).get("merge_method", "-")
+        if best.get("fusion"):
+            method += f" {FUSION_MARK} ({best['fusion'].get('weighting')})"
         hm.show(recipe_heatmaps(recipe, self.state.resolved), global_values(recipe, self.state.resolved),
-                f"trial {best.get('number')}  score {fmt_num(best.get('value'))}  "
-                f"method {(recipe or {}).get('merge_method', '-')}")
+                f"trial {best.get('number')}  score {fmt_num(best.get('value'))}  method {method}")
 
     # -- table events
     def on_trials_table_page_changed(self, event: TrialsTable.PageChanged) -> None:

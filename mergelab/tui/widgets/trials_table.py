@@ -13,6 +13,7 @@ from ..state import RunState, fmt_num
 
 PAGE_SIZE = 100
 _STATE_STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "bold red"}
+FUSION_MARK = "⊕ fusion"
 
 
 def _num(v: Any) -> float | None:
@@ -160,7 +161,10 @@ class TrialsTable(DataTable):
             if c == "number":
                 out.append(Text(f"{v}{' ★' if v == best else ''}", style="bold" if v == best else ""))
             elif c == "state":
-                out.append(Text(str(v), style=_STATE_STYLE.get(str(v), "")))
+                cell = Text(str(v), style=_STATE_STYLE.get(str(v), ""))
+                if rec.get("fusion"):  # a hybrid: its merge was scored fused with other models
+                    cell.append(f" {FUSION_MARK}", style="magenta")
+                out.append(cell)
             elif c == "time":
                 out.append(Text(f"{v:.2f}" if v is not None else "-", justify="right"))
             else:
