@@ -107,6 +107,10 @@ class Inputs:
         """τᵢ[s:e] = θᵢ − base, written into `out`."""
         return torch.sub(self.model(i, s, e), self.base(s, e), out=out)
 
+    def delta_view(self, i: int, s: int, e: int) -> torch.Tensor | None:
+        """τᵢ[s:e] as a read-only tensor when it is held already (no copy), else None."""
+        return None
+
     def abs_delta(self, i: int, ws: Workspace) -> torch.Tensor:
         """|τᵢ| over the whole tensor, flat, in a workspace buffer."""
         a = ws.get("abs_full", self.n)
@@ -172,6 +176,27 @@ class DiskInputs(Inputs):
         return a
 
 
+class CutRule:
+    """The top-k mask as threshold and cutoff: keep |τ| > v, and |τ| == v at flat indices <= c,
+    where c = the k-th index of the stable descending magnitude order and v = |τ[c]|. The same
+    mask as `sparsify.TopKRule` (ties kept in flat order until k are kept), but each slice is
+    one or two comparisons, with no scan for the ties."""
+
+    def __init__(self, threshold: torch.Tensor, cutoff: int):
+        self.threshold = threshold
+        self.cutoff = cutoff
+
+    def mask(self, a: torch.Tensor, s: int, e: int, out: torch.Tensor) -> torch.Tensor:
+        c = self.cutoff + 1 - s  # entries [0, c) of this slice keep their ties
+        if c >= e - s:
+            return torch.ge(a, self.threshold, out=out)
+        if c <= 0:
+            return torch.gt(a, self.threshold, out=out)
+        torch.ge(a[:c], self.threshold, out=out[:c])
+        torch.gt(a[c:], self.threshold, out=out[c:])
+        return out
+
+
 @dataclass
 class _Row:
     """How one task vector is sparsified, decided before the element pass: a threshold rule
@@ -179,18 +204,26 @@ class _Row:
     optional division (inverse density) and factor (L1 rescale)."""
 
     i: int
-    rule: _sp.TopKRule | None = None
+    rule: _sp.TopKRule | CutRule | None = None
     mask: torch.Tensor | None = None
     div: float | None = None
     factor: torch.Tensor | None = None
 
-    def apply_(self, d: torch.Tensor, s: int, e: int, ws: Workspace) -> None:
-        # the operations of sparsify.apply_mask_, in its order
+    def apply_(self, src: torch.Tensor, d: torch.Tensor, s: int, e: int, ws: Workspace) -> None:
+        """d = sparsified src (src may be d itself); the operations of sparsify.apply_mask_, in
+        its order (the 0/1 product reads src and writes d: the same values as copy, then mul_)."""
         if self.rule is not None:
-            a = torch.abs(d, out=ws.get("abs", e - s))
-            d.mul_(self.rule.mask_chunk(a, out=ws.get("keep", e - s, torch.bool)))
+            a = torch.abs(src, out=ws.get("abs", e - s))
+            keep = ws.get("keep", e - s, torch.bool)
+            if isinstance(self.rule, CutRule):
+                keep = self.rule.mask(a, s, e, keep)
+            else:
+                keep = self.rule.mask_chunk(a, out=keep)
+            torch.mul(src, keep, out=d)
         elif self.mask is not None:
-            d.mul_(self.mask[s:e])
+            torch.mul(src, self.mask[s:e], out=d)
+        elif src is not d:
+            d.copy_(src)
         if self.div is not None:
             d.div_(self.div)
         if self.factor is not None:
@@ -230,7 +263,11 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
             row.rule = inputs.top_k_rule(i, k, ws)
             if rescale == "l1":
                 a = inputs.abs_delta(i, ws)
-                row.mask = row.rule.mask_chunk(a, out=ws.get(("mask", slot), n, torch.bool))
+                out = ws.get(("mask", slot), n, torch.bool)
+                if isinstance(row.rule, CutRule):
+                    row.mask = row.rule.mask(a, 0, n, out)
+                else:
+                    row.mask = row.rule.mask_chunk(a, out=out)
                 row.rule = None
     else:  # bernoulli: the draws of sparsify._uniform, slice by slice
         mask = ws.get(("mask", slot), n, torch.bool)
@@ -306,8 +343,10 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         e = min(n, s + CHUNK)
         d = stack[: len(others) * (e - s)].view(len(others), e - s)
         for r, row in enumerate(rows):
-            inputs.delta_into(row.i, s, e, d[r])
-            row.apply_(d[r], s, e, ws)
+            src = inputs.delta_view(row.i, s, e)
+            if src is None:
+                src = inputs.delta_into(row.i, s, e, d[r])
+            row.apply_(src, d[r], s, e, ws)
         sink(s, e, combine_(method, d, weights, inputs.base(s, e), job.params, out=out[: e - s], work=work))
 
 
@@ -325,22 +364,28 @@ def full_output(job: TensorJob, out: torch.Tensor | None = None) -> tuple[torch.
 
 class CachedInputs(Inputs):
     """The trial merger's in-memory inputs: flat float32 tensors cached once per source (models,
-    base, task vectors) and magnitudes sorted ascending (so a TIES threshold is a lookup)."""
+    base, task vectors) and each task vector's stable descending magnitude order (int32 flat
+    indices), so a TIES threshold and its tie cutoff are two lookups."""
 
     def __init__(self, n: int, base: torch.Tensor | None, models: list[torch.Tensor | None],
                  deltas: list[torch.Tensor | None] | None = None,
-                 ascending: list[torch.Tensor | None] | None = None):
+                 order: list[torch.Tensor | None] | None = None):
         self.n = n
         self._base = base
         self._models = models
         self._deltas = deltas
-        self._ascending = ascending
+        self._order = order
 
     def model(self, i, s, e):
         return self._models[i][s:e]
 
     def base(self, s, e):
         return self._base[s:e]
+
+    def delta_view(self, i, s, e):
+        if self._deltas is not None and self._deltas[i] is not None:
+            return self._deltas[i][s:e]
+        return None
 
     def delta_into(self, i, s, e, out):
         if self._deltas is not None and self._deltas[i] is not None:
@@ -353,9 +398,17 @@ class CachedInputs(Inputs):
         return super().abs_delta(i, ws)
 
     def top_k_rule(self, i, k, ws):
-        if self._ascending is not None and self._ascending[i] is not None:
-            return _sp.top_k_rule_sorted_ascending(self._ascending[i], k)
+        if self._order is not None and self._order[i] is not None and self._deltas[i] is not None:
+            c = int(self._order[i][k - 1])
+            return CutRule(self._deltas[i][c].abs(), c)
         return super().top_k_rule(i, k, ws)
+
+
+def magnitude_order(delta: torch.Tensor) -> torch.Tensor:
+    """Flat indices of |delta| in stable descending order (int32 where they fit): what
+    `CachedInputs` needs for TIES thresholds."""
+    order = torch.sort(delta.abs().reshape(-1), descending=True, stable=True).indices
+    return order.to(torch.int32) if delta.numel() < 2**31 else order
 
 
 def into_tensor(dest: torch.Tensor, out_dtype: torch.dtype, ws: Workspace) -> Sink:

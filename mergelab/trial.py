@@ -55,7 +55,7 @@ class TrialMerger:
         self._inputs: dict[tuple[str, str], torch.Tensor] = {}  # (ref, tensor) -> compute tensor
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         self._sorted: dict[tuple[str, str], torch.Tensor] = {}  # descending (operators' form)
-        self._ascending: dict[tuple[str, str], torch.Tensor] = {}  # for the chunked kernels
+        self._order: dict[tuple[str, str], torch.Tensor] = {}  # magnitude order, chunked kernels
         self._ws = _fast.Workspace()
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
         self._streaming: bool | None = None
@@ -142,22 +142,22 @@ class TrialMerger:
         base_read = job.base if job.base is not None else job.models[bi]
         base = self._input(job, {}, base_read)
         deltas: list[torch.Tensor | None] = []
-        ascending: list[torch.Tensor | None] = []
+        order: list[torch.Tensor | None] = []
         for i, r in enumerate(job.models):
             if i == bi:
                 deltas.append(None)
-                ascending.append(None)
+                order.append(None)
                 continue
             d = self._delta(job, r, base)
             deltas.append(d.view(-1))
             if op.uses_sorted_abs:
                 k = (r.ref, r.tensor)
-                if k not in self._ascending:
-                    self._ascending[k] = torch.sort(d.abs().flatten()).values
-                ascending.append(self._ascending[k])
+                if k not in self._order:
+                    self._order[k] = _fast.magnitude_order(d)
+                order.append(self._order[k])
             else:
-                ascending.append(None)
-        return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, ascending)
+                order.append(None)
+        return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order)
 
     # -- merging ---------------------------------------------------------------------------------
     def merged_tensors(self, recipe, seed: int | None = None, only_changed: bool = False, target=None):
