@@ -15,7 +15,25 @@ RescaleMode = Literal["none", "l1", "inverse_density"]
 # mergekit skips the L1 rescale when either norm is below this (sparsify.rescaled_masked_tensor).
 _RESCALE_EPS = 1e-7
 
-def _fixed_sum(t: torch.Tensor) -> torch.Tensor:
+class one_thread:
+    """Run torch ops on one intra-op thread inside the block (with OpenMP the setting belongs to
+    the calling thread: other threads are unaffected). A whole-tensor reduction (sum, norm,
+    dot) split across threads rounds differently for each thread count; on one thread its
+    order is fixed by the tensor's length."""
+
+    def __enter__(self):
+        self._n = torch.get_num_threads()
+        if self._n != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self._n != 1:
+            torch.set_num_threads(self._n)
+        return False
+
+
+def serial_sum(t: torch.Tensor) -> torch.Tensor:
     """t.sum() on one intra-op thread, on the CPU: a summation order fixed by the length alone.
 
     A plain `.sum()` over a large tensor is split across the intra-op threads and the partial
@@ -27,26 +45,19 @@ def _fixed_sum(t: torch.Tensor) -> torch.Tensor:
     """
     if t.device.type != "cpu":
         t = t.cpu()  # the same summation code whatever the compute device
-    n = torch.get_num_threads()
-    if n == 1:
+    with one_thread():
         return t.sum()
-    # with OpenMP the setting is per calling thread: the engine's reader thread is unaffected
-    torch.set_num_threads(1)
-    try:
-        return t.sum()
-    finally:
-        torch.set_num_threads(n)
 
 
 def l1_norm(t: torch.Tensor) -> torch.Tensor:
-    """Σ|t| as a scalar of t's dtype, bit-identical for any thread count (see `_fixed_sum`); `t` is
+    """Σ|t| as a scalar of t's dtype, bit-identical for any thread count (see `serial_sum`); `t` is
     read, not changed. The operators and the chunked kernels both take L1 norms through here."""
-    return _fixed_sum(t.reshape(-1).abs())
+    return serial_sum(t.reshape(-1).abs())
 
 
 def l1_norm_of_abs(a: torch.Tensor) -> torch.Tensor:
     """`l1_norm` of a tensor already holding magnitudes (no abs pass)."""
-    return _fixed_sum(a.reshape(-1))
+    return serial_sum(a.reshape(-1))
 
 
 def sorted_magnitudes(delta: torch.Tensor) -> torch.Tensor:
