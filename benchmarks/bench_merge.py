@@ -210,7 +210,7 @@ def _print_tables(runs: dict, with_mk: bool, fam: Family) -> None:
             print(table([["mergelab", f"{a['frac_equal_base']:.4f}", f"{a['mean_abs_tv']:.3e}", f"{a['mean_abs_tv_nonzero']:.3e}"],
                          ["mergekit", f"{b['frac_equal_base']:.4f}", f"{b['mean_abs_tv']:.3e}", f"{b['mean_abs_tv_nonzero']:.3e}"]],
                         ["tool", "frac == base", "mean |merged-base|", "mean over changed"]))
-        if e["method"] in ("ties", "dare_ties") and e.get("density_override") is None and "compare" in e \
+        if e["method"] == "ties" and e.get("density_override") is None and "compare" in e \
                 and e["compare"]["max_abs_diff"] > 0:
             print(f"\n{label}: magnitude trimming keeps the top-k |task vector| entries; float16 inputs give many "
                   "equal magnitudes, and at the threshold mergelab keeps ties in index order while mergekit's "
