@@ -32,12 +32,15 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+CLOCK = time.perf_counter  # --clock process: CPU seconds of this process (all its threads)
+
+
 def _timed(fn, device):
     _sync(device)
-    t = time.perf_counter()
+    t = CLOCK()
     fn()
     _sync(device)
-    return time.perf_counter() - t
+    return CLOCK() - t
 
 
 def _compare(baselines, candidates, reps, device):
@@ -67,9 +70,10 @@ def bench(models, label, batch, seq, prompt_len, new_tokens, reps, weightings, v
     ids, mask, plen = ids.to(device), mask.to(device), plen.to(device)
     gen_ids, gen_mask = ids[:, :prompt_len], mask[:, :prompt_len]
     params = sum(p.numel() for p in models[0].parameters()) / 1e6
+    clock = "CPU seconds of the process" if CLOCK is time.process_time else "wall seconds"
     print(f"\n== {label}: K={len(models)} models of {params:.1f}M parameters, batch {batch}, "
           f"seq {seq} (prompt {prompt_len}), {new_tokens} new tokens, device {device}, "
-          f"threads {torch.get_num_threads()}, min of {reps} interleaved reps", flush=True)
+          f"threads {torch.get_num_threads()}, min of {reps} interleaved reps, {clock}", flush=True)
     fused = {w: FusedLogitModel(models, weighting=w) for w in weightings}
     base_score, score = _compare(
         [lambda s=s: s.logits(ids, mask, plen) for s in singles],
@@ -101,11 +105,16 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--weightings", default="sim,opt")
+    ap.add_argument("--weightings", default="sim,opt,uniform,top1")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="process: CPU time of this process, steadier than wall time on a shared machine "
+                         "(on the CPU only; a GPU's work is not counted)")
     ap.add_argument("--family", default="mergelab/demo/family",
                     help="Directory of the bundled family (each subdirectory a model); skipped if absent.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     device = torch.device(args.device)
     weightings = args.weightings.split(",")
     models = [_random_llama(args.hidden, args.layers, args.vocab, s).to(device) for s in range(args.k)]
