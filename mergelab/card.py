@@ -382,6 +382,12 @@ def render_model_card(
             out += ["", f"Evolutionary search of merge recipes follows {_link(*_EVOLUTIONARY_PAPER)}."]
         if search.get("best_trial") is not None:
             out += ["", f"The best trial is trial {search['best_trial']}."]
+        if search.get("fusion"):
+            fu = search["fusion"]
+            out += ["", "**The metrics below are of a hybrid, not of these weights alone:** the best "
+                    f"trial fused this merge at inference time with {', '.join(map(str, fu.get('members', [])))} "
+                    f"(logit fusion, weighting `{fu.get('weighting')}`, τ = {fu.get('tau')}); "
+                    "`fusion_recipe.yaml` beside the weights reproduces it with `mergelab eval`."]
         if search.get("eval_spec"):
             out += ["", "### Evaluation", "", _yaml_block(search["eval_spec"])]
         table = _metrics_table(search)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .sparsify import one_thread
 from .base import MergeInputs, OperatorSpec, ParamSpec, register
 from .checks import add_check, raise_if_invalid
 
@@ -32,12 +33,13 @@ def model_stock(inp: MergeInputs) -> torch.Tensor:
     else:
         offsets = [w - w_0 for w in ws]
     cos_thetas = []
-    for idx, offset_a in enumerate(offsets):
-        for offset_b in offsets[idx + 1 :]:
-            norm_product = torch.norm(offset_a, dim=-1) * torch.norm(offset_b, dim=-1)
-            cos_thetas.append(
-                ((offset_a * offset_b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1)
-            )
+    with one_thread():  # the same sums whatever the thread count
+        for idx, offset_a in enumerate(offsets):
+            for offset_b in offsets[idx + 1 :]:
+                norm_product = torch.norm(offset_a, dim=-1) * torch.norm(offset_b, dim=-1)
+                cos_thetas.append(
+                    ((offset_a * offset_b).sum(dim=-1) / norm_product.clamp(min=1e-6)).clamp(-1, 1)
+                )
     cos_theta = torch.stack(cos_thetas).mean(dim=0).unsqueeze(-1)
     count = len(ws)
     denominator = 1 + (count - 1) * cos_theta

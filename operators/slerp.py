@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .sparsify import one_thread
 from .base import MergeInputs, OperatorSpec, ParamSpec, register
 from .checks import add_check, raise_if_invalid
 
@@ -29,23 +30,25 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     n = a.shape[1]
     if n == 0:
         return ((1 - tt) * a + tt * b).reshape(v0.shape)
-    chunks = range(0, n, _CHUNK)
-    norm_a = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(a[:, s : s + _CHUNK], dim=1, keepdim=True) for s in chunks]),
-        dim=0,
-    )
-    norm_b = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(b[:, s : s + _CHUNK], dim=1, keepdim=True) for s in chunks]),
-        dim=0,
-    )
-    norm_a = torch.where(norm_a > _EPS, norm_a, 1)
-    norm_b = torch.where(norm_b > _EPS, norm_b, 1)
-    dot = torch.stack(
-        [
-            ((a[:, s : s + _CHUNK] / norm_a) * (b[:, s : s + _CHUNK] / norm_b)).sum(dim=1, keepdim=True)
-            for s in chunks
-        ]
-    ).sum(dim=0).clamp(-1, 1)
+    # reductions on one CPU thread: the same sums whatever the thread count
+    with one_thread():
+        chunks = range(0, n, _CHUNK)
+        norm_a = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(a[:, s : s + _CHUNK], dim=1, keepdim=True) for s in chunks]),
+            dim=0,
+        )
+        norm_b = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(b[:, s : s + _CHUNK], dim=1, keepdim=True) for s in chunks]),
+            dim=0,
+        )
+        norm_a = torch.where(norm_a > _EPS, norm_a, 1)
+        norm_b = torch.where(norm_b > _EPS, norm_b, 1)
+        dot = torch.stack(
+            [
+                ((a[:, s : s + _CHUNK] / norm_a) * (b[:, s : s + _CHUNK] / norm_b)).sum(dim=1, keepdim=True)
+                for s in chunks
+            ]
+        ).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)

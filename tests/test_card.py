@@ -227,3 +227,20 @@ def test_read_provenance(tmp_path):
     (tmp_path / "mergelab_search.json").write_text("{not json")
     with pytest.raises(MergelabError, match=r"mergelab_search\.json: not valid JSON"):
         read_provenance(tmp_path)
+
+
+def test_card_marks_a_fusion_hybrids_metrics(tmp_path):
+    from mergelab.card import render_model_card
+
+    card = render_model_card(tmp_path, {"merge_method": "ties", "base_model": "acme/base",
+                                        "models": [{"model": "acme/ft", "parameters": {"weight": 1.0}}]},
+                             search={"optimizer": "cmaes", "n_trials": 3, "best_trial": 1,
+                                     "fusion": {"members": ["merge", "sources"], "weighting": "opt", "tau": 0.5},
+                                     "best_metrics": {"combined": 1.5}, "history": [1.0, 1.5]})
+    line = next(l for l in card.splitlines() if "hybrid" in l)
+    assert "weighting `opt`" in line and "τ = 0.5" in line and "fusion_recipe.yaml" in line
+    plain = render_model_card(tmp_path, {"merge_method": "ties", "base_model": "acme/base",
+                                         "models": [{"model": "acme/ft", "parameters": {"weight": 1.0}}]},
+                              search={"optimizer": "cmaes", "n_trials": 3, "best_trial": 1,
+                                      "best_metrics": {"combined": 1.5}, "history": [1.0, 1.5]})
+    assert "hybrid" not in plain

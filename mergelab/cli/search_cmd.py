@@ -154,3 +154,6 @@ def export(run, out_dir, trial, device):
 
     path, rec = export_trial(run, out_dir, trial=trial, device=device)
     click.echo(f"trial {rec['number']} (score {rec['value']:.6g}) written to {path}")
+    if rec.get("fusion"):
+        click.echo(f"that score is of a logit-fusion hybrid over this merge: `mergelab eval "
+                   f"{Path(path) / 'fusion_recipe.yaml'} --eval SPEC` reproduces it")
