@@ -17,8 +17,10 @@ from typing import Callable
 
 import torch
 
+
 from operators import get_operator, tensor_seed
 from operators import sparsify as _sp
+from operators.sparsify import one_thread
 from operators.checks import raise_if_invalid
 from operators.linear import linear_weights, weighted_sum_
 from operators.task_vectors import METHODS, TaskVectorMethod, combine_, task_weights
@@ -288,22 +290,10 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
     return row
 
 
-class single_thread:
-    """Run torch ops on one intra-op thread. A slice is too small for OpenMP's fork/join to
-    pay: with 2 threads on a busy 2-core machine a 64K-element copy took 20x longer (threads
-    spin waiting for a descheduled peer). Results do not depend on the thread count: the
-    only whole-tensor sums (the L1 rescale) are fixed-order (`sparsify.l1_norm`)."""
-
-    def __enter__(self):
-        self._n = torch.get_num_threads()
-        if self._n != 1:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self._n != 1:
-            torch.set_num_threads(self._n)
-        return False
+# A slice is too small for OpenMP's fork/join to pay: with 2 threads on a busy 2-core machine a
+# 64K-element copy took 20x longer (threads spin waiting for a descheduled peer). Results do not
+# depend on the thread count: the only whole-tensor sums (the L1 rescale) are fixed-order.
+single_thread = one_thread
 
 
 def merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace) -> None:

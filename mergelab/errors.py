@@ -18,3 +18,20 @@ def name_list(items, limit: int = 10) -> str:
     if len(items) > limit:
         shown += f" and {len(items) - limit} more"
     return shown
+
+
+def pydantic_problems(e, limit: int = 5) -> str:
+    """A pydantic ValidationError as 'unknown field `a.b`; `c[0].d`: reason' (field paths as
+    the YAML spells them)."""
+    parts = []
+    for err in e.errors()[:limit]:
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field `{loc}`")
+        elif err["type"] == "missing":
+            parts.append(f"missing field `{loc}`")
+        else:
+            parts.append(f"`{loc}`: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import MergelabError, name_list
+from .errors import MergelabError, name_list, pydantic_problems
 
 WEIGHTINGS = ("sim", "opt", "uniform", "top1")
 FUSION_METHOD = "logit_fusion"
@@ -599,12 +599,6 @@ def is_fusion_recipe(data: Any) -> bool:
     return isinstance(data, dict) and data.get("merge_method") == FUSION_METHOD
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
 
 def validate_fusion_recipe(data: Any, where: str = "fusion recipe") -> FusionRecipe:
     """Validate a fusion recipe mapping; errors name the field and what to do."""
@@ -613,15 +607,7 @@ def validate_fusion_recipe(data: Any, where: str = "fusion recipe") -> FusionRec
     try:
         return FusionRecipe.model_validate(data)
     except ValidationError as e:
-        parts = []
-        for err in e.errors()[:5]:
-            loc = _loc(err["loc"])
-            if err["type"] == "extra_forbidden":
-                parts.append(f"unknown field `{loc}`")
-            elif err["type"] == "missing":
-                parts.append(f"missing field `{loc}`")
-            else:
-                parts.append(f"`{loc}`: {err['msg'].removeprefix('Value error, ')}")
+        parts = [pydantic_problems(e)]
         raise MergelabError(
             f"Invalid {where}: " + "; ".join(parts) + ". A fusion recipe has `merge_method: "
             "logit_fusion`, `models: [{model: PATH_OR_HUB_ID_OR_RECIPE.yml}, ...]` (at least one) and "

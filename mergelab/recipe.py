@@ -9,7 +9,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import MergelabError
+from .errors import MergelabError, pydantic_problems
 
 Scalar = Union[bool, float, int]
 Gradient = list[float]
@@ -141,24 +141,8 @@ def read_yaml(path: str | Path, what: str = "recipe") -> Any:
 
 
 # -- validation ----------------------------------------------------------------------------------
-def _fmt_loc(loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _pydantic_message(e: ValidationError, where: str) -> str:
-    errs = []
-    for err in e.errors()[:5]:
-        loc = _fmt_loc(err["loc"])
-        if err["type"] == "extra_forbidden":
-            errs.append(f"unknown field `{loc}`")
-        elif err["type"] == "missing":
-            errs.append(f"missing field `{loc}`")
-        else:
-            errs.append(f"`{loc}`: {err['msg']}")
-    return f"Invalid {where}: " + "; ".join(errs) + "."
+    return f"Invalid {where}: {pydantic_problems(e)}."
 
 
 def _values_of(value: Any) -> list[Any]:

@@ -53,7 +53,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergelab.errors import MergelabError
+from mergelab.errors import MergelabError, pydantic_problems
 
 OPTIMIZERS = ("cmaes", "tpe", "random", "nsga2", "pycma")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband")
@@ -147,12 +147,6 @@ class SearchConfig(BaseModel):
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
 
-def _loc(loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
 
 def parse_search_config(data: Any, where: str = "search config") -> SearchConfig:
     if not isinstance(data, dict):
@@ -162,15 +156,7 @@ def parse_search_config(data: Any, where: str = "search config") -> SearchConfig
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as e:
-        parts = []
-        for err in e.errors()[:5]:
-            loc = _loc(err["loc"])
-            if err["type"] == "extra_forbidden":
-                parts.append(f"unknown field `{loc}`")
-            elif err["type"] == "missing":
-                parts.append(f"missing field `{loc}`")
-            else:
-                parts.append(f"`{loc}`: {err['msg']}")
+        parts = [pydantic_problems(e)]
         raise MergelabError(
             f"Invalid {where}: " + "; ".join(parts) + ". See `search/config.py` for the fields "
             "(base_model, models, method, space, layer_groups, eval, optimizer, budget, seed, fusion...)."
