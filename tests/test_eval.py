@@ -648,7 +648,8 @@ def test_family_fine_tunes_beat_the_base_on_their_own_skill():
     spec = spec.model_copy(update={"scorers": [s for s in spec.scorers if s.name in ("addition", "reverse")]})
     ev = Evaluator(spec, tok, batch_size=40)
     scores = {name: ev.evaluate(HFLogitModel(m, t)).scores for name, (m, t) in models.items()}
-    # (The sort fine-tune is left out: the base already solves sort, so there is nothing to beat.)
+    # (Sort gains least, 89.5 -> 95.5 on the full split, too little to show on 40 items;
+    # tests/test_family.py checks all three skills on all 200 test items.)
     assert scores["addition"]["addition"] > scores["base"]["addition"]
     assert scores["reverse"]["reverse"] > scores["base"]["reverse"]
     # The scorer agrees item for item with the family's own independent greedy checker.
