@@ -50,9 +50,6 @@ class Workspace:
             t = self._bufs[key] = torch.empty(n, dtype=dtype)
         return t[:n]
 
-    def release(self, key) -> None:
-        self._bufs.pop(key, None)
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._bufs.values())
@@ -63,10 +60,6 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _task_method(plan: MergePlan) -> TaskVectorMethod | None:
-    return _TASK.get(get_operator(plan.recipe.merge_method).name)
 
 
 def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32,

@@ -2,7 +2,6 @@
 pydantic validation against the operator registry, and writing recipes back out."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -302,7 +301,3 @@ def resolve_value(value: Any, tensor_name: str, t: float) -> Any:
         frac = scaled - i0
         return (1 - frac) * value[i0] + frac * value[i1]
     return value
-
-
-def is_finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

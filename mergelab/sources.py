@@ -283,7 +283,3 @@ def open_sources(refs: list[str]) -> dict[str, ModelSource]:
         if r not in out:
             out[r] = ModelSource.open(r)
     return out
-
-
-def hub_token_in_env() -> bool:
-    return bool(os.environ.get("HF_TOKEN"))

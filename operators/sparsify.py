@@ -141,16 +141,6 @@ def top_k_rule(abs_flat: torch.Tensor, k: int, sorted_abs: torch.Tensor | None =
     return TopKRule(threshold, k - above, equal)
 
 
-def top_k_rule_sorted_ascending(ascending: torch.Tensor, k: int) -> TopKRule:
-    """The rule from magnitudes sorted in ascending order: O(log n), no pass over the data."""
-    n = ascending.numel()
-    threshold = ascending[n - k]
-    value = threshold.reshape(1)
-    first = int(torch.searchsorted(ascending, value, right=False)[0])
-    after = int(torch.searchsorted(ascending, value, right=True)[0])
-    return TopKRule(threshold, k - (n - after), after - first)
-
-
 def top_k_mask(abs_flat: torch.Tensor, k: int, sorted_abs: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the k largest entries of the flat tensor `abs_flat`.
 
