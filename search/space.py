@@ -82,8 +82,6 @@ class Space:
     # per method: {param: fixed value} for the whole merge, and per model overrides
     fixed_global: dict[str, Any] = field(default_factory=dict)
     fixed_model: dict[int, dict[str, Any]] = field(default_factory=dict)
-    searched_model_params: list[str] = field(default_factory=list)  # names, in order
-    searched_global_params: list[str] = field(default_factory=list)
     recipe_extra: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     fusion: FusionSpec | None = None
@@ -473,51 +471,38 @@ def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
         params.append(ParamDef("method", 0.0, float(len(cfg.methods)), "method"))
     fixed_global: dict[str, Any] = {}
     fixed_model: dict[int, dict[str, Any]] = {}
-    searched_model: list[str] = []
-    searched_global: list[str] = []
     sets = [None] if not cfg.filters else [*cfg.filters, "other"]
+
+    def add_model_param(i: int, pname: str, kind: str, val: Any, spec: Any) -> None:
+        # one searched number per (io group,) filter set and layer group; fixed values go aside
+        if kind == "fixed":
+            fixed_model.setdefault(i, {})[pname] = val
+            return
+        lo, hi = val
+        base = f"m{i}.{pname}"
+        if cfg.io_group:
+            params.append(ParamDef(f"{base}.io", lo, hi, "model", pname, i, None, "io", spec.kind == "int"))
+        for f in sets:
+            key = base + (f".{f}" if f is not None else "")
+            for k in range(K):
+                params.append(ParamDef(key if K == 1 else f"{key}.g{k}", lo, hi, "model", pname, i,
+                                       k if K > 1 else None, f, spec.kind == "int"))
+
     for pname, (kind, val, spec) in global_entries.items():
-        if spec.scope == "global":
-            if kind == "fixed":
-                fixed_global[pname] = val
-            else:
-                params.append(ParamDef(pname, val[0], val[1], "global", param=pname, integer=spec.kind == "int"))
-                searched_global.append(pname)
+        if spec.scope != "global":
             continue
-        if kind == "range":
-            searched_model.append(pname)
+        if kind == "fixed":
+            fixed_global[pname] = val
+        else:
+            params.append(ParamDef(pname, val[0], val[1], "global", param=pname, integer=spec.kind == "int"))
     for i in range(len(cfg.models)):
+        # a per-model entry overrides the `space` one for that model
         for pname, (kind, val, spec) in global_entries.items():
-            if spec.scope != "model":
-                continue
-            k2, v2, _ = model_entries.get(i, {}).get(pname, (kind, val, spec))
-            if k2 == "fixed":
-                fixed_model.setdefault(i, {})[pname] = v2
-                continue
-            lo, hi = v2
-            base = f"m{i}.{pname}"
-            if cfg.io_group:
-                params.append(ParamDef(f"{base}.io", lo, hi, "model", pname, i, None, "io", spec.kind == "int"))
-            for f in sets:
-                key = base + (f".{f}" if f is not None else "")
-                for k in range(K):
-                    params.append(ParamDef(key if K == 1 else f"{key}.g{k}", lo, hi, "model", pname, i,
-                                           k if K > 1 else None, f, spec.kind == "int"))
+            if spec.scope == "model":
+                add_model_param(i, pname, *model_entries.get(i, {}).get(pname, (kind, val, spec)))
         for pname, (kind, val, spec) in model_entries.get(i, {}).items():
-            if pname in global_entries:
-                continue
-            if kind == "fixed":
-                fixed_model.setdefault(i, {})[pname] = val
-                continue
-            lo, hi = val
-            base = f"m{i}.{pname}"
-            if cfg.io_group:
-                params.append(ParamDef(f"{base}.io", lo, hi, "model", pname, i, None, "io", spec.kind == "int"))
-            for f in sets:
-                key = base + (f".{f}" if f is not None else "")
-                for k in range(K):
-                    params.append(ParamDef(key if K == 1 else f"{key}.g{k}", lo, hi, "model", pname, i,
-                                           k if K > 1 else None, f, spec.kind == "int"))
+            if pname not in global_entries:
+                add_model_param(i, pname, kind, val, spec)
     if cfg.layer_sources:
         for k in range(K):
             params.append(ParamDef(f"source.g{k}", 0.0, float(len(cfg.models) + 1), "source", group=k))
@@ -560,8 +545,6 @@ def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
         params=params,
         fixed_global=fixed_global,
         fixed_model=fixed_model,
-        searched_model_params=searched_model,
-        searched_global_params=searched_global,
         recipe_extra=dict(cfg.recipe),
         seed=cfg.seed,
         fusion=fusion,
