@@ -463,12 +463,13 @@ class RunDir:
             (self.path / CONTROL_FILE).unlink()
 
     # -- status ------------------------------------------------------------------------------
-    def last_activity(self) -> float | None:
+    def last_activity(self, workers: list[dict] | None = None) -> float | None:
+        """Latest write or heartbeat; `workers` is self.workers() when the caller has read it."""
         times = []
         for name in (SUMMARY_FILE, TRIALS_FILE, LOG_FILE):
             with contextlib.suppress(FileNotFoundError):
                 times.append((self.path / name).stat().st_mtime)
-        for w in self.workers():
+        for w in self.workers() if workers is None else workers:
             times.append(float(w.get("heartbeat", 0)))
         return max(times) if times else None
 
@@ -476,7 +477,8 @@ class RunDir:
         s = self.summary()
         status = s.get("status", "stopped")
         detail = s.get("detail", "")
-        live = self.live_workers()
+        workers = self.workers()  # read once: the browser calls this for every run at every scan
+        live = [w["worker"] for w in workers if w["alive"]]
         if status == "running" and not live:
             status, detail = "stopped", "interrupted (no live search process)"
         budget = s.get("budget") or {}
@@ -494,7 +496,7 @@ class RunDir:
             best_value=best.get("value"),
             best_trial=best.get("number"),
             created=s.get("created"),
-            last_activity=self.last_activity(),
+            last_activity=self.last_activity(workers),
             elapsed_s=float(s.get("elapsed_s", 0.0)),
             live_workers=live,
         )
