@@ -463,8 +463,6 @@ def recipe_heatmaps(recipe: dict | None, resolved: dict) -> list[HeatGrid]:
             if isinstance(sample, list):
                 n_layers = int(L) if L else len(sample)
                 spans = _group_spans(n_layers, min(K, n_layers)) if K > 1 else [(0, n_layers - 1)]
-                if K == 1:
-                    spans = [(0, n_layers - 1)]
                 for a, b in spans:
                     span = f"L{a}" if a == b else f"L{a}-{b}"
                     rows.append((fam, span if fam == "all" else f"{fam} {span}", (a, b)))
