@@ -133,6 +133,8 @@ class RunsBrowserScreen(Screen):
 
     def apply_runs(self, runs: list[RunStatus]) -> None:
         self._scanning = False
+        if not self.is_attached:
+            return  # the app is quitting while the scan ran
         self.scans += 1
         self.runs = runs
         paths = {str(r.path) for r in runs}

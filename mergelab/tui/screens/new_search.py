@@ -210,6 +210,8 @@ class NewSearchScreen(Screen):
     def _apply_check(self, res: FormCheck, version: int) -> None:
         if version != self._version:
             return  # the form changed since: a newer check is coming
+        if not self.is_attached:
+            return  # the form was closed (Escape, quit) while the check ran: nothing to show it on
         self.result = res
         self.checks += 1
         for f in (*FIELDS, GENERAL):
