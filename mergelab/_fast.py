@@ -11,6 +11,7 @@ generator element by element, so slices draw the same numbers as one full-tensor
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -53,13 +54,6 @@ class Workspace:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._bufs.values())
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32,
@@ -123,7 +117,7 @@ class DiskInputs(Inputs):
     is mapped, so the page cache holds the files and this process holds only the buffers."""
 
     def __init__(self, job: TensorJob, sources: dict, base_index: int | None, ws: Workspace):
-        self.n = _numel(job.shape)
+        self.n = math.prod(job.shape)
         self.ws = ws
         self._slots: list[tuple[object, str, torch.dtype]] = []
         index: dict[tuple[str, str], int] = {}

@@ -3,6 +3,7 @@ thread), apply the operator on the compute device, and hand the result to a sink
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -78,7 +79,7 @@ class JobReader:
         """A reused output buffer (valid until the next job), or None for a fresh tensor."""
         if not self.reuse_output:
             return None
-        n = _fast._numel(self.job.shape)
+        n = math.prod(self.job.shape)
         return self.ws.get(("result", self.job.out_dtype), n, self.job.out_dtype).view(self.job.shape)
 
 

@@ -3,6 +3,7 @@ resolved parameters. All compatibility checks happen here, before any tensor is 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import MergelabError, name_list
+from .recipe import DTYPES as recipe_dtypes
 from .recipe import Recipe, resolve_value
 from .sources import ModelSource
 
@@ -17,7 +19,7 @@ log = logging.getLogger("mergelab")
 
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 VOCAB_NAMES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight", "tok_embeddings")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in recipe_dtypes}  # recipe dtype names
 EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_tokens", "embed_tokens.weight")
 
 
@@ -52,10 +54,7 @@ class TensorJob:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.out_dtype).element_size()
+        return math.prod(self.shape) * self.out_dtype.itemsize
 
     def param_key(self) -> tuple:
         """Hashable view of everything that decides this tensor's value (for change detection)."""
@@ -86,17 +85,10 @@ class MergePlan:
         """Bound on tensor memory held at once: `prefetch` jobs of raw source tensors waiting,
         plus float32 working copies of one job (sources, task vectors, result, temporaries)."""
         n = len({r for j in self.jobs[:1] for r in [*(m.ref for m in j.models)] + ([j.base.ref] if j.base else [])})
-        largest_elems = max((_numel(j.shape) for j in self.jobs), default=0)
+        largest_elems = max((math.prod(j.shape) for j in self.jobs), default=0)
         raw = prefetch * n * largest_elems * 2
         work = (2 * n + 4) * largest_elems * 4
         return raw + work + self.largest_bytes
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _check_architecture(ref_src: ModelSource, sources: dict[str, ModelSource]) -> None:

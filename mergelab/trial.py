@@ -3,6 +3,7 @@ device, and write each candidate recipe's merged tensors straight into one trans
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ class TrialMerger:
         op = get_operator(plan.recipe.merge_method)
         n_refs = len(self.sources)
         per_elem = 4 * (n_refs + (n_refs if op.uses_deltas or op.uses_sorted_abs else 0) + (n_refs if op.uses_sorted_abs else 0))
-        return sum(_numel(j.shape) * per_elem for j in plan.jobs)
+        return sum(math.prod(j.shape) * per_elem for j in plan.jobs)
 
     def _input(self, job: TensorJob, ref_raw_cache: dict, r) -> torch.Tensor:
         key = (r.ref, r.tensor)
@@ -134,7 +135,7 @@ class TrialMerger:
         return d
 
     def _fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs:
-        n = _numel(job.shape)
+        n = math.prod(job.shape)
         if op.name == "linear":
             models = [self._input(job, {}, r).view(-1) for r in job.models]
             return _fast.CachedInputs(n, None, models)
@@ -244,13 +245,6 @@ class TrialMerger:
     def state_dict(self, recipe, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The candidate's merged tensors in the output dtype (what `mergelab merge` writes)."""
         return {job.name: out.cpu() for job, _, out in self.merged_tensors(recipe, seed)}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def load_recipe_model(recipe: Recipe | dict | str | Path, device: str | torch.device | None = "auto",

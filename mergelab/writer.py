@@ -3,6 +3,7 @@ written as it arrives, everything in a temporary sibling directory renamed into 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -12,13 +13,12 @@ from pathlib import Path
 import torch
 
 from .errors import MergelabError
+from .plan import DTYPES
+from .sources import _ST_DTYPES
 
-_ST_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_DTYPE_STR = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# the inverses of the tables the reader and the planner use, so the three never disagree
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_DTYPE_STR = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass
@@ -76,10 +76,7 @@ class ShardWriter:
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
         self._entries: list[_Entry] = []
         for name, dtype, shape in entries:
-            n = 1
-            for s in shape:
-                n *= s
-            self._entries.append(_Entry(name, dtype, tuple(shape), n * torch.empty((), dtype=dtype).element_size()))
+            self._entries.append(_Entry(name, dtype, tuple(shape), math.prod(shape) * dtype.itemsize))
         self._by_name = {e.name: e for e in self._entries}
         self._layout(shard_size)
         self._pos = 0
