@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from operators import get_operator
+from operators.sparsify import sorted_magnitudes
 
 from . import _fast
 from .engine import compute_job, fit_rows, read_job, resolve_device, run_operator
@@ -108,13 +109,15 @@ class TrialMerger:
         per_elem = 4 * (n_refs + (n_refs if op.uses_deltas or op.uses_sorted_abs else 0) + (n_refs if op.uses_sorted_abs else 0))
         return sum(math.prod(j.shape) * per_elem for j in plan.jobs)
 
-    def _input(self, job: TensorJob, ref_raw_cache: dict, r) -> torch.Tensor:
+    def _input(self, job: TensorJob, r) -> torch.Tensor:
         key = (r.ref, r.tensor)
         t = self._inputs.get(key)
         if t is None:
-            ref_read = job.base if job.base is not None else job.models[0]
-            ref_raw = self.sources[ref_read.ref].get(ref_read.tensor)
             raw = self.sources[r.ref].get(r.tensor)
+            ref_raw = None
+            if job.rows is not None and raw.shape[0] < job.rows:  # padding takes the reference's rows
+                ref_read = job.base if job.base is not None else job.models[0]
+                ref_raw = self.sources[ref_read.ref].get(ref_read.tensor)
             t = fit_rows(raw, job.rows, ref_raw).to(device=self.device, dtype=self.compute_dtype)
             self._inputs[key] = t
         return t
@@ -127,7 +130,7 @@ class TrialMerger:
         if d is None:
             m = self._inputs.get(k)
             if m is None and job.rows is not None:
-                m = self._input(job, {}, r)
+                m = self._input(job, r)
             if m is None:
                 m = fit_rows(self.sources[r.ref].get(r.tensor), job.rows, None).to(
                     device=self.device, dtype=self.compute_dtype)
@@ -137,11 +140,11 @@ class TrialMerger:
     def _fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs:
         n = math.prod(job.shape)
         if op.name == "linear":
-            models = [self._input(job, {}, r).view(-1) for r in job.models]
+            models = [self._input(job, r).view(-1) for r in job.models]
             return _fast.CachedInputs(n, None, models)
         bi = plan.recipe.base_index
         base_read = job.base if job.base is not None else job.models[bi]
-        base = self._input(job, {}, base_read)
+        base = self._input(job, base_read)
         deltas: list[torch.Tensor | None] = []
         order: list[torch.Tensor | None] = []
         for i, r in enumerate(job.models):
@@ -160,7 +163,6 @@ class TrialMerger:
                 order.append(None)
         return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order)
 
-    # -- merging ---------------------------------------------------------------------------------
     def merged_tensors(self, recipe, seed: int | None = None, only_changed: bool = False, target=None):
         """Yield (job, key, merged tensor in the output dtype) for a candidate. With `target`
         (job -> tensor or None) a chunked merge writes straight into the returned tensor and
@@ -192,8 +194,8 @@ class TrialMerger:
                     out, sink = _fast.full_output(job)
                     _fast.merge_job(plan, job, inputs, sink, self._ws)
             else:
-                base = self._input(job, {}, job.base) if job.base is not None else None
-                models = [self._input(job, {}, r) for r in job.models]
+                base = self._input(job, job.base) if job.base is not None else None
+                models = [self._input(job, r) for r in job.models]
                 deltas = sorted_abs = None
                 if base is not None and (op.uses_deltas or op.uses_sorted_abs):
                     deltas = []
@@ -210,7 +212,7 @@ class TrialMerger:
                                 continue
                             k = (r.ref, r.tensor)
                             if k not in self._sorted:
-                                self._sorted[k] = torch.sort(d.abs().flatten(), descending=True, stable=True).values
+                                self._sorted[k] = sorted_magnitudes(d)
                             sorted_abs.append(self._sorted[k])
                 out = run_operator(job, plan, base, models, deltas, sorted_abs).to(job.out_dtype)
             yield job, key, out
