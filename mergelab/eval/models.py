@@ -10,19 +10,8 @@ from typing import Callable
 
 import torch
 
+from ..engine import resolve_device  # noqa: F401  (re-exported: eval, fusion and the CLI import it from here)
 from ..errors import MergelabError
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) means the GPU when there is one; anything else is taken as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise MergelabError(
-            f"--device {device} was asked for, but this machine has no CUDA GPU that torch can "
-            "use. Use --device cpu (or auto)."
-        )
-    return torch.device(device)
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
