@@ -1,10 +1,10 @@
-"""The streaming merge engine: for each planned tensor, read the sources (prefetched on a
-thread), apply the operator on the compute device, and hand the result to a sink (disk or model)."""
+"""The streaming merge engine: for each planned tensor, read the sources (the kernel reads the
+next tensors ahead), merge them on the compute device, and write the result to disk (the trial
+merger reuses the per-tensor merge)."""
 from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -86,16 +86,9 @@ class JobReader:
 def advise(job: TensorJob, sources: dict[str, ModelSource]) -> None:
     """Ask the kernel to start reading a job's tensors into the page cache (asynchronous
     readahead), so disk reads of the next tensors overlap the compute of this one."""
-    if not hasattr(os, "posix_fadvise"):
-        return
     for r in ([job.base] if job.base else []) + list(job.models):
-        src = sources[r.ref]
-        info = src.tensors.get(r.tensor)
-        if info is not None:
-            try:
-                os.posix_fadvise(src._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                return
+        if not sources[r.ref].will_need(r.tensor):
+            return
 
 
 def compute_job(

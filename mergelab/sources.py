@@ -232,6 +232,20 @@ class ModelSource:
                     self._fds[file] = fd
         return fd
 
+    def will_need(self, name: str) -> bool:
+        """Ask the kernel to start reading tensor `name` into the page cache (asynchronous
+        readahead). False where the platform or file system does not take the hint."""
+        info = self.tensors.get(name)
+        if info is None:
+            return True
+        if not hasattr(os, "posix_fadvise"):
+            return False
+        try:
+            os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return False
+        return True
+
     def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Fill the contiguous CPU tensor `out` (the tensor's dtype) with elements
         [start, start + out.numel()) of tensor `name` in flat order; returns `out`."""
