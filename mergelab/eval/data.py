@@ -86,6 +86,12 @@ def _string(path: Path, number: int, value, key: str) -> str:
     return value
 
 
+def _nonempty(items: list, spec) -> list:
+    if not items:
+        raise MergelabError(f"Data file {spec.data} of scorer '{spec.name}' has no items.")
+    return items
+
+
 def read_perplexity(spec: PerplexityScorerSpec) -> list[TextItem]:
     path = spec.data
     if path.suffix in (".jsonl", ".json"):
@@ -117,9 +123,7 @@ def read_perplexity(spec: PerplexityScorerSpec) -> list[TextItem]:
     for item in items:
         if not item.text:
             raise MergelabError(f"{path}:{item.line}: empty text; remove the line or give it text.")
-    if not items:
-        raise MergelabError(f"Data file {path} of scorer '{spec.name}' has no items.")
-    return items
+    return _nonempty(items, spec)
 
 
 def read_multiple_choice(spec: MultipleChoiceScorerSpec) -> list[ChoiceItem]:
@@ -140,9 +144,7 @@ def read_multiple_choice(spec: MultipleChoiceScorerSpec) -> list[ChoiceItem]:
         elif not 0 <= answer < len(choices):
             raise MergelabError(f"{path}:{n}: `answer` index {answer} is out of range for {len(choices)} choices (0-based).")
         items.append(ChoiceItem(prompt, tuple(choices), answer, n))
-    if not items:
-        raise MergelabError(f"Data file {path} of scorer '{spec.name}' has no items.")
-    return items
+    return _nonempty(items, spec)
 
 
 def read_exact_match(spec: ExactMatchScorerSpec) -> list[AnswerItem]:
@@ -154,6 +156,4 @@ def read_exact_match(spec: ExactMatchScorerSpec) -> list[AnswerItem]:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             raise MergelabError(f"{path}:{n}: `answer` must be a string or a number, got {json.dumps(answer)}.")
         items.append(AnswerItem(prompt, str(answer), n))
-    if not items:
-        raise MergelabError(f"Data file {path} of scorer '{spec.name}' has no items.")
-    return items
+    return _nonempty(items, spec)
