@@ -599,7 +599,6 @@ def is_fusion_recipe(data: Any) -> bool:
     return isinstance(data, dict) and data.get("merge_method") == FUSION_METHOD
 
 
-
 def validate_fusion_recipe(data: Any, where: str = "fusion recipe") -> FusionRecipe:
     """Validate a fusion recipe mapping; errors name the field and what to do."""
     if not isinstance(data, dict):
@@ -607,9 +606,8 @@ def validate_fusion_recipe(data: Any, where: str = "fusion recipe") -> FusionRec
     try:
         return FusionRecipe.model_validate(data)
     except ValidationError as e:
-        parts = [pydantic_problems(e)]
         raise MergelabError(
-            f"Invalid {where}: " + "; ".join(parts) + ". A fusion recipe has `merge_method: "
+            f"Invalid {where}: {pydantic_problems(e)}. A fusion recipe has `merge_method: "
             "logit_fusion`, `models: [{model: PATH_OR_HUB_ID_OR_RECIPE.yml}, ...]` (at least one) and "
             "optional `parameters: {weighting: sim|opt|uniform|top1, tau: > 0, grid_step: (0, 1]}`."
         ) from None
