@@ -57,6 +57,18 @@ def parse_size(text: str | int) -> int:
     raise MergelabError(f"--shard-size `{text}` is not a size. Use bytes or a unit, e.g. 5GB, 500MB, 2GiB.")
 
 
+def shard_layout(sizes: list[int], shard_size: int) -> list[tuple[int, int]]:
+    """(shard, byte offset in the shard) of each tensor written in order: a new shard starts when
+    the next tensor would overflow a non-empty one (a tensor larger than shard_size gets its own)."""
+    out, shard, used = [], 0, 0
+    for n in sizes:
+        if used and used + n > shard_size:
+            shard, used = shard + 1, 0
+        out.append((shard, used))
+        used += n
+    return out
+
+
 class ShardWriter:
     """Write tensors in the announced order into shards of at most `shard_size` bytes.
 
@@ -85,13 +97,9 @@ class ShardWriter:
         self.bytes_written = 0
 
     def _layout(self, shard_size: int) -> None:
-        shard, used = 0, 0
-        for e in self._entries:
-            if used and used + e.nbytes > shard_size:
-                shard, used = shard + 1, 0
-            e.shard, e.begin = shard, used
-            used += e.nbytes
-        self.n_shards = shard + 1 if self._entries else 0
+        for e, (shard, begin) in zip(self._entries, shard_layout([e.nbytes for e in self._entries], shard_size)):
+            e.shard, e.begin = shard, begin
+        self.n_shards = self._entries[-1].shard + 1 if self._entries else 0
 
     def shard_name(self, i: int) -> str:
         if self.n_shards == 1:

@@ -32,7 +32,7 @@ def _human(n: float) -> str:
 def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, overwrite, quiet):
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR, one tensor at a time."""
     from ..engine import merge_to_dir, prepare, resolve_device
-    from ..writer import parse_size
+    from ..writer import parse_size, shard_layout
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     size = parse_size(shard_size)
@@ -47,12 +47,8 @@ def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, ove
             "or pass --overwrite to replace it."
         )
     if dry_run:
-        n_shards = 1
-        used = 0
-        for j in plan.jobs:
-            if used and used + j.nbytes > size:
-                n_shards, used = n_shards + 1, 0
-            used += j.nbytes
+        layout = shard_layout([j.nbytes for j in plan.jobs], size)
+        n_shards = layout[-1][0] + 1 if layout else 1
         click.echo(f"recipe: {recipe} ({plan.recipe.merge_method}, {len(plan.recipe.models)} models, "
                    f"base {plan.recipe.base_model or '-'})")
         for ref, s in sources.items():
