@@ -133,7 +133,7 @@ class RunsBrowserScreen(Screen):
 
     def apply_runs(self, runs: list[RunStatus]) -> None:
         self._scanning = False
-        if not self.is_attached:
+        if not (self.is_attached and self.app.is_running):
             return  # the app is quitting while the scan ran
         self.scans += 1
         self.runs = runs

@@ -163,8 +163,8 @@ class DashboardScreen(Screen):
 
     def _apply(self, delta: Delta) -> None:
         self._polling = False
-        if not self.is_attached:
-            return  # the dashboard was closed while the read ran
+        if not (self.is_attached and self.app.is_running):
+            return  # the dashboard was closed (or the app is quitting) while the read ran
         self.polls += 1
         if not delta.summary and not delta.new_trials and not delta.log_lines and self.loaded:
             # a failed read: keep what is shown

@@ -210,7 +210,7 @@ class NewSearchScreen(Screen):
     def _apply_check(self, res: FormCheck, version: int) -> None:
         if version != self._version:
             return  # the form changed since: a newer check is coming
-        if not self.is_attached:
+        if not (self.is_attached and self.app.is_running):
             return  # the form was closed (Escape, quit) while the check ran: nothing to show it on
         self.result = res
         self.checks += 1
