@@ -2,6 +2,7 @@
 best recipes as heat maps (the dashboard's HeatMap), read from the run directories."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,11 +50,10 @@ def read_best(path: str | Path) -> RunBest:
     recipe = None
     trial = rd.path / "best" / "trial.json"
     if trial.is_file():
-        import json
-
         recipe = json.loads(trial.read_text(encoding="utf-8")).get("recipe")
-    if recipe is None and rd.best_recipe_text():
-        recipe = yaml.safe_load(rd.best_recipe_text())
+    text = rd.best_recipe_text() if recipe is None else None
+    if text:
+        recipe = yaml.safe_load(text)
     resolved = rd.resolved()
     trials = f"{st.trials_done}/{st.budget_trials}" if st.budget_trials else str(st.trials_done)
     return RunBest(name=st.name, path=rd.path, status=st.status, optimizer=st.optimizer or "-", trials=trials,
@@ -126,6 +126,8 @@ class CompareScreen(Screen):
         self.app.call_from_thread(self.show_runs, runs)
 
     def show_runs(self, runs: list[RunBest]) -> None:
+        if not (self.is_attached and self.app.is_running):
+            return  # closed (Escape, quit) while the runs were read
         self.runs = runs
         table = self.query_one("#compare-table", DataTable)
         table.clear(columns=True)
