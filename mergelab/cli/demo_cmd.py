@@ -93,14 +93,14 @@ def evaluate_all(best_dir: Path, device: str, limit: int | None = None) -> tuple
 
 @click.command()
 @click.option("--headless", is_flag=True, help="No dashboard: plain log lines (CI, scripts).")
-@click.option("--trials", type=int, default=100, show_default=True, help="Search budget in trials.")
-@click.option("--layer-groups", type=int, default=2, show_default=True)
+@click.option("--trials", type=click.IntRange(min=1), default=100, show_default=True, help="Search budget in trials.")
+@click.option("--layer-groups", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--run", "run_path", type=click.Path(path_type=Path), default=None,
               help="Run directory (default runs/demo-TIMESTAMP).")
-@click.option("--val-limit", type=int, default=None, help="Score at most N validation items per skill in each trial.")
-@click.option("--limit", type=int, default=None, help="Score at most N test items per skill in the final table.")
+@click.option("--val-limit", type=click.IntRange(min=1), default=None, help="Score at most N validation items per skill in each trial.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score at most N test items per skill in the final table.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the table as JSON.")
 def demo(headless, trials, layer_groups, seed, device, run_path, val_limit, limit, json_path):
     """Search a merge of the bundled model family, export the best, and compare it on every skill."""
@@ -108,7 +108,9 @@ def demo(headless, trials, layer_groups, seed, device, run_path, val_limit, limi
 
     import yaml
 
-    from search.loop import export_trial, prepare_run, run_search
+    from search.loop import export_trial, run_search
+
+    from ..tui.launch import create_run
 
     import torch
 
@@ -118,16 +120,15 @@ def demo(headless, trials, layer_groups, seed, device, run_path, val_limit, limi
     cfg = demo_config(trials, layer_groups, seed, device, val_limit)
     run_path = run_path or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     run_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg_file = run_path.parent / f".{run_path.name}.search.yml"
     # trial 0 is the equal-weight merge, so the search starts from the hand recipe it must beat
     warm = run_path.parent / f".{run_path.name}.warm_start.yml"
     warm.write_text(yaml.safe_dump(equal_weight_recipe(), sort_keys=False))
     cfg["warm_start"] = str(warm.resolve())
-    cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     try:
-        rd = prepare_run(cfg_file, run_path)
-    finally:
-        cfg_file.unlink(missing_ok=True)
+        rd = create_run(yaml.safe_dump(cfg, sort_keys=False), run_path)
+    except BaseException:
+        warm.unlink(missing_ok=True)  # no run refers to it
+        raise
     click.echo(f"run directory: {rd.path}")
     t0 = time.perf_counter()
     if not headless and sys.stdout.isatty():
