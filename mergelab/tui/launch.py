@@ -21,23 +21,9 @@ from ..errors import MergelabError
 PROCESS_LOG = "process.log"
 
 
-def _command_has_option(command: str, option: str) -> bool:
-    """Whether `mergelab COMMAND` declares an option (e.g. --no-tui), read from its click object."""
-    import importlib
-
-    from ..cli import COMMANDS
-
-    module, attr = COMMANDS[command].split(":")
-    cmd = getattr(importlib.import_module(module), attr)
-    return any(p.name == option for p in cmd.params)
-
-
 def resume_command(run_path: str | Path) -> list[str]:
     """The argv of `mergelab resume RUN` (plain log lines: the process has no terminal)."""
-    cmd = [sys.executable, "-m", "mergelab", "resume", str(run_path)]
-    if _command_has_option("resume", "no_tui"):
-        cmd.append("--no-tui")
-    return cmd
+    return [sys.executable, "-m", "mergelab", "resume", str(run_path), "--no-tui"]
 
 
 def start_detached(cmd: list[str], run_path: str | Path, *, cwd: str | Path | None = None) -> subprocess.Popen:
