@@ -36,7 +36,7 @@ def _age(t: float | None) -> str:
 def search(config, run, storage, workers, worker, no_tui, dry_run, device):
     """Search merge recipes for CONFIG (a search YAML); results go to a run directory."""
     from search.config import load_search_config
-    from search.loop import prepare_run, run_search, validate_config
+    from search.loop import prepare_run, validate_config
 
     if dry_run:
         cfg, _ = load_search_config(config)
@@ -130,7 +130,7 @@ def show(run, top):
 
     rd = RunDir.open(run)
     s = rd.status()
-    click.echo(f"{s.name}: {s.status} ({rd.summary().get('detail', '')}), {s.trials_done}/"
+    click.echo(f"{s.name}: {s.status} ({s.detail}), {s.trials_done}/"
                f"{s.budget_trials or '-'} trials, optimizer {s.optimizer}")
     recs = [r for r in rd.trials() if r.get("value") is not None]
     recs.sort(key=lambda r: r["value"], reverse=True)
