@@ -6,7 +6,6 @@ import logging
 import click
 import torch
 
-from ..errors import MergelabError
 
 _COMPUTE = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -38,14 +37,6 @@ def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, ove
     size = parse_size(shard_size)
     dev = resolve_device(device)
     plan, sources = prepare(recipe, seed)
-    from pathlib import Path
-
-    out = Path(out_dir)
-    if not dry_run and out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergelabError(
-            f"The output directory {out} already exists and is not empty. Choose a new directory, "
-            "or pass --overwrite to replace it."
-        )
     if dry_run:
         layout = shard_layout([j.nbytes for j in plan.jobs], size)
         n_shards = layout[-1][0] + 1 if layout else 1
@@ -60,7 +51,7 @@ def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, ove
                    f"{_human(plan.peak_memory_estimate())}  device: {dev}")
         click.echo("dry run: nothing written")
         return
-    rep = merge_to_dir(plan.recipe, out, device=dev, compute_dtype=_COMPUTE[compute_dtype], shard_size=size,
+    rep = merge_to_dir(plan.recipe, out_dir, device=dev, compute_dtype=_COMPUTE[compute_dtype], shard_size=size,
                        seed=seed, quiet=quiet, overwrite=overwrite, plan_and_sources=(plan, sources))
     click.echo(f"wrote {rep.out_dir} ({rep.tensors} tensors, {_human(rep.bytes)}, {rep.shards} shard(s)) "
                f"in {rep.seconds:.1f}s")
