@@ -41,6 +41,10 @@ def fuse(models_opt, more_models, recipe, weighting, tau, grid_step, prompt, max
     if max_new_tokens < 1:
         raise MergelabError(f"--max-new-tokens must be at least 1; got {max_new_tokens}.")
     if recipe:
+        overrides = {k: v for k, v in (("tau", tau), ("grid_step", grid_step)) if v is not None}
+        if overrides:  # checked before any model is loaded, as the --models path does
+            validate_fusion_recipe({"merge_method": "logit_fusion", "models": [recipe], "parameters": overrides},
+                                   where="fuse options")
         fused, tokenizer = load_fusion(recipe, device=device)
         fused = FusedLogitModel(
             [m.model for m in fused.members],
