@@ -105,16 +105,11 @@ CONTROL_COMMANDS = ("pause", "resume", "stop")
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a concurrent reader sees old or new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a concurrent reader sees old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
