@@ -147,7 +147,6 @@ class SearchConfig(BaseModel):
         return [self.method] if isinstance(self.method, str) else list(self.method)
 
 
-
 def parse_search_config(data: Any, where: str = "search config") -> SearchConfig:
     if not isinstance(data, dict):
         raise MergelabError(
@@ -156,9 +155,8 @@ def parse_search_config(data: Any, where: str = "search config") -> SearchConfig
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as e:
-        parts = [pydantic_problems(e)]
         raise MergelabError(
-            f"Invalid {where}: " + "; ".join(parts) + ". See `search/config.py` for the fields "
+            f"Invalid {where}: {pydantic_problems(e)}. See `search/config.py` for the fields "
             "(base_model, models, method, space, layer_groups, eval, optimizer, budget, seed, fusion...)."
         ) from None
 
