@@ -528,7 +528,7 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     if live and not worker:
         raise MergelabError(
             f"Run {rd.path} is being searched right now by {', '.join(w['worker'] for w in live)}. Watch "
-            f"it, stop it first, or join it as another worker with `mergelab search --run {rd.path} --worker`."
+            f"it, stop it first, or join it as another worker with `mergelab resume {rd.path} --worker`."
         )
     opt = cfg.optimizer.name
     if opt == "pycma" and (worker or (res.get("storage") and live)):
