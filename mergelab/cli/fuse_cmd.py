@@ -46,13 +46,11 @@ def fuse(models_opt, more_models, recipe, weighting, tau, grid_step, prompt, max
             validate_fusion_recipe({"merge_method": "logit_fusion", "models": [recipe], "parameters": overrides},
                                    where="fuse options")
         fused, tokenizer = load_fusion(recipe, device=device)
-        fused = FusedLogitModel(
-            [m.model for m in fused.members],
-            weighting or fused.weighting,
-            fused.tau if tau is None else tau,
-            fused.grid_step if grid_step is None else grid_step,
-            names=fused.names,
-        )
+        # Overrides set on the loaded fusion: rebuilding it without the tokenizers would take the
+        # vocabulary from the models' row counts, padding rows included.
+        fused.weighting = weighting or fused.weighting
+        fused.tau = fused.tau if tau is None else float(tau)
+        fused.grid_step = fused.grid_step if grid_step is None else float(grid_step)
     else:
         params = {"weighting": weighting or "sim", "tau": 1.0 if tau is None else tau,
                   "grid_step": 0.05 if grid_step is None else grid_step}
