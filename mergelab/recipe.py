@@ -3,7 +3,7 @@ pydantic validation against the operator registry, and writing recipes back out.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -44,7 +44,8 @@ class SliceDef(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
-DTYPES = ("float32", "float16", "bfloat16")
+DtypeName = Literal["float32", "float16", "bfloat16"]
+DTYPES = get_args(DtypeName)
 
 
 class Recipe(BaseModel):
@@ -57,8 +58,8 @@ class Recipe(BaseModel):
     models: list[ModelEntry] = Field(default_factory=list)
     slices: list[SliceDef] | None = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: DtypeName | None = None
+    out_dtype: DtypeName | None = None
     tokenizer_source: str | None = None
     chat_template: str | None = None
     # mergelab's own key (mergekit ignores unknown keys): seeds the random operators.
