@@ -137,19 +137,22 @@ class ModelSource:
                 "model directory. Point at the directory saved with `save_pretrained`."
             )
         try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
+            config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MergelabError(f"{cfg} is not valid JSON ({e}). Fix or re-save the model.") from None
+        if not isinstance(config, dict):
+            raise MergelabError(f"{cfg} is not a model config: expected a JSON object, got "
+                                f"{type(config).__name__}. Fix or re-save the model.")
+        return config
 
     def _index(self) -> dict[str, TensorInfo]:
         idx = self.path / "model.safetensors.index.json"
         files: list[Path]
         if idx.is_file():
             try:
-                weight_map = json.loads(idx.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                files = sorted({self.path / f for f in json.loads(idx.read_text())["weight_map"].values()})
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise MergelabError(f"{idx} is not a valid safetensors index ({e}).") from None
-            files = sorted({self.path / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise MergelabError(
