@@ -60,9 +60,12 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if n <= 0 or n > 100_000_000:
             raise MergelabError(f"{path} is not a valid safetensors file (bad header length).")
         try:
-            return json.loads(f.read(n)), 8 + n
+            header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MergelabError(f"{path} is not a valid safetensors file (unreadable header: {e}).") from None
+    if not isinstance(header, dict):
+        raise MergelabError(f"{path} is not a valid safetensors file (its header is not a JSON object).")
+    return header, 8 + n
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -184,13 +187,19 @@ class ModelSource:
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                dtype = _ST_DTYPES.get(meta["dtype"])
+                try:
+                    dtype_name, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+                except (KeyError, TypeError, ValueError):
+                    raise MergelabError(
+                        f"{f}: the header entry of tensor {name} lacks a valid dtype, shape or "
+                        "data_offsets. The file is corrupt; re-download or re-save it."
+                    ) from None
+                dtype = _ST_DTYPES.get(dtype_name)
                 if dtype is None:
                     raise MergelabError(
-                        f"{f}: tensor {name} has dtype {meta['dtype']}, which mergelab cannot merge."
+                        f"{f}: tensor {name} has dtype {dtype_name}, which mergelab cannot merge."
                     )
-                begin, end = meta["data_offsets"]
-                info = TensorInfo(str(f), dtype, tuple(meta["shape"]), data_start + begin)
+                info = TensorInfo(str(f), dtype, shape, data_start + begin)
                 if end - begin != info.nbytes or data_start + end > size:
                     raise MergelabError(
                         f"{f}: tensor {name} has data offsets {begin}..{end}, which do not match its "
