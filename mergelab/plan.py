@@ -82,8 +82,11 @@ class MergePlan:
         return max((j.nbytes for j in self.jobs), default=0)
 
     def peak_memory_estimate(self, prefetch: int = 2) -> int:
-        """Bound on tensor memory held at once: `prefetch` jobs of raw source tensors waiting,
-        plus float32 working copies of one job (sources, task vectors, result, temporaries)."""
+        """A conservative bound on tensor memory held at once, printed by `merge --dry-run`:
+        room for `prefetch` jobs of 2-byte source tensors plus the float32 working set of one
+        job (sources, task vectors, result, temporaries). The fused kernels need far less (a few
+        64K-element slices plus per-tensor statistics); the readahead of the next tensors fills
+        the page cache, not the process."""
         n = len({r for j in self.jobs[:1] for r in [*(m.ref for m in j.models)] + ([j.base.ref] if j.base else [])})
         largest_elems = max((math.prod(j.shape) for j in self.jobs), default=0)
         raw = prefetch * n * largest_elems * 2

@@ -336,17 +336,13 @@ def test_token_in_a_file_is_never_uploaded(tmp_path, fakehub):
     assert fakehub.requests == []
 
 
-def test_run_directory_without_rundir_api(tmp_path, fakehub, monkeypatch):
+def test_run_directory_without_a_finished_trial_says_so(tmp_path, fakehub):
     run = tmp_path / "runs" / "r1"
     run.mkdir(parents=True)
+    (run / "config.yaml").write_text("{}\n")
+    (run / "resolved.json").write_text("{}")
     (run / "trials.jsonl").write_text("")
-    expected = r"run directories can be pushed once exported: run `mergelab export .*r1 OUT_DIR` then push OUT_DIR"
-    monkeypatch.setitem(sys.modules, "search.rundir", None)  # import fails whatever exists
-    with pytest.raises(MergelabError, match=expected):
-        main(["--debug", "push", str(run), "--repo", "alice/x"])
-    # A RunDir without export_best gives the same advice instead of an AttributeError.
-    monkeypatch.setitem(sys.modules, "search.rundir", types.SimpleNamespace(RunDir=type("RunDir", (), {})))
-    with pytest.raises(MergelabError, match=expected):
+    with pytest.raises(MergelabError, match=r"Run .*r1 has no finished trial yet; nothing to export"):
         main(["--debug", "push", str(run), "--repo", "alice/x"])
     assert fakehub.requests == []
 
@@ -354,7 +350,8 @@ def test_run_directory_without_rundir_api(tmp_path, fakehub, monkeypatch):
 def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
     run = tmp_path / "runs" / "r2"
     run.mkdir(parents=True)
-    (run / "run.json").write_text("{}")
+    (run / "config.yaml").write_text("{}\n")
+    (run / "resolved.json").write_text("{}")
     exported = make_model(tmp_path)
     opened = []
 
@@ -366,6 +363,8 @@ def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
 
         def export_best(self):
             return exported
+
+        is_run_dir = staticmethod(lambda p: True)
 
     monkeypatch.setitem(sys.modules, "search.rundir", types.SimpleNamespace(RunDir=FakeRunDir))
     assert main(["push", str(run), "--repo", "alice/best"]) == 0

@@ -10,28 +10,19 @@ import click
 
 from ..errors import MergelabError
 
-_RUN_MARKERS = ("trials.jsonl", "run.json")
-
-
 def is_run_dir(path: Path) -> bool:
-    return any((path / m).is_file() for m in _RUN_MARKERS)
+    from search.rundir import RunDir
+
+    return RunDir.is_run_dir(path)
 
 
 def resolve_model_dir(path: Path) -> Path:
-    """MODEL_DIR itself, or for a run directory the export of its best trial."""
+    """MODEL_DIR itself, or for a run directory the export of its best trial (runs/NAME/best/model,
+    reused when it already holds the current best)."""
     if not is_run_dir(path):
         return path
-    unavailable = MergelabError(
-        f"{path} is a search run directory, not a merged model; run directories can be pushed "
-        f"once exported: run `mergelab export {path} OUT_DIR` then push OUT_DIR."
-    )
-    try:
-        from search.rundir import RunDir
-    except ImportError:
-        raise unavailable from None
-    if not hasattr(RunDir, "export_best"):  # the run-directory API predates export_best
-        raise unavailable
-    # export_best() -> Path: the folder of the best trial's export, reusing an up-to-date one.
+    from search.rundir import RunDir
+
     return Path(RunDir.open(path).export_best())
 
 
