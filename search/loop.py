@@ -684,8 +684,10 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
             status = "failed"
         others = [w for w in rd.live_workers() if w != wid]
         final = status
-        if worker and others and status in ("finished", "stopped"):
+        if worker and others and status == "stopped":
             final = "running"  # other workers still search this run
+        # "finished" (budget met) holds for the run whatever other workers are doing: two workers
+        # ending together each see the other alive, and neither may write "running" last
         set_status(final, detail)
         if status in ("finished", "stopped") and not others:
             rd.clear_control()
