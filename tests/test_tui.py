@@ -47,7 +47,10 @@ async def loaded(pilot, timeout: float = 5.0):
     while time.monotonic() - t0 < timeout:
         screen = pilot.app.screen
         if getattr(screen, "loaded", False):
+            # let the table settle: column widths are recomputed on the refresh after rows land
             await pilot.pause()
+            await pilot.wait_for_scheduled_animations()
+            await pilot.pause(0.1)
             return screen
         await pilot.pause(0.02)
     raise AssertionError("the dashboard did not load")
