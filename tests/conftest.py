@@ -71,3 +71,21 @@ def load_dir(d: Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(d).glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def write_tiny_model(path: Path, seed: int) -> None:
+    """A 4-layer Llama-named checkpoint of random tensors (no transformers): enough for
+    search-space and run-directory tests that never run the model."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    t = {"model.embed_tokens.weight": torch.randn(10, 4, generator=g),
+         "lm_head.weight": torch.randn(10, 4, generator=g), "model.norm.weight": torch.ones(4)}
+    for l in range(4):
+        t[f"model.layers.{l}.self_attn.q_proj.weight"] = torch.randn(4, 4, generator=g)
+        t[f"model.layers.{l}.mlp.up_proj.weight"] = torch.randn(4, 4, generator=g)
+        t[f"model.layers.{l}.input_layernorm.weight"] = torch.ones(4)
+    save_file(t, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 4,
+                                                  "vocab_size": 10, "architectures": ["LlamaForCausalLM"]}))

@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import save_file
 
 from mergelab.errors import MergelabError
 from search.config import parse_search_config
@@ -24,28 +22,18 @@ from search.rundir import RunDir
 from search.space import build_space
 from search.synthetic import sphere
 
+from conftest import write_tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model(path: Path, seed: int) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    t = {"model.embed_tokens.weight": torch.randn(10, 4, generator=g),
-         "lm_head.weight": torch.randn(10, 4, generator=g), "model.norm.weight": torch.ones(4)}
-    for l in range(4):
-        t[f"model.layers.{l}.self_attn.q_proj.weight"] = torch.randn(4, 4, generator=g)
-        t[f"model.layers.{l}.mlp.up_proj.weight"] = torch.randn(4, 4, generator=g)
-        t[f"model.layers.{l}.input_layernorm.weight"] = torch.ones(4)
-    save_file(t, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 4,
-                                                  "vocab_size": 10, "architectures": ["LlamaForCausalLM"]}))
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
     for i, n in enumerate(["base", "m1", "m2"]):
-        _model(d / n, i)
+        write_tiny_model(d / n, i)
     (d / "em.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
     (d / "eval.yaml").write_text(
         "scorers:\n  - {name: a, type: exact_match, data: em.jsonl}\n  - {name: b, type: exact_match, data: em.jsonl}\n")
