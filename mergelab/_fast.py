@@ -26,6 +26,7 @@ from operators.checks import raise_if_invalid
 from operators.linear import linear_weights, weighted_sum_
 from operators.task_vectors import METHODS, TaskVectorMethod, combine_, task_weights
 
+from . import _jit
 from .plan import MergePlan, Read, TensorJob
 
 # Elements per slice: a multiple of 64 (so slice boundaries never split a SIMD vector) small
@@ -311,6 +312,9 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         gen = torch.Generator(device="cpu")
         gen.manual_seed(tensor_seed(plan.seed, job.name))
     rows = [_prepare_row(method, job, i, r, inputs, ws, gen) for r, i in enumerate(others)]
+    if _jit_ready(inputs, rows):
+        _jit_merge(method, job, inputs, rows, sink, ws)
+        return
     stack = ws.get("stack", len(others) * CHUNK)
     weights = task_weights(job.model_params, others, stack.view(len(others), -1))
     out = ws.get("out", CHUNK)
@@ -327,6 +331,56 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
                 src = inputs.delta_into(row.i, s, e, d[r])
             row.apply_(src, d[r], s, e, ws)
         sink(s, e, combine_(method, d, weights, inputs.base(s, e), job.params, out=out[: e - s], work=work))
+
+
+def _jit_ready(inputs: Inputs, rows: list[_Row]) -> bool:
+    """The compiled element pass applies: numba is installed, every task vector is a cached
+    float32 CPU tensor, and each row is kept whole, by a threshold cutoff or by a full mask."""
+    if not (_jit.AVAILABLE and isinstance(inputs, CachedInputs) and rows and inputs._deltas is not None):
+        return False
+    for row in rows:
+        d = inputs._deltas[row.i]
+        if d is None or d.dtype != _F32 or d.device.type != "cpu" or not d.is_contiguous():
+            return False
+        if row.rule is not None and not isinstance(row.rule, CutRule):
+            return False
+    b = inputs._base
+    return b is not None and b.dtype == _F32 and b.device.type == "cpu" and b.is_contiguous()
+
+
+_JIT_SPAN = 16 * CHUNK  # elements per compiled call: amortizes the call, keeps the buffer small
+
+
+def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs", rows: list[_Row],
+               sink: Sink, ws: Workspace) -> None:
+    n = inputs.n
+    weights = [float(job.model_params[row.i]["weight"]) for row in rows]
+    lin_div = None
+    if not method.consensus:  # combine_'s divisor without consensus, computed the same way
+        w = task_weights(job.model_params, [row.i for row in rows], torch.empty(len(rows), 1))
+        lin_div = w.sum(dim=0)
+        lin_div[lin_div.abs() < 1e-8] = 1
+    mode, thr, cut = [], [], []
+    for row in rows:
+        if isinstance(row.rule, CutRule):
+            mode.append(_jit.MODE_CUT)
+            thr.append(float(row.rule.threshold))
+            cut.append(row.rule.cutoff)
+        else:
+            mode.append(_jit.MODE_MASK if row.mask is not None else _jit.MODE_ALL)
+            thr.append(0.0)
+            cut.append(0)
+    buf = ws.get("jit_out", min(n, _JIT_SPAN))
+    for s0 in range(0, n, _JIT_SPAN):
+        e0 = min(n, s0 + _JIT_SPAN)
+        _jit.task_vector_pass(
+            [inputs._deltas[row.i] for row in rows], [row.mask if row.rule is None else None for row in rows],
+            mode, thr, cut, [row.div for row in rows], [row.factor for row in rows], weights,
+            method.consensus, bool(job.params["normalize"]), lin_div, float(job.params["lambda"]),
+            inputs._base, s0, e0, buf[: e0 - s0])
+        for s in range(s0, e0, CHUNK):
+            e = min(e0, s + CHUNK)
+            sink(s, e, buf[s - s0: e - s0])
 
 
 def full_output(job: TensorJob, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Sink]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,19 @@ def write_tiny_model(path: Path, seed: int) -> None:
     save_file(t, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 4,
                                                   "vocab_size": 10, "architectures": ["LlamaForCausalLM"]}))
+
+
+async def settled(pilot, timeout: float = 10.0):
+    """Wait until two screenshots taken a moment apart are identical: a snapshot must not catch a
+    refresh half-way (column widths, the plot, the log are laid out over a few refreshes)."""
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < timeout:
+        await pilot.pause()
+        await pilot.wait_for_scheduled_animations()
+        shot = pilot.app.export_screenshot()
+        if shot == last:
+            return
+        last = shot
+        await pilot.pause(0.15)
+    raise AssertionError("the screen kept changing")

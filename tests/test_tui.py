@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_dir
+from conftest import load_dir, settled
 from fakehub import DEFAULT_TOKEN, fakehub  # noqa: F401 - fixture
 from mergelab.tui.app import MergelabApp
 from mergelab.tui.screens.dialogs import ChoiceDialog, InputDialog
@@ -440,7 +440,8 @@ def test_dashboard_snapshot(tmp_path, snap_compare):
     app = MergelabApp(run, clock=lambda: FROZEN)
 
     async def ready(pilot):
-        await loaded(pilot)
+        await loaded(pilot, timeout=20)
+        await settled(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=ready)
 
@@ -450,8 +451,9 @@ def test_dashboard_snapshot_multi_objective_pareto(tmp_path, snap_compare):
     app = MergelabApp(run, clock=lambda: FROZEN)
 
     async def ready(pilot):
-        screen = await loaded(pilot)
+        screen = await loaded(pilot, timeout=20)
         assert screen.query_one(ScorePlot).mode == "pareto"  # the default view of an nsga2 run
+        await settled(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=ready)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import settled
 from mergelab.tui.app import MergelabApp
 from mergelab.tui.screens.browser import RunsBrowserScreen
 from mergelab.tui.screens.compare import CompareScreen
@@ -292,6 +293,7 @@ def test_browser_snapshot(tmp_path, monkeypatch, snap_compare):
     async def ready(pilot):
         screen = await browser(pilot)
         await pilot.press("space")
+        await settled(pilot)
 
     assert snap_compare(app, terminal_size=SMALL, run_before=ready)
 

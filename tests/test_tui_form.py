@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import settled
 from mergelab.tui.app import MergelabApp
 from mergelab.tui.form import FormValues, build_config, field_of, parse_param_text, sync_params
 from mergelab.tui.screens.browser import RunsBrowserScreen
@@ -231,6 +232,7 @@ def test_form_snapshot(tmp_path, monkeypatch, snap_compare):
         for inp in form.query("Input"):
             inp.cursor_blink = False  # a blinking cursor would make the picture depend on timing
         await pilot.pause()
+        await settled(pilot)
 
     assert snap_compare(app, terminal_size=SMALL, run_before=ready)
 
