@@ -139,13 +139,27 @@ class TrialsTable(DataTable):
         nums = self.ordered_numbers()
         self.page = max(0, min(self.pages - 1, self.page))
         page = nums[self.page * self.page_size:(self.page + 1) * self.page_size]
-        for n in page:
-            rec = st.by_number[n]
-            self.add_row(*self._cells(rec, cols, best), key=str(n))
+        rows = [(n, self._cells(st.by_number[n], cols, best)) for n in page]
+        self._fit_widths(cols, [cells for _, cells in rows])
+        for n, cells in rows:
+            self.add_row(*cells, key=str(n))
             self.rows_written += 1
         if keep is not None and keep in {str(n) for n in page}:
             self.move_cursor(row=self.get_row_index(keep), animate=False)
         self.post_message(self.PageChanged(self))
+
+    def _fit_widths(self, cols: list[str], rows: list[list[Any]]) -> None:
+        """Fixed column widths from this page's labels and cells. DataTable's auto widths are
+        measured later, on an idle message, and a screen drawn before that (or a measurement
+        that raced a rebuild) cut the state and score columns to their labels' width."""
+        for k, c in enumerate(cols):
+            col = self.columns.get(c)  # type: ignore[call-overload]
+            if col is None:
+                continue
+            width = max([col.label.cell_len] + [cells[k].cell_len for cells in rows])
+            col.auto_width = False
+            col.width = width
+        self._require_update_dimensions = True
 
     def _relabel(self) -> None:
         for c in self._columns:
