@@ -37,7 +37,9 @@ def candidate(method: str, base: str, fine_tunes: list[str], rng: random.Random,
     r = {"merge_method": method, "base_model": base, "models": models, "dtype": dtype,
          "parameters": {"lambda": round(rng.uniform(0.5, 1.5), 6)}}
     if method.startswith("dare"):
-        r["seed"] = rng.randrange(1 << 30)
+        # one seed for every candidate, as a search uses (search/space.py sets the run's seed):
+        # the trial merger then draws DARE's numbers once and each mask is a comparison
+        r["seed"] = 1234
     return r
 
 

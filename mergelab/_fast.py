@@ -34,6 +34,7 @@ from .plan import MergePlan, Read, TensorJob
 CHUNK = max(64, int(os.environ.get("MERGELAB_CHUNK", 1 << 16)) // 64 * 64)
 
 _TASK: dict[str, TaskVectorMethod] = {m.name: m for m, _ in METHODS}
+BERNOULLI = frozenset(m.name for m, _ in METHODS if m.sparsification == "bernoulli")  # DARE
 _F32 = torch.float32
 
 Sink = Callable[[int, int, torch.Tensor], None]  # (start, stop, float32 slice of the result)
@@ -263,10 +264,24 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
                 row.rule = None
     else:  # bernoulli: the draws of sparsify._uniform, slice by slice
         mask = ws.get(("mask", slot), n, torch.bool)
-        r = ws.get("rand", CHUNK)
-        for s in range(0, n, CHUNK):
-            e = min(n, s + CHUNK)
-            torch.lt(r[: e - s].uniform_(generator=gen), density, out=mask[s:e])
+        drawn = inputs.uniform(i) if isinstance(inputs, CachedInputs) else None
+        before = inputs.l1_norm(i) if drawn is not None else None
+        if before is not None and rescale == "l1" and _jit.AVAILABLE:
+            # cached draws and ‖τ‖₁: mask and |τ|·mask in one compiled pass, one sum
+            a = ws.get("abs_full", n)
+            _jit.dare_prepass(drawn, inputs._deltas[i], density, mask, a)
+            after = _sp.l1_norm_of_abs(a)
+            row.mask = mask
+            small = before < _sp._RESCALE_EPS or after < _sp._RESCALE_EPS  # as _l1_factor
+            row.factor = None if small else before / after
+            return row
+        if drawn is not None:  # the same numbers, drawn once for the whole search
+            torch.lt(drawn, density, out=mask)
+        else:
+            r = ws.get("rand", CHUNK)
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                torch.lt(r[: e - s].uniform_(generator=gen), density, out=mask[s:e])
         row.mask = mask
     if rescale == "inverse_density":
         row.div = density
@@ -402,12 +417,24 @@ class CachedInputs(Inputs):
 
     def __init__(self, n: int, base: torch.Tensor | None, models: list[torch.Tensor | None],
                  deltas: list[torch.Tensor | None] | None = None,
-                 order: list[torch.Tensor | None] | None = None):
+                 order: list[torch.Tensor | None] | None = None,
+                 uniforms: list[torch.Tensor | None] | None = None,
+                 l1: list[torch.Tensor | None] | None = None):
         self.n = n
         self._base = base
         self._models = models
         self._deltas = deltas
         self._order = order
+        self._uniforms = uniforms
+        self._l1 = l1
+
+    def l1_norm(self, i: int) -> torch.Tensor | None:
+        """‖τᵢ‖₁ as `_l1_factor` computes it (the fixed-order sum of |τᵢ|), cached with the draws."""
+        return self._l1[i] if self._l1 is not None else None
+
+    def uniform(self, i: int) -> torch.Tensor | None:
+        """Model i's DARE draws for this tensor (the generator's numbers in row order), if cached."""
+        return self._uniforms[i] if self._uniforms is not None else None
 
     def model(self, i, s, e):
         return self._models[i][s:e]

@@ -62,6 +62,14 @@ def _kernel(deltas, masks, mode, thr, cut, div, has_div, fac, has_fac, w, consen
                     d[r, j] = v
                     total[j] += v
                 continue
+            if md == 2 and not has_div[r]:  # DARE with L1 rescale (or none): one loop
+                m_r = masks[r]
+                fc = fac[r] if has_fac[r] else one
+                for j in range(n):
+                    v = ((x_r[b0 + j] if m_r[b0 + j] != 0 else zero) * fc) * wr
+                    d[r, j] = v
+                    total[j] += v
+                continue
             if md == 1:
                 t, c = thr[r], cut[r] - b0
                 for j in range(n):
@@ -114,10 +122,31 @@ def _kernel(deltas, masks, mode, thr, cut, div, has_div, fac, has_fac, w, consen
             out[b0 - s + j] = mixed[j] + base[b0 + j]
 
 
+def _dare_prepass(u, tau, density, mask, absm):
+    """mask = u < density; absm = |τ|·mask (what `_fast._l1_factor` sums), in one pass."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for j in range(u.shape[0]):
+        keep = u[j] < density
+        mask[j] = keep
+        absm[j] = abs(tau[j]) * (one if keep else zero)  # a product, as torch: NaN·0 stays NaN
+
+
 if AVAILABLE:
-    _compiled = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")(_kernel)
+    _jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    _compiled = _jit(_kernel)
+    _compiled_prepass = _jit(_dare_prepass)
 else:
-    _compiled = None
+    _compiled = _compiled_prepass = None
+
+
+def dare_prepass(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch.Tensor,
+                 absm: torch.Tensor) -> None:
+    """DARE's mask from cached draws and |τ|·mask for the L1 rescale, flat float32 CPU tensors
+    (`mask` a bool tensor), equal to torch.lt(u, density) and |τ|.mul_(mask)."""
+    if _compiled_prepass is None:
+        raise RuntimeError("numba is not installed; check _jit.AVAILABLE before calling")
+    _compiled_prepass(u.numpy(), tau.numpy(), np.float32(density), mask.view(torch.uint8).numpy(), absm.numpy())
 
 
 def task_vector_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor | None], mode: list[int],

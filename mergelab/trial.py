@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from operators import get_operator
-from operators.sparsify import sorted_magnitudes
+from operators import get_operator, tensor_seed
+from operators.sparsify import l1_norm_of_abs, sorted_magnitudes
 
 from . import _fast
 from .engine import compute_job, fit_rows, read_job, resolve_device, run_operator
@@ -58,6 +58,11 @@ class TrialMerger:
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         self._sorted: dict[tuple[str, str], torch.Tensor] = {}  # descending (operators' form)
         self._order: dict[tuple[str, str], torch.Tensor] = {}  # magnitude order, chunked kernels
+        # DARE's uniform draws per (seed, tensor): a search keeps one seed, so each candidate's
+        # masks are a comparison instead of fresh draws (same numbers, same generator order)
+        self._draws: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._draws_fit: bool | None = None
+        self._l1: dict[tuple[str, str], torch.Tensor] = {}  # ‖τ‖₁ per task vector (DARE's rescale)
         self._ws = _fast.Workspace()
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
         self._streaming: bool | None = None
@@ -161,7 +166,39 @@ class TrialMerger:
                 order.append(self._order[k])
             else:
                 order.append(None)
-        return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order)
+        uniforms = l1 = None
+        if op.name in _fast.BERNOULLI:
+            uniforms = self._uniforms(job, plan, op, deltas)
+            if uniforms is not None:
+                l1 = [self._l1_norm(job, r, d) if d is not None else None for r, d in zip(job.models, deltas)]
+        return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
+
+    def _l1_norm(self, job: TensorJob, r, delta: torch.Tensor) -> torch.Tensor:
+        """‖τ‖₁ by the fixed-order sum the L1 rescale uses, once per task vector."""
+        k = (r.ref, r.tensor)
+        v = self._l1.get(k)
+        if v is None:
+            v = self._l1[k] = l1_norm_of_abs(torch.abs(delta))
+        return v
+
+    def _uniforms(self, job: TensorJob, plan: MergePlan, op, deltas) -> list[torch.Tensor | None] | None:
+        """The uniform numbers DARE draws for this tensor, cached while they fit `max_memory`."""
+        if self._draws_fit is None:
+            extra = sum(math.prod(j.shape) * 4 * (len(j.models) - 1) for j in plan.jobs)
+            self._draws_fit = self.max_memory is None or self._cache_bytes(plan) + extra <= self.max_memory
+        if not self._draws_fit:
+            return None
+        key = (plan.seed, job.name)
+        got = self._draws.get(key)
+        if got is None:
+            if any(k[0] != plan.seed for k in self._draws):
+                self._draws.clear()  # a new seed: the old draws will not come back
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(tensor_seed(plan.seed, job.name))
+            got = [torch.empty(d.numel(), dtype=torch.float32).uniform_(generator=gen) if d is not None else None
+                   for d in deltas]
+            self._draws[key] = got
+        return got
 
     def merged_tensors(self, recipe, seed: int | None = None, only_changed: bool = False, target=None):
         """Yield (job, key, merged tensor in the output dtype) for a candidate. With `target`

@@ -74,3 +74,36 @@ def test_streaming_fallback_same_result_and_says_so(tiny_family, caplog):
         tm.state_dict(r)
     assert sum("stream from disk" in m for m in caplog.messages) == 1
     assert all(torch.equal(cached[k], streamed[k]) for k in cached)
+
+
+def test_dare_draws_are_drawn_once_per_seed_and_still_equal_disk(tiny_family, tmp_path):
+    tm = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])])
+    tm.state_dict(recipe(tiny_family, "dare_ties", seed=3))
+    cached = {k: [id(u) for u in v if u is not None] for k, v in tm._draws.items()}
+    assert cached and all(k[0] == 3 and len(v) == 2 for k, v in cached.items())
+    # another candidate with the search's seed: masks come from the same cached numbers
+    r2 = recipe(tiny_family, "dare_ties", w=(0.3, 0.9), d=(0.2, 0.8), seed=3)
+    mem = tm.state_dict(r2)
+    assert {k: [id(u) for u in v if u is not None] for k, v in tm._draws.items()} == cached
+    merge_to_dir(r2, tmp_path / "out")
+    disk = load_dir(tmp_path / "out")
+    assert all(torch.equal(mem[k], disk[k]) for k in disk)
+    # a new seed replaces the draws (and still merges what the disk path merges)
+    r3 = recipe(tiny_family, "dare_ties", seed=4)
+    mem3 = tm.state_dict(r3)
+    assert tm._draws and {k[0] for k in tm._draws} == {4}
+    merge_to_dir(r3, tmp_path / "out3")
+    disk3 = load_dir(tmp_path / "out3")
+    assert all(torch.equal(mem3[k], disk3[k]) for k in disk3)
+
+
+def test_dare_draws_not_cached_past_max_memory(tiny_family):
+    models = [str(tiny_family["a"]), str(tiny_family["b"])]
+    probe = TrialMerger(str(tiny_family["base"]), models)
+    plan = probe.plan(recipe(tiny_family, "dare_ties"))
+    budget = probe._cache_bytes(plan) + 1  # the cache fits, the draws on top of it do not
+    tm = TrialMerger(str(tiny_family["base"]), models, max_memory=budget)
+    ref = probe.state_dict(recipe(tiny_family, "dare_ties"))
+    got = tm.state_dict(recipe(tiny_family, "dare_ties"))
+    assert not tm._streaming and tm._draws == {} and probe._draws
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
