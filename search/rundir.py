@@ -168,6 +168,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def fmt_age(t: float | None, now: float) -> str:
+    """How long ago an epoch time was, in the largest whole unit ("3m ago")."""
+    if not t:
+        return "-"
+    s = max(0.0, now - t)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{int(s // n)}{unit} ago"
+    return f"{int(s)}s ago"
+
+
 @dataclass
 class RunStatus:
     """What a runs browser shows for one run directory."""

@@ -14,21 +14,11 @@ import click
 from ..errors import MergelabError
 
 
-def _age(t: float | None) -> str:
-    if not t:
-        return "-"
-    s = time.time() - t
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{s / n:.0f}{unit} ago"
-    return f"{s:.0f}s ago"
-
-
 @click.command()
 @click.argument("config", type=click.Path())
 @click.option("--run", "run", type=click.Path(), default=None, help="Run directory (default runs/CONFIG-TIMESTAMP).")
 @click.option("--storage", default=None, help="Shared Optuna storage: postgresql+psycopg2://..., mysql+pymysql://..., journal:PATH.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Start this many worker processes on this machine.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Start this many worker processes on this machine.")
 @click.option("--worker", is_flag=True, help="Join the run's shared study as one more worker.")
 @click.option("--no-tui", is_flag=True, help="Plain log lines instead of the dashboard.")
 @click.option("--dry-run", is_flag=True, help="Validate the config and print the search space; run nothing.")
@@ -106,7 +96,7 @@ def resume(run, worker, no_tui):
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path())
 def runs(runs_dir):
     """List run directories: status, trials done / budget, best score, last activity."""
-    from search.rundir import RunDir
+    from search.rundir import RunDir, fmt_age
 
     found = RunDir.list(runs_dir)
     if not found:
@@ -118,7 +108,7 @@ def runs(runs_dir):
         budget = f"{s.trials_done}/{s.budget_trials if s.budget_trials else '-'}"
         best = f"{s.best_value:.4g}" if s.best_value is not None else "-"
         click.echo(f"{s.name[:30]:30} {s.status + ('*' if s.paused else ''):9} {budget:>9} {best:>10} "
-                   f"{(s.optimizer or '-'):9} {_age(s.last_activity)}")
+                   f"{(s.optimizer or '-'):9} {fmt_age(s.last_activity, time.time())}")
 
 
 @click.command()

@@ -14,7 +14,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
-from search.rundir import RunDir, RunStatus
+from search.rundir import RunDir, RunStatus, fmt_age
 
 from ...errors import MergelabError
 from ..state import Clock, fmt_num
@@ -25,17 +25,6 @@ STATUS_STYLE = {"running": "bold green", "paused": "bold yellow", "stopped": "ye
 # (key, label, width): fixed widths, so a refresh never makes the columns jump; 80 columns in all
 COLUMNS = (("name", "name", 20), ("status", "status", 8), ("trials", "trials", 7), ("best", "best", 8),
            ("optimizer", "optim.", 6), ("started", "started", 8), ("activity", "active", 8))
-
-
-def fmt_age(t: float | None, now: float) -> str:
-    """How long ago an epoch time was, in the largest whole unit ("3m ago")."""
-    if not t:
-        return "-"
-    s = max(0.0, now - t)
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{int(s // n)}{unit} ago"
-    return f"{int(s)}s ago"
 
 
 def scan_runs(runs_dirs: list[Path]) -> list[RunStatus]:
