@@ -24,7 +24,7 @@ from operators import sparsify as _sp
 from operators.sparsify import one_thread
 from operators.checks import raise_if_invalid
 from operators.linear import linear_weights, weighted_sum_
-from operators.task_vectors import METHODS, TaskVectorMethod, combine_, task_weights
+from operators.task_vectors import METHODS, TaskVectorMethod, combine_, plain_divisor, task_weights
 
 from . import _jit
 from .plan import MergePlan, Read, TensorJob
@@ -233,7 +233,11 @@ def _l1_factor(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """sparsify.apply_mask_'s L1 rescale factor, from |τ| (overwritten) and the mask."""
     before = _sp.l1_norm_of_abs(a)
     a.mul_(mask.view(torch.uint8))  # |τ|·m equals |τ·m| entry for entry (m is 0 or 1)
-    after = _sp.l1_norm_of_abs(a)
+    return _l1_ratio(before, _sp.l1_norm_of_abs(a))
+
+
+def _l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
+    """‖τ‖₁ / ‖τ·m‖₁, or None (no rescale) when either norm is below sparsify's epsilon."""
     if before < _sp._RESCALE_EPS or after < _sp._RESCALE_EPS:
         return None
     return before / after
@@ -265,15 +269,12 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
     else:  # bernoulli: the draws of sparsify._uniform, slice by slice
         mask = ws.get(("mask", slot), n, torch.bool)
         drawn = inputs.uniform(i) if isinstance(inputs, CachedInputs) else None
-        before = inputs.l1_norm(i) if drawn is not None else None
-        if before is not None and rescale == "l1" and _jit.AVAILABLE:
+        if drawn is not None and rescale == "l1" and _jit.AVAILABLE:
             # cached draws and ‖τ‖₁: mask and |τ|·mask in one compiled pass, one sum
             a = ws.get("abs_full", n)
             _jit.dare_prepass(drawn, inputs._deltas[i], density, mask, a)
-            after = _sp.l1_norm_of_abs(a)
             row.mask = mask
-            small = before < _sp._RESCALE_EPS or after < _sp._RESCALE_EPS  # as _l1_factor
-            row.factor = None if small else before / after
+            row.factor = _l1_ratio(inputs.l1_norm(i), _sp.l1_norm_of_abs(a))
             return row
         if drawn is not None:  # the same numbers, drawn once for the whole search
             torch.lt(drawn, density, out=mask)
@@ -371,10 +372,8 @@ def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs",
     n = inputs.n
     weights = [float(job.model_params[row.i]["weight"]) for row in rows]
     lin_div = None
-    if not method.consensus:  # combine_'s divisor without consensus, computed the same way
-        w = task_weights(job.model_params, [row.i for row in rows], torch.empty(len(rows), 1))
-        lin_div = w.sum(dim=0)
-        lin_div[lin_div.abs() < 1e-8] = 1
+    if not method.consensus:
+        lin_div = plain_divisor(task_weights(job.model_params, [row.i for row in rows], torch.empty(len(rows), 1)))
     mode, thr, cut = [], [], []
     for row in rows:
         if isinstance(row.rule, CutRule):
@@ -429,7 +428,7 @@ class CachedInputs(Inputs):
         self._l1 = l1
 
     def l1_norm(self, i: int) -> torch.Tensor | None:
-        """‖τᵢ‖₁ as `_l1_factor` computes it (the fixed-order sum of |τᵢ|), cached with the draws."""
+        """‖τᵢ‖₁ as `_l1_factor` computes it (the fixed-order sum of |τᵢ|); given with the draws."""
         return self._l1[i] if self._l1 is not None else None
 
     def uniform(self, i: int) -> torch.Tensor | None:

@@ -168,7 +168,7 @@ class TrialMerger:
                 order.append(None)
         uniforms = l1 = None
         if op.name in _fast.BERNOULLI:
-            uniforms = self._uniforms(job, plan, op, deltas)
+            uniforms = self._uniforms(job, plan, deltas)
             if uniforms is not None:
                 l1 = [self._l1_norm(job, r, d) if d is not None else None for r, d in zip(job.models, deltas)]
         return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
@@ -181,7 +181,7 @@ class TrialMerger:
             v = self._l1[k] = l1_norm_of_abs(torch.abs(delta))
         return v
 
-    def _uniforms(self, job: TensorJob, plan: MergePlan, op, deltas) -> list[torch.Tensor | None] | None:
+    def _uniforms(self, job: TensorJob, plan: MergePlan, deltas) -> list[torch.Tensor | None] | None:
         """The uniform numbers DARE draws for this tensor, cached while they fit `max_memory`."""
         if self._draws_fit is None:
             extra = sum(math.prod(j.shape) * 4 * (len(j.models) - 1) for j in plan.jobs)

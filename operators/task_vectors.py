@@ -98,6 +98,13 @@ def task_weights(model_params: list[dict[str, Any]], rows: list[int], like: torc
     ).view(len(rows), *([1] * (like.dim() - 1)))
 
 
+def plain_divisor(weights: torch.Tensor) -> torch.Tensor:
+    """Σ wᵢ over the stacked rows (|·| < 1e-8 → 1): the divisor of a mix without sign consensus."""
+    divisor = weights.sum(dim=0)
+    divisor[divisor.abs() < 1e-8] = 1
+    return divisor
+
+
 def combine_(
     method: TaskVectorMethod,
     deltas: torch.Tensor,
@@ -142,8 +149,7 @@ def combine_(
         divisor.add_(torch.eq(divisor, 0, out=positive))  # 0 -> 1, others + 0 unchanged
     else:
         torch.sum(deltas, dim=0, out=mixed)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor = plain_divisor(weights)
 
     if params["normalize"]:
         mixed /= divisor
