@@ -11,18 +11,18 @@ computed by `_fast` with torch; only the element pass is compiled.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 
 import numpy as np
 import torch
 
-try:  # an optional extra: without it the trial merger uses the torch kernels (same values)
-    import numba
-except ImportError:  # pragma: no cover - exercised where numba is absent
-    numba = None
-
-# MERGELAB_JIT=0 turns the compiled loop off (to compare, or to rule it out when debugging).
-AVAILABLE = numba is not None and os.environ.get("MERGELAB_JIT", "1") != "0"
+# An optional extra: without numba the trial merger uses the torch kernels (same values). Only
+# looked up here: numba (~50 MB) is imported on the first compiled call, so `mergelab merge`,
+# which never makes one, does not pay for it. MERGELAB_JIT=0 turns the compiled loop off (to
+# compare, or to rule it out when debugging).
+AVAILABLE = importlib.util.find_spec("numba") is not None and os.environ.get("MERGELAB_JIT", "1") != "0"
 
 _BLOCK = 2048  # elements per inner block: every row's block stays in L1, loops vectorize
 
@@ -132,21 +132,22 @@ def _dare_prepass(u, tau, density, mask, absm):
         absm[j] = abs(tau[j]) * (one if keep else zero)  # a product, as torch: NaN·0 stays NaN
 
 
-if AVAILABLE:
-    _jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-    _compiled = _jit(_kernel)
-    _compiled_prepass = _jit(_dare_prepass)
-else:
-    _compiled = _compiled_prepass = None
+@functools.cache
+def _compiled() -> tuple:
+    """(element pass, DARE pre-pass), compiled on first use (and cached on disk by numba)."""
+    if not AVAILABLE:
+        raise RuntimeError("numba is not installed (or MERGELAB_JIT=0); check _jit.AVAILABLE before calling")
+    import numba
+
+    jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    return jit(_kernel), jit(_dare_prepass)
 
 
 def dare_prepass(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch.Tensor,
                  absm: torch.Tensor) -> None:
     """DARE's mask from cached draws and |τ|·mask for the L1 rescale, flat float32 CPU tensors
     (`mask` a bool tensor), equal to torch.lt(u, density) and |τ|.mul_(mask)."""
-    if _compiled_prepass is None:
-        raise RuntimeError("numba is not installed; check _jit.AVAILABLE before calling")
-    _compiled_prepass(u.numpy(), tau.numpy(), np.float32(density), mask.view(torch.uint8).numpy(), absm.numpy())
+    _compiled()[1](u.numpy(), tau.numpy(), np.float32(density), mask.view(torch.uint8).numpy(), absm.numpy())
 
 
 def task_vector_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor | None], mode: list[int],
@@ -159,13 +160,11 @@ def task_vector_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor | None
     Scalars are rounded to float32 first, as torch does with a Python number against a float32
     tensor; `lin_div` is the float32 Σwᵢ (|·| < 1e-8 → 1) that `combine_` divides by without
     consensus."""
-    if _compiled is None:
-        raise RuntimeError("numba is not installed; check _jit.AVAILABLE before calling")
     f32 = np.float32
     dummy = np.zeros(1, np.uint8)
     arrs = tuple(t.numpy() for t in deltas)
     mks = tuple(m.view(torch.uint8).numpy() if m is not None else dummy for m in masks)
-    _compiled(
+    _compiled()[0](
         arrs, mks, np.asarray(mode, np.int8), np.asarray(thr, f32), np.asarray(cut, np.int64),
         np.asarray([1.0 if v is None else v for v in div], f32), np.asarray([v is not None for v in div]),
         np.asarray([1.0 if v is None else float(v) for v in fac], f32), np.asarray([v is not None for v in fac]),
