@@ -104,12 +104,12 @@ def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]
     if n > 1 << 17:
         sample = abs_flat[:: n // (1 << 16)]
         m = sample.numel()
-        ordered = torch.sort(sample, descending=True).values
         q = k / n
         margin = int(5 * (m * q * (1 - q)) ** 0.5) + 64
         pos = int(q * m)
-        hi = ordered[pos - margin] if pos - margin >= 0 else None
-        lo = ordered[pos + margin] if pos + margin < m else None
+        # the sample's (j+1)-th largest is its (m-j)-th smallest: two selections, no sort
+        hi = torch.kthvalue(sample, m - (pos - margin)).values if pos - margin >= 0 else None
+        lo = torch.kthvalue(sample, m - (pos + margin)).values if pos + margin < m else None
         band = None
         above = 0
         if hi is not None:
