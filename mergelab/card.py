@@ -294,8 +294,8 @@ def _compact(v: Any) -> str:
     return _fmt(v)
 
 
-def _metrics_table(search: dict) -> str | None:
-    best = search.get("best_metrics") or {}
+def _metrics_table(search: dict, key: str = "best_metrics") -> str | None:
+    best = search.get(key) or {}
     src = search.get("source_metrics") or {}
     metrics: list[str] = list(best)
     for m in src.values():
@@ -390,9 +390,22 @@ def render_model_card(
                     "`fusion_recipe.yaml` beside the weights reproduces it with `mergelab eval`."]
         if search.get("eval_spec"):
             out += ["", "### Evaluation", "", _yaml_block(search["eval_spec"])]
-        table = _metrics_table(search)
-        if table:
-            out += ["", "### Metrics", "", "The best trial next to each source model:", "", table]
+        if search.get("test_metrics"):
+            fit = (search.get("best_metrics") or {}).get("combined")
+            out += ["", "### Held-out metrics", "",
+                    "Scored on the held-out eval below, whose items no trial of the search scored: "
+                    "these are the numbers to quote. The best trial next to each source model"
+                    + (f"; its fitness on the search's own eval was {_fmt(fit)}." if fit is not None else "."),
+                    "", _metrics_table(search, "test_metrics")]
+            if search.get("test_eval_spec"):
+                out += ["", _yaml_block(search["test_eval_spec"])]
+        else:
+            table = _metrics_table(search)
+            if table:
+                out += ["", "### Metrics", "",
+                        "The best trial next to each source model, on the search's own eval: the "
+                        "search picked this trial for these scores, so they flatter it; no held-out "
+                        "eval (`test_eval`) was set.", "", table]
         history = [h for h in (search.get("history") or [])]
         chart = score_chart(history)
         if chart:

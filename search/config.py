@@ -21,6 +21,7 @@ Example::
     io_group: false                  # embeddings/head/final norm: tied to the first group
     layer_sources: false             # per group: the merge, or one model's layers
     eval: mergelab/demo/data/eval_val.yml    # or an inline eval spec mapping
+    test_eval: mergelab/demo/data/eval_test.yml   # optional held-out spec, never a fitness
     optimizer: {name: cmaes, popsize: null, sigma0: null}   # or just `cmaes`
     budget: {trials: 100, timeout: null}
     seed: 0
@@ -114,6 +115,9 @@ class SearchConfig(BaseModel):
     io_group: bool = False
     layer_sources: bool = False
     eval: Union[str, dict[str, Any]]
+    # Held-out items the search never scores: the best trial and the source models are scored on
+    # them when the search ends and on export/push, and those are the numbers the card reports.
+    test_eval: Union[str, dict[str, Any], None] = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(trials=20))
     seed: int = 0

@@ -127,13 +127,19 @@ def _scorer_names(spec_ref: str | dict, base_dir: str | Path = ".") -> list[str]
     return [s.name for s in _load_eval_spec(spec_ref, base_dir).scorers]
 
 
-def _load_eval_spec(spec_ref: str | dict, base_dir: str | Path = "."):
+def _load_eval_spec(spec_ref: str | dict, base_dir: str | Path = ".", field: str = "eval"):
     """An EvalSpec from a path or an inline mapping (relative data paths: from base_dir)."""
     from mergelab.eval.spec import EvalSpec
 
     if isinstance(spec_ref, dict):
-        return EvalSpec.from_dict(spec_ref, base_dir=base_dir, source="search config `eval`")
+        return EvalSpec.from_dict(spec_ref, base_dir=base_dir, source=f"search config `{field}`")
     return EvalSpec.load(spec_ref)
+
+
+def _same_spec(a: str | dict, b: str | dict) -> bool:
+    if isinstance(a, str) and isinstance(b, str):
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
 
 
 def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
@@ -161,6 +167,18 @@ def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
             f"search config `eval`: the eval spec file {cfg.eval} does not exist (paths are relative "
             f"to {Path.cwd()}). Give the path of an eval spec YAML or an inline spec."
         )
+    if isinstance(cfg.test_eval, str) and not Path(cfg.test_eval).is_file():
+        raise MergelabError(
+            f"search config `test_eval`: the held-out eval spec file {cfg.test_eval} does not exist "
+            f"(paths are relative to {Path.cwd()}). Give the path of an eval spec YAML, an inline "
+            "spec, or leave `test_eval` out."
+        )
+    if cfg.test_eval is not None and _same_spec(cfg.eval, cfg.test_eval):
+        raise MergelabError(
+            "search config: `test_eval` is the same eval spec as `eval`, so it would not be held "
+            "out: the search would have scored every one of its items. Point `test_eval` at a "
+            "separate split (e.g. eval_val.yml for `eval`, eval_test.yml for `test_eval`)."
+        )
     if cfg.budget.trials is None and cfg.budget.timeout is None:
         raise MergelabError("search config `budget`: give `trials`, `timeout` (seconds) or both.")
     if cfg.warm_start is not None and not Path(cfg.warm_start).is_file():
@@ -172,6 +190,8 @@ def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
         from mergelab.eval.evaluator import load_data
 
         load_data(_load_eval_spec(cfg.eval, base_dir))  # reads and checks every scorer's data
+        if cfg.test_eval is not None:
+            load_data(_load_eval_spec(cfg.test_eval, base_dir, "test_eval"))
     if cfg.warm_start is not None:
         from mergelab.recipe import load_recipe
 
@@ -192,6 +212,8 @@ def resolved_config(cfg: SearchConfig, space: Space, storage: str | None, object
     d["model_space"] = {_abs_ref(k): v for k, v in cfg.model_space.items()}
     if isinstance(cfg.eval, str):
         d["eval"] = str(Path(cfg.eval).resolve())
+    if isinstance(cfg.test_eval, str):
+        d["test_eval"] = str(Path(cfg.test_eval).resolve())
     if cfg.warm_start:
         d["warm_start"] = str(Path(cfg.warm_start).resolve())
     multi = cfg.optimizer.name == "nsga2"
@@ -292,6 +314,25 @@ class SearchController:
 
 
 # -- the real objective ------------------------------------------------------------------------
+def candidate_model(model, tokenizer, fusion: dict | None, members: dict[str, tuple[Any, Any]], device):
+    """What a trial scores: the merged model itself, or (hybrid candidate) its logit fusion with
+    the trial's other members, loaded once into `members` (ref -> (model, tokenizer))."""
+    from mergelab.eval.models import HFLogitModel
+
+    if fusion is None:
+        return HFLogitModel(model, tokenizer)
+    from mergelab.fusion import FusedLogitModel, load_models
+
+    todo = [m for m in fusion["members"] if m != "merge" and m not in members]
+    if todo:
+        loaded, toks = load_models(todo, device=device)
+        members.update({ref: (m, t) for ref, m, t in zip(todo, loaded, toks)})
+    chosen = [(model, tokenizer) if m == "merge" else members[m] for m in fusion["members"]]
+    return FusedLogitModel([m for m, _ in chosen], fusion["weighting"], fusion["tau"],
+                           fusion["grid_step"], tokenizers=[t for _, t in chosen],
+                           names=[Path(m).name or m for m in fusion["members"]])
+
+
 def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     """Merge in memory with TrialMerger, score with the Evaluator.
 
@@ -303,7 +344,6 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     counting batches over all scorers, so every trial reports the same steps in the same order.
     """
     from mergelab.eval.evaluator import Evaluator
-    from mergelab.eval.models import HFLogitModel
     from mergelab.trial import TrialMerger
 
     spec = _load_eval_spec(cfg.eval, rd.resolved().get("eval_base_dir", "."))
@@ -314,19 +354,7 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     members: dict[str, tuple[Any, Any]] = {}  # fusion members other than the merge, loaded once
 
     def scored(model, fusion: dict | None):
-        """The merged model itself, or (hybrid candidate) its fusion with the other members."""
-        if fusion is None:
-            return HFLogitModel(model, tm.tokenizer)
-        from mergelab.fusion import FusedLogitModel, load_models
-
-        todo = [m for m in fusion["members"] if m != "merge" and m not in members]
-        if todo:
-            loaded, toks = load_models(todo, device=tm.device)
-            members.update({ref: (m, t) for ref, m, t in zip(todo, loaded, toks)})
-        chosen = [(model, tm.tokenizer) if m == "merge" else members[m] for m in fusion["members"]]
-        return FusedLogitModel([m for m, _ in chosen], fusion["weighting"], fusion["tau"],
-                               fusion["grid_step"], tokenizers=[t for _, t in chosen],
-                               names=[Path(m).name or m for m in fusion["members"]])
+        return candidate_model(model, tm.tokenizer, fusion, members, tm.device)
 
     def objective(recipe: dict, ctx: TrialContext) -> Outcome:
         t0 = time.perf_counter()

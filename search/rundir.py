@@ -28,8 +28,13 @@ Layout of ``runs/NAME/``::
                        ./recipe.yaml; `mergelab eval runs/NAME/best/fusion_recipe.yaml` scores it
     best/model/        written on demand by RunDir.export_best() (`mergelab push runs/NAME`): the
                        best trial's merged model, its card and mergelab_search.json (optimizer,
-                       n_trials, eval_spec, best_trial, best_metrics, source_metrics, history,
-                       run_name); reused while the best trial is the same
+                       n_trials, eval_spec, best_trial, best_metrics, history, run_name, and
+                       with `test_eval`: test_eval_spec, test_metrics, source_metrics); reused
+                       while the best trial and its held-out scores are the same
+    heldout.json       only with `test_eval` in the config (search/heldout.py): the held-out
+                       scores {"spec_key", "sources": {ref: metrics}, "trials": {N: metrics}},
+                       written at the end of a search and on export/push; best_metrics and trial
+                       values are validation (fitness) numbers, these are the ones to quote
     log.txt            plain log lines ("2024-05-01 12:00:00 INFO message")
     workers/ID.json    one heartbeat file per search process: {"worker", "pid", "host",
                        "started", "heartbeat" (epoch s, refreshed every HEARTBEAT_S), "trial"
@@ -551,6 +556,20 @@ class RunDir:
         if best.get("fusion"):
             # the metrics are those of the merge fused with other models at inference time
             out["fusion"] = best["fusion"]
+        from .heldout import cached_held_out
+
+        held = cached_held_out(self, best["number"])
+        if held is not None:
+            # the numbers to quote: items no trial scored (best_metrics are the search's fitness)
+            test = held["eval_spec"]
+            if isinstance(test, str):
+                try:
+                    test = yaml.safe_load(Path(test).read_text(encoding="utf-8"))
+                except (OSError, yaml.YAMLError):
+                    test = {"path": held["eval_spec"]}
+            out["test_eval_spec"] = test
+            out["test_metrics"] = held["metrics"]
+            out["source_metrics"] = held["sources"]
         return out
 
     def export_best(self, out_dir: str | os.PathLike | None = None, device: str = "auto") -> Path:
@@ -559,6 +578,11 @@ class RunDir:
         trial already there is reused; a stale one in the default folder is replaced."""
         from mergelab.engine import merge_to_dir
 
+        from .heldout import held_out
+
+        if self.summary().get("best"):
+            # scored before anything is written; reused from heldout.json when already there
+            held_out(self, device=None if device == "auto" else device)
         meta = self.search_metadata()
         target = Path(out_dir) if out_dir is not None else self.path / BEST_DIR / BEST_MODEL_DIR
         old = target / SEARCH_META_FILE
@@ -567,7 +591,8 @@ class RunDir:
                 prev = json.loads(old.read_text(encoding="utf-8"))
             except json.JSONDecodeError:
                 prev = {}
-            if prev.get("best_trial") == meta["best_trial"] and prev.get("run_name") == meta["run_name"]:
+            if (prev.get("best_trial") == meta["best_trial"] and prev.get("run_name") == meta["run_name"]
+                    and prev.get("test_metrics") == meta.get("test_metrics")):
                 return target
         rec = next((r for r in self.trials() if r.get("number") == meta["best_trial"]
                     and r.get("state") == "COMPLETE" and r.get("recipe")), None)

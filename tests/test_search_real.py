@@ -247,3 +247,89 @@ def test_six_trial_search_on_the_bundled_family(tmp_path):
     best = rd.summary()["best"]
     rec = next(r for r in recs if r["number"] == best["number"])
     assert _score_recipe(rec["recipe"], tmp_path / "eval.yml").combined == pytest.approx(best["value"], abs=1e-9)
+
+
+ITEMS_MC_TEST = [  # held-out items: none of them is in the search's eval
+    {"prompt": "5+5=", "choices": ["10", "11", "55"], "answer": 0},
+    {"prompt": "sort:cab>", "choices": ["abc", "cab"], "answer": 0},
+    {"prompt": "rev:dog>", "choices": ["god", "dog", "odg"], "answer": 0},
+]
+
+
+def _test_spec(world) -> Path:
+    p = world["dir"] / "test.yaml"
+    if not p.is_file():
+        (world["dir"] / "mc_test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ITEMS_MC_TEST))
+        p.write_text(yaml.safe_dump({"batch_size": 2, "scorers": [
+            {"name": "choice", "type": "multiple_choice", "data": "mc_test.jsonl"}]}))
+    return p
+
+
+def _score_source(ref: Path, eval_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world_base_of(ref))  # the fine-tunes carry no tokenizer
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
+    return Evaluator(EvalSpec.load(eval_path), tok, "cpu").evaluate(HFLogitModel(model, tok))
+
+
+def world_base_of(ref: Path) -> Path:
+    return ref.parent / "base"
+
+
+def test_held_out_eval_scores_best_and_sources_once_and_reaches_the_card(world, tmp_path, monkeypatch):
+    from mergelab.cli import cli
+    from mergelab.eval.evaluator import Evaluator as Ev
+    from search.heldout import HELDOUT_FILE, cached_held_out, held_out
+
+    test = _test_spec(world)
+    cfg = _config(world, tmp_path, optimizer={"name": "random"}, budget={"trials": 3}, test_eval=str(test))
+    r = CliRunner().invoke(cli, ["search", str(cfg), "--run", str(tmp_path / "run"), "--no-tui"])
+    assert r.exit_code == 0, r.output
+    rd = RunDir.open(tmp_path / "run")
+    best = rd.summary()["best"]
+    rec = next(x for x in rd.trials() if x["number"] == best["number"])
+    # the search's own records never saw the held-out items: fitness is the validation spec
+    assert set(rec["scores"]) == {"choice", "ppl"}
+    h = cached_held_out(rd)
+    assert h is not None and h["trial"] == best["number"]
+    want = _score_recipe(rec["recipe"], test)
+    assert h["metrics"] == {**want.metrics, "combined": want.combined}
+    assert list(h["sources"]) == [str(world["base"]), str(world["a"]), str(world["b"])]
+    for ref in (world["a"], world["b"]):
+        got = _score_source(ref, test)
+        assert h["sources"][str(ref)]["choice/accuracy"] == got.metrics["choice/accuracy"]
+        assert h["sources"][str(ref)]["combined"] == pytest.approx(got.combined, abs=1e-12)
+    assert "held-out" in r.output and f"trial {best['number']}" in r.output
+    # cached: export and a second call score nothing again
+    monkeypatch.setattr(Ev, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rescored")))
+    assert held_out(rd) == h
+    path = rd.export_best()
+    meta = json.loads((path / "mergelab_search.json").read_text())
+    assert meta["test_metrics"] == h["metrics"] and meta["source_metrics"] == h["sources"]
+    assert meta["best_metrics"]["combined"] == best["value"]  # fitness stays reported as such
+    assert [s["name"] for s in meta["test_eval_spec"]["scorers"]] == ["choice"]
+    card = (path / "README.md").read_text()
+    assert "### Held-out metrics" in card and "no trial of the search scored" in card
+    assert f"| **this merge** (trial {best['number']}) |" in card
+    shown = CliRunner().invoke(cli, ["show", str(rd.path)])
+    assert "held-out" in shown.output
+    # editing the held-out spec invalidates what was cached
+    cache = json.loads((rd.path / HELDOUT_FILE).read_text())
+    test_copy = yaml.safe_load(test.read_text())
+    test.write_text(yaml.safe_dump({**test_copy, "batch_size": 1}))
+    try:
+        assert cached_held_out(rd) is None
+    finally:
+        test.write_text(yaml.safe_dump(test_copy))
+    assert json.loads((rd.path / HELDOUT_FILE).read_text()) == cache
+
+
+def test_test_eval_must_be_a_separate_existing_spec(world, tmp_path):
+    from mergelab.errors import MergelabError
+
+    with pytest.raises(MergelabError, match="`test_eval` is the same eval spec as `eval`"):
+        prepare_run(_config(world, tmp_path, test_eval=str(world["eval"])), tmp_path / "r1")
+    with pytest.raises(MergelabError, match="held-out eval spec file .*nope.yaml does not exist"):
+        prepare_run(_config(world, tmp_path, test_eval=str(tmp_path / "nope.yaml")), tmp_path / "r2")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()

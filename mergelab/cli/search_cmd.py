@@ -58,7 +58,7 @@ def search(config, run, storage, workers, worker, no_tui, dry_run, device):
         return
     res = _run(rd, worker, no_tui)
     click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
-    _print_result(rd)
+    _print_result(rd, worker)
 
 
 def _run(rd, worker: bool, no_tui: bool):
@@ -72,10 +72,17 @@ def _run(rd, worker: bool, no_tui: bool):
     return run_search(rd, worker=worker, log=click.echo)
 
 
-def _print_result(rd) -> None:
+def _print_result(rd, worker: bool = False) -> None:
     best = rd.summary().get("best")
     if best:
         click.echo(f"best: trial {best['number']} score {best['value']:.6g} -> {rd.path / 'best' / 'recipe.yaml'}")
+    if best and not worker and rd.resolved().get("test_eval") and rd.status().status == "finished":
+        from search.heldout import held_out, held_out_table
+
+        click.echo("scoring the best trial and the source models on the held-out `test_eval` ...")
+        h = held_out(rd)
+        click.echo(f"held-out (test_eval, never scored by the search; {rd.path / 'heldout.json'}):")
+        click.echo(held_out_table(h))
 
 
 @click.command()
@@ -89,7 +96,7 @@ def resume(run, worker, no_tui):
     rd = RunDir.open(run)
     res = _run(rd, worker, no_tui)
     click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
-    _print_result(rd)
+    _print_result(rd, worker)
 
 
 @click.command()
@@ -127,6 +134,12 @@ def show(run, top):
     for r in recs[:top]:
         scores = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("scores") or {}).items())
         click.echo(f"  trial {r['number']:4d}  {r['value']:.6g}  {scores}")
+    from search.heldout import cached_held_out, held_out_table
+
+    h = cached_held_out(rd)
+    if h is not None:
+        click.echo("held-out (test_eval, never scored by the search):")
+        click.echo(held_out_table(h))
     text = rd.best_recipe_text()
     if text:
         click.echo("best recipe:")
