@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
-
 
 from operators import get_operator, tensor_seed
 from operators import sparsify as _sp
@@ -395,6 +395,32 @@ def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs",
         for s in range(s0, e0, CHUNK):
             e = min(e0, s + CHUNK)
             sink(s, e, buf[s - s0: e - s0])
+
+
+_DIVISORS: dict[tuple[float, ...], float] = {}
+
+
+def linear_into(job: TensorJob, models: list[torch.Tensor], dest: torch.Tensor) -> bool:
+    """A linear merge of flat float32 CPU tensors written straight into `dest` (a float32 model
+    parameter) by the compiled loop, rounded through the job's output dtype: the values of the
+    chunked kernel and `dest.copy_(result.to(out_dtype))`, bit for bit. False (nothing done)
+    when the compiled loop does not apply: no numba, an output dtype or layout it does not
+    handle, or a torch whose addcmul_ rounding it cannot reproduce on this CPU."""
+    rmode = _jit.round_mode(job.out_dtype)
+    if not _jit.AVAILABLE or rmode is None or dest.dtype != _F32 or dest.device.type != "cpu" \
+            or not dest.is_contiguous() or _jit.addcmul_fuses() is None:
+        return False
+    n = dest.numel()
+    for m in models:
+        if m.dtype != _F32 or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != n:
+            return False
+    raise_if_invalid("linear", job.name, job.model_params, job.params, None)
+    w = tuple(float(mp["weight"]) for mp in job.model_params)
+    div = _DIVISORS.get(w)
+    if div is None:  # the float32 Σwᵢ that weighted_sum_ divides by, from the same torch sum
+        div = _DIVISORS[w] = float(linear_weights(job.model_params).sum(dim=0))
+    _jit.linear_pass(models, np.asarray(w, np.float32), bool(job.params["normalize"]), div, rmode, dest.view(-1))
+    return True
 
 
 def full_output(job: TensorJob, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Sink]:

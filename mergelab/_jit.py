@@ -132,15 +132,132 @@ def _dare_prepass(u, tau, density, mask, absm):
         absm[j] = abs(tau[j]) * (one if keep else zero)  # a product, as torch: NaN·0 stays NaN
 
 
+# Output rounding of a float32 result: ROUND_NONE keeps it, ROUND_F16 / ROUND_BF16 round it to
+# float16 / bfloat16 and write that value back as float32 (a float32 model parameter holding the
+# output dtype's value, exactly `param.copy_(result.to(out_dtype))`).
+ROUND_NONE, ROUND_F16, ROUND_BF16 = 0, 1, 2
+
+
+def round_mode(out_dtype: torch.dtype) -> int | None:
+    """The rounding the compiled loops apply for an output dtype, None when they cannot."""
+    return {torch.float32: ROUND_NONE, torch.float16: ROUND_F16, torch.bfloat16: ROUND_BF16}.get(out_dtype)
+
+
+def _round_py(v, rmode):
+    """v (float32) rounded through the output dtype and back to float32, as torch's conversions
+    round (to nearest, ties to even). float16: a normal value rounds its mantissa to 10 bits on
+    the bit pattern; below 2^-14 (float16 subnormals, steps of 2^-24) adding and subtracting 0.5
+    leaves exactly the nearest multiple of 2^-24, ties to even; from 65520 up it is inf.
+    bfloat16: c10::BFloat16's rounding (NaN becomes the quiet NaN)."""
+    if rmode == 0:
+        return v
+    x = _f2u(v)
+    a = x & np.uint32(0x7FFFFFFF)
+    if rmode == 1:
+        r = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+        sub = _f2u((abs(v) + np.float32(0.5)) - np.float32(0.5))
+        r = sub if a < np.uint32(0x38800000) else r
+        r = np.uint32(0x7F800000) if a >= np.uint32(0x477FF000) else r
+        r = ((a | np.uint32(0x400000)) & np.uint32(0xFFFFE000)) if a > np.uint32(0x7F800000) else r
+        return _u2f(np.uint32(r | (x & np.uint32(0x80000000))))
+    r = (x + (((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) & np.uint32(0xFFFF0000)
+    r = np.uint32(0x7FC00000) if a > np.uint32(0x7F800000) else r
+    return _u2f(np.uint32(r))
+
+
+def _linear_kernel(xs, w, fused, normalize, div, rmode, out):
+    """out[j] = Σ wᵢ·xᵢ[j] (/ div), rounded through the output dtype, with the operations of
+    operators.linear.weighted_sum_ (0 + x₀w₀, then + xᵢwᵢ in order, then / div; `fused`: each
+    + xᵢwᵢ rounds once, as torch's addcmul_ does where it uses FMA). One loop over the elements
+    with the rows inside (their count is a compile-time constant, so that loop unrolls and the
+    element loop vectorizes, every input streamed once)."""
+    R = len(xs)
+    zero = np.float32(0.0)
+    for j in range(out.shape[0]):
+        acc = zero + xs[0][j] * w[0]
+        for r in range(1, R):
+            if fused:
+                acc = _fma(xs[r][j], w[r], acc)
+            else:
+                acc = acc + xs[r][j] * w[r]
+        if normalize:
+            acc = acc / div
+        out[j] = _round(acc, rmode)
+
+
 @functools.cache
 def _compiled() -> tuple:
-    """(element pass, DARE pre-pass), compiled on first use (and cached on disk by numba)."""
+    """(element pass, DARE pre-pass, linear pass), compiled on first use (and cached on disk by
+    numba)."""
     if not AVAILABLE:
         raise RuntimeError("numba is not installed (or MERGELAB_JIT=0); check _jit.AVAILABLE before calling")
     import numba
 
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        """a·b + c rounded once (llvm.fma.f32; vectorizes to the CPU's FMA instruction)."""
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+
+        return types.float32(types.float32, types.float32, types.float32), codegen
+
+    @intrinsic
+    def f2u(typingctx, v):
+        """The bit pattern of a float32."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def u2f(typingctx, v):
+        """The float32 of a bit pattern."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+        return types.float32(types.uint32), codegen
+
     jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
-    return jit(_kernel), jit(_dare_prepass)
+    # the kernels call these by their global names: they must exist before the kernels compile
+    globals().update(_fma=fma, _f2u=f2u, _u2f=u2f)
+    globals()["_round"] = jit(_round_py)
+    return jit(_kernel), jit(_dare_prepass), jit(_linear_kernel)
+
+
+@functools.cache
+def addcmul_fuses() -> bool | None:
+    """Whether torch's addcmul_ on this machine rounds a + x·w once (FMA) or twice, found by
+    probing both its vector body and its scalar tail; None when it does neither throughout (then
+    the compiled linear pass is not used, and weighted_sum_ runs as before)."""
+    g = torch.Generator().manual_seed(1)
+    n = 16 * 8 + 13
+    acc, x = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    w = torch.tensor([0.7310585975646973])
+    got = acc.clone().addcmul_(x, w).numpy()
+    a, xx, ww = acc.numpy().astype(np.float64), x.numpy().astype(np.float64), np.float64(w.item())
+    fused = (a + xx * ww).astype(np.float32)  # x·w is exact in float64, one rounding to float32
+    twice = acc.numpy() + (x.numpy() * w.numpy()[0])
+    if (fused != twice).sum() < 4:  # the probe must tell the two apart
+        return None
+    if np.array_equal(got, fused):
+        return True
+    if np.array_equal(got, twice):
+        return False
+    return None
+
+
+def linear_pass(xs: list[torch.Tensor], weights: np.ndarray, normalize: bool, divisor: float,
+                rmode: int, out: torch.Tensor) -> torch.Tensor:
+    """out = Σ wᵢ·xsᵢ (/ divisor) over flat float32 CPU tensors, rounded through the output
+    dtype (`rmode`) and written into the flat float32 tensor `out` (a model parameter): the
+    values of weighted_sum_ followed by `out.copy_(result.to(out_dtype))`, bit for bit.
+    `weights` are float32; `divisor` is the float32 Σwᵢ that weighted_sum_ divides by."""
+    _compiled()[2](tuple(x.numpy() for x in xs), weights, bool(addcmul_fuses()), bool(normalize),
+                   np.float32(divisor), int(rmode), out.numpy())
+    return out
 
 
 def dare_prepass(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch.Tensor,

@@ -206,6 +206,7 @@ class TrialMerger:
         yields None in place of the merged tensor."""
         plan = self.plan(recipe, seed)
         op = get_operator(plan.recipe.merge_method)
+        linear = op.name == "linear" and self.device.type == "cpu" and self.compute_dtype == torch.float32
         if self._streaming is None:
             need = self._cache_bytes(plan)
             self._streaming = self.max_memory is not None and need > self.max_memory
@@ -221,6 +222,9 @@ class TrialMerger:
                 continue
             if self._streaming or job.copy:
                 out = compute_job(job, read_job(job, self.sources), plan, self.device, self.compute_dtype)
+            elif linear and target is not None and (dest := target(job)) is not None \
+                    and _fast.linear_into(job, [self._input(job, r).view(-1) for r in job.models], dest):
+                out = None  # the compiled loop wrote the result into the model's parameter
             elif self.device.type == "cpu" and _fast.supported(plan, job, self.compute_dtype, self.sources):
                 inputs = self._fast_inputs(job, plan, op)
                 dest = target(job) if target is not None else None
