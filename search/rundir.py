@@ -526,13 +526,14 @@ class RunDir:
             out.append(top)
         return out
 
-    def search_metadata(self) -> dict:
-        """What the model card records about the search (mergelab_search.json)."""
+    def search_metadata(self, record: dict | None = None) -> dict:
+        """What the model card records about the search (mergelab_search.json), for the best
+        trial or for the given trial record (an export of another trial)."""
         import yaml
 
         s = self.summary()
         res = self.resolved()
-        best = s.get("best")
+        best = s.get("best") if record is None else record
         if not best:
             raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
         spec = res.get("eval")
@@ -549,7 +550,7 @@ class RunDir:
             "eval_spec": spec,
             "best_trial": best["number"],
             "best_metrics": metrics,
-            "source_metrics": dict(s.get("source_metrics") or {}),
+            "source_metrics": {},  # filled from the held-out scores below, when there are any
             "history": self.history(),
             "run_name": self.name,
         }

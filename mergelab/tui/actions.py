@@ -15,32 +15,7 @@ BEST_MODEL_DIR = "model"  # runs/NAME/best/model: where `u` exports the best tri
 
 def search_provenance(rd: RunDir, record: dict) -> dict:
     """The `mergelab_search.json` the model card reads: how the exported recipe was found."""
-    summary = rd.summary()
-    resolved = rd.resolved()
-    trials = sorted((r for r in rd.trials() if isinstance(r.get("number"), int)), key=lambda r: r["number"])
-    history, best = [], None
-    for r in trials:
-        v = r.get("value")
-        if r.get("state") == "COMPLETE" and isinstance(v, (int, float)):
-            best = v if best is None else max(best, v)
-        history.append(best)
-    spec = resolved.get("eval")
-    if isinstance(spec, str) and Path(spec).is_file():
-        import yaml
-
-        try:
-            spec = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            pass  # the card then names the file instead of showing it
-    return {
-        "run_name": summary.get("name") or rd.name,
-        "optimizer": summary.get("optimizer") or (resolved.get("optimizer") or {}).get("name"),
-        "n_trials": summary.get("trials_done", len(trials)),
-        "best_trial": record.get("number"),
-        "best_metrics": record.get("metrics") or {},
-        "eval_spec": spec,
-        "history": history,
-    }
+    return rd.search_metadata(record)
 
 
 def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
