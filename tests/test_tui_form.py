@@ -178,6 +178,13 @@ async def test_filled_form_writes_a_config_the_command_line_accepts_and_starts_i
         fill(form, str(MODELS / "base"), f"{MODELS / 'm1'}, {MODELS / 'm2'}", str(MODELS / "eval.yaml"),
              **{"f-groups": "2", "f-trials": "4", "f-seed": "5"})
         form.query_one("#p-lambda").value = True  # search lambda too, over its registry range
+        held = tmp_path / "held-out.yaml"  # another spec file: the held-out `test_eval`
+        held.write_text((MODELS / "eval.yaml").read_text().replace("em.jsonl", str(MODELS / "em.jsonl")))
+        form.query_one("#f-test_eval").value = str(MODELS / "eval.yaml")  # the fitness spec again
+        await settle(pilot, form)
+        assert form.error("test_eval").startswith("search config: `test_eval` is the same eval spec as `eval`")
+        assert not form.result.ok
+        form.query_one("#f-test_eval").value = str(held)
         await settle(pilot, form)
         assert form.result.ok and form.result.complete, form.result.errors
         # 2 models x 2 layer groups for weight and density, plus one global lambda
@@ -193,8 +200,8 @@ async def test_filled_form_writes_a_config_the_command_line_accepts_and_starts_i
     cfg = yaml.safe_load(text)
     assert cfg == {"base_model": str(MODELS / "base"), "models": [str(MODELS / "m1"), str(MODELS / "m2")],
                    "method": "ties", "space": {"weight": [0, 1], "density": [0.1, 1], "lambda": [0.5, 2]},
-                   "layer_groups": 2, "eval": str(MODELS / "eval.yaml"), "optimizer": "cmaes",
-                   "budget": {"trials": 4}, "seed": 5, "device": "cpu"}
+                   "layer_groups": 2, "eval": str(MODELS / "eval.yaml"), "test_eval": str(tmp_path / "held-out.yaml"),
+                   "optimizer": "cmaes", "budget": {"trials": 4}, "seed": 5, "device": "cpu"}
     assert RunDir(run).summary()["status"] == "stopped" and RunDir(run).resolved()["num_layers"] == 4
     # the file runs unchanged with the command line (dry run: validated, nothing started)
     (tmp_path / "copy.yml").write_text(text)

@@ -15,7 +15,7 @@ from ..errors import MergelabError
 
 # form fields a validator message can name (its first `backticked` word says which)
 FIELDS = ("name", "base_model", "models", "method", "space", "layer_groups", "filters", "io_group",
-          "layer_sources", "eval", "optimizer", "budget", "seed", "device")
+          "layer_sources", "eval", "test_eval", "optimizer", "budget", "seed", "device")
 GENERAL = "general"  # a message that names no field
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -43,6 +43,7 @@ class FormValues:
     io_group: bool = False
     layer_sources: bool = False
     eval: str = ""
+    test_eval: str = ""  # optional held-out spec (search config `test_eval`)
     optimizer: str = "cmaes"
     trials: str = "20"
     timeout: str = ""
@@ -158,6 +159,8 @@ def build_config(values: FormValues) -> dict[str, Any]:
     if values.layer_sources:
         cfg["layer_sources"] = True
     cfg["eval"] = _abs(values.eval.strip())
+    if values.test_eval.strip():
+        cfg["test_eval"] = _abs(values.test_eval.strip())
     cfg["optimizer"] = values.optimizer
     budget: dict[str, Any] = {}
     if values.trials.strip():
@@ -321,6 +324,11 @@ def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
                 res.scorers_text = _scorers_text(spec)
             except MergelabError as e:
                 _add(res.errors, f"search config `eval`: {e}", "eval")
+    te = cfg.test_eval
+    if isinstance(te, str) and not Path(te).is_file():
+        _add(res.errors, f"search config `test_eval`: the held-out eval spec file {te} does not exist "
+                         f"(paths are relative to {Path.cwd()}). Give the path of an eval spec YAML or "
+                         "leave the field empty.")
     if all_local and not res.errors:
         try:
             _, space = validate_config(cfg, base_dir=Path.cwd())

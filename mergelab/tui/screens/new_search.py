@@ -24,7 +24,8 @@ from ..form import FIELDS, GENERAL, FormCheck, FormValues, check_form, operator_
 from ..state import Clock
 from .dialogs import PathPicker
 
-PATH_FIELDS = {"f-base": ("base_model", False), "f-models": ("models", False), "f-eval": ("eval", True)}
+PATH_FIELDS = {"f-base": ("base_model", False), "f-models": ("models", False), "f-eval": ("eval", True),
+               "f-test_eval": ("test_eval", True)}
 CHECK_DELAY_S = 0.3  # typing pauses this long before the (threaded) check runs
 
 
@@ -100,6 +101,10 @@ class NewSearchScreen(Screen):
             yield from self._row("Eval spec", Input(v.eval, placeholder="eval spec YAML", id="f-eval", compact=True),
                                  Button("Browse", compact=True, id="b-eval", classes="form-browse"), field="eval")
             yield Static("", id="f-scorers", classes="form-note")
+            yield from self._row("Held-out spec", Input(v.test_eval, placeholder="optional: test-split eval spec YAML",
+                                                        id="f-test_eval", compact=True),
+                                 Button("Browse", compact=True, id="b-test_eval", classes="form-browse"),
+                                 field="test_eval")
             yield from self._row("Optimizer", Select([(o, o) for o in OPTIMIZERS], value=v.optimizer,
                                                      allow_blank=False, compact=True, id="f-optimizer"), field="optimizer")
             yield from self._row("Budget", Input(v.trials, placeholder="trials", id="f-trials", compact=True),
@@ -157,6 +162,7 @@ class NewSearchScreen(Screen):
         v.io_group = q("#f-io", Checkbox).value
         v.layer_sources = q("#f-sources", Checkbox).value
         v.eval = q("#f-eval", Input).value
+        v.test_eval = q("#f-test_eval", Input).value
         opt = q("#f-optimizer", Select).value
         v.optimizer = opt if isinstance(opt, str) else "cmaes"
         v.trials = q("#f-trials", Input).value
@@ -258,7 +264,7 @@ class NewSearchScreen(Screen):
         if fid in PATH_FIELDS:
             self.pick(fid)
         else:
-            self.notify("ctrl+o picks a path for Base model, Models or Eval spec: focus one of them first",
+            self.notify("ctrl+o picks a path for Base model, Models, Eval spec or Held-out spec: focus one of them first",
                         severity="warning")
 
     def pick(self, fid: str) -> None:
@@ -266,7 +272,7 @@ class NewSearchScreen(Screen):
         _, files = PATH_FIELDS[fid]
         current = inp.value.split(",")[-1].strip() if fid == "f-models" else inp.value.strip()
         title = {"f-base": "Base model directory", "f-models": "Add a model directory",
-                 "f-eval": "Eval spec file"}[fid]
+                 "f-eval": "Eval spec file", "f-test_eval": "Held-out eval spec file"}[fid]
 
         def done(path: str | None) -> None:
             if not path:
