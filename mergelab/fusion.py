@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import _jit_fusion
 from .errors import MergelabError, name_list, pydantic_problems
 
 WEIGHTINGS = ("sim", "opt", "uniform", "top1")
@@ -71,10 +72,21 @@ class _Plan:
     """Where the prompt targets are in the logits; the CEs are computed on views, chunk by chunk."""
 
     flat: list[torch.Tensor]  # K views [B*T, V], float32
-    chunks: list[_Chunk]
+    pred: torch.Tensor  # [n] the flat row that predicts each prompt target, ascending
+    y: torch.Tensor  # [n] the target token
+    example: torch.Tensor  # [n] its example
     counts: torch.Tensor  # [B] prompt targets per example (float32)
     batch: int
+    length: int
     workspace: _Workspace
+    jit: bool  # the compiled loops (mergelab._jit_fusion) compute the CEs
+    _chunks: list[_Chunk] | None = None
+
+    @property
+    def chunks(self) -> list[_Chunk]:
+        if self._chunks is None:
+            self._chunks = _make_chunks(self)
+        return self._chunks
 
 
 def _plan(
@@ -84,12 +96,18 @@ def _plan(
     batch, length = input_ids.shape
     device = logits[0].device
     flat = [lg.float().flatten(0, -2) for lg in logits]  # views (no copy) for float32 logits
-    vocab = flat[0].shape[-1]
     tgt = target_mask.to(device).reshape(-1).nonzero().squeeze(1)  # flat positions, ascending
-    pred = tgt - 1  # the row that predicts each target
     y = input_ids.to(device).reshape(-1)[tgt]
     ex = torch.div(tgt, length, rounding_mode="floor")
     counts = torch.bincount(ex, minlength=batch).to(torch.float32)
+    return _Plan(flat, tgt - 1, y, ex, counts, batch, length, workspace or _Workspace(),
+                 _jit_fusion.usable(flat))
+
+
+def _make_chunks(plan: _Plan) -> list[_Chunk]:
+    """The torch path's chunks: groups of predicting rows whose logits fit the workspace."""
+    flat, pred, device = plan.flat, plan.pred, plan.counts.device
+    vocab = flat[0].shape[-1]
     cap = max(1, _CHUNK_FLOATS.get(device.type, 1 << 20) // vocab)
     # Group the predicting rows into chunks of at most `cap` rows; a gap (padding, continuation)
     # is spanned only when the chunk still fits, so for a small vocabulary one chunk covers all.
@@ -102,11 +120,11 @@ def _plan(
     chunks = []
     for i0, i1 in bounds:
         r0, r1 = rows[i0], rows[i1 - 1] + 1
-        p, yy = pred[i0:i1], y[i0:i1].view(-1, 1)
+        p, yy = pred[i0:i1], plan.y[i0:i1].view(-1, 1)
         target = torch.cat([f[p].gather(-1, yy) for f in flat], dim=1)  # [n, K]
-        row_ex = torch.div(torch.arange(r0 + 1, r1 + 1, device=device), length, rounding_mode="floor")
-        chunks.append(_Chunk(r0, r1, row_ex, p - r0, ex[i0:i1], target))
-    return _Plan(flat, chunks, counts, batch, workspace or _Workspace())
+        row_ex = torch.div(torch.arange(r0 + 1, r1 + 1, device=device), plan.length, rounding_mode="floor")
+        chunks.append(_Chunk(r0, r1, row_ex, p - r0, plan.example[i0:i1], target))
+    return chunks
 
 
 def _lse_(buf: torch.Tensor) -> torch.Tensor:
@@ -117,8 +135,19 @@ def _lse_(buf: torch.Tensor) -> torch.Tensor:
 
 
 def _single_losses(plan: _Plan) -> torch.Tensor:
-    """[B, K]: ℓ_k, each model's mean cross-entropy on the prompt targets of each example."""
+    """[B, K]: ℓ_k, each model's mean cross-entropy on the prompt targets of each example.
+
+    float64 from the compiled loops (their guards compare float64 sums), float32 from torch.
+    """
     k_models = len(plan.flat)
+    if plan.jit:
+        eye = torch.eye(k_models, dtype=torch.float32)
+        total = torch.stack([
+            _jit_fusion.fused_ce_sums(plan.flat, eye[k].expand(plan.batch, k_models), plan.pred,
+                                      plan.y, plan.example, plan.batch)
+            for k in range(k_models)
+        ], 1)
+        return total / plan.counts.double().clamp(min=1).unsqueeze(1)
     total = torch.zeros(k_models, plan.batch, dtype=torch.float32, device=plan.counts.device)
     for ch in plan.chunks:
         buf = plan.workspace.get(ch.r1 - ch.r0, plan.flat[0].shape[-1], plan.counts.device)
@@ -159,7 +188,7 @@ def log_perplexities(
 
     `logits[k][:, t]` predicts `input_ids[:, t + 1]`; an example without targets gets 0.
     """
-    return _single_losses(_plan(logits, input_ids, target_mask))
+    return _single_losses(_plan(logits, input_ids, target_mask)).float()
 
 
 def sim_weights(log_ppl: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -206,6 +235,9 @@ def opt_weights(
 
 
 def _opt_weights(plan: _Plan, ell: torch.Tensor, grid_step: float, tau: float) -> torch.Tensor:
+    """[B, K] float32 opt weights; ell as `_single_losses` returned it."""
+    if plan.jit:
+        return _opt_weights_jit(plan, ell, grid_step, tau)
     k_models = ell.shape[1]
     order = torch.argsort(ell, dim=1, stable=True)  # [B, K], best first
     eye = torch.eye(k_models, dtype=torch.float32, device=ell.device)
@@ -264,6 +296,46 @@ def _opt_weights(plan: _Plan, ell: torch.Tensor, grid_step: float, tau: float) -
     return torch.where((sim_loss < cur_loss).unsqueeze(1), sim, weights).to(ell.dtype)
 
 
+def _opt_weights_jit(plan: _Plan, ell: torch.Tensor, grid_step: float, tau: float) -> torch.Tensor:
+    """The same greedy with the compiled loops: one pass over the rows per added model gives the
+    fused CE at every grid point (see mergelab._jit_fusion), and the first minimum is taken.
+
+    Those grid values come from products of exponentials (last-bit differences from a direct
+    evaluation), so the guards are evaluated directly, by the loop that computed ℓ: the greedy's
+    result is kept unless the best single model or the sim weights fit the prompt strictly
+    better by that same measure.
+    """
+    k_models, batch = ell.shape[1], plan.batch
+    ell32 = ell.float()
+    order = torch.argsort(ell, dim=1, stable=True)  # [B, K], best first
+    eye = torch.eye(k_models, dtype=torch.float32)
+    best = eye[order[:, 0]]
+    if k_models == 1:
+        return best
+    grid = torch.tensor(_grid(grid_step), dtype=torch.float32)  # 1, 1 − h, ..., (then 0)
+    n_uni = int(math.floor(1.0 / grid_step + 1e-9))
+    extra0 = round(1.0 - n_uni * grid_step, 12) > 0.0  # the grid ends at 0 off the h spacing
+    counts = plan.counts.double().clamp(min=1)
+    weights = best
+    for step in range(1, k_models):
+        e_next = eye[order[:, step]]
+        sums = _jit_fusion.grid_ce_sums(plan.flat, weights, order[:, step].contiguous(), plan.pred,
+                                        plan.y, plan.example, batch, grid_step, n_uni, extra0)
+        lo = torch.argmin(sums / counts.unsqueeze(1), dim=1)  # the first minimum: larger μ on ties
+        mu = grid[lo].unsqueeze(1)
+        weights = mu * weights + (1 - mu) * e_next  # μ = 1 and μ = 0 give w and e exactly
+
+    def losses(w):
+        return _jit_fusion.fused_ce_sums(plan.flat, w, plan.pred, plan.y, plan.example, batch) / counts
+
+    cur = losses(weights)
+    best_loss = ell.gather(1, order[:, :1]).squeeze(1)  # the same loop on a one-hot weighting
+    worse = best_loss < cur
+    weights, cur = torch.where(worse.unsqueeze(1), best, weights), torch.where(worse, best_loss, cur)
+    sim = sim_weights(ell32, tau).float()
+    return torch.where((losses(sim) < cur).unsqueeze(1), sim, weights)
+
+
 @dataclass
 class FusionWeights:
     """Per-example fusion weights and the prompt log-perplexities they came from."""
@@ -285,11 +357,12 @@ def fusion_weights(
     """The weights of one weighting mode; an example with no prompt target gets uniform weights."""
     _check_weighting(weighting)
     plan = _plan(logits, input_ids, target_mask, workspace)
-    ell = _single_losses(plan)
+    exact = _single_losses(plan)  # float64 from the compiled loops, which opt's guards use
+    ell = exact.float()
     if weighting == "sim":
         w = sim_weights(ell, tau)
     elif weighting == "opt":
-        w = _opt_weights(plan, ell, grid_step, tau)
+        w = _opt_weights(plan, exact, grid_step, tau)
     elif weighting == "uniform":
         w = uniform_weights(ell)
     else:
@@ -300,13 +373,21 @@ def fusion_weights(
     return FusionWeights(w, ell, scored)
 
 
-def fuse_logits(logits: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Σ_k λ_k · logits_k with per-example λ ([B, K]); logits are [B, ..., V]."""
-    out = None
+def fuse_logits(
+    logits: Sequence[torch.Tensor], weights: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_k λ_k · logits_k with per-example λ ([B, K]); logits are [B, ..., V].
+
+    The sum is accumulated in place in one tensor: a new one, or `out` (float32, the logits'
+    shape), which may be logits[0] itself when the caller no longer needs it — then nothing of
+    size [B, T, V] is allocated (a fresh 64 MB tensor costs about as much as the sum itself).
+    """
     for k, lg in enumerate(logits):
         w = weights[:, k].to(lg.device, torch.float32).view(-1, *([1] * (lg.dim() - 1)))
-        # One output tensor, accumulated in place (no [B, T, V] temporaries per model).
-        out = torch.mul(lg.float(), w) if out is None else out.addcmul_(lg.float(), w)
+        if k == 0:
+            out = torch.mul(lg.float(), w) if out is None else torch.mul(lg.float(), w, out=out)
+        else:
+            out.addcmul_(lg.float(), w)
     return out
 
 
@@ -511,7 +592,11 @@ class FusedLogitModel:
             prompt_lengths = attention_mask.sum(-1) // 2
         all_logits = self._all_logits(input_ids, attention_mask)
         fw = self._weights(all_logits, input_ids, attention_mask, prompt_lengths)
-        return fuse_logits(all_logits, fw.weights)
+        # A transformers member's logits are a tensor of our own (the forward's output, or its
+        # float32 copy), no longer needed once the weights are known: the sum goes into it.
+        # Another LogitModel may hand out a tensor it keeps, so its logits are left alone.
+        own = isinstance(self.members[0], _HFMember) and all_logits[0].dtype == torch.float32
+        return fuse_logits(all_logits, fw.weights, out=all_logits[0] if own else None)
 
     @torch.inference_mode()
     def generate_greedy(
