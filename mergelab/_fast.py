@@ -238,9 +238,13 @@ def _l1_factor(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
 
 def _l1_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor | None:
     """‖τ‖₁ / ‖τ·m‖₁, or None (no rescale) when either norm is below sparsify's epsilon."""
-    if before < _sp._RESCALE_EPS or after < _sp._RESCALE_EPS:
+    eps = _EPS32  # the tensors compare with the threshold rounded to float32, as here
+    if float(before) < eps or float(after) < eps:
         return None
     return before / after
+
+
+_EPS32 = float(np.float32(_sp._RESCALE_EPS))
 
 
 def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, inputs: Inputs,
@@ -300,13 +304,17 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
 single_thread = one_thread
 
 
-def merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace) -> None:
-    """Merge one tensor slice by slice, handing each float32 slice of the result to `sink`."""
+def merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace,
+              dest: torch.Tensor | None = None) -> None:
+    """Merge one tensor slice by slice, handing each float32 slice of the result to `sink`.
+    With `dest` (the float32 tensor `sink` fills) the compiled loops may write the result, rounded
+    through the output dtype, straight into it instead."""
     with single_thread():
-        _merge_job(plan, job, inputs, sink, ws)
+        _merge_job(plan, job, inputs, sink, ws, dest)
 
 
-def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace) -> None:
+def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: Workspace,
+               dest: torch.Tensor | None = None) -> None:
     op = get_operator(plan.recipe.merge_method)
     base_index = plan.recipe.base_index
     raise_if_invalid(op.name, job.name, job.model_params, job.params, base_index)
@@ -329,7 +337,7 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         gen.manual_seed(tensor_seed(plan.seed, job.name))
     rows = [_prepare_row(method, job, i, r, inputs, ws, gen) for r, i in enumerate(others)]
     if _jit_ready(inputs, rows):
-        _jit_merge(method, job, inputs, rows, sink, ws)
+        _jit_merge(method, job, inputs, rows, sink, ws, dest)
         return
     stack = ws.get("stack", len(others) * CHUNK)
     weights = task_weights(job.model_params, others, stack.view(len(others), -1))
@@ -368,12 +376,35 @@ _JIT_SPAN = 16 * CHUNK  # elements per compiled call: amortizes the call, keeps 
 
 
 def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs", rows: list[_Row],
-               sink: Sink, ws: Workspace) -> None:
+               sink: Sink, ws: Workspace, dest: torch.Tensor | None = None) -> None:
     n = inputs.n
     weights = [float(job.model_params[row.i]["weight"]) for row in rows]
     lin_div = None
     if not method.consensus:
         lin_div = plain_divisor(task_weights(job.model_params, [row.i for row in rows], torch.empty(len(rows), 1)))
+    deltas = [inputs._deltas[row.i] for row in rows]
+    fast = None  # the uniform cases: every row masked, or every row cut by a threshold
+    if all(row.div is None and row.rule is None and row.mask is not None for row in rows):
+        fast = dict(masks=[row.mask for row in rows], thr=None, cut=None,
+                    fac=[1.0 if row.factor is None else float(row.factor) for row in rows])
+    elif all(row.div is None and row.factor is None and isinstance(row.rule, CutRule) for row in rows):
+        fast = dict(masks=None, thr=[float(row.rule.threshold) for row in rows],
+                    cut=[row.rule.cutoff for row in rows], fac=[1.0] * len(rows))
+    if fast is not None:
+        common = dict(weights=weights, consensus=method.consensus, normalize=bool(job.params["normalize"]),
+                      lin_div=lin_div, lam=float(job.params["lambda"]), base=inputs._base)
+        rmode = _jit.round_mode(job.out_dtype)
+        if dest is not None and rmode is not None:  # straight into the model's parameter
+            _jit.uniform_pass(deltas, **fast, **common, s=0, e=n, rmode=rmode, out=dest.view(-1))
+            return
+        buf = ws.get("jit_out", min(n, _JIT_SPAN))
+        for s0 in range(0, n, _JIT_SPAN):
+            e0 = min(n, s0 + _JIT_SPAN)
+            _jit.uniform_pass(deltas, **fast, **common, s=s0, e=e0, rmode=_jit.ROUND_NONE, out=buf[: e0 - s0])
+            for s in range(s0, e0, CHUNK):
+                e = min(e0, s + CHUNK)
+                sink(s, e, buf[s - s0: e - s0])
+        return
     mode, thr, cut = [], [], []
     for row in rows:
         if isinstance(row.rule, CutRule):

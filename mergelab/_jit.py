@@ -185,6 +185,73 @@ def _linear_kernel(xs, w, fused, normalize, div, rmode, out):
         out[j] = _round(acc, rmode)
 
 
+def _masked_kernel(xs, masks, fac, w, consensus, normalize, lin_div, lam, has_lam, base, rmode, out):
+    """out[j] = base + λ·mix(wᵢ·((τᵢ·mᵢ)·fᵢ)) rounded through the output dtype: `_kernel` with
+    every row a full 0/1 mask and a factor (1 where there is none: ·1 is exact), the usual DARE
+    and TIES-with-L1-rescale case. One loop over the elements with the rows inside (unrolled:
+    their count is a compile-time constant), so the element loop vectorizes and every input is
+    streamed once; the consensus step recomputes each row's value instead of storing it."""
+    R = len(xs)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for j in range(out.shape[0]):
+        total = zero
+        for r in range(R):
+            total += ((xs[r][j] if masks[r][j] != 0 else zero) * fac[r]) * w[r]
+        if consensus:
+            pos = total >= zero
+            mixed = zero
+            divisor = zero
+            for r in range(R):
+                v = ((xs[r][j] if masks[r][j] != 0 else zero) * fac[r]) * w[r]
+                agree = ((v > zero) & pos) | ((v < zero) & (not pos))
+                mixed += v if agree else zero
+                divisor += w[r] if agree else zero
+            if normalize:
+                mixed = mixed / (one if divisor == zero else divisor)
+        else:
+            mixed = total
+            if normalize:
+                mixed = mixed / lin_div
+        if has_lam:
+            mixed = mixed * lam
+        out[j] = _round(mixed + base[j], rmode)
+
+
+def _cut_kernel(xs, thr, cut, w, consensus, normalize, lin_div, lam, has_lam, base, rmode, out):
+    """`_masked_kernel` with every row kept by a threshold cutoff (TIES): keep |τ| > t, and
+    |τ| == t at indices <= c (relative to the arrays' start), no factor."""
+    R = len(xs)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for j in range(out.shape[0]):
+        total = zero
+        for r in range(R):
+            x = xs[r][j]
+            a = abs(x)
+            total += (x if (a > thr[r]) | ((a == thr[r]) & (j <= cut[r])) else zero) * w[r]
+        if consensus:
+            pos = total >= zero
+            mixed = zero
+            divisor = zero
+            for r in range(R):
+                x = xs[r][j]
+                a = abs(x)
+                v = (x if (a > thr[r]) | ((a == thr[r]) & (j <= cut[r])) else zero) * w[r]
+                agree = ((v > zero) & pos) | ((v < zero) & (not pos))
+                mixed += v if agree else zero
+                divisor += w[r] if agree else zero
+            if normalize:
+                mixed = mixed / (one if divisor == zero else divisor)
+        else:
+            mixed = total
+            if normalize:
+                mixed = mixed / lin_div
+        if has_lam:
+            mixed = mixed * lam
+        out[j] = _round(mixed + base[j], rmode)
+
+
 @functools.cache
 def _compiled() -> tuple:
     """(element pass, DARE pre-pass, linear pass), compiled on first use (and cached on disk by
@@ -224,7 +291,7 @@ def _compiled() -> tuple:
     # the kernels call these by their global names: they must exist before the kernels compile
     globals().update(_fma=fma, _f2u=f2u, _u2f=u2f)
     globals()["_round"] = jit(_round_py)
-    return jit(_kernel), jit(_dare_prepass), jit(_linear_kernel)
+    return jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel)
 
 
 @functools.cache
@@ -265,6 +332,27 @@ def dare_prepass(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch
     """DARE's mask from cached draws and |τ|·mask for the L1 rescale, flat float32 CPU tensors
     (`mask` a bool tensor), equal to torch.lt(u, density) and |τ|.mul_(mask)."""
     _compiled()[1](u.numpy(), tau.numpy(), np.float32(density), mask.view(torch.uint8).numpy(), absm.numpy())
+
+
+def uniform_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor] | None, thr: list[float] | None,
+                 cut: list[int] | None, fac: list[float], weights: list[float], consensus: bool,
+                 normalize: bool, lin_div: torch.Tensor | None, lam: float, base: torch.Tensor,
+                 s: int, e: int, rmode: int, out: torch.Tensor) -> torch.Tensor:
+    """`task_vector_pass` over [s, e) for the two uniform cases, faster: every row masked (`masks`,
+    with factors `fac`, 1.0 for none) or every row cut by a threshold (`thr`, `cut` as absolute
+    flat indices), written into the float32 tensor `out` (length e - s) rounded through the
+    output dtype (`rmode`)."""
+    f32 = np.float32
+    xs = tuple(t.numpy()[s:e] for t in deltas)
+    w = np.asarray(weights, f32)
+    tail = (bool(consensus), bool(normalize), f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam),
+            bool(f32(lam) != f32(1.0)), base.numpy()[s:e], int(rmode), out.numpy())
+    if masks is not None:
+        ms = tuple(m.view(torch.uint8).numpy()[s:e] for m in masks)
+        _compiled()[3](xs, ms, np.asarray(fac, f32), w, *tail)
+    else:
+        _compiled()[4](xs, np.asarray(thr, f32), np.asarray(cut, np.int64) - s, w, *tail)
+    return out
 
 
 def task_vector_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor | None], mode: list[int],

@@ -229,7 +229,8 @@ class TrialMerger:
                 inputs = self._fast_inputs(job, plan, op)
                 dest = target(job) if target is not None else None
                 if dest is not None and dest.is_contiguous() and tuple(dest.shape) == tuple(job.shape):
-                    _fast.merge_job(plan, job, inputs, _fast.into_tensor(dest, job.out_dtype, self._ws), self._ws)
+                    _fast.merge_job(plan, job, inputs, _fast.into_tensor(dest, job.out_dtype, self._ws), self._ws,
+                                    dest if dest.dtype == torch.float32 else None)
                     out = None
                 else:
                     out, sink = _fast.full_output(job)

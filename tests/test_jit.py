@@ -2,6 +2,7 @@
 bit for bit, for every switch it handles, across block, slice and span boundaries."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,15 +48,17 @@ CASES = [
 
 def _merge(fam, recipe, jit: bool, monkeypatch) -> tuple[dict[str, torch.Tensor], int]:
     calls = []
-    real = _jit.task_vector_pass
 
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def counted(real):
+        def call(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+        return call
 
     with monkeypatch.context() as m:
         m.setattr(_jit, "AVAILABLE", jit)
-        m.setattr(_jit, "task_vector_pass", counted)
+        m.setattr(_jit, "task_vector_pass", counted(_jit.task_vector_pass))
+        m.setattr(_jit, "uniform_pass", counted(_jit.uniform_pass))
         # small slices and spans, so boundaries fall inside every tensor
         m.setattr(fast, "CHUNK", 640)
         m.setattr(fast, "_JIT_SPAN", 4 * 640)
@@ -99,3 +102,121 @@ def test_direct_call_matches_hand_computed_ties():
     _jit.task_vector_pass(t, [None], [1], [0.75], [0], [None], [None], [1.0], False, False, None,
                           1.0, torch.zeros(4), 0, 4, out)
     assert out.tolist() == [0.75, 0.0, 0.0, -2.0]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+def _awkward(n: int, seed: int) -> torch.Tensor:
+    """Random task-vector-like values with exact zeros, negative zeros, repeated magnitudes (ties),
+    float16-subnormal-sized and float16-overflowing entries; n not a multiple of any slice."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 0.02
+    x[::7] = 0.0
+    x[3::11] = -0.0
+    x[5::13] = 0.015625  # one magnitude, both signs: ties at a threshold
+    x[6::13] = -0.015625
+    x[9::17] = torch.randn(len(x[9::17]), generator=g) * 3e-6  # float16 subnormals
+    x[10::101] = 70000.0  # past float16's largest finite value
+    return x
+
+
+N_ODD = 2 * 65536 + 2048 * 3 + 37  # spans several slices and blocks, ends in a partial vector
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_pass_equals_weighted_sum_then_cast(out_dtype, normalize):
+    from operators.linear import weighted_sum_
+
+    xs = [_awkward(N_ODD, s) for s in (1, 2, 3)]
+    w = torch.tensor([0.3, -0.25, 0.45])
+    ref = weighted_sum_(torch.empty(N_ODD), xs, w, normalize).to(out_dtype).float()
+    out = torch.full((N_ODD,), 123.0)
+    _jit.linear_pass(xs, w.numpy(), normalize, float(w.sum(dim=0)), _jit.round_mode(out_dtype), out)
+    assert torch.equal(_bits(out), _bits(ref))
+    # one model: the pass is 0 + x·w (/ w)
+    one = weighted_sum_(torch.empty(N_ODD), xs[:1], w[:1], normalize).to(out_dtype).float()
+    _jit.linear_pass(xs[:1], w[:1].numpy(), normalize, float(w[0]), _jit.round_mode(out_dtype), out)
+    assert torch.equal(_bits(out), _bits(one))
+
+
+def test_output_rounding_hand_computed():
+    # float16 has 10 mantissa bits: 1 + 2^-11 is halfway between 1 and 1 + 2^-10 (ties to even:
+    # 1), 1 + 3·2^-11 halfway between 1 + 2^-10 and 1 + 2^-9 (even: up); 65519 rounds to 65504
+    # and 65520 overflows; subnormals are steps of 2^-24: 2^-25 ties to 0, 3·2^-25 to 2^-23
+    vals = [1 + 2**-11, 1 + 3 * 2**-11, 65519.0, 65520.0, 2**-25, 3 * 2**-25, -0.0, -(1 + 2**-11)]
+    # (-0.0 comes out +0.0: the pass starts its sum at +0, as weighted_sum_ does)
+    want = [1.0, 1 + 2**-9, 65504.0, float("inf"), 0.0, 2**-23, 0.0, -1.0]
+    x = torch.tensor(vals)
+    out = torch.empty(len(vals))
+    _jit.linear_pass([x], np.ones(1, np.float32), False, 1.0, _jit.ROUND_F16, out)
+    assert out.tolist() == want
+    assert torch.equal(_bits(out), _bits(torch.tensor(want)))
+    assert torch.equal(_bits(out), _bits((0.0 + torch.tensor(vals)).to(torch.float16).float()))
+    # a negative value rounding to zero keeps its sign
+    _jit.linear_pass([torch.tensor([-(2**-26)])], np.ones(1, np.float32), False, 1.0, _jit.ROUND_F16, out[:1])
+    assert _bits(out[:1]).item() == _bits(torch.tensor([-0.0])).item()
+    # bfloat16 keeps 7 mantissa bits: 1 + 2^-8 ties to 1, 1 + 3·2^-8 to 1 + 2^-6
+    x = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -3.0])
+    out = torch.empty(3)
+    _jit.linear_pass([x], np.ones(1, np.float32), False, 1.0, _jit.ROUND_BF16, out)
+    assert out.tolist() == [1.0, 1 + 2**-6, -3.0]
+
+
+def _tv_reference(method, deltas, rows, weights, params, base):
+    """The torch kernels' result for already-built rows (fast._Row), as float32."""
+    from operators.task_vectors import combine_, task_weights
+
+    n = base.numel()
+    stack = torch.empty(len(rows), n)
+    ws = fast.Workspace()
+    for k, (row, x) in enumerate(zip(rows, deltas)):
+        row.apply_(x.clone(), stack[k], 0, n, ws)
+    w = task_weights([{"weight": v} for v in weights], list(range(len(rows))), stack)
+    return combine_(method, stack, w, base.clone(), params)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method_name", ["ties", "dare_ties", "dare_linear"])
+def test_uniform_passes_equal_torch_kernels(method_name, out_dtype):
+    method = fast._TASK[method_name]
+    deltas = [_awkward(N_ODD, s) for s in (4, 5, 6)]
+    base = _awkward(N_ODD, 7) + 0.5
+    weights = [0.6, -0.4, 1.3]
+    params = {"normalize": method_name != "dare_linear", "lambda": 0.7}
+    rows = []
+    g = torch.Generator().manual_seed(3)
+    for i, x in enumerate(deltas):
+        if method_name == "ties":
+            a = x.abs()
+            order = torch.sort(a, descending=True, stable=True).indices
+            k = int((0.3 + 0.2 * i) * N_ODD)
+            c = int(order[k - 1])
+            rows.append(fast._Row(i, rule=fast.CutRule(a[c], c)))
+        else:
+            mask = torch.rand(N_ODD, generator=g) < 0.4 + 0.2 * i
+            factor = torch.tensor(1.7 + i, dtype=torch.float32) if i != 1 else None
+            rows.append(fast._Row(i, mask=mask, factor=factor))
+    ref = _tv_reference(method, deltas, rows, weights, params, base).to(out_dtype).float()
+    lin_div = None
+    if not method.consensus:
+        from operators.task_vectors import plain_divisor, task_weights
+
+        lin_div = plain_divisor(task_weights([{"weight": v} for v in weights], [0, 1, 2], torch.empty(3, 1)))
+    cut = [r.rule.cutoff for r in rows] if method_name == "ties" else None
+    thr = [float(r.rule.threshold) for r in rows] if method_name == "ties" else None
+    masks = None if method_name == "ties" else [r.mask for r in rows]
+    fac = [1.0 if r.factor is None else float(r.factor) for r in rows]
+    out = torch.empty(N_ODD)
+    # whole tensor, and in two spans split at an odd place (indices relative to each span)
+    _jit.uniform_pass(deltas, masks, thr, cut, fac, weights, method.consensus, params["normalize"], lin_div,
+                      params["lambda"], base, 0, N_ODD, _jit.round_mode(out_dtype), out)
+    assert torch.equal(_bits(out), _bits(ref))
+    split = 65536 + 1001
+    out2 = torch.empty(N_ODD)
+    for s, e in ((0, split), (split, N_ODD)):
+        _jit.uniform_pass(deltas, masks, thr, cut, fac, weights, method.consensus, params["normalize"],
+                          lin_div, params["lambda"], base, s, e, _jit.round_mode(out_dtype), out2[s:e])
+    assert torch.equal(_bits(out2), _bits(ref))
