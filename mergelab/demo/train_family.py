@@ -60,6 +60,13 @@ class FamilyConfig:
     ft_batch: int = 24
     # Share of each fine-tune batch drawn from the other skills (0 = pure single-skill fine-tune).
     ft_replay: float = 0.05
+    # Weight of the loss on prompt tokens relative to answer tokens in the fine-tunes (a weighted mean;
+    # 0 = answers only, 1 = every token). Logit fusion weighs models by their prompt perplexity, which
+    # only means something if the fine-tunes learned what their skill's prompts look like.
+    ft_prompt_loss: float = 0.0
+    # Whether the replayed examples of the other skills carry that prompt loss too (False: only the
+    # fine-tune's own skill's prompts are learned, so it does not learn what other skills' prompts look like).
+    ft_prompt_loss_replay: bool = True
     weight_decay: float = 0.0
     # Data splits.
     # The split files hold exactly these many items and the specs score all of them (no `limit`), so
@@ -183,24 +190,45 @@ def _encode(text: str, vocab: dict[str, int]) -> list[int]:
 
 
 def _packed_batch(
-    rng: random.Random, cfg: FamilyConfig, skills: list[SkillData], vocab, bos, pad, batch: int, answer_only: bool
+    rng: random.Random, cfg: FamilyConfig, skills: list[SkillData], vocab, bos, pad, batch: int, answer_only: bool,
+    prompt_skills: set[str] | None = None,
 ):
-    """Rows of back-to-back examples ('prompt answer\\n'), each row starting with BOS, padded to row_len."""
+    """Rows of back-to-back examples ('prompt answer\\n'), each row starting with BOS, padded to row_len.
+
+    Returns ids, labels (-100 where not trained: padding, BOS, and prompts if `answer_only`) and a mask
+    of the prompt tokens (whatever `answer_only` says; only those of `prompt_skills` if given), for a loss
+    that weighs prompts apart.
+    """
     ids = torch.full((batch, cfg.row_len), pad, dtype=torch.long)
     labels = torch.full((batch, cfg.row_len), -100, dtype=torch.long)
+    prompt = torch.zeros((batch, cfg.row_len), dtype=torch.bool)
     for r in range(batch):
-        row, lab = [bos], [-100]
+        row, lab, is_prompt = [bos], [-100], [False]
         while True:
-            p, a = rng.choice(skills).sample(rng, cfg)
+            sd = rng.choice(skills)
+            p, a = sd.sample(rng, cfg)
             pi, ai = _encode(p, vocab), _encode(a + "\n", vocab)
             if len(row) + len(pi) + len(ai) > cfg.row_len:
                 break
             row += pi + ai
             lab += ([-100] * len(pi) if answer_only else pi) + ai
+            marked = prompt_skills is None or sd.name in prompt_skills
+            is_prompt += [marked] * len(pi) + [False] * len(ai)
         ids[r, : len(row)] = torch.tensor(row)
         labels[r, : len(lab)] = torch.tensor(lab)
+        prompt[r, : len(is_prompt)] = torch.tensor(is_prompt)
     # labels[t] is the target at position t; the model shifts internally.
-    return ids, labels
+    return ids, labels, prompt
+
+
+def _weighted_loss(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, prompt: torch.Tensor, w: float):
+    """Weighted mean next-token cross-entropy: answer tokens weigh 1, prompt tokens `w`, the rest 0."""
+    weight = (labels != -100).float() + w * prompt.float()
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+    )
+    wt = weight[:, 1:].reshape(-1)
+    return (ce * wt).sum() / wt.sum()
 
 
 def _ft_mixture(skills: dict, name: str, replay: float) -> list:
@@ -223,7 +251,12 @@ def _base_mixture(skills: dict, mix: str) -> list:
     return [skills[s] for s in SKILLS for _ in range(shares[s])]
 
 
-def train(model, cfg: FamilyConfig, skills, vocab, bos, pad, steps, lr, warmup, batch, answer_only, seed_tag, log):
+def train(
+    model, cfg: FamilyConfig, skills, vocab, bos, pad, steps, lr, warmup, batch, answer_only, seed_tag, log,
+    prompt_weight: float = 0.0, prompt_skills: set[str] | None = None,
+):
+    """Train in place; with `answer_only` and `prompt_weight` > 0, prompt tokens (of `prompt_skills`'
+    examples if given) count with that weight."""
     rng = random.Random(f"{cfg.seed}-train-{seed_tag}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
 
@@ -238,8 +271,12 @@ def train(model, cfg: FamilyConfig, skills, vocab, bos, pad, steps, lr, warmup, 
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        ids, labels = _packed_batch(rng, cfg, skills, vocab, bos, pad, batch, answer_only)
-        loss = model(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
+        ids, labels, prompt = _packed_batch(rng, cfg, skills, vocab, bos, pad, batch, answer_only, prompt_skills)
+        if answer_only and prompt_weight > 0:
+            logits = model(input_ids=ids, attention_mask=(ids != pad).long()).logits
+            loss = _weighted_loss(logits, ids, labels, prompt, prompt_weight)
+        else:  # the transformers loss, so a zero prompt weight trains exactly as before the knob existed
+            loss = model(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -393,6 +430,58 @@ def _save_model(model, tokenizer, out: Path, cfg: FamilyConfig, role: str, extra
     )
 
 
+def _copy_base(src: Path, dst: Path, cfg: FamilyConfig) -> float:
+    """Copy a trained base into the family; refuse one trained with other base, model or data settings."""
+    meta = json.loads((src / "training.json").read_text())
+    theirs = meta["family_config"]
+    # Fine-tune knobs may differ; everything else shapes the base or the held-out data it never saw.
+    differ = [
+        f"{k}: base has {theirs.get(k)!r}, this run {v!r}"
+        for k, v in dataclasses.asdict(cfg).items()
+        if not k.startswith("ft_") and k not in ("extra", "threads") and theirs.get(k) != v
+    ]
+    if differ:
+        raise SystemExit(
+            f"--base-from {src}: that base was trained with other settings ({'; '.join(differ)}). "
+            "Use the same --set values as its training.json, or train a new base without --base-from."
+        )
+    if src.resolve() != dst.resolve():
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+    return float(meta["train_seconds"])
+
+
+@torch.inference_mode()
+def prompt_log_ppl(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """[N]: the model's mean cross-entropy on each prompt's tokens after BOS (what PackLLM weighs by)."""
+    enc = [tokenizer(p)["input_ids"] for p in prompts]
+    out = torch.zeros(len(prompts), dtype=torch.float64)
+    by_len: dict[int, list[int]] = {}
+    for i, e in enumerate(enc):
+        by_len.setdefault(len(e), []).append(i)
+    for _, idx in by_len.items():  # equal lengths: no padding, so exactly the unbatched numbers
+        ids = torch.tensor([enc[i] for i in idx])
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
+        ce = -logp.gather(-1, ids[:, 1:, None])[..., 0].mean(-1)
+        out[idx] = ce
+    return out
+
+
+def fusion_weights_table(states: list[dict], model, tokenizer, items: dict) -> dict:
+    """Per skill: mean PackLLM-sim weight (tau 1) of each model in `states` on that skill's prompts, and the
+    share of prompts where the skill's fine-tune (states[1 + skill index]) gets the largest weight."""
+    out = {}
+    for j, (skill, its) in enumerate(items.items()):
+        ell = []
+        for sd in states:
+            model.load_state_dict(sd)
+            ell.append(prompt_log_ppl(model, tokenizer, [p for p, _ in its]))
+        w = torch.softmax(-torch.stack(ell, -1), -1)
+        out[skill] = (w.mean(0).tolist(), (w.argmax(-1) == 1 + j).double().mean().item())
+    return out
+
+
 def _load_state(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -405,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parent / "data")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse-base", action="store_true", help="keep OUT/base instead of training it again")
+    ap.add_argument(
+        "--base-from", type=Path, metavar="DIR",
+        help="copy the base from DIR (e.g. mergelab/demo/family/base) instead of training it; only the fine-tunes train",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a FamilyConfig field")
     args = ap.parse_args(argv)
 
@@ -435,9 +528,17 @@ def main(argv: list[str] | None = None) -> int:
     all_skills = _base_mixture(skills, cfg.base_mix)
     secs = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.reuse_base and (args.out / "base" / "model.safetensors").exists():
+    reuse = args.reuse_base and (args.out / "base" / "model.safetensors").exists()
+    if args.base_from is not None:
+        secs["base"] = _copy_base(args.base_from, args.out / "base", cfg)
+        log(f"base copied from {args.base_from} (trained in {secs['base']:.0f} s)")
+    elif reuse:
         secs["base"] = json.loads((args.out / "base" / "training.json").read_text())["train_seconds"]
         log(f"reusing {args.out / 'base'} (trained in {secs['base']:.0f} s)")
+    if args.base_from is not None or reuse:
+        # A full run saves the base through `save_dtype` and back, which also rounds the model's rotary
+        # inv_freq buffer (not in the state dict); do the same so these fine-tunes train exactly alike.
+        model.to(getattr(torch, cfg.save_dtype)).to(torch.float32)
     else:
         secs["base"] = train(
             model, cfg, all_skills, vocab, bos, pad, cfg.base_steps, cfg.base_lr, cfg.base_warmup, cfg.base_batch,
@@ -449,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         model.load_state_dict(base_state)
         secs[name] = train(
             model, cfg, _ft_mixture(skills, name, cfg.ft_replay), vocab, bos, pad, cfg.ft_steps, cfg.ft_lr, cfg.ft_warmup, cfg.ft_batch,
-            True, name, log,
+            True, name, log, cfg.ft_prompt_loss, None if cfg.ft_prompt_loss_replay else {name},
         )
         _save_model(model, tokenizer, args.out / name, cfg, f"fine-tune on {name}", {"train_seconds": secs[name]})
     train_seconds = time.time() - t_start
@@ -474,12 +575,17 @@ def main(argv: list[str] | None = None) -> int:
         row["mean"] = sum(row.values()) / k
         results.append((label, row))
         log(f"{label:40s} " + " ".join(f"{s}={row[s]:.3f}" for s in SKILLS) + f" mean={row['mean']:.3f}")
+    fusion = fusion_weights_table(
+        [states[n] for n in ("base",) + SKILLS], model, tokenizer, {s: skills[s].test for s in SKILLS}
+    )
+    for s, (mean_w, top) in fusion.items():
+        log(f"sim weights on {s} prompts: " + " ".join(f"{x:.3f}" for x in mean_w) + f"; {s} on top {100 * top:.1f}%")
     total = time.time() - t_start
-    _write_reports(args.out, cfg, command, n_params, secs, train_seconds, total, results, lines)
+    _write_reports(args.out, cfg, command, n_params, secs, train_seconds, total, results, fusion, lines)
     return 0
 
 
-def _write_reports(out: Path, cfg, command, n_params, secs, train_seconds, total, results, lines) -> None:
+def _write_reports(out: Path, cfg, command, n_params, secs, train_seconds, total, results, fusion, lines) -> None:
     head = "| model | " + " | ".join(SKILLS) + " | mean |\n|---|" + "---|" * (len(SKILLS) + 1) + "\n"
     body = "".join(
         f"| {label} | " + " | ".join(f"{100 * row[s]:.1f}" for s in SKILLS) + f" | {100 * row['mean']:.1f} |\n"
@@ -490,6 +596,14 @@ def _write_reports(out: Path, cfg, command, n_params, secs, train_seconds, total
         f"Greedy decoding, all {cfg.test_size} test items per skill, weights as committed ({cfg.save_dtype}), "
         "merges computed in float32 from them (task_arithmetic: base + sum w_i (ft_i - base); "
         "ties: trim to density d, sign election by mass, disjoint mean, lambda 1).\n\n" + head + body
+        + "\n## Logit fusion weights on each skill's test prompts\n\n"
+        "PackLLM-sim weights softmax(-l), l = each model's mean cross-entropy on the prompt's tokens after BOS "
+        f"(zero-shot: the plain test prompt), tau 1, all {cfg.test_size} test prompts per skill.\n\n"
+        "| prompts | mean weight base | addition | sort | reverse | skill's fine-tune on top |\n|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {s} | " + " | ".join(f"{x:.3f}" for x in mean_w) + f" | {100 * top:.1f}% |\n"
+            for s, (mean_w, top) in fusion.items()
+        )
     )
     hp = "\n".join(f"| {k} | {v} |" for k, v in dataclasses.asdict(cfg).items())
     (out / "TRAINING.md").write_text(
