@@ -322,7 +322,7 @@ def linear_pass(xs: list[torch.Tensor], weights: np.ndarray, normalize: bool, di
     dtype (`rmode`) and written into the flat float32 tensor `out` (a model parameter): the
     values of weighted_sum_ followed by `out.copy_(result.to(out_dtype))`, bit for bit.
     `weights` are float32; `divisor` is the float32 Σwᵢ that weighted_sum_ divides by."""
-    _compiled()[2](tuple(x.numpy() for x in xs), weights, bool(addcmul_fuses()), bool(normalize),
+    _compiled()[2](tuple(x.numpy() for x in xs), tuple(np.float32(v) for v in weights), bool(addcmul_fuses()), bool(normalize),
                    np.float32(divisor), int(rmode), out.numpy())
     return out
 
@@ -344,14 +344,16 @@ def uniform_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor] | None, t
     output dtype (`rmode`)."""
     f32 = np.float32
     xs = tuple(t.numpy()[s:e] for t in deltas)
-    w = np.asarray(weights, f32)
+    # per-row scalars as tuples, not arrays: passed by value, they cannot alias `out`, so the
+    # compiler keeps them in registers and the element loop vectorizes
+    w = tuple(f32(v) for v in weights)
     tail = (bool(consensus), bool(normalize), f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam),
             bool(f32(lam) != f32(1.0)), base.numpy()[s:e], int(rmode), out.numpy())
     if masks is not None:
         ms = tuple(m.view(torch.uint8).numpy()[s:e] for m in masks)
-        _compiled()[3](xs, ms, np.asarray(fac, f32), w, *tail)
+        _compiled()[3](xs, ms, tuple(f32(v) for v in fac), w, *tail)
     else:
-        _compiled()[4](xs, np.asarray(thr, f32), np.asarray(cut, np.int64) - s, w, *tail)
+        _compiled()[4](xs, tuple(f32(v) for v in thr), tuple(int(c) - s for c in cut), w, *tail)
     return out
 
 
