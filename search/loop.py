@@ -39,6 +39,7 @@ from .rundir import (
     BEST_MERGE_REF,
     EXPORT_MERGE_REF,
     FUSION_RECIPE_FILE,
+    SEARCH_META_FILE,
     HEARTBEAT_S,
     STALE_AFTER_S,
     RunDir,
@@ -893,9 +894,13 @@ def start_search_thread(run: str | Path | RunDir, objective: Objective | None = 
 
 
 def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | None = None,
-                 device: str | None = None, on_tensor=None) -> tuple[Path, dict]:
+                 device: str | None = None, on_tensor=None, overwrite: bool = False,
+                 held_out: bool = True) -> tuple[Path, dict]:
     """Write the merged model of a trial (default: the best) with the streaming engine; the
-    trial's recipe is written beside it, so the export is the same merge the trial scored.
+    trial's recipe is written beside it, so the export is the same merge the trial scored, and
+    its card says how the search found it (mergelab_search.json). With the run's `test_eval`,
+    the trial and the sources are scored on it first (`held_out=False`: only scores already in
+    heldout.json are used), so the card reports held-out numbers.
 
     A hybrid trial (merge + logit fusion) exports its merge as weights plus `fusion_recipe.yaml`
     (the merge, i.e. this folder, fused with the trial's other members): fusion happens at
@@ -903,6 +908,8 @@ def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | 
     the weights alone are only its merge part."""
     from mergelab.engine import merge_to_dir
     from mergelab.recipe import dump_yaml
+
+    from .heldout import held_out as score_held_out
 
     rd = run if isinstance(run, RunDir) else RunDir.open(run)
     recs = [r for r in rd.trials() if r.get("recipe") and r.get("state") == "COMPLETE"]
@@ -917,6 +924,11 @@ def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | 
             f"Run {rd.path} has no finished trial number {trial}. `mergelab show {rd.path}` lists them."
         )
     dev = device or rd.resolved().get("device") or "auto"
-    extra = {FUSION_RECIPE_FILE: dump_yaml(fusion_recipe(rec["fusion"], EXPORT_MERGE_REF))} if rec.get("fusion") else None
-    merge_to_dir(rec["recipe"], out_dir, device=dev, on_tensor=on_tensor, extra_files=extra)
-    return Path(out_dir), rec
+    if held_out:
+        score_held_out(rd, trial, device=dev)
+    extra = {SEARCH_META_FILE: dumps(rd.search_metadata(rec), indent=2) + "\n"}
+    if rec.get("fusion"):
+        extra[FUSION_RECIPE_FILE] = dump_yaml(fusion_recipe(rec["fusion"], EXPORT_MERGE_REF))
+    report = merge_to_dir(rec["recipe"], out_dir, device=dev, on_tensor=on_tensor, overwrite=overwrite,
+                          extra_files=extra)
+    return Path(getattr(report, "out_dir", out_dir)), rec

@@ -573,17 +573,20 @@ class RunDir:
             out["source_metrics"] = held["sources"]
         return out
 
-    def export_best(self, out_dir: str | os.PathLike | None = None, device: str = "auto") -> Path:
+    def export_best(self, out_dir: str | os.PathLike | None = None, device: str = "auto",
+                    on_tensor=None) -> Path:
         """The best trial's merged model (streaming engine) with its card and
         mergelab_search.json; default folder runs/NAME/best/model. An export of the same best
-        trial already there is reused; a stale one in the default folder is replaced."""
-        from mergelab.engine import merge_to_dir
-
+        trial (with the same held-out scores) already there is reused; a stale one in the default
+        folder is replaced. With `test_eval`, the held-out scores come first (search/heldout.py)."""
         from .heldout import held_out
+        from .loop import export_trial
 
-        if self.summary().get("best"):
-            # scored before anything is written; reused from heldout.json when already there
-            held_out(self, device=None if device == "auto" else device)
+        best = self.summary().get("best")
+        if not best:
+            raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
+        dev = device if device != "auto" else (self.resolved().get("device") or "auto")
+        held_out(self, best["number"], device=dev)  # before anything is written; cached
         meta = self.search_metadata()
         target = Path(out_dir) if out_dir is not None else self.path / BEST_DIR / BEST_MODEL_DIR
         old = target / SEARCH_META_FILE
@@ -595,18 +598,6 @@ class RunDir:
             if (prev.get("best_trial") == meta["best_trial"] and prev.get("run_name") == meta["run_name"]
                     and prev.get("test_metrics") == meta.get("test_metrics")):
                 return target
-        rec = next((r for r in self.trials() if r.get("number") == meta["best_trial"]
-                    and r.get("state") == "COMPLETE" and r.get("recipe")), None)
-        if rec is None:
-            raise MergelabError(
-                f"Run {self.path}: the best trial {meta['best_trial']} has no record with a recipe in "
-                f"{TRIALS_FILE}; the run directory is damaged. `mergelab show {self.path}` lists the trials."
-            )
-        dev = device if device != "auto" else (self.resolved().get("device") or "auto")
-        extra = {SEARCH_META_FILE: dumps(meta, indent=2) + "\n"}
-        if rec.get("fusion"):
-            from mergelab.recipe import dump_yaml
-
-            extra[FUSION_RECIPE_FILE] = dump_yaml(fusion_recipe(rec["fusion"], EXPORT_MERGE_REF))
-        merge_to_dir(rec["recipe"], target, device=dev, overwrite=out_dir is None, extra_files=extra)
+        export_trial(self, target, trial=best["number"], device=dev, on_tensor=on_tensor,
+                     overwrite=out_dir is None, held_out=False)
         return target

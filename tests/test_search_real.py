@@ -301,6 +301,15 @@ def test_held_out_eval_scores_best_and_sources_once_and_reaches_the_card(world, 
         assert h["sources"][str(ref)]["choice/accuracy"] == got.metrics["choice/accuracy"]
         assert h["sources"][str(ref)]["combined"] == pytest.approx(got.combined, abs=1e-12)
     assert "held-out" in r.output and f"trial {best['number']}" in r.output
+    # `mergelab export --trial N` of another trial scores that trial first; its card says so
+    other = next(x for x in rd.trials() if x["number"] != best["number"])
+    r = CliRunner().invoke(cli, ["export", str(rd.path), str(tmp_path / "other"), "--trial", str(other["number"])])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "other" / "mergelab_search.json").read_text())
+    want_other = _score_recipe(other["recipe"], test)
+    assert meta["best_trial"] == other["number"]
+    assert meta["test_metrics"] == {**want_other.metrics, "combined": want_other.combined}
+    assert cached_held_out(rd, other["number"])["metrics"] == meta["test_metrics"]
     # cached: export and a second call score nothing again
     monkeypatch.setattr(Ev, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rescored")))
     assert held_out(rd) == h

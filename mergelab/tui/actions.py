@@ -2,7 +2,6 @@
 one to the Hub, on the same code paths as the command line (engine.merge_to_dir, hub.push_folder)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -20,52 +19,24 @@ def search_provenance(rd: RunDir, record: dict) -> dict:
 
 def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
                  on_tensor: Callable[[int, int], None] | None = None, overwrite: bool = False) -> Path:
-    """Write the merged model of one trial of a run to out_dir (streaming engine, atomic); a
-    hybrid trial (search `fusion:`) also gets fusion_recipe.yaml, which `mergelab eval` scores."""
-    from ..engine import merge_to_dir
+    """Write the merged model of one trial of a run to out_dir: `mergelab export`'s code path
+    (streaming engine, atomic, card with the search's provenance; a hybrid trial also gets
+    fusion_recipe.yaml, which `mergelab eval` scores)."""
+    from search.loop import export_trial as export
 
-    recipe = record.get("recipe")
-    if not recipe:
+    if not record.get("recipe"):
         raise MergelabError(
             f"Trial {record.get('number')} of {rd.path} has no recipe (it was interrupted before it "
             "was built), so it cannot be exported. Pick a COMPLETE trial."
         )
-    prov = search_provenance(rd, record)
-    extra = {}
-    if record.get("fusion"):
-        # a hybrid: the score is the merge's fused with other models at inference time, so the
-        # fusion recipe that reproduces it goes beside the merge's weights
-        from search.rundir import EXPORT_MERGE_REF, FUSION_RECIPE_FILE, fusion_recipe
-
-        from ..recipe import dump_yaml
-
-        prov["fusion"] = record["fusion"]
-        extra[FUSION_RECIPE_FILE] = dump_yaml(fusion_recipe(record["fusion"], EXPORT_MERGE_REF))
-    extra["mergelab_search.json"] = json.dumps(prov, indent=2) + "\n"
-    device = rd.resolved().get("device") or "auto"
-    report = merge_to_dir(recipe, out_dir, device=device, on_tensor=on_tensor, overwrite=overwrite,
-                          extra_files=extra)
-    return Path(getattr(report, "out_dir", out_dir))
+    path, _ = export(rd, out_dir, trial=record["number"], on_tensor=on_tensor, overwrite=overwrite)
+    return path
 
 
 def best_export(rd: RunDir, *, on_tensor: Callable[[int, int], None] | None = None) -> Path:
     """runs/NAME/best/model holding the current best trial's merge; exported only when missing or
-    when it holds an older best."""
-    best = (rd.summary().get("best") or {}).get("number")
-    if best is None:
-        raise MergelabError(f"{rd.path} has no completed trial yet, so there is no best model to push.")
-    record = next((r for r in rd.trials() if r.get("number") == best), None)
-    if record is None:
-        raise MergelabError(f"{rd.path}: the best trial {best} is missing from trials.jsonl; the run directory is damaged.")
-    out = rd.path / "best" / BEST_MODEL_DIR
-    prov = out / "mergelab_search.json"
-    if prov.is_file() and any(out.glob("*.safetensors")):
-        try:
-            if json.loads(prov.read_text(encoding="utf-8")).get("best_trial") == best:
-                return out
-        except ValueError:
-            pass  # unreadable: export again
-    return export_trial(rd, record, out, on_tensor=on_tensor, overwrite=True)
+    when it holds an older best (RunDir.export_best)."""
+    return rd.export_best(on_tensor=on_tensor)
 
 
 def push_best(rd: RunDir, repo_id: str, *, on_tensor: Callable[[int, int], None] | None = None,
