@@ -79,6 +79,22 @@ def _left_pad(rows, pad=0):
     return ids, mask
 
 
+# The compiled loops (numba, optional) and the torch code compute the same weights; opt's tests
+# run on both paths.
+from mergelab import _jit_fusion  # noqa: E402
+
+PATHS = [
+    pytest.param(True, id="compiled", marks=pytest.mark.skipif(not _jit_fusion.AVAILABLE, reason="numba not installed")),
+    pytest.param(False, id="torch"),
+]
+
+
+@pytest.fixture
+def compiled(request, monkeypatch):
+    monkeypatch.setattr(_jit_fusion, "AVAILABLE", request.param)
+    return request.param
+
+
 def _ce(logits, ids, target):
     """Reference per-example mean cross-entropy, written independently of the module."""
     out = []
@@ -117,7 +133,8 @@ def test_tau_limits_pick_the_best_model_or_uniform():
     assert torch.equal(top1_weights(ell), torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]))
 
 
-def test_opt_finds_the_grid_optimum_on_a_hand_case():
+@pytest.mark.parametrize("compiled", PATHS, indirect=True)
+def test_opt_finds_the_grid_optimum_on_a_hand_case(compiled):
     # Target 0 then target 1 (V = 2). A is confident on the first, B on the second, so the fused
     # cross-entropy softplus(−3μ) + softplus(−(1−μ)) is minimised inside (0, 1).
     ids = torch.tensor([[1, 0, 1]])
@@ -134,7 +151,8 @@ def test_opt_finds_the_grid_optimum_on_a_hand_case():
     assert w[0].tolist() == pytest.approx([0.6, 0.4], abs=1e-6)
 
 
-def test_opt_is_never_worse_than_best_single_model_or_sim():
+@pytest.mark.parametrize("compiled", PATHS, indirect=True)
+def test_opt_is_never_worse_than_best_single_model_or_sim(compiled):
     gen = torch.Generator().manual_seed(0)
     for case in range(12):
         k, b, t, v = 2 + case % 3, 3, 7, 11
@@ -176,9 +194,11 @@ def _opt_by_full_scan(logits, ids, target, grid):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("compiled", PATHS, indirect=True)
 @pytest.mark.parametrize("step", [0.05, 0.1, 0.07, 0.3, 1.0])
-def test_opt_search_picks_the_same_grid_point_as_the_full_scan(step):
-    # The Fibonacci search over μ must land where trying all grid values does (f is convex).
+def test_opt_search_picks_the_same_grid_point_as_the_full_scan(step, compiled):
+    # The Fibonacci search over μ (torch) and the one-pass grid evaluation (compiled) must land
+    # where trying all grid values in float64 does (f is convex).
     from mergelab.fusion import _grid
 
     gen = torch.Generator().manual_seed(7)
@@ -196,6 +216,80 @@ def test_opt_search_picks_the_same_grid_point_as_the_full_scan(step):
         for r in range(b):
             expected = w_sim[r] if sim_ce[r] < greedy_ce[r] - 1e-6 else want[r].float()
             assert got[r].tolist() == pytest.approx(expected.tolist(), abs=1e-6), (step, case, r)
+
+
+def _grid_sums_float64(a, b, rows, ys, exs, batch, mus):
+    """Reference for the compiled grid: per-example CE sums of μ·a + (1−μ)·b, in float64."""
+    out = torch.zeros(batch, len(mus), dtype=torch.float64)
+    for c, mu in enumerate(mus):
+        z = mu * a.double() + (1 - mu) * b.double()
+        ce = torch.logsumexp(z[rows], -1) - z[rows, ys]
+        out[:, c].index_add_(0, exs, ce)
+    return out
+
+
+@pytest.mark.skipif(not _jit_fusion.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("case", ["one chain", "two chains", "float64 rows"])
+@pytest.mark.parametrize("step", [0.05, 0.07, 0.3, 1.0])
+def test_compiled_grid_equals_a_direct_float64_evaluation(case, step):
+    # V = 2500: several 1024-blocks and a tail that is not a multiple of the 64 lanes.
+    from mergelab.fusion import _grid
+
+    gen = torch.Generator().manual_seed(11)
+    n_rows, v, batch = 12, 2500, 3
+    a, b, c = (torch.randn(n_rows, v, generator=gen) * 3 for _ in range(3))
+    if case == "two chains":
+        # a puts 50 tokens ~300 below its top (exp underflows from μ = 1), which b likes: at μ = 0
+        # they carry real mass, so the grid's lower half needs the chain that starts from b.
+        a[:, 100:150] -= 300.0
+        b[:, 100:150] += 5.0
+    elif case == "float64 rows":
+        # each model's top token is ~400 below under the other: the fused maximum is far below
+        # the chord of the two maxima, beyond what float32 products can carry
+        a[:, 0] += 200.0
+        a[:, 1] -= 200.0
+        b[:, 1] += 200.0
+        b[:, 0] -= 200.0
+    rows = torch.arange(n_rows - 1)
+    ys = torch.randint(0, v, (n_rows - 1,), generator=gen)
+    ys[:3] = torch.tensor([0, 1, 120])
+    exs = rows % batch
+    # step k = 1 of a greedy: the current fusion is model 0 (a) alone, model 1 (b) joins; then
+    # a two-model mix against model 2
+    grid = _grid(step)
+    n_uni = int(math.floor(1 / step + 1e-9))
+    extra0 = round(1 - n_uni * step, 12) > 0
+    got = _jit_fusion.grid_ce_sums([a, b, c], torch.tensor([[1.0, 0.0, 0.0]] * batch),
+                                   torch.ones(batch, dtype=torch.long), rows, ys, exs, batch, step, n_uni, extra0)
+    want = _grid_sums_float64(a, b, rows, ys, exs, batch, grid)
+    assert got.shape == want.shape == (batch, len(grid))
+    assert torch.allclose(got, want, rtol=2e-6, atol=2e-4), (got - want).abs().max()
+    w = torch.tensor([[0.3, 0.7, 0.0], [0.6, 0.4, 0.0], [1.0, 0.0, 0.0]])
+    got = _jit_fusion.grid_ce_sums([a, b, c], w, torch.full((batch,), 2), rows, ys, exs, batch, step, n_uni, extra0)
+    mixed = w[:, :1, None] * a[None] + w[:, 1:2, None] * b[None]  # [batch, rows, V]
+    want = torch.stack([_grid_sums_float64(mixed[e], c, rows, ys, exs, batch, grid)[e] for e in range(batch)])
+    assert torch.allclose(got, want, rtol=2e-6, atol=2e-4), (got - want).abs().max()
+
+
+@pytest.mark.skipif(not _jit_fusion.AVAILABLE, reason="numba not installed")
+def test_compiled_fused_ce_equals_a_direct_float64_evaluation():
+    gen = torch.Generator().manual_seed(5)
+    n_rows, v, batch = 9, 2500, 3
+    logits = [torch.randn(n_rows, v, generator=gen) * 4 for _ in range(3)]
+    logits[2][:, 7] = float("-inf")  # a masked token: exp(-inf) = 0, no NaN
+    rows, ys, exs = torch.arange(n_rows), torch.randint(0, v, (n_rows,), generator=gen), torch.arange(n_rows) % batch
+    w = torch.tensor([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+    got = _jit_fusion.fused_ce_sums(logits, w, rows, ys, exs, batch)
+    want = torch.zeros(batch, dtype=torch.float64)
+    for i in range(n_rows):
+        e = int(exs[i])
+        z = sum(w[e, k].double() * logits[k][i].double() for k in range(3) if w[e, k] != 0)
+        want[e] += torch.logsumexp(z, -1) - z[ys[i]]
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-5), (got - want).abs().max()
+    # fused logits summed into a member's own buffer: the same values as into a new tensor
+    fresh = fuse_logits([lg[None] for lg in logits[:2]], w[:1, :2])
+    own = logits[0][None].clone()
+    assert torch.equal(fuse_logits([own, logits[1][None]], w[:1, :2], out=own), fresh)
 
 
 def test_weights_are_per_example_and_batch_invariant():
