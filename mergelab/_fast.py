@@ -274,7 +274,13 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
         mask = ws.get(("mask", slot), n, torch.bool)
         drawn = inputs.uniform(i) if isinstance(inputs, CachedInputs) else None
         if drawn is not None and rescale == "l1" and _jit.AVAILABLE:
-            # cached draws and ‖τ‖₁: mask and |τ|·mask in one compiled pass, one sum
+            # cached draws and ‖τ‖₁: the mask and ‖τ·mask‖₁ in one compiled pass that sums in
+            # torch's order (nothing else written); else mask and |τ|·mask, then torch's sum
+            after = _jit.dare_mask_l1(drawn, inputs._deltas[i], density, mask)
+            if after is not None:
+                row.mask = mask
+                row.factor = _l1_ratio(inputs.l1_norm(i), after)
+                return row
             a = ws.get("abs_full", n)
             _jit.dare_prepass(drawn, inputs._deltas[i], density, mask, a)
             row.mask = mask

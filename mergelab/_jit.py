@@ -252,6 +252,99 @@ def _cut_kernel(xs, thr, cut, w, consensus, normalize, lin_div, lam, has_lam, ba
         out[j] = _round(mixed + base[j], rmode)
 
 
+def _ceil_log2_py(x):
+    """c10's utils::CeilLog2: 1 up to 2, else the bit length of x - 1."""
+    if x <= 2:
+        return 1
+    b = 0
+    y = x - 1
+    while y > 0:
+        y >>= 1
+        b += 1
+    return b
+
+
+def _cascade_py(u, tau, t, mask, acc, start, size, W):
+    """torch's multi_row_sum over `size` groups of W consecutive values (|τ|·(u < t), the mask
+    written on the way) starting at flat index `start`: W lane sums, each a 4-level cascade
+    whose levels close every 2^p groups; returns with the level sums folded into acc[0]."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    p = max(4, _ceil_log2(size) // 4)
+    step = 1 << p
+    lmask = step - 1
+    for lev in range(4):
+        for lane in range(W):
+            acc[lev, lane] = zero
+    a0 = acc[0]
+    i = 0
+    while i < size:
+        # one group: slices indexed by the lane counter (a known non-negative index vectorizes)
+        o = start + i * W
+        ub = u[o:o + W]
+        tb = tau[o:o + W]
+        mb = mask[o:o + W]
+        for lane in range(W):
+            keep = ub[lane] < t
+            mb[lane] = keep
+            a0[lane] += abs(tb[lane]) * (one if keep else zero)
+        i += 1
+        if (i & lmask) == 0 and i <= (size // step) * step:  # a full step closed: carry up
+            for lev in range(1, 4):
+                for lane in range(W):
+                    acc[lev, lane] += acc[lev - 1, lane]
+                    acc[lev - 1, lane] = zero
+                if (i & (lmask << (lev * p))) != 0:
+                    break
+    for lev in range(1, 4):
+        for lane in range(W):
+            acc[0, lane] += acc[lev, lane]
+
+
+def _dare_mask_l1(u, tau, t, L, mask):
+    """mask = u < t and Σ|τ|·mask summed in the order of torch's serial float32 sum over a flat
+    tensor (aten SumKernel: vectors of L lanes read 4 at a time into a cascade of partial sums,
+    then the leftover vectors, the leftover elements and the lanes, in that order), so the
+    value equals l1_norm_of_abs(|τ|·mask) bit for bit, without writing |τ|·mask."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    n = u.shape[0]
+    V = n // L
+    if V == 0:  # shorter than one vector: the scalar row sum, 4 interleaved partial sums
+        acc = np.zeros((4, 4), np.float32)
+        size = n // 4
+        _cascade(u, tau, t, mask, acc, 0, size, 4)
+        s = acc[0, 0]
+        for e in range(size * 4, n):
+            keep = u[e] < t
+            mask[e] = keep
+            s += abs(tau[e]) * (one if keep else zero)
+        for k in range(1, 4):
+            s += acc[0, k]
+        return zero + s
+    W = 4 * L
+    acc = np.zeros((4, W), np.float32)
+    size = V // 4
+    _cascade(u, tau, t, mask, acc, 0, size, W)
+    for v in range(size * 4, V):  # leftover vectors, into the first partial sum
+        o = v * L
+        for lane in range(L):
+            keep = u[o + lane] < t
+            mask[o + lane] = keep
+            acc[0, lane] += abs(tau[o + lane]) * (one if keep else zero)
+    for k in range(1, 4):
+        for lane in range(L):
+            acc[0, lane] += acc[0, k * L + lane]
+    s = zero
+    for e in range(V * L, n):
+        keep = u[e] < t
+        mask[e] = keep
+        s += abs(tau[e]) * (one if keep else zero)
+    for lane in range(L):
+        s += acc[0, lane]
+    return zero + s
+
+
 @functools.cache
 def _compiled() -> tuple:
     """(element pass, DARE pre-pass, linear pass), compiled on first use (and cached on disk by
@@ -291,7 +384,10 @@ def _compiled() -> tuple:
     # the kernels call these by their global names: they must exist before the kernels compile
     globals().update(_fma=fma, _f2u=f2u, _u2f=u2f)
     globals()["_round"] = jit(_round_py)
-    return jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel)
+    globals()["_ceil_log2"] = jit(_ceil_log2_py)
+    globals()["_cascade"] = jit(_cascade_py)
+    return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
+            jit(_dare_mask_l1))
 
 
 @functools.cache
@@ -332,6 +428,46 @@ def dare_prepass(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch
     """DARE's mask from cached draws and |τ|·mask for the L1 rescale, flat float32 CPU tensors
     (`mask` a bool tensor), equal to torch.lt(u, density) and |τ|.mul_(mask)."""
     _compiled()[1](u.numpy(), tau.numpy(), np.float32(density), mask.view(torch.uint8).numpy(), absm.numpy())
+
+
+# The fused mask + L1 pass reproduces torch's serial sum for tensors up to this length: up to
+# it the cascade's levels close every 16 groups (beyond, their spacing grows), which is the
+# structure the probe below checks on this machine's torch.
+L1_MAX = 1 << 25
+
+
+@functools.cache
+def sum_lanes() -> int | None:
+    """The vector width (lanes) with which `_dare_mask_l1` reproduces this torch's serial float32
+    sum, bit for bit, on probe lengths around every boundary of its algorithm; None when no width
+    does (a torch whose sum kernel differs: the compiled pre-pass is then not used)."""
+    from operators.sparsify import l1_norm_of_abs
+
+    g = torch.Generator().manual_seed(5)
+    lengths = (1, 3, 4, 7, 15, 16, 17, 63, 64, 65, 129, 1000, 4096 + 5, 65536 + 77, 300_001, 1_048_576 + 333)
+    probes = []
+    for n in lengths:
+        tau = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(8) * 1e3  # wide range: order matters
+        u = torch.rand(n, generator=g)
+        ref = l1_norm_of_abs(tau.abs().mul_(u < 0.6))
+        probes.append((u.numpy(), tau.numpy(), ref.item()))
+    for lanes in (16, 8, 4):
+        mask = np.empty(max(lengths), np.uint8)
+        if all(_compiled()[5](u, tau, np.float32(0.6), lanes, mask[: len(u)]) == np.float32(ref)
+               for u, tau, ref in probes):
+            return lanes
+    return None
+
+
+def dare_mask_l1(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch.Tensor) -> torch.Tensor | None:
+    """mask = u < density and ‖τ·mask‖₁ as `l1_norm_of_abs(|τ|.mul_(mask))` computes it, in one
+    pass over flat float32 CPU tensors (`mask` a bool tensor), or None (nothing written) where the
+    summation order cannot be reproduced (see `sum_lanes`, `L1_MAX`)."""
+    lanes = sum_lanes() if u.numel() <= L1_MAX else None
+    if lanes is None:
+        return None
+    v = _compiled()[5](u.numpy(), tau.numpy(), np.float32(density), lanes, mask.view(torch.uint8).numpy())
+    return torch.tensor(v, dtype=torch.float32)
 
 
 def uniform_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor] | None, thr: list[float] | None,
