@@ -220,3 +220,26 @@ def test_uniform_passes_equal_torch_kernels(method_name, out_dtype):
         _jit.uniform_pass(deltas, masks, thr, cut, fac, weights, method.consensus, params["normalize"],
                           lin_div, params["lambda"], base, s, e, _jit.round_mode(out_dtype), out2[s:e])
     assert torch.equal(_bits(out2), _bits(ref))
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 31, 32, 33, 100, 4096 + 40, 8 * 4 * 16 * 16 + 8 * 3 + 5, N_ODD, 600_007])
+def test_dare_mask_l1_equals_mask_then_torch_sum(n):
+    from operators.sparsify import l1_norm_of_abs
+
+    g = torch.Generator().manual_seed(n)
+    tau = _awkward(n, n + 1) * torch.rand(n, generator=g).pow(6) * 100  # wide range: the order shows
+    u = torch.rand(n, generator=g)
+    for density in (0.05, 0.5, 0.97):
+        mask = torch.ones(n, dtype=torch.bool)
+        got = _jit.dare_mask_l1(u, tau, density, mask)
+        want_mask = u < density
+        want = l1_norm_of_abs(tau.abs().mul_(want_mask))
+        if _jit.sum_lanes() is None:  # a torch whose sum order the pass cannot reproduce
+            assert got is None
+            continue
+        assert got.dtype == torch.float32 and got.item() == want.item(), (n, density)
+        assert torch.equal(mask, want_mask)
+    # the summation order matters: a plain sequential float32 sum differs on the largest case
+    if n == 600_007 and _jit.sum_lanes() is not None:
+        seq = np.cumsum(tau.abs().mul_(u < 0.5).numpy(), dtype=np.float32)[-1]  # left to right
+        assert seq != _jit.dare_mask_l1(u, tau, 0.5, torch.empty(n, dtype=torch.bool)).item()
