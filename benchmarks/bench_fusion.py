@@ -6,13 +6,16 @@ prints scoring and greedy-generation times and fusion's overhead over the sum of
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from mergelab.eval.models import HFLogitModel
-from mergelab.fusion import FusedLogitModel
+from mergelab.fusion import FusedLogitModel, _Workspace, fuse_logits, fusion_weights, prompt_target_mask
 
 
 def _random_llama(hidden, layers, vocab, seed):
@@ -44,23 +47,49 @@ def _timed(fn, device):
 
 
 def _compare(baselines, candidates, reps, device):
-    """Minimum over reps of sum(baselines) and of each candidate, measured interleaved.
+    """Per-rep times of each baseline (the sum of its K runs) and of each candidate.
 
-    Interleaving and the minimum keep a busy machine's noise from landing on one side only.
+    Every rep runs everything once, the order rotated from rep to rep so that no candidate always
+    follows the same one. One warm-up run of a baseline model and of the last candidate first
+    (weights, buffers and numba's cached loops load); the minimum over reps discards the rest
+    of a first run's extra cost. Returns {name: [seconds per rep]}.
     """
-    for fn in baselines + list(candidates.values()):
-        fn()  # warm-up
-    base, cand = [], {k: [] for k in candidates}
-    for _ in range(reps):
-        base.append(sum(_timed(fn, device) for fn in baselines))
-        for k, fn in candidates.items():
-            cand[k].append(_timed(fn, device))
-    return min(base), {k: min(v) for k, v in cand.items()}
+    items = [(k, fns) for k, fns in baselines.items()] + [(k, [fn]) for k, fn in candidates.items()]
+    items[0][1][0]()
+    items[-1][1][0]()
+    times = {k: [] for k, _ in items}
+    for r in range(reps):
+        for k, fns in items[r % len(items):] + items[: r % len(items)]:
+            gc.collect()
+            times[k].append(sum(_timed(fn, device) for fn in fns))
+    return times
 
 
-def bench(models, label, batch, seq, prompt_len, new_tokens, reps, weightings, vocab=None):
+def _overheads(times, base, cand):
+    """(min-based overhead, median over reps of the paired overhead), in percent.
+
+    min/min compares each side's least disturbed run; the paired median compares runs made
+    minutes apart at most, so a slow phase of the machine lands on both sides of a pair.
+    """
+    b, c = times[base], times[cand]
+    paired = statistics.median(100 * (ci / bi - 1) for bi, ci in zip(b, c))
+    return 100 * (min(c) / min(b) - 1), paired
+
+
+def _full_logit_generator(model):
+    """HFLogitModel's greedy generation with the prompt's logits at every position, as fusion's
+    prefill computes them (its own generation keeps the last position only): the model's own
+    forward passes over the tokens a fused generation processes."""
+    full = HFLogitModel(model)
+    assert hasattr(full, "_keep_last"), "HFLogitModel changed: update the full-logit baseline"
+    full._keep_last = False
+    return full
+
+
+def bench(models, label, batch, seq, prompt_len, new_tokens, reps, gen_reps, weightings, vocab=None):
     device = next(models[0].parameters()).device
     singles = [HFLogitModel(m) for m in models]
+    fulls = [_full_logit_generator(m) for m in models]
     vocab = vocab or min(s.vocab_size for s in singles)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch, seq), generator=gen)
@@ -73,23 +102,61 @@ def bench(models, label, batch, seq, prompt_len, new_tokens, reps, weightings, v
     clock = "CPU seconds of the process" if CLOCK is time.process_time else "wall seconds"
     print(f"\n== {label}: K={len(models)} models of {params:.1f}M parameters, batch {batch}, "
           f"seq {seq} (prompt {prompt_len}), {new_tokens} new tokens, device {device}, "
-          f"threads {torch.get_num_threads()}, min of {reps} interleaved reps, {clock}", flush=True)
+          f"threads {torch.get_num_threads()}, {clock}; scoring {reps} reps, generation "
+          f"{gen_reps} reps, order rotated", flush=True)
     fused = {w: FusedLogitModel(models, weighting=w) for w in weightings}
-    base_score, score = _compare(
-        [lambda s=s: s.logits(ids, mask, plen) for s in singles],
+    # The fusion's own work on logits computed once (weights from the prompt, then the weighted
+    # sum into a buffer of ours, as the fused model sums into a member's logits): small and steady,
+    # it shows what the end-to-end difference, a few percent of much larger noisy times, is made of.
+    with torch.inference_mode():
+        logits = [s.logits(ids, mask, plen) for s in singles]
+        target = prompt_target_mask(mask, plen)
+        out, ws = torch.empty_like(logits[0]), _Workspace()
+        work = {}
+        for w in weightings:
+            def run(w=w):
+                fuse_logits(logits, fusion_weights(w, logits, ids, target, workspace=ws).weights, out=out)
+            run()
+            work[w] = min(_timed(run, device) for _ in range(7))
+        del logits, out
+    score = _compare(
+        {"K forwards": [lambda s=s: s.logits(ids, mask, plen) for s in singles]},
         {w: (lambda f=f: f.logits(ids, mask, plen)) for w, f in fused.items()}, reps, device)
-    base_gen, gens = _compare(
-        [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in singles],
+    gens = _compare(
+        {"(a) K forwards": [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in fulls],
+         "(b) K generations": [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in singles]},
         {w: (lambda f=f: f.generate_greedy(gen_ids, gen_mask, new_tokens)) for w, f in fused.items()},
-        reps, device)
-    print(f"{'':>24} {'seconds':>8} {'overhead':>9}")
-    print(f"{'K forwards (sum)':>24} {base_score:8.3f}")
-    for w, t in score.items():
-        print(f"{'fused scoring, ' + w:>24} {t:8.3f} {100 * (t / base_score - 1):+8.1f}%")
-    print(f"{'K generations (sum)':>24} {base_gen:8.3f}")
-    for w, t in gens.items():
-        print(f"{'fused generation, ' + w:>24} {t:8.3f} {100 * (t / base_gen - 1):+8.1f}%")
-    return base_score, score, base_gen, gens
+        gen_reps, device)
+    result = {"label": label, "k": len(models), "params_m": round(params, 1), "batch": batch, "seq": seq,
+              "prompt": prompt_len, "new_tokens": new_tokens, "clock": clock, "scoring": {}, "generation": {}}
+    base = min(score["K forwards"])
+    print(f"{'scoring (logits at every position)':<44} {'min s':>7} {'vs K forwards':>14} {'paired':>8} "
+          f"{'work s':>8} {'work %':>7}")
+    print(f"{'  K forwards (sum of the K models)':<44} {base:7.3f}")
+    result["scoring"]["k_forwards_s"] = base
+    for w in weightings:
+        o_min, o_med = _overheads(score, "K forwards", w)
+        print(f"{'  fused, ' + w:<44} {min(score[w]):7.3f} {o_min:+13.1f}% {o_med:+7.1f}% "
+              f"{work[w]:8.3f} {100 * work[w] / base:6.1f}%")
+        result["scoring"][w] = {"s": min(score[w]), "overhead_vs_k_forwards_pct": round(o_min, 2),
+                                "paired_median_pct": round(o_med, 2), "fusion_work_s": work[w],
+                                "fusion_work_pct_of_k_forwards": round(100 * work[w] / base, 2)}
+    print(f"{f'generation ({new_tokens} new tokens)':<44} {'min s':>7} {'vs (a)':>14} {'paired':>8} "
+          f"{'vs (b)':>8} {'paired':>8}")
+    print(f"{'  (a) K forwards: full-logit prefill + steps':<44} {min(gens['(a) K forwards']):7.3f}")
+    print(f"{'  (b) K generations: last-logit prefill':<44} {min(gens['(b) K generations']):7.3f}")
+    result["generation"]["a_k_forwards_full_logit_prefill_s"] = min(gens["(a) K forwards"])
+    result["generation"]["b_k_generations_last_logit_prefill_s"] = min(gens["(b) K generations"])
+    for w in weightings:
+        a_min, a_med = _overheads(gens, "(a) K forwards", w)
+        b_min, b_med = _overheads(gens, "(b) K generations", w)
+        print(f"{'  fused, ' + w:<44} {min(gens[w]):7.3f} {a_min:+13.1f}% {a_med:+7.1f}% "
+              f"{b_min:+7.1f}% {b_med:+7.1f}%")
+        result["generation"][w] = {"s": min(gens[w]), "overhead_vs_a_k_forwards_pct": round(a_min, 2),
+                                   "paired_median_vs_a_pct": round(a_med, 2),
+                                   "overhead_vs_b_k_generations_pct": round(b_min, 2),
+                                   "paired_median_vs_b_pct": round(b_med, 2)}
+    return result
 
 
 def main():
@@ -102,7 +169,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=4, help="scoring reps (interleaved, order rotated)")
+    ap.add_argument("--gen-reps", type=int, default=4, help="generation reps")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--weightings", default="sim,opt,uniform,top1")
@@ -111,6 +179,7 @@ def main():
                          "(on the CPU only; a GPU's work is not counted)")
     ap.add_argument("--family", default="mergelab/demo/family",
                     help="Directory of the bundled family (each subdirectory a model); skipped if absent.")
+    ap.add_argument("--json", help="Also write the results to this JSON file.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -118,18 +187,30 @@ def main():
     device = torch.device(args.device)
     weightings = args.weightings.split(",")
     models = [_random_llama(args.hidden, args.layers, args.vocab, s).to(device) for s in range(args.k)]
-    bench(models, "random Llama", args.batch, args.seq, args.prompt_len, args.new_tokens, args.reps, weightings)
+    results = [bench(models, "random Llama", args.batch, args.seq, args.prompt_len, args.new_tokens, args.reps,
+                     args.gen_reps, weightings)]
     fam = Path(args.family)
     dirs = sorted(d for d in fam.iterdir() if (d / "config.json").is_file()) if fam.is_dir() else []
     if dirs:
         from mergelab.eval.models import load_model
 
         loaded = [load_model(d, device=device) for d in dirs]
-        bench([m for m, _ in loaded], f"family {fam} ({', '.join(d.name for d in dirs)})", args.batch,
-              min(args.seq, 64), min(args.prompt_len, 48), args.new_tokens, args.reps, weightings,
-              vocab=len(loaded[0][1]))
+        results.append(bench(
+            [m for m, _ in loaded], f"family {fam} ({', '.join(d.name for d in dirs)})", args.batch,
+            min(args.seq, 64), min(args.prompt_len, 48), args.new_tokens, args.reps, args.gen_reps,
+            weightings, vocab=len(loaded[0][1])))
     else:
         print(f"\n(no family found under {fam}; skipped)")
+    print("\nScoring: the fused model's logits at every position against the K models' forwards "
+          "(the same tokens).\nGeneration: (a) the K models' own forward passes over the tokens "
+          "a fused generation processes\n(prefill with logits at every position, as fusion needs "
+          "them for the prompt's perplexity, then\nthe cached one-token steps); (b) the K models' "
+          "plain greedy generations, whose prefill keeps the\nlast position's logits only. 'min s': "
+          "least time over the reps; overhead vs a baseline: min/min;\n'paired': median over reps of "
+          "the overhead within a rep; 'work': the fusion's own computation (weights and weighted "
+          "sum)\non logits computed once, min of 7 runs, and its share of the K forwards.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

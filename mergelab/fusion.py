@@ -623,6 +623,7 @@ class FusedLogitModel:
             states.append(st)
         fw = self._weights(prompt_logits, input_ids, attention_mask, attention_mask.sum(-1))
         next_logits = fuse_logits([lg[:, -1] for lg in prompt_logits], fw.weights)
+        del prompt_logits, lg  # K × [B, T, V]: not kept through the decoding
         done = [False] * batch
         for i in range(max_new_tokens):
             tokens = next_logits.argmax(-1)
