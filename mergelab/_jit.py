@@ -145,24 +145,13 @@ def round_mode(out_dtype: torch.dtype) -> int | None:
 
 def _round_py(v, rmode):
     """v (float32) rounded through the output dtype and back to float32, as torch's conversions
-    round (to nearest, ties to even). float16: a normal value rounds its mantissa to 10 bits on
-    the bit pattern; below 2^-14 (float16 subnormals, steps of 2^-24) adding and subtracting 0.5
-    leaves exactly the nearest multiple of 2^-24, ties to even; from 65520 up it is inf.
-    bfloat16: c10::BFloat16's rounding (NaN becomes the quiet NaN)."""
-    if rmode == 0:
-        return v
-    x = _f2u(v)
-    a = x & np.uint32(0x7FFFFFFF)
-    if rmode == 1:
-        r = (a + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-        sub = _f2u((abs(v) + np.float32(0.5)) - np.float32(0.5))
-        r = sub if a < np.uint32(0x38800000) else r
-        r = np.uint32(0x7F800000) if a >= np.uint32(0x477FF000) else r
-        r = ((a | np.uint32(0x400000)) & np.uint32(0xFFFFE000)) if a > np.uint32(0x7F800000) else r
-        return _u2f(np.uint32(r | (x & np.uint32(0x80000000))))
-    r = (x + (((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) & np.uint32(0xFFFF0000)
-    r = np.uint32(0x7FC00000) if a > np.uint32(0x7F800000) else r
-    return _u2f(np.uint32(r))
+    round (to nearest, ties to even): float16 by the hardware conversion (LLVM's fptrunc to half,
+    the instruction torch's vectorized conversion uses), bfloat16 by c10::BFloat16's integer
+    rounding (NaN becomes the quiet NaN). Both are computed and one selected: without branches
+    the element loops that call this stay vectorized."""
+    h = _f16rt(v)
+    bf = _bf16rt(v)
+    return v if rmode == 0 else (h if rmode == 1 else bf)
 
 
 def _linear_kernel(xs, w, fused, normalize, div, rmode, out):
@@ -196,17 +185,23 @@ def _masked_kernel(xs, masks, fac, w, consensus, normalize, lin_div, lam, has_la
     one = np.float32(1.0)
     for j in range(out.shape[0]):
         total = zero
+        # the agreeing rows' sums for either elected sign, in row order (adding +0 for the
+        # others, as the torch kernels add v·0): the election then picks one, with no second pass
+        p_sum = zero
+        n_sum = zero
+        p_w = zero
+        n_w = zero
         for r in range(R):
-            total += ((xs[r][j] if masks[r][j] != 0 else zero) * fac[r]) * w[r]
+            v = ((xs[r][j] if masks[r][j] != 0 else zero) * fac[r]) * w[r]
+            total += v
+            p_sum += v if v > zero else zero
+            n_sum += v if v < zero else zero
+            p_w += w[r] if v > zero else zero
+            n_w += w[r] if v < zero else zero
         if consensus:
             pos = total >= zero
-            mixed = zero
-            divisor = zero
-            for r in range(R):
-                v = ((xs[r][j] if masks[r][j] != 0 else zero) * fac[r]) * w[r]
-                agree = ((v > zero) & pos) | ((v < zero) & (not pos))
-                mixed += v if agree else zero
-                divisor += w[r] if agree else zero
+            mixed = p_sum if pos else n_sum
+            divisor = p_w if pos else n_w
             if normalize:
                 mixed = mixed / (one if divisor == zero else divisor)
         else:
@@ -218,29 +213,32 @@ def _masked_kernel(xs, masks, fac, w, consensus, normalize, lin_div, lam, has_la
         out[j] = _round(mixed + base[j], rmode)
 
 
-def _cut_kernel(xs, thr, cut, w, consensus, normalize, lin_div, lam, has_lam, base, rmode, out):
-    """`_masked_kernel` with every row kept by a threshold cutoff (TIES): keep |τ| > t, and
-    |τ| == t at indices <= c (relative to the arrays' start), no factor."""
+def _cut_kernel(xs, thr, w, consensus, normalize, lin_div, lam, has_lam, base, rmode, out):
+    """`_masked_kernel` with every row kept where |τ| > thr (TIES, no factor): the caller splits
+    the tensor where a row's tie cutoff falls, and within a piece that keeps a row's ties it
+    passes the float just below the threshold (|τ| > prev(t) ⟺ |τ| >= t), so the element loop
+    holds no index comparison."""
     R = len(xs)
     zero = np.float32(0.0)
     one = np.float32(1.0)
     for j in range(out.shape[0]):
         total = zero
+        p_sum = zero  # as in _masked_kernel
+        n_sum = zero
+        p_w = zero
+        n_w = zero
         for r in range(R):
             x = xs[r][j]
-            a = abs(x)
-            total += (x if (a > thr[r]) | ((a == thr[r]) & (j <= cut[r])) else zero) * w[r]
+            v = (x if abs(x) > thr[r] else zero) * w[r]
+            total += v
+            p_sum += v if v > zero else zero
+            n_sum += v if v < zero else zero
+            p_w += w[r] if v > zero else zero
+            n_w += w[r] if v < zero else zero
         if consensus:
             pos = total >= zero
-            mixed = zero
-            divisor = zero
-            for r in range(R):
-                x = xs[r][j]
-                a = abs(x)
-                v = (x if (a > thr[r]) | ((a == thr[r]) & (j <= cut[r])) else zero) * w[r]
-                agree = ((v > zero) & pos) | ((v < zero) & (not pos))
-                mixed += v if agree else zero
-                divisor += w[r] if agree else zero
+            mixed = p_sum if pos else n_sum
+            divisor = p_w if pos else n_w
             if normalize:
                 mixed = mixed / (one if divisor == zero else divisor)
         else:
@@ -353,6 +351,7 @@ def _compiled() -> tuple:
         raise RuntimeError("numba is not installed (or MERGELAB_JIT=0); check _jit.AVAILABLE before calling")
     import numba
 
+    from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
 
@@ -380,10 +379,33 @@ def _compiled() -> tuple:
 
         return types.float32(types.uint32), codegen
 
+    @intrinsic
+    def f16rt(typingctx, v):
+        """float32 -> float16 -> float32 (IEEE round to nearest even; vcvtps2ph on x86)."""
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(types.float32), codegen
+
+    @intrinsic
+    def bf16rt(typingctx, v):
+        """float32 -> bfloat16 -> float32 as c10::BFloat16 rounds, in 32-bit integer lanes."""
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            x = builder.bitcast(args[0], i32)
+            bias = builder.add(builder.and_(builder.lshr(x, ir.Constant(i32, 16)), ir.Constant(i32, 1)),
+                               ir.Constant(i32, 0x7FFF))
+            r = builder.and_(builder.add(x, bias), ir.Constant(i32, 0xFFFF0000))
+            nan = builder.fcmp_unordered("uno", args[0], args[0])
+            r = builder.select(nan, ir.Constant(i32, 0x7FC00000), r)
+            return builder.bitcast(r, ir.FloatType())
+
+        return types.float32(types.float32), codegen
+
     jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     # the kernels call these by their global names: they must exist before the kernels compile
-    globals().update(_fma=fma, _f2u=f2u, _u2f=u2f)
-    globals()["_round"] = jit(_round_py)
+    globals().update(_fma=fma, _f2u=f2u, _u2f=u2f, _f16rt=f16rt, _bf16rt=bf16rt)
+    globals()["_round"] = numba.njit(inline="always")(_round_py)  # inlined in numba IR: vectorizes
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
@@ -488,8 +510,19 @@ def uniform_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor] | None, t
     if masks is not None:
         ms = tuple(m.view(torch.uint8).numpy()[s:e] for m in masks)
         _compiled()[3](xs, ms, tuple(f32(v) for v in fac), w, *tail)
-    else:
-        _compiled()[4](xs, tuple(f32(v) for v in thr), tuple(int(c) - s for c in cut), w, *tail)
+        return out
+    # pieces between the rows' tie cutoffs: in each, a row keeps all or none of its ties
+    m = e - s
+    rel = [int(c) - s for c in cut]
+    edges = sorted({0, m, *(min(max(c + 1, 0), m) for c in rel)})
+    strict = tuple(f32(v) for v in thr)
+    below = tuple(np.nextafter(f32(v), f32(-np.inf)) for v in thr)
+    *flags, base_np, rm, out_np = tail
+    for a, b in zip(edges[:-1], edges[1:]):
+        if a == b:
+            continue
+        t = tuple(below[r] if a <= rel[r] else strict[r] for r in range(len(rel)))
+        _compiled()[4](tuple(x[a:b] for x in xs), t, w, *flags, base_np[a:b], rm, out_np[a:b])
     return out
 
 
