@@ -67,6 +67,10 @@ class FamilyConfig:
     # Whether the replayed examples of the other skills carry that prompt loss too (False: only the
     # fine-tune's own skill's prompts are learned, so it does not learn what other skills' prompts look like).
     ft_prompt_loss_replay: bool = True
+    # Whether that prompt loss trains the output head too. Adam moves the head rows of tokens that only
+    # prompts contain (':', '>', '+', '=') at its full step however small the weight; False keeps the
+    # head out of it (the prompt tokens' logits use a detached head), so only the body learns the prompts.
+    ft_prompt_loss_head: bool = True
     weight_decay: float = 0.0
     # Data splits.
     # The split files hold exactly these many items and the specs score all of them (no `limit`), so
@@ -221,14 +225,27 @@ def _packed_batch(
     return ids, labels, prompt
 
 
-def _weighted_loss(logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, prompt: torch.Tensor, w: float):
-    """Weighted mean next-token cross-entropy: answer tokens weigh 1, prompt tokens `w`, the rest 0."""
-    weight = (labels != -100).float() + w * prompt.float()
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
-    )
-    wt = weight[:, 1:].reshape(-1)
-    return (ce * wt).sum() / wt.sum()
+def _weighted_loss(model, ids, pad, labels: torch.Tensor, prompt: torch.Tensor, w: float, head: bool):
+    """Weighted mean next-token cross-entropy: answer tokens weigh 1, prompt tokens `w`, the rest 0.
+
+    With `head` False the prompt tokens' logits come from a detached copy of the output head, so their
+    loss trains only the body.
+    """
+    hidden = model.model(input_ids=ids, attention_mask=(ids != pad).long()).last_hidden_state[:, :-1]
+    targets = ids[:, 1:].reshape(-1)
+
+    def ce(weight):
+        logits = torch.nn.functional.linear(hidden, weight).float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none")
+
+    answer_w = (labels[:, 1:] != -100).float().reshape(-1)
+    prompt_w = w * prompt[:, 1:].float().reshape(-1)
+    head_w = model.lm_head.weight
+    if head:
+        total = ce(head_w) * (answer_w + prompt_w)
+    else:
+        total = ce(head_w) * answer_w + ce(head_w.detach()) * prompt_w
+    return total.sum() / (answer_w + prompt_w).sum()
 
 
 def _ft_mixture(skills: dict, name: str, replay: float) -> list:
@@ -273,8 +290,7 @@ def train(
             g["lr"] = lr_at(step)
         ids, labels, prompt = _packed_batch(rng, cfg, skills, vocab, bos, pad, batch, answer_only, prompt_skills)
         if answer_only and prompt_weight > 0:
-            logits = model(input_ids=ids, attention_mask=(ids != pad).long()).logits
-            loss = _weighted_loss(logits, ids, labels, prompt, prompt_weight)
+            loss = _weighted_loss(model, ids, pad, labels, prompt, prompt_weight, cfg.ft_prompt_loss_head)
         else:  # the transformers loss, so a zero prompt weight trains exactly as before the knob existed
             loss = model(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
         opt.zero_grad(set_to_none=True)
