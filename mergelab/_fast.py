@@ -110,8 +110,11 @@ class Inputs:
             self.delta_into(i, s, e, a[s:e]).abs_()
         return a
 
-    def top_k_rule(self, i: int, k: int, ws: Workspace) -> _sp.TopKRule:
-        return _sp.top_k_rule(self.abs_delta(i, ws), k)
+    def top_k_rule(self, i: int, k: int, ws: Workspace) -> "_sp.TopKRule | CutRule":
+        a = self.abs_delta(i, ws)
+        if _jit.AVAILABLE:  # the same threshold by a compiled radix selection, and its cutoff
+            return CutRule(*_jit.top_k_cut(a, k))
+        return _sp.top_k_rule(a, k)
 
 
 class DiskInputs(Inputs):
@@ -346,8 +349,22 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         _jit_merge(method, job, inputs, rows, sink, ws, dest)
         return
     stack = ws.get("stack", len(others) * CHUNK)
-    weights = task_weights(job.model_params, others, stack.view(len(others), -1))
     out = ws.get("out", CHUNK)
+    if _jit.AVAILABLE and rows and all(isinstance(r.rule, CutRule) and r.div is None and r.factor is None
+                                       for r in rows):
+        # TIES from disk: each slice's task vectors go through the compiled element loop
+        thr = [float(r.rule.threshold) for r in rows]
+        cut = [r.rule.cutoff for r in rows]
+        common = _jit_common(method, job, [r.i for r in rows])
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            d = stack[: len(rows) * (e - s)].view(len(rows), e - s)
+            deltas = [inputs.delta_into(row.i, s, e, d[r]) for r, row in enumerate(rows)]
+            _jit.uniform_pass(deltas, None, thr, [c - s for c in cut], [1.0] * len(rows), base=inputs.base(s, e),
+                              s=0, e=e - s, rmode=_jit.ROUND_NONE, out=out[: e - s], **common)
+            sink(s, e, out[: e - s])
+        return
+    weights = task_weights(job.model_params, others, stack.view(len(others), -1))
 
     def work(key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         return ws.get(("combine", key), numel, dtype)
@@ -379,6 +396,15 @@ def _jit_ready(inputs: Inputs, rows: list[_Row]) -> bool:
 
 
 _JIT_SPAN = 16 * CHUNK  # elements per compiled call: amortizes the call, keeps the buffer small
+
+
+def _jit_common(method: TaskVectorMethod, job: TensorJob, rows: list[int]) -> dict:
+    """The compiled passes' arguments that do not depend on the sparsification."""
+    lin_div = None
+    if not method.consensus:
+        lin_div = plain_divisor(task_weights(job.model_params, rows, torch.empty(len(rows), 1)))
+    return dict(weights=[float(job.model_params[i]["weight"]) for i in rows], consensus=method.consensus,
+                normalize=bool(job.params["normalize"]), lin_div=lin_div, lam=float(job.params["lambda"]))
 
 
 def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs", rows: list[_Row],

@@ -343,6 +343,41 @@ def _dare_mask_l1(u, tau, t, L, mask):
     return zero + s
 
 
+def _kth_largest_bits(bits, k):
+    """The k-th largest of non-negative float32 values given as their bit patterns (which order
+    like the values), by two 16-bit radix passes: (bit pattern, entries above it, entries equal)."""
+    hist = np.zeros(65536, np.int64)
+    for j in range(bits.shape[0]):
+        hist[bits[j] >> np.uint32(16)] += 1
+    above = 0
+    hi = 65535
+    while above + hist[hi] < k:
+        above += hist[hi]
+        hi -= 1
+    hist = np.zeros(65537, np.int64)  # slot 65536 counts the other buckets: no branch
+    top = np.uint32(hi)
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        hist[(b & np.uint32(0xFFFF)) if (b >> np.uint32(16)) == top else np.uint32(65536)] += 1
+    lo = 65535
+    while above + hist[lo] < k:
+        above += hist[lo]
+        lo -= 1
+    return (hi << 16) | lo, above, hist[lo]
+
+
+def _nth_equal(bits, value, need):
+    """The flat index of the need-th entry (1-based) whose bit pattern is `value`."""
+    seen = 0
+    v = np.uint32(value)
+    for j in range(bits.shape[0]):
+        if bits[j] == v:
+            seen += 1
+            if seen == need:
+                return j
+    return -1
+
+
 @functools.cache
 def _compiled() -> tuple:
     """(element pass, DARE pre-pass, linear pass), compiled on first use (and cached on disk by
@@ -409,7 +444,7 @@ def _compiled() -> tuple:
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
-            jit(_dare_mask_l1))
+            jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal))
 
 
 @functools.cache
@@ -490,6 +525,20 @@ def dare_mask_l1(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch
         return None
     v = _compiled()[5](u.numpy(), tau.numpy(), np.float32(density), lanes, mask.view(torch.uint8).numpy())
     return torch.tensor(v, dtype=torch.float32)
+
+
+def top_k_cut(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The top-k rule of a flat float32 CPU tensor of magnitudes (1 <= k < n) as (threshold v,
+    cutoff c): keep > v, and == v at flat indices <= c. v is the exact k-th largest value (what
+    sparsify.kth_largest and torch.kthvalue give), found by a two-pass radix selection on the
+    bit patterns; c is the flat index of the last tie kept (ties kept in flat order until k)."""
+    bits = abs_flat.view(torch.int32).numpy().view(np.uint32)
+    c = _compiled()
+    value, above, equal = c[6](bits, int(k))
+    need = k - int(above)
+    cut = abs_flat.numel() - 1 if need >= equal else int(c[7](bits, int(value), need))
+    thr = torch.tensor([int(value)], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
+    return thr, cut
 
 
 def uniform_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor] | None, thr: list[float] | None,
