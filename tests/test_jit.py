@@ -243,3 +243,46 @@ def test_dare_mask_l1_equals_mask_then_torch_sum(n):
     if n == 600_007 and _jit.sum_lanes() is not None:
         seq = np.cumsum(tau.abs().mul_(u < 0.5).numpy(), dtype=np.float32)[-1]  # left to right
         assert seq != _jit.dare_mask_l1(u, tau, 0.5, torch.empty(n, dtype=torch.bool)).item()
+
+
+@pytest.mark.parametrize("n", [2, 17, 1000, N_ODD])
+def test_top_k_cut_is_the_exact_kth_largest_and_its_tie_cutoff(n):
+    from operators import sparsify as sp
+
+    # float16-rounded magnitudes: many exact ties, zeros (from 0 and -0) and one repeated value
+    a = _awkward(n, n).half().float().abs()
+    for k in sorted({1, 2, n // 3 + 1, n // 2, n - 1} - {0, n}):
+        thr, cut = _jit.top_k_cut(a, k)
+        want = torch.kthvalue(a, n - k + 1).values
+        assert thr.item() == want.item() == sp.kth_largest(a, k)[0].item()
+        mask = (a > thr) | ((a == thr) & (torch.arange(n) <= cut))
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, sp.top_k_mask(a, k))
+
+
+def test_disk_ties_with_and_without_compiled_loop_bit_for_bit(wide_family, tmp_path, monkeypatch):
+    from mergelab.engine import merge_to_dir
+
+    from conftest import load_dir
+
+    r = _recipe(wide_family, "ties", (0.6, -0.4, 1.3), (0.2, 0.9, 0.45), {"lambda": 0.7})
+    r["dtype"] = "float16"
+    out = {}
+    calls = []
+    real = _jit.top_k_cut
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    for jit in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(_jit, "AVAILABLE", jit)
+            m.setattr(_jit, "top_k_cut", counted)
+            m.setattr(fast, "CHUNK", 640)  # slice boundaries inside every tensor
+            merge_to_dir(r, tmp_path / f"out{jit}")
+        out[jit] = load_dir(tmp_path / f"out{jit}")
+        assert (len(calls) > 0) == jit  # the compiled selection ran only when asked
+    assert out[True].keys() == out[False].keys()
+    for k in out[False]:
+        assert torch.equal(out[True][k].view(torch.int16), out[False][k].view(torch.int16)), k
