@@ -171,6 +171,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--reps", type=int, default=4, help="scoring reps (interleaved, order rotated)")
     ap.add_argument("--gen-reps", type=int, default=4, help="generation reps")
+    ap.add_argument("--family-reps", type=int, default=20,
+                    help="reps (scoring and generation) for the family, whose runs take milliseconds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--weightings", default="sim,opt,uniform,top1")
@@ -181,6 +183,7 @@ def main():
                     help="Directory of the bundled family (each subdirectory a model); skipped if absent.")
     ap.add_argument("--json", help="Also write the results to this JSON file.")
     args = ap.parse_args()
+    started = time.perf_counter(), time.process_time()
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
@@ -197,7 +200,7 @@ def main():
         loaded = [load_model(d, device=device) for d in dirs]
         results.append(bench(
             [m for m, _ in loaded], f"family {fam} ({', '.join(d.name for d in dirs)})", args.batch,
-            min(args.seq, 64), min(args.prompt_len, 48), args.new_tokens, args.reps, args.gen_reps,
+            min(args.seq, 64), min(args.prompt_len, 48), args.new_tokens, args.family_reps, args.family_reps,
             weightings, vocab=len(loaded[0][1])))
     else:
         print(f"\n(no family found under {fam}; skipped)")
@@ -209,6 +212,8 @@ def main():
           "least time over the reps; overhead vs a baseline: min/min;\n'paired': median over reps of "
           "the overhead within a rep; 'work': the fusion's own computation (weights and weighted "
           "sum)\non logits computed once, min of 7 runs, and its share of the K forwards.")
+    print(f"(benchmark: {time.perf_counter() - started[0]:.0f} s wall, "
+          f"{time.process_time() - started[1]:.0f} s CPU)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -197,22 +197,24 @@ def _lse_ce(z, y, tmp, bits):
 
 
 def _fused_ce(arrs, weights, rows, ys, exs, out):
-    """out[e] += CE of row rows[i] under the weights of its example e = exs[i] (target ys[i]).
+    """out[c, e] += CE of row rows[i] under weighting c of its example e = exs[i] (target ys[i]).
 
-    A one-hot weighting reads the model's row as it is; 1·x == x, so this is the value the
-    mixing loop would give, and a single model's ℓ equals its one-hot fusion's exactly."""
+    weights [C, B, K]: the C weightings share each row's reads. A one-hot weighting reads the
+    model's row as it is; 1·x == x, so this is the value the mixing loop would give, and a
+    single model's ℓ equals its one-hot fusion's exactly."""
     vocab = arrs[0].shape[1]
     z = np.empty(vocab, np.float32)
     tmp = np.empty(_BLOCK, np.float32)
     bits = np.empty(_BLOCK, np.int32)
     for i in range(rows.shape[0]):
         e = exs[i]
-        k = _one_hot(weights[e])
-        if k >= 0:
-            out[e] += _lse_ce(arrs[k][rows[i]], ys[i], tmp, bits)
-        else:
-            _mix(arrs, weights[e], rows[i], z)
-            out[e] += _lse_ce(z, ys[i], tmp, bits)
+        for c in range(weights.shape[0]):
+            k = _one_hot(weights[c, e])
+            if k >= 0:
+                out[c, e] += _lse_ce(arrs[k][rows[i]], ys[i], tmp, bits)
+            else:
+                _mix(arrs, weights[c, e], rows[i], z)
+                out[c, e] += _lse_ce(z, ys[i], tmp, bits)
 
 
 def _grid_row_f64(a, b, ma, mb, alpha_y, beta_y, h, n_uni, n_cols, out_row):
@@ -377,11 +379,12 @@ def usable(logits: list[torch.Tensor]) -> bool:
 
 def fused_ce_sums(logits: list[torch.Tensor], weights: torch.Tensor, rows: torch.Tensor,
                   ys: torch.Tensor, exs: torch.Tensor, batch: int) -> torch.Tensor:
-    """[batch] float64: Σ over the rows of each example of the fused cross-entropy of its target.
+    """[C, batch] float64: Σ over the rows of each example of the fused cross-entropy of its
+    target, for each of C weightings [C, batch, K].
 
-    logits: K float32 [N, V]; weights [batch, K]; rows, ys, exs [n]: the row predicting each
-    target, the target id, the example."""
-    out = np.zeros(batch, np.float64)
+    logits: K float32 [N, V]; rows, ys, exs [n]: the row predicting each target, the target id,
+    the example."""
+    out = np.zeros((weights.shape[0], batch), np.float64)
     _compiled()[0](tuple(t.numpy() for t in logits), weights.to(torch.float32).contiguous().numpy(),
                    rows.numpy(), ys.numpy(), exs.numpy(), out)
     return torch.from_numpy(out)

@@ -141,13 +141,9 @@ def _single_losses(plan: _Plan) -> torch.Tensor:
     """
     k_models = len(plan.flat)
     if plan.jit:
-        eye = torch.eye(k_models, dtype=torch.float32)
-        total = torch.stack([
-            _jit_fusion.fused_ce_sums(plan.flat, eye[k].expand(plan.batch, k_models), plan.pred,
-                                      plan.y, plan.example, plan.batch)
-            for k in range(k_models)
-        ], 1)
-        return total / plan.counts.double().clamp(min=1).unsqueeze(1)
+        one_hot = torch.eye(k_models, dtype=torch.float32).unsqueeze(1).expand(k_models, plan.batch, k_models)
+        total = _jit_fusion.fused_ce_sums(plan.flat, one_hot, plan.pred, plan.y, plan.example, plan.batch)
+        return (total / plan.counts.double().clamp(min=1)).T.contiguous()
     total = torch.zeros(k_models, plan.batch, dtype=torch.float32, device=plan.counts.device)
     for ch in plan.chunks:
         buf = plan.workspace.get(ch.r1 - ch.r0, plan.flat[0].shape[-1], plan.counts.device)
@@ -325,15 +321,13 @@ def _opt_weights_jit(plan: _Plan, ell: torch.Tensor, grid_step: float, tau: floa
         mu = grid[lo].unsqueeze(1)
         weights = mu * weights + (1 - mu) * e_next  # μ = 1 and μ = 0 give w and e exactly
 
-    def losses(w):
-        return _jit_fusion.fused_ce_sums(plan.flat, w, plan.pred, plan.y, plan.example, batch) / counts
-
-    cur = losses(weights)
+    sim = sim_weights(ell32, tau).float()
+    cur, sim_loss = _jit_fusion.fused_ce_sums(plan.flat, torch.stack([weights, sim]), plan.pred, plan.y,
+                                              plan.example, batch) / counts
     best_loss = ell.gather(1, order[:, :1]).squeeze(1)  # the same loop on a one-hot weighting
     worse = best_loss < cur
     weights, cur = torch.where(worse.unsqueeze(1), best, weights), torch.where(worse, best_loss, cur)
-    sim = sim_weights(ell32, tau).float()
-    return torch.where((losses(sim) < cur).unsqueeze(1), sim, weights)
+    return torch.where((sim_loss < cur).unsqueeze(1), sim, weights)
 
 
 @dataclass

@@ -279,13 +279,18 @@ def test_compiled_fused_ce_equals_a_direct_float64_evaluation():
     logits[2][:, 7] = float("-inf")  # a masked token: exp(-inf) = 0, no NaN
     rows, ys, exs = torch.arange(n_rows), torch.randint(0, v, (n_rows,), generator=gen), torch.arange(n_rows) % batch
     w = torch.tensor([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
-    got = _jit_fusion.fused_ce_sums(logits, w, rows, ys, exs, batch)
-    want = torch.zeros(batch, dtype=torch.float64)
-    for i in range(n_rows):
-        e = int(exs[i])
-        z = sum(w[e, k].double() * logits[k][i].double() for k in range(3) if w[e, k] != 0)
-        want[e] += torch.logsumexp(z, -1) - z[ys[i]]
+    ws = torch.stack([w, torch.eye(3)])  # two weightings in one call: mixes and one-hots
+    got = _jit_fusion.fused_ce_sums(logits, ws, rows, ys, exs, batch)
+    want = torch.zeros(2, batch, dtype=torch.float64)
+    for c in range(2):
+        for i in range(n_rows):
+            e = int(exs[i])
+            z = sum(ws[c, e, k].double() * logits[k][i].double() for k in range(3) if ws[c, e, k] != 0)
+            want[c, e] += torch.logsumexp(z, -1) - z[ys[i]]
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-5), (got - want).abs().max()
+    # a one-hot weighting gives exactly the model's ℓ, whatever the other weightings of the call
+    alone = _jit_fusion.fused_ce_sums([logits[1]], torch.ones(1, batch, 1), rows, ys, exs, batch)
+    assert got[0, 1].item() == alone[0, 1].item() and got[1, 1].item() == alone[0, 1].item()
     # fused logits summed into a member's own buffer: the same values as into a new tensor
     fresh = fuse_logits([lg[None] for lg in logits[:2]], w[:1, :2])
     own = logits[0][None].clone()
