@@ -589,8 +589,11 @@ class FusedLogitModel:
         # A transformers member's logits are a tensor of our own (the forward's output, or its
         # float32 copy), no longer needed once the weights are known: the sum goes into it.
         # Another LogitModel may hand out a tensor it keeps, so its logits are left alone.
-        own = isinstance(self.members[0], _HFMember) and all_logits[0].dtype == torch.float32
-        return fuse_logits(all_logits, fw.weights, out=all_logits[0] if own else None)
+        # (Only when contiguous: a view that drops padding rows stays a fresh tensor's job, so
+        # callers always get contiguous logits.)
+        first = all_logits[0]
+        own = isinstance(self.members[0], _HFMember) and first.dtype == torch.float32 and first.is_contiguous()
+        return fuse_logits(all_logits, fw.weights, out=first if own else None)
 
     @torch.inference_mode()
     def generate_greedy(
