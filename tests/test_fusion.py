@@ -297,6 +297,29 @@ def test_compiled_fused_ce_equals_a_direct_float64_evaluation():
     assert torch.equal(fuse_logits([own, logits[1][None]], w[:1, :2], out=own), fresh)
 
 
+@pytest.mark.skipif(not _jit_fusion.AVAILABLE, reason="numba not installed")
+def test_compiled_and_torch_paths_give_the_same_weights(monkeypatch):
+    # A vocabulary of 2500 (several blocks of the compiled loops, several chunks of the torch
+    # path's workspace); ℓ agrees to float32 rounding, the weights of every mode exactly or so.
+    gen = torch.Generator().manual_seed(21)
+    k, b, t, v = 3, 3, 40, 2500
+    logits = [torch.randn(b, t, v, generator=gen) * s for s in (2.0, 3.0, 2.5)]
+    ids = torch.randint(0, v, (b, t), generator=gen)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, :10] = 0
+    target = prompt_target_mask(mask, torch.tensor([30, 40, 25]))
+    got = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(_jit_fusion, "AVAILABLE", compiled)
+        got[compiled] = {m: fusion_weights(m, logits, ids, target) for m in ("sim", "opt", "uniform", "top1")}
+    for m in ("sim", "opt", "uniform", "top1"):
+        fast, plain = got[True][m], got[False][m]
+        assert torch.allclose(fast.log_ppl, plain.log_ppl, rtol=1e-6, atol=1e-6), m
+        assert torch.allclose(fast.weights, plain.weights, atol=1e-5), m
+    ref = torch.stack([_ce(lg, ids, target) for lg in logits], 1)
+    assert torch.allclose(got[True]["sim"].log_ppl.double(), ref, atol=1e-5)
+
+
 def test_weights_are_per_example_and_batch_invariant():
     gen = torch.Generator().manual_seed(3)
     v = 6
