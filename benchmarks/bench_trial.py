@@ -190,8 +190,12 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # from_pretrained's per-load bar would bury the figures
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"bench_trial: {machine_note()}, {args.threads} torch thread(s)")
-    report: dict = {"machine": machine_note(), "threads": args.threads, "sets": {}}
+    from mergelab import _jit
+
+    compiled = "numba (mergelab[fast])" if _jit.AVAILABLE else "off (torch kernels; numba missing or MERGELAB_JIT=0)"
+    print(f"bench_trial: {machine_note()}, {args.threads} torch thread(s), compiled loops: {compiled}")
+    report: dict = {"machine": machine_note(), "threads": args.threads, "compiled_loops": _jit.AVAILABLE,
+                    "sets": {}}
 
     fam = find_family(args.family)
     if fam is None:

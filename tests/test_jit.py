@@ -13,6 +13,13 @@ from mergelab.trial import TrialMerger
 from conftest import make_llama
 
 
+@pytest.fixture(autouse=True)
+def compiled_on(monkeypatch):
+    """These tests exercise the compiled loops themselves (numba is in the dev extra), also when
+    the suite runs with MERGELAB_JIT=0; a test that compares both paths sets AVAILABLE itself."""
+    monkeypatch.setattr(_jit, "AVAILABLE", True)
+
+
 @pytest.fixture(scope="module")
 def wide_family(tmp_path_factory):
     # float32 checkpoints, tensors of 512 to 32,768 elements: several 2,048-element blocks each
