@@ -481,6 +481,8 @@ def linear_into(job: TensorJob, models: list[torch.Tensor], dest: torch.Tensor) 
     w = tuple(float(mp["weight"]) for mp in job.model_params)
     div = _DIVISORS.get(w)
     if div is None:  # the float32 Σwᵢ that weighted_sum_ divides by, from the same torch sum
+        if len(_DIVISORS) > 4096:  # a long search: keep the memo small
+            _DIVISORS.clear()
         div = _DIVISORS[w] = float(linear_weights(job.model_params).sum(dim=0))
     _jit.linear_pass(models, np.asarray(w, np.float32), bool(job.params["normalize"]), div, rmode, dest.view(-1))
     return True
