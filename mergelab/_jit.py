@@ -1,13 +1,15 @@
-"""One compiled loop for a task-vector candidate (sparsify each row, weight, elect signs, mix, add
-the base), used by the trial merger when numba is installed (`mergelab[fast]`).
+"""Compiled (numba, extra `fast`) loops for the merge kernels: linear and task-vector element passes
+that write the output dtype's values, the fused DARE mask + L1 pass, and the TIES top-k selection.
 
 Why: the torch kernels in `_fast` make ~45 element-wise passes over each slice for a TIES
-candidate against ~8 for a linear one; this loop makes one, in blocks the compiler vectorizes.
-It performs the same float32 operations in the same order as `_fast._Row.apply_` followed by
-`operators.task_vectors.combine_` (sums over the rows start at +0 and run in row order, as
-torch's sum over dim 0 does), so its output is equal bit for bit; tests/test_jit.py checks that
-against the torch path. Whole-tensor statistics (top-k cutoffs, DARE draws, L1 norms) are still
-computed by `_fast` with torch; only the element pass is compiled.
+candidate against ~8 for a linear one; these loops make one, over the elements with the rows
+inside, which the compiler vectorizes. They perform the same float32 operations in the same
+order as the torch path (`_fast._Row.apply_` then `operators.task_vectors.combine_`,
+`operators.linear.weighted_sum_` with addcmul_'s FMA where torch uses it, the output dtype's
+round-to-nearest-even, torch's serial sum for the L1 norm), so results are equal bit for bit;
+tests/test_jit.py checks each against the torch path. Where an equivalence depends on this
+machine's torch (FMA in addcmul_, the sum's vector width) a probe decides, and the torch path
+runs when the probe cannot match it.
 """
 from __future__ import annotations
 
@@ -412,22 +414,6 @@ def _compiled() -> tuple:
         return types.float32(types.float32, types.float32, types.float32), codegen
 
     @intrinsic
-    def f2u(typingctx, v):
-        """The bit pattern of a float32."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-        return types.uint32(types.float32), codegen
-
-    @intrinsic
-    def u2f(typingctx, v):
-        """The float32 of a bit pattern."""
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(types.float32))
-
-        return types.float32(types.uint32), codegen
-
-    @intrinsic
     def f16rt(typingctx, v):
         """float32 -> float16 -> float32 (IEEE round to nearest even; vcvtps2ph on x86)."""
         def codegen(context, builder, signature, args):
@@ -452,7 +438,7 @@ def _compiled() -> tuple:
 
     jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     # the kernels call these by their global names: they must exist before the kernels compile
-    globals().update(_fma=fma, _f2u=f2u, _u2f=u2f, _f16rt=f16rt, _bf16rt=bf16rt)
+    globals().update(_fma=fma, _f16rt=f16rt, _bf16rt=bf16rt)
     globals()["_round"] = numba.njit(inline="always")(_round_py)  # inlined in numba IR: vectorizes
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
