@@ -1,17 +1,5 @@
-"""Compiled loops for logit fusion's prompt cross-entropies and PackLLM-opt's grid line search,
-used by mergelab.fusion on the CPU when numba is installed (`mergelab[fast]`).
-
-Why: a torch evaluation of the fused cross-entropy at one weighting makes ~7 passes over the
-[prompt rows, V] logits, and opt's Fibonacci search needs ~7 evaluations per added model. Here a
-row is read once per model and every grid point of a line search comes out of that one read:
-along a line the fused logits are μ·a + (1−μ)·b, so exp of the shifted logits at the grid points
-μ = 1 − i·h is exp(α)·exp(h·δ)^i (α, β the row's log-softmax-shifted a and b, δ = β − α): one
-exponential per element and per half of the grid, then a multiply-add per grid point.
-
-The exponential is Cephes' expf (Cody–Waite reduction, degree-6 polynomial, ≤ 2 ulp) written
-so that LLVM vectorizes it (numba's np.exp is a scalar libm call here). Values therefore differ
-from torch's in the last bits; mergelab.fusion compares only numbers computed by these loops
-with each other when it uses them (never a torch loss against a compiled one).
+"""Compiled loops (numba, optional) for logit fusion's prompt cross-entropies and PackLLM-opt's
+grid line search; mergelab.fusion uses them on the CPU when numba is installed (`mergelab[fast]`).
 """
 from __future__ import annotations
 
@@ -22,6 +10,18 @@ import os
 
 import numpy as np
 import torch
+
+# Why: a torch evaluation of the fused cross-entropy at one weighting makes ~7 passes over the
+# [prompt rows, V] logits, and opt's Fibonacci search needs ~7 evaluations per added model. Here a
+# row is read once per model, and every grid point of a line search comes out of one read: along
+# a line the fused logits are μ·a + (1−μ)·b, so exp of the shifted logits at μ = 1 − i·h is
+# exp(α)·exp(h·δ)^i (α, β the rows shifted by their maxima, δ = β − α): two exponentials per
+# element, then one multiply-add per grid point.
+#
+# The exponential is Cephes' expf (Cody–Waite reduction, degree-6 polynomial, ≤ 2 ulp) written so
+# that LLVM vectorizes it (numba's np.exp is a scalar libm call here, ~9x slower). Values differ
+# from torch's in the last bits; mergelab.fusion compares only numbers computed by these loops
+# with each other (never a torch loss against a compiled one).
 
 # An optional extra, like mergelab._jit: numba is imported on the first compiled call only, and
 # MERGELAB_JIT=0 turns the compiled loops off (the torch code computes the same quantities).
