@@ -464,7 +464,8 @@ _DIVISORS: dict[tuple[float, ...], float] = {}
 
 
 def linear_into(job: TensorJob, models: list[torch.Tensor], dest: torch.Tensor) -> bool:
-    """A linear merge of flat float32 CPU tensors written straight into `dest` (a float32 model
+    """A linear merge of flat CPU tensors (all float32, or all float16 / bfloat16 as read from the
+    checkpoints: widened exactly in the compiled loop) written straight into `dest` (a float32 model
     parameter) by the compiled loop, rounded through the job's output dtype: the values of the
     chunked kernel and `dest.copy_(result.to(out_dtype))`, bit for bit. False (nothing done)
     when the compiled loop does not apply: no numba, an output dtype or layout it does not
@@ -475,7 +476,8 @@ def linear_into(job: TensorJob, models: list[torch.Tensor], dest: torch.Tensor) 
         return False
     n = dest.numel()
     for m in models:
-        if m.dtype != _F32 or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != n:
+        if m.dtype != models[0].dtype or m.dtype not in (_F32, torch.float16, torch.bfloat16) \
+                or m.device.type != "cpu" or not m.is_contiguous() or m.numel() != n:
             return False
     raise_if_invalid("linear", job.name, job.model_params, job.params, None)
     w = tuple(float(mp["weight"]) for mp in job.model_params)

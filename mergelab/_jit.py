@@ -124,6 +124,25 @@ def _kernel(deltas, masks, mode, thr, cut, div, has_div, fac, has_fac, w, consen
             out[b0 - s + j] = mixed[j] + base[b0 + j]
 
 
+def _linear_kernel_16(xs, half, w, fused, normalize, div, rmode, out):
+    """`_linear_kernel` over 16-bit sources (bit patterns: float16 when `half`, else bfloat16),
+    widened to float32 in the loop (exactly, as torch's .float()): half the bytes read."""
+    R = len(xs)
+    zero = np.float32(0.0)
+    for j in range(out.shape[0]):
+        x0 = _h2f(xs[0][j]) if half else _b2f(xs[0][j])
+        acc = zero + x0 * w[0]
+        for r in range(1, R):
+            x = _h2f(xs[r][j]) if half else _b2f(xs[r][j])
+            if fused:
+                acc = _fma(x, w[r], acc)
+            else:
+                acc = acc + x * w[r]
+        if normalize:
+            acc = acc / div
+        out[j] = _round(acc, rmode)
+
+
 def _dare_prepass(u, tau, density, mask, absm):
     """mask = u < density; absm = |τ|·mask (what `_fast._l1_factor` sums), in one pass."""
     one = np.float32(1.0)
@@ -436,14 +455,31 @@ def _compiled() -> tuple:
 
         return types.float32(types.float32), codegen
 
+    @intrinsic
+    def h2f(typingctx, v):
+        """A float16 bit pattern (uint16) widened to float32 (vcvtph2ps on x86)."""
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
+    @intrinsic
+    def b2f(typingctx, v):
+        """A bfloat16 bit pattern (uint16) widened to float32 (the upper half of its bits)."""
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+
+        return types.float32(types.uint16), codegen
+
     jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     # the kernels call these by their global names: they must exist before the kernels compile
-    globals().update(_fma=fma, _f16rt=f16rt, _bf16rt=bf16rt)
+    globals().update(_fma=fma, _f16rt=f16rt, _bf16rt=bf16rt, _h2f=h2f, _b2f=b2f)
     globals()["_round"] = numba.njit(inline="always")(_round_py)  # inlined in numba IR: vectorizes
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
-            jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal))
+            jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16))
 
 
 @functools.cache
@@ -470,12 +506,18 @@ def addcmul_fuses() -> bool | None:
 
 def linear_pass(xs: list[torch.Tensor], weights: np.ndarray, normalize: bool, divisor: float,
                 rmode: int, out: torch.Tensor) -> torch.Tensor:
-    """out = Σ wᵢ·xsᵢ (/ divisor) over flat float32 CPU tensors, rounded through the output
+    """out = Σ wᵢ·xsᵢ (/ divisor) over flat float32 CPU tensors (or all float16, or all bfloat16:
+    widened exactly in the loop, so the sources can be kept at half the bytes), rounded through the output
     dtype (`rmode`) and written into the flat float32 tensor `out` (a model parameter): the
     values of weighted_sum_ followed by `out.copy_(result.to(out_dtype))`, bit for bit.
     `weights` are float32; `divisor` is the float32 Σwᵢ that weighted_sum_ divides by."""
-    _compiled()[2](tuple(x.numpy() for x in xs), tuple(np.float32(v) for v in weights), bool(addcmul_fuses()), bool(normalize),
-                   np.float32(divisor), int(rmode), out.numpy())
+    w = tuple(np.float32(v) for v in weights)
+    tail = (w, bool(addcmul_fuses()), bool(normalize), np.float32(divisor), int(rmode), out.numpy())
+    if xs[0].dtype in (torch.float16, torch.bfloat16):  # 16-bit sources, widened in the loop
+        _compiled()[8](tuple(x.view(torch.int16).numpy().view(np.uint16) for x in xs),
+                       xs[0].dtype == torch.float16, *tail)
+    else:
+        _compiled()[2](tuple(x.numpy() for x in xs), *tail)
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 from operators import get_operator, tensor_seed
 from operators.sparsify import l1_norm_of_abs, sorted_magnitudes
 
-from . import _fast
+from . import _fast, _jit
 from .engine import compute_job, fit_rows, read_job, resolve_device, run_operator
 from .errors import MergelabError
 from .plan import MergePlan, TensorJob, build_plan
@@ -55,6 +55,7 @@ class TrialMerger:
         self._tokenizer = None
         self._params: dict[str, torch.Tensor] | None = None
         self._inputs: dict[tuple[str, str], torch.Tensor] = {}  # (ref, tensor) -> compute tensor
+        self._raw16: dict[tuple[str, str], torch.Tensor] = {}  # 16-bit sources of the linear pass
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
         self._sorted: dict[tuple[str, str], torch.Tensor] = {}  # descending (operators' form)
         self._order: dict[tuple[str, str], torch.Tensor] = {}  # magnitude order, chunked kernels
@@ -125,6 +126,21 @@ class TrialMerger:
                 ref_raw = self.sources[ref_read.ref].get(ref_read.tensor)
             t = fit_rows(raw, job.rows, ref_raw).to(device=self.device, dtype=self.compute_dtype)
             self._inputs[key] = t
+        return t
+
+    def _linear_source(self, job: TensorJob, r) -> torch.Tensor:
+        """A model's tensor, flat, for the compiled linear pass: as stored when it is float16 or
+        bfloat16 and needs no vocabulary cut or pad (the pass widens it exactly, reading half the
+        bytes of a float32 copy), else the cached compute-dtype tensor."""
+        key = (r.ref, r.tensor)
+        t = self._raw16.get(key)
+        if t is None:
+            if key in self._inputs or not _jit.AVAILABLE:  # a float32 copy is held already
+                return self._input(job, r).view(-1)
+            raw = self.sources[r.ref].get(r.tensor)
+            if raw.dtype not in (torch.float16, torch.bfloat16) or (job.rows is not None and raw.shape[0] != job.rows):
+                return self._input(job, r).view(-1)
+            t = self._raw16[key] = raw.view(-1)  # a fresh tensor (sources.get reads into one)
         return t
 
     # -- merging ---------------------------------------------------------------------------------
@@ -223,7 +239,7 @@ class TrialMerger:
             if self._streaming or job.copy:
                 out = compute_job(job, read_job(job, self.sources), plan, self.device, self.compute_dtype)
             elif linear and target is not None and (dest := target(job)) is not None \
-                    and _fast.linear_into(job, [self._input(job, r).view(-1) for r in job.models], dest):
+                    and _fast.linear_into(job, [self._linear_source(job, r) for r in job.models], dest):
                 out = None  # the compiled loop wrote the result into the model's parameter
             elif self.device.type == "cpu" and _fast.supported(plan, job, self.compute_dtype, self.sources):
                 inputs = self._fast_inputs(job, plan, op)

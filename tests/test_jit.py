@@ -293,3 +293,16 @@ def test_disk_ties_with_and_without_compiled_loop_bit_for_bit(wide_family, tmp_p
     assert out[True].keys() == out[False].keys()
     for k in out[False]:
         assert torch.equal(out[True][k].view(torch.int16), out[False][k].view(torch.int16)), k
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_linear_pass_over_16_bit_sources_equals_float32_sources(src_dtype, out_dtype):
+    from operators.linear import weighted_sum_
+
+    xs = [_awkward(N_ODD, s).to(src_dtype) for s in (11, 12, 13)]
+    w = torch.tensor([0.5, 0.3, 0.2])
+    ref = weighted_sum_(torch.empty(N_ODD), [x.float() for x in xs], w, True).to(out_dtype).float()
+    out = torch.empty(N_ODD)
+    _jit.linear_pass(xs, w.numpy(), True, float(w.sum(dim=0)), _jit.round_mode(out_dtype), out)
+    assert torch.equal(_bits(out), _bits(ref))
