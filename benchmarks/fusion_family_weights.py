@@ -5,9 +5,10 @@ Builds k-shot prompts (solved VAL examples, then a TEST prompt) and prints mean 
 Run from the repository root: `python -m benchmarks.fusion_family_weights [--items N] [--shots 0 3]`.
 Columns: mean sim/opt weight of each model (tau 1), the share of prompts where the skill's fine-tune
 gets the largest weight, mean prompt log-perplexity ℓ per model (what PackLLM weighs by), and, as a
-diagnostic, ℓ over the shots' answer tokens alone (the only tokens the family was trained to predict:
-`train_family` puts the loss on answers only) with the top-1 share that sim weights from it would give.
-`--family DIR` measures another family with the same layout (e.g. one retrained with prompt loss).
+diagnostic, ℓ over the shots' answer tokens alone (the base was trained on answers only; the fine-tunes
+on answers plus a 0.002-weighted loss on their own skill's prompts, `ft_prompt_loss` in train_family)
+with the top-1 share that sim weights from it would give.
+`--family DIR` measures another family with the same layout (e.g. one trained with other settings).
 """
 from __future__ import annotations
 
