@@ -5,10 +5,11 @@ Builds k-shot prompts (solved VAL examples, then a TEST prompt) and prints mean 
 Run from the repository root: `python -m benchmarks.fusion_family_weights [--items N] [--shots 0 3]`.
 Columns: mean sim/opt weight of each model (tau 1), the share of prompts where the skill's fine-tune
 gets the largest weight, mean prompt log-perplexity ℓ per model (what PackLLM weighs by), and, as a
-diagnostic, ℓ over the shots' answer tokens alone (the base was trained on answers only; the fine-tunes
-on answers plus a 0.002-weighted loss on their own skill's prompts, `ft_prompt_loss` in train_family)
+diagnostic, ℓ over the shots' answer tokens alone (the base was trained on answers only; the prompt-aware
+fine-tunes on answers plus a 0.002-weighted loss on their own skill's prompts, `ft_prompt_loss`)
 with the top-1 share that sim weights from it would give.
-`--family DIR` measures another family with the same layout (e.g. one trained with other settings).
+Default: the prompt-aware fine-tunes (mergelab/demo/family_prompt) with the demo base;
+`--family mergelab/demo/family` measures the demo family's answer-only fine-tunes.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 from mergelab.fusion import FusedLogitModel, load_models, log_perplexities, sim_weights
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILY = REPO / "mergelab" / "demo" / "family"
+FAMILY = REPO / "mergelab" / "demo" / "family_prompt"  # the prompt-aware fine-tunes
+BASE = REPO / "mergelab" / "demo" / "family" / "base"  # their base (the demo family's)
 DATA = REPO / "mergelab" / "demo" / "data"
 MODELS = ("base", "addition", "sort", "reverse")
 SKILLS = ("addition", "sort", "reverse")
@@ -85,7 +87,9 @@ def own_logits(models, ids, mask):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--family", type=Path, default=FAMILY, help="folder with base/ addition/ sort/ reverse/")
+    ap.add_argument("--family", type=Path, default=FAMILY,
+                    help="folder with addition/ sort/ reverse/ (and base/, else --base)")
+    ap.add_argument("--base", type=Path, default=None, help=f"base model dir (default FAMILY/base if present, else {BASE})")
     ap.add_argument("--items", type=int, default=20, help="test items per skill (first N of test.jsonl)")
     ap.add_argument("--shots", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--modes", nargs="+", default=["moving", "fixed"], choices=["fixed", "moving"])
@@ -93,7 +97,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    models, toks = load_models([str(args.family / m) for m in MODELS], device="cpu")
+    base = args.base or (args.family / "base" if (args.family / "base").is_dir() else BASE)
+    models, toks = load_models([str(base)] + [str(args.family / m) for m in MODELS[1:]], device="cpu")
     fused = FusedLogitModel(models, "sim", args.tau, tokenizers=toks, names=list(MODELS))
     tok, max_len = toks[0], models[0].config.max_position_embeddings
     print(f"{args.family}: loaded in {time.perf_counter() - t0:.2f} s; tau {args.tau}; "

@@ -8,4 +8,6 @@ from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent
 FAMILY_DIR = DEMO_DIR / "family"
+# the same base with fine-tunes that also learned their skill's prompts (for logit fusion)
+PROMPT_FAMILY_DIR = DEMO_DIR / "family_prompt"
 DATA_DIR = DEMO_DIR / "data"

@@ -60,15 +60,16 @@ class FamilyConfig:
     ft_warmup: int = 20
     ft_batch: int = 24
     # Share of each fine-tune batch drawn from the other skills (0 = pure single-skill fine-tune).
-    ft_replay: float = 0.07
+    ft_replay: float = 0.05
     # Weight of the loss on prompt tokens relative to answer tokens in the fine-tunes (a weighted mean;
     # 0 = answers only, 1 = every token). Logit fusion weighs models by their prompt perplexity, which
     # only means something if the fine-tunes learned what their skill's prompts look like. Adam makes even
-    # 0.002 enough (TRAINING.md); larger weights cost the merges more.
-    ft_prompt_loss: float = 0.002
+    # 0.002 enough (family_prompt/TRAINING.md); larger weights cost the merges more. The demo family
+    # (family/) keeps 0: with prompt loss its validation split favoured one fine-tune over every merge.
+    ft_prompt_loss: float = 0.0
     # Whether the replayed examples of the other skills carry that prompt loss too (False: only the
     # fine-tune's own skill's prompts are learned, so it does not learn what other skills' prompts look like).
-    ft_prompt_loss_replay: bool = False
+    ft_prompt_loss_replay: bool = True
     # Whether that prompt loss trains the output head too. Adam moves the head rows of tokens that only
     # prompts contain (':', '>', '+', '=') at its full step however small the weight; False keeps the
     # head out of it (the prompt tokens' logits use a detached head), so only the body learns the prompts.
