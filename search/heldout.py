@@ -50,17 +50,22 @@ def _read_cache(rd: RunDir, key: str) -> dict:
     return cache
 
 
+def _trial_or_best(rd: RunDir, trial: int | None) -> int | None:
+    if trial is not None:
+        return trial
+    best = rd.summary().get("best")
+    return best["number"] if best else None
+
+
 def cached_held_out(rd: RunDir, trial: int | None = None) -> dict | None:
     """The held-out scores already computed for `trial` (default: the best), else None."""
     res = rd.resolved()
     ref = res.get("test_eval")
     if ref is None:
         return None
+    trial = _trial_or_best(rd, trial)
     if trial is None:
-        best = rd.summary().get("best")
-        if not best:
-            return None
-        trial = best["number"]
+        return None
     try:
         cache = _read_cache(rd, _spec_key(ref))
     except MergelabError:
@@ -110,11 +115,9 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
     ref = res.get("test_eval")
     if ref is None:
         return None
+    trial = _trial_or_best(rd, trial)
     if trial is None:
-        best = rd.summary().get("best")
-        if not best:
-            raise MergelabError(f"Run {rd.path} has no finished trial yet; there is nothing to score on held-out data.")
-        trial = best["number"]
+        raise MergelabError(f"Run {rd.path} has no finished trial yet; there is nothing to score on held-out data.")
     rec = next((r for r in rd.trials() if r.get("number") == trial and r.get("state") == "COMPLETE"
                 and r.get("recipe")), None)
     if rec is None:
