@@ -70,13 +70,16 @@ def cached_held_out(rd: RunDir, trial: int | None = None) -> dict | None:
         cache = _read_cache(rd, _spec_key(ref))
     except MergelabError:
         return None
-    metrics = cache["trials"].get(str(trial))
-    if metrics is None:
+    if str(trial) not in cache["trials"]:
         return None
+    return _answer(res, cache, trial)
+
+
+def _answer(res: dict, cache: dict, trial: int) -> dict:
     refs = [res["base_model"], *res["models"]]
-    return {"trial": trial, "metrics": metrics,
+    return {"trial": trial, "metrics": cache["trials"][str(trial)],
             "sources": {r: cache["sources"][r] for r in refs if r in cache["sources"]},
-            "eval_spec": ref}
+            "eval_spec": res["test_eval"]}
 
 
 def _load_source(ref: str, dtype, device):
@@ -118,24 +121,22 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
     trial = _trial_or_best(rd, trial)
     if trial is None:
         raise MergelabError(f"Run {rd.path} has no finished trial yet; there is nothing to score on held-out data.")
-    rec = next((r for r in rd.trials() if r.get("number") == trial and r.get("state") == "COMPLETE"
-                and r.get("recipe")), None)
-    if rec is None:
-        raise MergelabError(
-            f"Run {rd.path} has no finished trial number {trial} with a recipe. `mergelab show {rd.path}` lists them."
-        )
-    key = _spec_key(ref)
-    spec = _load_eval_spec(ref, res.get("eval_base_dir", "."), "test_eval")
-    cache = _read_cache(rd, key)
-    dev = device or res.get("device") or "auto"
-    say = log or (lambda _m: None)
-
-    def save() -> None:
-        atomic_write_bytes(rd.path / HELDOUT_FILE, (json.dumps(cache, indent=2) + "\n").encode())
-
-    refs = [res["base_model"], *res["models"]]
-    todo = [r for r in refs if r not in cache["sources"]]
+    cache = _read_cache(rd, _spec_key(ref))
+    todo = [r for r in [res["base_model"], *res["models"]] if r not in cache["sources"]]
     if todo or str(trial) not in cache["trials"]:
+        rec = next((r for r in rd.trials() if r.get("number") == trial and r.get("state") == "COMPLETE"
+                    and r.get("recipe")), None)
+        if rec is None:
+            raise MergelabError(
+                f"Run {rd.path} has no finished trial number {trial} with a recipe. `mergelab show {rd.path}` lists them."
+            )
+        spec = _load_eval_spec(ref, res.get("eval_base_dir", "."), "test_eval")
+        dev = device or res.get("device") or "auto"
+        say = log or (lambda _m: None)
+
+        def save() -> None:
+            atomic_write_bytes(rd.path / HELDOUT_FILE, (json.dumps(cache, indent=2) + "\n").encode())
+
         # the tokenizer and dtype the search scored with (the merge's reference model's)
         tm = TrialMerger(res["base_model"], res["models"], device=dev)
         ev = Evaluator(spec, tm.tokenizer, tm.device)
@@ -151,8 +152,7 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
             scored = candidate_model(model, tm.tokenizer, rec.get("fusion"), {}, tm.device)
             cache["trials"][str(trial)] = _flat(ev.evaluate(scored))
             save()
-    return {"trial": trial, "metrics": cache["trials"][str(trial)],
-            "sources": {r: cache["sources"][r] for r in refs}, "eval_spec": ref}
+    return _answer(res, cache, trial)
 
 
 def held_out_table(h: dict) -> str:

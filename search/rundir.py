@@ -536,18 +536,21 @@ class RunDir:
         best = s.get("best") if record is None else record
         if not best:
             raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
-        spec = res.get("eval")
-        if isinstance(spec, str):
+        def spec_doc(ref):
+            """An eval spec as the card shows it: the mapping, read from its file if need be."""
+            if not isinstance(ref, str):
+                return ref
             try:
-                spec = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+                return yaml.safe_load(Path(ref).read_text(encoding="utf-8"))
             except (OSError, yaml.YAMLError):
-                spec = {"path": res.get("eval")}  # moved since: keep at least where it was
+                return {"path": ref}  # moved since: keep at least where it was
+
         metrics = dict(best.get("metrics") or {})
         metrics["combined"] = best.get("value")
         out = {
             "optimizer": (res.get("optimizer") or {}).get("name") or s.get("optimizer"),
             "n_trials": int(s.get("trials_done", 0)),
-            "eval_spec": spec,
+            "eval_spec": spec_doc(res.get("eval")),
             "best_trial": best["number"],
             "best_metrics": metrics,
             "source_metrics": {},  # filled from the held-out scores below, when there are any
@@ -562,13 +565,7 @@ class RunDir:
         held = cached_held_out(self, best["number"])
         if held is not None:
             # the numbers to quote: items no trial scored (best_metrics are the search's fitness)
-            test = held["eval_spec"]
-            if isinstance(test, str):
-                try:
-                    test = yaml.safe_load(Path(test).read_text(encoding="utf-8"))
-                except (OSError, yaml.YAMLError):
-                    test = {"path": held["eval_spec"]}
-            out["test_eval_spec"] = test
+            out["test_eval_spec"] = spec_doc(held["eval_spec"])
             out["test_metrics"] = held["metrics"]
             out["source_metrics"] = held["sources"]
         return out
