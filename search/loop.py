@@ -137,6 +137,19 @@ def _load_eval_spec(spec_ref: str | dict, base_dir: str | Path = ".", field: str
     return EvalSpec.load(spec_ref)
 
 
+def missing_spec_file(field: str, ref: str | dict | None) -> str | None:
+    """The message for a search config's `eval` / `test_eval` path that is not a file, else None."""
+    if not isinstance(ref, str) or Path(ref).is_file():
+        return None
+    if field == "eval":
+        what, hint = "eval spec file", "Give the path of an eval spec YAML or an inline spec."
+    else:
+        what, hint = ("held-out eval spec file",
+                      "Give the path of an eval spec YAML, an inline spec, or leave `test_eval` out.")
+    return (f"search config `{field}`: the {what} {ref} does not exist (paths are relative to "
+            f"{Path.cwd()}). {hint}")
+
+
 def _same_spec(a: str | dict, b: str | dict) -> bool:
     if isinstance(a, str) and isinstance(b, str):
         return Path(a).resolve() == Path(b).resolve()
@@ -163,17 +176,9 @@ def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
         paths[ref] = p
     if len(set(refs)) != len(refs):
         raise MergelabError(f"search config: a model is listed twice (base_model + models: {refs}).")
-    if isinstance(cfg.eval, str) and not Path(cfg.eval).is_file():
-        raise MergelabError(
-            f"search config `eval`: the eval spec file {cfg.eval} does not exist (paths are relative "
-            f"to {Path.cwd()}). Give the path of an eval spec YAML or an inline spec."
-        )
-    if isinstance(cfg.test_eval, str) and not Path(cfg.test_eval).is_file():
-        raise MergelabError(
-            f"search config `test_eval`: the held-out eval spec file {cfg.test_eval} does not exist "
-            f"(paths are relative to {Path.cwd()}). Give the path of an eval spec YAML, an inline "
-            "spec, or leave `test_eval` out."
-        )
+    for problem in (missing_spec_file("eval", cfg.eval), missing_spec_file("test_eval", cfg.test_eval)):
+        if problem:
+            raise MergelabError(problem)
     if cfg.test_eval is not None and _same_spec(cfg.eval, cfg.test_eval):
         raise MergelabError(
             "search config: `test_eval` is the same eval spec as `eval`, so it would not be held "

@@ -272,7 +272,7 @@ def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
     Messages come from search.config / search.space / search.loop / mergelab.eval unchanged; each
     is filed under the field it names (see field_of)."""
     from search.config import parse_search_config
-    from search.loop import validate_config
+    from search.loop import missing_spec_file, validate_config
     from search.space import build_space
 
     res = FormCheck()
@@ -312,23 +312,17 @@ def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
     all_local = _model_ref_errors(cfg_dict, res.errors, res.notes)
     # the eval spec and its scorers (shown under the field)
     ev = cfg.eval
-    if isinstance(ev, str):
-        if not Path(ev).is_file():
-            _add(res.errors, f"search config `eval`: the eval spec file {ev} does not exist (paths are "
-                             f"relative to {Path.cwd()}). Give the path of an eval spec YAML or an inline spec.")
-        else:
-            try:
-                from mergelab.eval.spec import EvalSpec
+    for f, ref in (("eval", ev), ("test_eval", cfg.test_eval)):
+        problem = missing_spec_file(f, ref)
+        if problem:
+            _add(res.errors, problem)
+    if isinstance(ev, str) and Path(ev).is_file():
+        try:
+            from mergelab.eval.spec import EvalSpec
 
-                spec = EvalSpec.load(ev)
-                res.scorers_text = _scorers_text(spec)
-            except MergelabError as e:
-                _add(res.errors, f"search config `eval`: {e}", "eval")
-    te = cfg.test_eval
-    if isinstance(te, str) and not Path(te).is_file():
-        _add(res.errors, f"search config `test_eval`: the held-out eval spec file {te} does not exist "
-                         f"(paths are relative to {Path.cwd()}). Give the path of an eval spec YAML or "
-                         "leave the field empty.")
+            res.scorers_text = _scorers_text(EvalSpec.load(ev))
+        except MergelabError as e:
+            _add(res.errors, f"search config `eval`: {e}", "eval")
     if all_local and not res.errors:
         try:
             _, space = validate_config(cfg, base_dir=Path.cwd())
