@@ -1,5 +1,5 @@
 """What the dashboard's keys do besides showing: export a trial's merged model, and push the best
-one to the Hub, on the same code paths as the command line (engine.merge_to_dir, hub.push_folder)."""
+one to the Hub, on the same code paths as the command line (search.loop.export_trial, hub.push_folder)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,13 +8,6 @@ from typing import Callable
 from search.rundir import RunDir
 
 from ..errors import MergelabError
-
-BEST_MODEL_DIR = "model"  # runs/NAME/best/model: where `u` exports the best trial before pushing
-
-
-def search_provenance(rd: RunDir, record: dict) -> dict:
-    """The `mergelab_search.json` the model card reads: how the exported recipe was found."""
-    return rd.search_metadata(record)
 
 
 def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
