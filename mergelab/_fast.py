@@ -410,10 +410,7 @@ def _jit_common(method: TaskVectorMethod, job: TensorJob, rows: list[int]) -> di
 def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs", rows: list[_Row],
                sink: Sink, ws: Workspace, dest: torch.Tensor | None = None) -> None:
     n = inputs.n
-    weights = [float(job.model_params[row.i]["weight"]) for row in rows]
-    lin_div = None
-    if not method.consensus:
-        lin_div = plain_divisor(task_weights(job.model_params, [row.i for row in rows], torch.empty(len(rows), 1)))
+    common = _jit_common(method, job, [row.i for row in rows])
     deltas = [inputs._deltas[row.i] for row in rows]
     fast = None  # the uniform cases: every row masked, or every row cut by a threshold
     if all(row.div is None and row.rule is None and row.mask is not None for row in rows):
@@ -423,8 +420,7 @@ def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs",
         fast = dict(masks=None, thr=[float(row.rule.threshold) for row in rows],
                     cut=[row.rule.cutoff for row in rows], fac=[1.0] * len(rows))
     if fast is not None:
-        common = dict(weights=weights, consensus=method.consensus, normalize=bool(job.params["normalize"]),
-                      lin_div=lin_div, lam=float(job.params["lambda"]), base=inputs._base)
+        common["base"] = inputs._base
         rmode = _jit.round_mode(job.out_dtype)
         if dest is not None and rmode is not None:  # straight into the model's parameter
             _jit.uniform_pass(deltas, **fast, **common, s=0, e=n, rmode=rmode, out=dest.view(-1))
@@ -451,9 +447,9 @@ def _jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: "CachedInputs",
     for s0 in range(0, n, _JIT_SPAN):
         e0 = min(n, s0 + _JIT_SPAN)
         _jit.task_vector_pass(
-            [inputs._deltas[row.i] for row in rows], [row.mask if row.rule is None else None for row in rows],
-            mode, thr, cut, [row.div for row in rows], [row.factor for row in rows], weights,
-            method.consensus, bool(job.params["normalize"]), lin_div, float(job.params["lambda"]),
+            deltas, [row.mask if row.rule is None else None for row in rows],
+            mode, thr, cut, [row.div for row in rows], [row.factor for row in rows], common["weights"],
+            method.consensus, common["normalize"], common["lin_div"], common["lam"],
             inputs._base, s0, e0, buf[: e0 - s0])
         for s in range(s0, e0, CHUNK):
             e = min(e0, s + CHUNK)
