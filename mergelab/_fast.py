@@ -102,6 +102,14 @@ class Inputs:
         """τᵢ[s:e] as a read-only tensor when it is held already (no copy), else None."""
         return None
 
+    def delta_full(self, i: int, ws: Workspace) -> torch.Tensor:
+        """τᵢ over the whole tensor, flat float32 (a workspace buffer unless it is held already)."""
+        a = ws.get("abs_full", self.n)
+        for s in range(0, self.n, CHUNK):
+            e = min(self.n, s + CHUNK)
+            self.delta_into(i, s, e, a[s:e])
+        return a
+
     def abs_delta(self, i: int, ws: Workspace) -> torch.Tensor:
         """|τᵢ| over the whole tensor, flat, in a workspace buffer."""
         a = ws.get("abs_full", self.n)
@@ -161,6 +169,10 @@ class DiskInputs(Inputs):
 
     def base(self, s, e):
         return self._get(self._base, s, e)
+
+    def delta_full(self, i, ws):
+        self._abs_of = None  # the buffer is about to hold τ
+        return super().delta_full(i, ws)
 
     def abs_delta(self, i, ws):
         if self._abs_of == i:
@@ -291,6 +303,16 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
             return row
         if drawn is not None:  # the same numbers, drawn once for the whole search
             torch.lt(drawn, density, out=mask)
+        elif isinstance(gen, _jit.MTStream):  # the generator's numbers, by the compiled loop
+            gen.mask_into(density, mask)
+            if rescale == "l1":
+                # both L1 norms in one compiled pass over τ in torch's summation order (None
+                # where that order cannot be reproduced: then torch's sums below)
+                norms = _jit.l1_pair(inputs.delta_full(i, ws), mask)
+                if norms is not None:
+                    row.mask = mask
+                    row.factor = _l1_ratio(*norms)
+                    return row
         else:
             r = ws.get("rand", CHUNK)
             for s in range(0, n, CHUNK):
@@ -342,14 +364,29 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
     others = [i for i in range(len(job.models)) if i != base_index]
     gen = None
     if method.sparsification == "bernoulli":
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(tensor_seed(plan.seed, job.name))
+        seed = tensor_seed(plan.seed, job.name)
+        gen = _jit.mt_stream(seed) if not _draws_cached(inputs) else None
+        if gen is None:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(seed)
     rows = [_prepare_row(method, job, i, r, inputs, ws, gen) for r, i in enumerate(others)]
     if _jit_ready(inputs, rows):
         _jit_merge(method, job, inputs, rows, sink, ws, dest)
         return
     stack = ws.get("stack", len(others) * CHUNK)
     out = ws.get("out", CHUNK)
+    if _jit.AVAILABLE and rows and all(r.mask is not None and r.rule is None and r.div is None for r in rows):
+        # DARE from disk (and TIES with L1 rescale): each slice through the compiled masked loop
+        common = _jit_common(method, job, [r.i for r in rows])
+        fac = [1.0 if r.factor is None else float(r.factor) for r in rows]
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            d = stack[: len(rows) * (e - s)].view(len(rows), e - s)
+            deltas = [inputs.delta_into(row.i, s, e, d[r]) for r, row in enumerate(rows)]
+            _jit.uniform_pass(deltas, [r.mask[s:e] for r in rows], None, None, fac, base=inputs.base(s, e),
+                              s=0, e=e - s, rmode=_jit.ROUND_NONE, out=out[: e - s], **common)
+            sink(s, e, out[: e - s])
+        return
     if _jit.AVAILABLE and rows and all(isinstance(r.rule, CutRule) and r.div is None and r.factor is None
                                        for r in rows):
         # TIES from disk: each slice's task vectors go through the compiled element loop
@@ -378,6 +415,10 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
                 src = inputs.delta_into(row.i, s, e, d[r])
             row.apply_(src, d[r], s, e, ws)
         sink(s, e, combine_(method, d, weights, inputs.base(s, e), job.params, out=out[: e - s], work=work))
+
+
+def _draws_cached(inputs: Inputs) -> bool:
+    return isinstance(inputs, CachedInputs) and inputs._uniforms is not None
 
 
 def _jit_ready(inputs: Inputs, rows: list[_Row]) -> bool:
@@ -539,6 +580,11 @@ class CachedInputs(Inputs):
         if self._deltas is not None and self._deltas[i] is not None:
             return out.copy_(self._deltas[i][s:e])
         return super().delta_into(i, s, e, out)
+
+    def delta_full(self, i, ws):
+        if self._deltas is not None and self._deltas[i] is not None:
+            return self._deltas[i]
+        return super().delta_full(i, ws)
 
     def abs_delta(self, i, ws):
         if self._deltas is not None and self._deltas[i] is not None:

@@ -364,6 +364,172 @@ def _dare_mask_l1(u, tau, t, L, mask):
     return zero + s
 
 
+def _cascade2_py(tau, mask, accb, acca, start, size, W):
+    """`_cascade_py` over a given mask, summing two series at once: |τ| into `accb` and |τ|·mask
+    into `acca`, each in torch's serial order."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    p = max(4, _ceil_log2(size) // 4)
+    step = 1 << p
+    lmask = step - 1
+    for lev in range(4):
+        for lane in range(W):
+            accb[lev, lane] = zero
+            acca[lev, lane] = zero
+    b0 = accb[0]
+    a0 = acca[0]
+    i = 0
+    while i < size:
+        o = start + i * W
+        tb = tau[o:o + W]
+        mb = mask[o:o + W]
+        for lane in range(W):
+            x = abs(tb[lane])
+            b0[lane] += x
+            a0[lane] += x * (one if mb[lane] != 0 else zero)
+        i += 1
+        if (i & lmask) == 0 and i <= (size // step) * step:
+            for lev in range(1, 4):
+                for lane in range(W):
+                    accb[lev, lane] += accb[lev - 1, lane]
+                    accb[lev - 1, lane] = zero
+                    acca[lev, lane] += acca[lev - 1, lane]
+                    acca[lev - 1, lane] = zero
+                if (i & (lmask << (lev * p))) != 0:
+                    break
+    for lev in range(1, 4):
+        for lane in range(W):
+            accb[0, lane] += accb[lev, lane]
+            acca[0, lane] += acca[lev, lane]
+
+
+def _l1_pair_py(tau, mask, L):
+    """(Σ|τ|, Σ|τ|·mask), each summed in the order of torch's serial float32 sum (as in
+    `_dare_mask_l1`): `l1_norm_of_abs(|τ|)` and `l1_norm_of_abs(|τ|·mask)` bit for bit, in one
+    read of τ and the mask."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    n = tau.shape[0]
+    V = n // L
+    if V == 0:
+        accb = np.zeros((4, 4), np.float32)
+        acca = np.zeros((4, 4), np.float32)
+        size = n // 4
+        _cascade2(tau, mask, accb, acca, 0, size, 4)
+        sb = accb[0, 0]
+        sa = acca[0, 0]
+        for e in range(size * 4, n):
+            x = abs(tau[e])
+            sb += x
+            sa += x * (one if mask[e] != 0 else zero)
+        for k in range(1, 4):
+            sb += accb[0, k]
+            sa += acca[0, k]
+        return zero + sb, zero + sa
+    W = 4 * L
+    accb = np.zeros((4, W), np.float32)
+    acca = np.zeros((4, W), np.float32)
+    size = V // 4
+    _cascade2(tau, mask, accb, acca, 0, size, W)
+    for v in range(size * 4, V):
+        o = v * L
+        for lane in range(L):
+            x = abs(tau[o + lane])
+            accb[0, lane] += x
+            acca[0, lane] += x * (one if mask[o + lane] != 0 else zero)
+    for k in range(1, 4):
+        for lane in range(L):
+            accb[0, lane] += accb[0, k * L + lane]
+            acca[0, lane] += acca[0, k * L + lane]
+    sb = zero
+    sa = zero
+    for e in range(V * L, n):
+        x = abs(tau[e])
+        sb += x
+        sa += x * (one if mask[e] != 0 else zero)
+    for lane in range(L):
+        sb += accb[0, lane]
+        sa += acca[0, lane]
+    return zero + sb, zero + sa
+
+
+# torch's CPU generator is an mt19937 engine seeded with the low 32 bits of the seed; float32
+# uniform_ takes one 32-bit output per element, keeps its low 24 bits and scales by 2^-24 (exact).
+# These loops reproduce that stream, so DARE's masks need no float buffer and no torch draw;
+# `mt_matches` checks them against this torch before they are used.
+_MT_N = 624
+
+
+def _mt_seed_py(seed, st):
+    """init_genrand: the state of mt19937 seeded with a 32-bit value."""
+    st[0] = np.uint32(seed)
+    for j in range(1, _MT_N):
+        p = st[j - 1]
+        st[j] = np.uint32(1812433253) * (p ^ (p >> np.uint32(30))) + np.uint32(j)
+
+
+def _mt_twist_py(st):
+    """The next 624 words of state (three loops: each reads only words it may read, so each
+    vectorizes)."""
+    up = np.uint32(0x80000000)
+    lo = np.uint32(0x7FFFFFFF)
+    a = np.uint32(0x9908B0DF)
+    one = np.uint32(1)
+    z = np.uint32(0)
+    for i in range(227):
+        y = (st[i] & up) | (st[i + 1] & lo)
+        st[i] = st[i + 397] ^ (y >> one) ^ ((z - (y & one)) & a)
+    for i in range(227, 623):
+        y = (st[i] & up) | (st[i + 1] & lo)
+        st[i] = st[i - 227] ^ (y >> one) ^ ((z - (y & one)) & a)
+    y = (st[623] & up) | (st[0] & lo)
+    st[623] = st[396] ^ (y >> one) ^ ((z - (y & one)) & a)
+
+
+def _mt_temper_py(st, out):
+    """The 624 outputs of the current state, tempered, as float32 integers below 2^24 (their low
+    24 bits, exact in float32)."""
+    for k in range(_MT_N):
+        y = st[k]
+        y ^= y >> np.uint32(11)
+        y ^= (y << np.uint32(7)) & np.uint32(0x9D2C5680)
+        y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
+        y ^= y >> np.uint32(18)
+        out[k] = np.float32(y & np.uint32(0xFFFFFF))
+
+
+def _mt_draw_py(st, pos, t, mask, u, want_u):
+    """The next len(mask) (or len(u)) float32 uniforms of the stream whose state is `st`, next
+    word at `pos` (624: twist first): mask = u < t (uint8 0/1), and with `want_u` the uniforms
+    themselves into u. Returns the new position. A state's outputs are tempered in one loop and
+    consumed in another: each vectorizes."""
+    n = u.shape[0] if want_u else mask.shape[0]
+    scale = np.float32(1.0 / 16777216.0)
+    tmp = np.empty(_MT_N, np.float32)
+    if pos < _MT_N:
+        _mt_temper(st, tmp)
+    j = 0
+    p = pos
+    while j < n:
+        if p == _MT_N:
+            _mt_twist(st)
+            _mt_temper(st, tmp)
+            p = 0
+        m = min(_MT_N - p, n - j)
+        tb = tmp[p:p + m]
+        if want_u:
+            ub = u[j:j + m]
+            for k in range(m):
+                ub[k] = tb[k] * scale
+        else:
+            mb = mask[j:j + m]
+            for k in range(m):
+                mb[k] = np.uint8(1) if tb[k] * scale < t else np.uint8(0)
+        j += m
+        p += m
+    return p
+
+
 def _kth_largest_bits(bits, k):
     """The k-th largest of non-negative float32 values given as their bit patterns (which order
     like the values), by two 16-bit radix passes: (bit pattern, entries above it, entries equal)."""
@@ -478,8 +644,12 @@ def _compiled() -> tuple:
     globals()["_round"] = numba.njit(inline="always")(_round_py)  # inlined in numba IR: vectorizes
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
+    globals()["_cascade2"] = jit(_cascade2_py)
+    globals()["_mt_twist"] = jit(_mt_twist_py)
+    globals()["_mt_temper"] = jit(_mt_temper_py)
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
-            jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16))
+            jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
+            jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py))
 
 
 @functools.cache
@@ -639,3 +809,67 @@ def task_vector_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor | None
         base.numpy(), int(s), int(e), out.numpy(),
     )
     return out
+
+
+def l1_pair(tau: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(‖τ‖₁, ‖τ·mask‖₁) as `l1_norm_of_abs(|τ|)` and `l1_norm_of_abs(|τ|.mul_(mask))` compute them,
+    in one pass over a flat float32 CPU tensor and a bool mask, or None where the summation order
+    cannot be reproduced (see `sum_lanes`, `L1_MAX`)."""
+    lanes = sum_lanes() if tau.numel() <= L1_MAX else None
+    if lanes is None:
+        return None
+    b, a = _compiled()[9](tau.numpy(), mask.view(torch.uint8).numpy(), lanes)
+    return torch.tensor(b, dtype=torch.float32), torch.tensor(a, dtype=torch.float32)
+
+
+class MTStream:
+    """The numbers a CPU `torch.Generator` seeded with `seed` gives to float32 `uniform_`, drawn by
+    the compiled loop (element for element the same stream; see `mt_matches`)."""
+
+    def __init__(self, seed: int):
+        self.state = np.empty(_MT_N, np.uint32)
+        _compiled()[10](np.uint32(seed & 0xFFFFFFFF), self.state)
+        self.pos = _MT_N
+
+    def mask_into(self, density: float, mask: torch.Tensor) -> torch.Tensor:
+        """mask (flat bool) = the next mask.numel() uniforms < density, as torch.lt(u, density)."""
+        self.pos = int(_compiled()[11](self.state, self.pos, np.float32(density), mask.view(torch.uint8).numpy(),
+                                       _EMPTY_F32, False))
+        return mask
+
+    def uniform_into(self, out: torch.Tensor) -> torch.Tensor:
+        """out (flat float32) = the next out.numel() uniforms, as out.uniform_(generator=g)."""
+        self.pos = int(_compiled()[11](self.state, self.pos, np.float32(0), _EMPTY_U8, out.numpy(), True))
+        return out
+
+
+_EMPTY_F32 = np.empty(0, np.float32)
+_EMPTY_U8 = np.empty(0, np.uint8)
+
+
+@functools.cache
+def mt_matches() -> bool:
+    """Whether `MTStream` gives this torch's CPU generator stream and torch.lt's masks, probed on
+    seeds above 32 bits, lengths around the 624-word state and densities whose float32 rounding
+    falls on either side of the 2^-24 grid of the uniforms."""
+    if not AVAILABLE:
+        return False
+    for seed in (0, 5489, (1 << 62) + 987654321):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        s = MTStream(seed)
+        for n, d in ((1, 0.5), (623, 0.6), (625, 0.5 + 0.3 / 2**24), (2000, 0.5 + 0.7 / 2**24), (1300, 0.1)):
+            u = torch.empty(n).uniform_(generator=g)
+            if n % 2:  # check both entry points; each continues the one stream
+                got = s.uniform_into(torch.empty(n))
+                if not torch.equal(got.view(torch.int32), u.view(torch.int32)):
+                    return False
+            else:
+                if not torch.equal(s.mask_into(d, torch.empty(n, dtype=torch.bool)), torch.lt(u, d)):
+                    return False
+    return True
+
+
+def mt_stream(seed: int) -> MTStream | None:
+    """A compiled stream for `seed`, or None where the compiled loops are off or do not match."""
+    return MTStream(seed) if AVAILABLE and mt_matches() else None
