@@ -847,13 +847,15 @@ _EMPTY_F32 = np.empty(0, np.float32)
 _EMPTY_U8 = np.empty(0, np.uint8)
 
 
-@functools.cache
 def mt_matches() -> bool:
     """Whether `MTStream` gives this torch's CPU generator stream and torch.lt's masks, probed on
     seeds above 32 bits, lengths around the 624-word state and densities whose float32 rounding
     falls on either side of the 2^-24 grid of the uniforms."""
-    if not AVAILABLE:
-        return False
+    return AVAILABLE and _mt_probe()
+
+
+@functools.cache
+def _mt_probe() -> bool:
     for seed in (0, 5489, (1 << 62) + 987654321):
         g = torch.Generator()
         g.manual_seed(seed)
@@ -872,4 +874,4 @@ def mt_matches() -> bool:
 
 def mt_stream(seed: int) -> MTStream | None:
     """A compiled stream for `seed`, or None where the compiled loops are off or do not match."""
-    return MTStream(seed) if AVAILABLE and mt_matches() else None
+    return MTStream(seed) if mt_matches() else None

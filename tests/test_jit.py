@@ -306,3 +306,84 @@ def test_linear_pass_over_16_bit_sources_equals_float32_sources(src_dtype, out_d
     out = torch.empty(N_ODD)
     _jit.linear_pass(xs, w.numpy(), True, float(w.sum(dim=0)), _jit.round_mode(out_dtype), out)
     assert torch.equal(_bits(out), _bits(ref))
+
+
+@pytest.mark.parametrize("seed", [0, 5489, 123456789, (1 << 62) + 4321])
+def test_mt_stream_is_the_torch_generator_stream(seed):
+    # the compiled mt19937 gives float32 uniform_'s numbers, continued across calls of any length
+    # (a draw that ends inside the 624-word state, one that ends on its boundary, a long one)
+    assert _jit.mt_matches()
+    g = torch.Generator().manual_seed(seed)
+    s = _jit.MTStream(seed)
+    for n in (1, 622, 1, 624, 1248, 5, 100_003):
+        want = torch.empty(n).uniform_(generator=g)
+        got = s.uniform_into(torch.empty(n))
+        assert torch.equal(_bits(got), _bits(want)), (seed, n)
+    # masks continue the same stream; densities whose float32 rounding lies just below / above
+    # a multiple of 2^-24 (the uniforms' grid), where comparing in float64 would differ
+    for n, d in ((700, 0.5 + 0.3 / 2**24), (3000, 0.5 + 0.7 / 2**24), (625, 0.05), (77, 0.999)):
+        want = torch.lt(torch.empty(n).uniform_(generator=g), d)
+        got = s.mask_into(d, torch.empty(n, dtype=torch.bool))
+        assert torch.equal(got, want), (seed, n, d)
+
+
+def test_mt_stream_hand_checked_first_words():
+    # mt19937 seeded with 5489 (the reference implementation's default): first outputs 3499211612
+    # and 581869302; float32 uniform_ keeps the low 24 bits and scales by 2^-24
+    s = _jit.MTStream(5489)
+    got = s.uniform_into(torch.empty(2))
+    assert got.tolist() == [(3499211612 & 0xFFFFFF) / 2**24, (581869302 & 0xFFFFFF) / 2**24]
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 33, 4096 + 40, 8 * 4 * 16 * 16 + 8 * 3 + 5, N_ODD, 600_007])
+def test_l1_pair_equals_torch_sums_of_abs_and_masked_abs(n):
+    from operators.sparsify import l1_norm_of_abs
+
+    g = torch.Generator().manual_seed(n + 3)
+    tau = _awkward(n, n + 2) * torch.rand(n, generator=g).pow(6) * 100  # wide range: the order shows
+    mask = torch.rand(n, generator=g) < 0.4
+    got = _jit.l1_pair(tau, mask)
+    if _jit.sum_lanes() is None:
+        assert got is None
+        return
+    before, after = got
+    assert before.dtype == after.dtype == torch.float32
+    assert before.item() == l1_norm_of_abs(tau.abs()).item()
+    assert after.item() == l1_norm_of_abs(tau.abs().mul_(mask)).item()
+    if n == 600_007:  # a plain left-to-right float32 sum differs: the order is torch's
+        assert np.cumsum(tau.abs().numpy(), dtype=np.float32)[-1] != before.item()
+
+
+@pytest.mark.parametrize("method,params", [
+    ("dare_ties", {}),  # L1 rescale: draws, both norms and the merge compiled
+    ("dare_linear", {"rescale": False}),
+    ("dare_ties", {"rescale_inverse_density": True, "lambda": 1.1}),
+    ("ties", {"rescale": True}),  # TIES with L1 rescale: full masks, the compiled masked loop
+])
+def test_disk_dare_with_and_without_compiled_loops_bit_for_bit(wide_family, tmp_path, monkeypatch,
+                                                                method, params):
+    from mergelab.engine import merge_to_dir
+
+    from conftest import load_dir
+
+    r = _recipe(wide_family, method, (0.6, -0.4, 1.3), (0.2, 0.9, 0.45), params)
+    r["dtype"] = "float16"
+    out = {}
+    streams = []
+    real = _jit.MTStream
+
+    class Counted(real):
+        def __init__(self, seed):
+            streams.append(seed)
+            super().__init__(seed)
+
+    for jit in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(_jit, "AVAILABLE", jit)
+            m.setattr(_jit, "MTStream", Counted)
+            m.setattr(fast, "CHUNK", 640)  # slice boundaries inside every tensor
+            merge_to_dir(r, tmp_path / f"out{jit}")
+        out[jit] = load_dir(tmp_path / f"out{jit}")
+        assert (len(streams) > 0) == (jit and method != "ties")  # compiled draws only when asked
+    for k in out[False]:
+        assert torch.equal(out[True][k].view(torch.int16), out[False][k].view(torch.int16)), k
