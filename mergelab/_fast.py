@@ -369,6 +369,8 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         if gen is None:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(seed)
+    if method.sparsification == "bernoulli" and _dare_cached(method, job, inputs, others, sink, ws, dest):
+        return
     rows = [_prepare_row(method, job, i, r, inputs, ws, gen) for r, i in enumerate(others)]
     if _jit_ready(inputs, rows):
         _jit_merge(method, job, inputs, rows, sink, ws, dest)
@@ -415,6 +417,42 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
                 src = inputs.delta_into(row.i, s, e, d[r])
             row.apply_(src, d[r], s, e, ws)
         sink(s, e, combine_(method, d, weights, inputs.base(s, e), job.params, out=out[: e - s], work=work))
+
+
+def _dare_cached(method: TaskVectorMethod, job: TensorJob, inputs: Inputs, others: list[int], sink: Sink,
+                 ws: Workspace, dest: torch.Tensor | None) -> bool:
+    """DARE with L1 rescale from the trial merger's cached draws and task vectors, by
+    `_jit.dare_pass` (masks, norms and the merge in two compiled calls, no per-row Python): what
+    `_prepare_row` and `_jit_merge` compute. False (nothing done) where it does not apply."""
+    n = inputs.n
+    if not (_jit.AVAILABLE and _draws_cached(inputs) and inputs._deltas is not None and inputs._l1 is not None
+            and others and n > 0 and _rescale_mode(job.params) == "l1"):
+        return False
+    densities = [float(job.model_params[i]["density"]) for i in others]
+    if any(d >= 1 for d in densities):
+        return False
+    deltas = [inputs._deltas[i] for i in others]
+    uniforms = [inputs._uniforms[i] for i in others]
+    l1 = [inputs._l1[i] for i in others]
+    b = inputs._base
+    for t in (*deltas, *uniforms, b):
+        if t is None or t.dtype != _F32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n:
+            return False
+    if any(v is None for v in l1):
+        return False
+    masks = [ws.get(("mask", r), n, torch.bool) for r in range(len(others))]
+    common = _jit_common(method, job, others)
+    rmode = _jit.round_mode(job.out_dtype)
+    if dest is not None and rmode is not None:  # straight into the model's parameter
+        return _jit.dare_pass(uniforms, deltas, densities, l1, masks, base=b, rmode=rmode, out=dest.view(-1),
+                              **common)
+    buf = ws.get("jit_out", n)
+    if not _jit.dare_pass(uniforms, deltas, densities, l1, masks, base=b, rmode=_jit.ROUND_NONE, out=buf, **common):
+        return False
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        sink(s, e, buf[s:e])
+    return True
 
 
 def _draws_cached(inputs: Inputs) -> bool:

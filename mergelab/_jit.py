@@ -530,6 +530,13 @@ def _mt_draw_py(st, pos, t, mask, u, want_u):
     return p
 
 
+def _dare_rows_py(us, xs, ts, L, ms, after):
+    """`_dare_mask_l1` for every row of a tensor in one call: ms[r] = us[r] < ts[r] and
+    after[r] = ‖xs[r]·ms[r]‖₁ in torch's serial order."""
+    for r in range(len(xs)):
+        after[r] = _mask_l1(us[r], xs[r], ts[r], L, ms[r])
+
+
 def _kth_largest_bits(bits, k):
     """The k-th largest of non-negative float32 values given as their bit patterns (which order
     like the values), by two 16-bit radix passes: (bit pattern, entries above it, entries equal)."""
@@ -645,11 +652,12 @@ def _compiled() -> tuple:
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
     globals()["_cascade2"] = jit(_cascade2_py)
+    globals()["_mask_l1"] = jit(_dare_mask_l1)
     globals()["_mt_twist"] = jit(_mt_twist_py)
     globals()["_mt_temper"] = jit(_mt_temper_py)
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
             jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
-            jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py))
+            jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py), jit(_dare_rows_py))
 
 
 @functools.cache
@@ -875,3 +883,40 @@ def _mt_probe() -> bool:
 def mt_stream(seed: int) -> MTStream | None:
     """A compiled stream for `seed`, or None where the compiled loops are off or do not match."""
     return MTStream(seed) if mt_matches() else None
+
+
+def dare_pass(uniforms: list[torch.Tensor], deltas: list[torch.Tensor], densities: list[float],
+              l1: list[torch.Tensor], masks: list[torch.Tensor], weights: list[float], consensus: bool,
+              normalize: bool, lin_div: torch.Tensor | None, lam: float, base: torch.Tensor, rmode: int,
+              out: torch.Tensor) -> bool:
+    """A whole DARE merge with L1 rescale from cached draws, in two compiled calls: every row's
+    mask (into `masks`, bool workspaces) and ‖τ·mask‖₁, the factors ‖τ‖₁ / ‖τ·mask‖₁ (`l1` holds
+    ‖τ‖₁; no rescale where a norm is below sparsify's epsilon), then `_masked_kernel` into `out`
+    rounded through the output dtype: `dare_mask_l1` per row then `uniform_pass`, value for value.
+    False (nothing written) where the summation order cannot be reproduced."""
+    n = out.numel()
+    lanes = sum_lanes() if n <= L1_MAX else None
+    if lanes is None:
+        return False
+    f32 = np.float32
+    c = _compiled()
+    ms = tuple(m.view(torch.uint8).numpy() for m in masks)
+    xs = tuple(t.numpy() for t in deltas)
+    after = np.empty(len(xs), f32)
+    c[12](tuple(u.numpy() for u in uniforms), xs, tuple(f32(d) for d in densities), lanes, ms, after)
+    eps = f32(_eps32())
+    fac = []
+    for b, a in zip(l1, after):
+        b = f32(b.item())
+        fac.append(f32(1.0) if b < eps or a < eps else b / a)  # float32 division, as torch's
+    c[3](xs, ms, tuple(fac), tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
+         f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
+         base.numpy(), int(rmode), out.numpy())
+    return True
+
+
+@functools.cache
+def _eps32() -> float:
+    from operators.sparsify import _RESCALE_EPS
+
+    return float(np.float32(_RESCALE_EPS))

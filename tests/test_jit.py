@@ -66,6 +66,7 @@ def _merge(fam, recipe, jit: bool, monkeypatch) -> tuple[dict[str, torch.Tensor]
         m.setattr(_jit, "AVAILABLE", jit)
         m.setattr(_jit, "task_vector_pass", counted(_jit.task_vector_pass))
         m.setattr(_jit, "uniform_pass", counted(_jit.uniform_pass))
+        m.setattr(_jit, "dare_pass", counted(_jit.dare_pass))
         # small slices and spans, so boundaries fall inside every tensor
         m.setattr(fast, "CHUNK", 640)
         m.setattr(fast, "_JIT_SPAN", 4 * 640)
