@@ -362,6 +362,10 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
 
     method = _TASK[op.name]
     others = [i for i in range(len(job.models)) if i != base_index]
+    if isinstance(inputs, CachedInputs) and _jit.AVAILABLE:  # whole-tensor compiled passes
+        fast = {"bernoulli": _dare_cached, "magnitude": _ties_cached}.get(method.sparsification)
+        if fast is not None and fast(method, job, inputs, others, sink, ws, dest):
+            return
     gen = None
     if method.sparsification == "bernoulli":
         seed = tensor_seed(plan.seed, job.name)
@@ -369,8 +373,6 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         if gen is None:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(seed)
-    if method.sparsification == "bernoulli" and _dare_cached(method, job, inputs, others, sink, ws, dest):
-        return
     rows = [_prepare_row(method, job, i, r, inputs, ws, gen) for r, i in enumerate(others)]
     if _jit_ready(inputs, rows):
         _jit_merge(method, job, inputs, rows, sink, ws, dest)
@@ -419,39 +421,100 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         sink(s, e, combine_(method, d, weights, inputs.base(s, e), job.params, out=out[: e - s], work=work))
 
 
+def _prep(inputs: Inputs, others: list[int]) -> dict | None:
+    """The numpy views the compiled whole-tensor passes take, built once per CachedInputs (the
+    trial merger keeps those for the whole search): None unless the task vectors and the base are
+    flat contiguous float32 CPU tensors."""
+    if not (_jit.AVAILABLE and isinstance(inputs, CachedInputs) and inputs._deltas is not None and others):
+        return None
+    key = tuple(others)
+    got = inputs.prep.get(key, False)
+    if got is not False:
+        return got
+    n = inputs.n
+    deltas = [inputs._deltas[i] for i in others]
+    got = None
+
+    def ok(t):
+        return t is not None and t.dtype == _F32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() == n
+
+    if n > 0 and all(ok(t) for t in (*deltas, inputs._base)):
+        got = {"xs": tuple(t.numpy() for t in deltas), "base": inputs._base.numpy(), "us": None, "l1": None,
+               "order": None}
+        if inputs._uniforms is not None and all(ok(inputs._uniforms[i]) for i in others) \
+                and inputs._l1 is not None and all(inputs._l1[i] is not None for i in others):
+            got["us"] = tuple(inputs._uniforms[i].numpy() for i in others)
+            got["l1"] = tuple(np.float32(inputs._l1[i].item()) for i in others)
+        if inputs._order is not None and all(inputs._order[i] is not None for i in others):
+            got["order"] = tuple(inputs._order[i].numpy() for i in others)
+    inputs.prep[key] = got
+    return got
+
+
+def _whole_out(job: TensorJob, n: int, ws: Workspace, dest: torch.Tensor | None) -> tuple[np.ndarray, int, bool]:
+    """Where a whole-tensor compiled pass writes: the model's parameter (rounded through the output
+    dtype) when given, else a float32 workspace buffer handed to the sink afterwards."""
+    rmode = _jit.round_mode(job.out_dtype)
+    if dest is not None and rmode is not None:
+        return dest.view(-1).numpy(), rmode, False
+    return ws.get("jit_out", n).numpy(), _jit.ROUND_NONE, True
+
+
+def _sink_whole(buf: np.ndarray, n: int, sink: Sink) -> None:
+    t = torch.from_numpy(buf)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        sink(s, e, t[s:e])
+
+
 def _dare_cached(method: TaskVectorMethod, job: TensorJob, inputs: Inputs, others: list[int], sink: Sink,
                  ws: Workspace, dest: torch.Tensor | None) -> bool:
     """DARE with L1 rescale from the trial merger's cached draws and task vectors, by
     `_jit.dare_pass` (masks, norms and the merge in two compiled calls, no per-row Python): what
     `_prepare_row` and `_jit_merge` compute. False (nothing done) where it does not apply."""
-    n = inputs.n
-    if not (_jit.AVAILABLE and _draws_cached(inputs) and inputs._deltas is not None and inputs._l1 is not None
-            and others and n > 0 and _rescale_mode(job.params) == "l1"):
+    if _rescale_mode(job.params) != "l1":
+        return False
+    prep = _prep(inputs, others)
+    if prep is None or prep["us"] is None:
         return False
     densities = [float(job.model_params[i]["density"]) for i in others]
     if any(d >= 1 for d in densities):
         return False
-    deltas = [inputs._deltas[i] for i in others]
-    uniforms = [inputs._uniforms[i] for i in others]
-    l1 = [inputs._l1[i] for i in others]
-    b = inputs._base
-    for t in (*deltas, *uniforms, b):
-        if t is None or t.dtype != _F32 or t.device.type != "cpu" or not t.is_contiguous() or t.numel() != n:
+    n = inputs.n
+    masks = tuple(ws.get(("mask", r), n, torch.bool).view(torch.uint8).numpy() for r in range(len(others)))
+    out, rmode, via_sink = _whole_out(job, n, ws, dest)
+    if not _jit.dare_pass(prep["us"], prep["xs"], densities, prep["l1"], masks, base=prep["base"], rmode=rmode,
+                          out=out, **_jit_common(method, job, others)):
+        return False
+    if via_sink:
+        _sink_whole(out, n, sink)
+    return True
+
+
+def _ties_cached(method: TaskVectorMethod, job: TensorJob, inputs: Inputs, others: list[int], sink: Sink,
+                 ws: Workspace, dest: torch.Tensor | None) -> bool:
+    """TIES (no rescale) from the trial merger's cached task vectors and magnitude orders: each
+    row's threshold and tie cutoff are two lookups (`CachedInputs.top_k_rule`'s), then one
+    compiled pass (`_jit.cut_pass`). False (nothing done) where it does not apply."""
+    if _rescale_mode(job.params) != "none":
+        return False
+    prep = _prep(inputs, others)
+    if prep is None or prep["order"] is None:
+        return False
+    n = inputs.n
+    thr, cut = [], []
+    for r, i in enumerate(others):
+        density = float(job.model_params[i]["density"])
+        k = max(1, int(density * n))
+        if density >= 1 or k >= n:
             return False
-    if any(v is None for v in l1):
-        return False
-    masks = [ws.get(("mask", r), n, torch.bool) for r in range(len(others))]
-    common = _jit_common(method, job, others)
-    rmode = _jit.round_mode(job.out_dtype)
-    if dest is not None and rmode is not None:  # straight into the model's parameter
-        return _jit.dare_pass(uniforms, deltas, densities, l1, masks, base=b, rmode=rmode, out=dest.view(-1),
-                              **common)
-    buf = ws.get("jit_out", n)
-    if not _jit.dare_pass(uniforms, deltas, densities, l1, masks, base=b, rmode=_jit.ROUND_NONE, out=buf, **common):
-        return False
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        sink(s, e, buf[s:e])
+        c = int(prep["order"][r][k - 1])
+        thr.append(abs(prep["xs"][r][c]))
+        cut.append(c)
+    out, rmode, via_sink = _whole_out(job, n, ws, dest)
+    _jit.cut_pass(prep["xs"], thr, cut, base=prep["base"], rmode=rmode, out=out, **_jit_common(method, job, others))
+    if via_sink:
+        _sink_whole(out, n, sink)
     return True
 
 
@@ -594,6 +657,7 @@ class CachedInputs(Inputs):
         self._order = order
         self._uniforms = uniforms
         self._l1 = l1
+        self.prep: dict = {}  # the compiled passes' numpy views, per row list (see `_prep`)
 
     def l1_norm(self, i: int) -> torch.Tensor | None:
         """‖τᵢ‖₁ as `_l1_factor` computes it (the fixed-order sum of |τᵢ|); given with the draws."""

@@ -65,6 +65,10 @@ class TrialMerger:
         self._draws_fit: bool | None = None
         self._l1: dict[tuple[str, str], torch.Tensor] = {}  # ‖τ‖₁ per task vector (DARE's rescale)
         self._ws = _fast.Workspace()
+        # per tensor and operator kind: whether the chunked kernels apply and their inputs, built
+        # once per search (for the seed in _fast_seed: DARE's inputs hold that seed's draws)
+        self._fast_cache: dict[tuple, tuple[bool, _fast.CachedInputs | None]] = {}
+        self._fast_seed: int | None = None
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
         self._streaming: bool | None = None
         self.model_dtype = model_dtype
@@ -158,6 +162,20 @@ class TrialMerger:
             d = self._deltas[k] = m - base
         return d
 
+    def _cached_fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs | None:
+        """`_fast_inputs` when the chunked kernels merge this job, else None; both decided once per
+        tensor, operator and source list (they do not depend on the candidate's values)."""
+        if plan.seed != self._fast_seed:
+            self._fast_cache.clear()  # DARE's inputs hold the old seed's draws
+            self._fast_seed = plan.seed
+        reads = (job.base, *job.models)
+        key = (job.name, op.name, plan.recipe.base_index, tuple(None if r is None else (r.ref, r.tensor) for r in reads))
+        got = self._fast_cache.get(key)
+        if got is None:
+            ok = _fast.supported(plan, job, self.compute_dtype, self.sources)
+            got = self._fast_cache[key] = (ok, self._fast_inputs(job, plan, op) if ok else None)
+        return got[1]
+
     def _fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs:
         n = math.prod(job.shape)
         if op.name == "linear":
@@ -241,8 +259,7 @@ class TrialMerger:
             elif linear and target is not None and (dest := target(job)) is not None \
                     and _fast.linear_into(job, [self._linear_source(job, r) for r in job.models], dest):
                 out = None  # the compiled loop wrote the result into the model's parameter
-            elif self.device.type == "cpu" and _fast.supported(plan, job, self.compute_dtype, self.sources):
-                inputs = self._fast_inputs(job, plan, op)
+            elif self.device.type == "cpu" and (inputs := self._cached_fast_inputs(job, plan, op)) is not None:
                 dest = target(job) if target is not None else None
                 if dest is not None and dest.is_contiguous() and tuple(dest.shape) == tuple(job.shape):
                     _fast.merge_job(plan, job, inputs, _fast.into_tensor(dest, job.out_dtype, self._ws), self._ws,

@@ -67,6 +67,8 @@ def _merge(fam, recipe, jit: bool, monkeypatch) -> tuple[dict[str, torch.Tensor]
         m.setattr(_jit, "task_vector_pass", counted(_jit.task_vector_pass))
         m.setattr(_jit, "uniform_pass", counted(_jit.uniform_pass))
         m.setattr(_jit, "dare_pass", counted(_jit.dare_pass))
+        m.setattr(_jit, "cut_pass", counted(_jit.cut_pass))
+        m.setattr(_jit, "CUT_ONE_CALL", 4096)  # tensors on both sides: one call, and pieces
         # small slices and spans, so boundaries fall inside every tensor
         m.setattr(fast, "CHUNK", 640)
         m.setattr(fast, "_JIT_SPAN", 4 * 640)
@@ -188,7 +190,7 @@ def _tv_reference(method, deltas, rows, weights, params, base):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method_name", ["ties", "dare_ties", "dare_linear"])
-def test_uniform_passes_equal_torch_kernels(method_name, out_dtype):
+def test_uniform_passes_equal_torch_kernels(method_name, out_dtype, monkeypatch):
     method = fast._TASK[method_name]
     deltas = [_awkward(N_ODD, s) for s in (4, 5, 6)]
     base = _awkward(N_ODD, 7) + 0.5
@@ -228,6 +230,32 @@ def test_uniform_passes_equal_torch_kernels(method_name, out_dtype):
         _jit.uniform_pass(deltas, masks, thr, cut, fac, weights, method.consensus, params["normalize"],
                           lin_div, params["lambda"], base, s, e, _jit.round_mode(out_dtype), out2[s:e])
     assert torch.equal(_bits(out2), _bits(ref))
+    if method_name == "ties":  # the whole-tensor pass: one call with the cutoffs inside, or pieces
+        for limit in (N_ODD, 0):
+            monkeypatch.setattr(_jit, "CUT_ONE_CALL", limit)
+            out3 = torch.empty(N_ODD)
+            _jit.cut_pass(tuple(x.numpy() for x in deltas), thr, cut, weights, method.consensus, params["normalize"],
+                          lin_div, params["lambda"], base.numpy(), _jit.round_mode(out_dtype), out3.numpy())
+            assert torch.equal(_bits(out3), _bits(ref)), limit
+
+
+@pytest.mark.parametrize("limit", [100, 0])
+def test_cut_pass_keeps_ties_up_to_the_cutoff_hand_computed(limit, monkeypatch):
+    # one row, weight 1, no λ: the output is the kept entries. The top 3 of |x| are 3 and the
+    # first two 2s in flat order (threshold 2, cutoff at flat index 2); the later 2s are dropped
+    monkeypatch.setattr(_jit, "CUT_ONE_CALL", limit)
+    x = np.array([3, -2, 2, 2, -2, 1, 0, 2], np.float32)
+    base = np.full(8, 10, np.float32)
+    out = np.empty(8, np.float32)
+    _jit.cut_pass((x,), [2.0], [2], [1.0], True, True, None, 1.0, base, _jit.ROUND_NONE, out)
+    assert out.tolist() == [13, 8, 12, 10, 10, 10, 10, 10]
+    # two rows, weights 1 and 1, consensus with normalize: where both keep the same sign the mean,
+    # where they disagree the elected sign's entry (the total's sign), where none keeps, the base
+    y = np.array([1, 2, -4, 0, 0, 0, 0, 0], np.float32)  # top 2: -4 and 2 (threshold 2, cutoff 1)
+    _jit.cut_pass((x, y), [2.0, 2.0], [2, 1], [1.0, 1.0], True, True, None, 1.0, base, _jit.ROUND_NONE, out)
+    # index 0: x keeps 3, y drops 1 -> 3; index 1: -2 and 2, total 0 -> positive sign elected, 2;
+    # index 2: 2 and -4, total -2 -> -4
+    assert out.tolist() == [13, 12, 6, 10, 10, 10, 10, 10]
 
 
 @pytest.mark.parametrize("n", [1, 5, 8, 31, 32, 33, 100, 4096 + 40, 8 * 4 * 16 * 16 + 8 * 3 + 5, N_ODD, 600_007])
@@ -388,3 +416,42 @@ def test_disk_dare_with_and_without_compiled_loops_bit_for_bit(wide_family, tmp_
         assert (len(streams) > 0) == (jit and method != "ties")  # compiled draws only when asked
     for k in out[False]:
         assert torch.equal(out[True][k].view(torch.int16), out[False][k].view(torch.int16)), k
+
+
+@pytest.mark.parametrize("n", [5, 1000, N_ODD])
+@pytest.mark.parametrize("method_name", ["dare_ties", "dare_linear"])
+def test_dare_pass_equals_masks_norms_then_uniform_pass(n, method_name):
+    from operators.sparsify import l1_norm_of_abs
+    from operators.task_vectors import plain_divisor, task_weights
+
+    method = fast._TASK[method_name]
+    g = torch.Generator().manual_seed(n)
+    deltas = [_awkward(n, s) for s in (21, 22, 23)]
+    deltas[2] = torch.randn(n, generator=g) * 1e-13  # ‖τ‖₁ below sparsify's epsilon: this row is not rescaled
+    us = [torch.rand(n, generator=g) for _ in deltas]
+    base = _awkward(n, 24) + 0.25
+    densities, weights = (0.3, 0.55, 0.8), [0.6, -0.4, 1.3]
+    l1 = [l1_norm_of_abs(d.abs()) for d in deltas]
+    lin_div = None if method.consensus else plain_divisor(
+        task_weights([{"weight": v} for v in weights], [0, 1, 2], torch.empty(3, 1)))
+    masks = [u < d for u, d in zip(us, densities)]
+    fac = []
+    for x, m, b in zip(deltas, masks, l1):
+        f = fast._l1_ratio(b, l1_norm_of_abs(x.abs().mul_(m)))
+        fac.append(1.0 if f is None else float(f))
+    assert fac[2] == 1.0 and (n < 100 or fac[0] != 1.0)
+    for out_dtype in (torch.float32, torch.float16):
+        rmode = _jit.round_mode(out_dtype)
+        want = torch.empty(n)
+        _jit.uniform_pass(deltas, masks, None, None, fac, weights, method.consensus, True, lin_div, 0.9, base,
+                          0, n, rmode, want)
+        got = torch.empty(n)
+        ms = tuple(np.empty(n, np.uint8) for _ in deltas)
+        ok = _jit.dare_pass(tuple(u.numpy() for u in us), tuple(x.numpy() for x in deltas), list(densities),
+                            tuple(np.float32(b.item()) for b in l1), ms, weights, method.consensus, True, lin_div,
+                            0.9, base.numpy(), rmode, got.numpy())
+        if _jit.sum_lanes() is None:
+            assert not ok
+            return
+        assert ok and torch.equal(_bits(got), _bits(want)), out_dtype
+        assert all(np.array_equal(m_got.astype(bool), m.numpy()) for m_got, m in zip(ms, masks))
