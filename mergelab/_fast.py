@@ -46,6 +46,8 @@ class Workspace:
 
     def __init__(self):
         self._bufs: dict[object, torch.Tensor] = {}
+        self._np: dict[object, np.ndarray] = {}
+        self._views: dict[object, tuple[np.ndarray, ...]] = {}
 
     def get(self, key, n: int, dtype: torch.dtype = _F32) -> torch.Tensor:
         t = self._bufs.get(key)
@@ -53,9 +55,21 @@ class Workspace:
             t = self._bufs[key] = torch.empty(n, dtype=dtype)
         return t[:n]
 
+    def arrays(self, key, count: int, n: int, dtype=np.uint8) -> tuple[np.ndarray, ...]:
+        """`count` numpy scratch arrays of n elements (for the compiled passes), their views cached
+        per length: no tensor-to-numpy conversion per call."""
+        views = self._views.get((key, count, n))
+        if views is None:
+            base = self._np.get((key, count))
+            if base is None or base.shape[1] < n or base.dtype != dtype:
+                base = self._np[(key, count)] = np.empty((count, n), dtype)
+                self._views = {k: v for k, v in self._views.items() if k[:2] != (key, count)}
+            views = self._views[(key, count, n)] = tuple(base[r, :n] for r in range(count))
+        return views
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._bufs.values())
+        return sum(t.numel() * t.element_size() for t in self._bufs.values()) + sum(a.nbytes for a in self._np.values())
 
 
 def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32,
@@ -481,7 +495,7 @@ def _dare_cached(method: TaskVectorMethod, job: TensorJob, inputs: Inputs, other
     if any(d >= 1 for d in densities):
         return False
     n = inputs.n
-    masks = tuple(ws.get(("mask", r), n, torch.bool).view(torch.uint8).numpy() for r in range(len(others)))
+    masks = ws.arrays("dare_masks", len(others), n)
     out, rmode, via_sink = _whole_out(job, n, ws, dest)
     if not _jit.dare_pass(prep["us"], prep["xs"], densities, prep["l1"], masks, base=prep["base"], rmode=rmode,
                           out=out, **_jit_common(method, job, others)):
