@@ -163,7 +163,20 @@ class DiskInputs(Inputs):
         else:
             self._base = self._model[base_index] if base_index is not None else None
         self._at: dict[int, tuple[int, int]] = {}  # slot -> slice its buffer holds now
+        self._raw_at: dict[int, tuple[int, int]] = {}  # the same for the buffers as stored
         self._abs_of: int | None = None
+        # τ straight from 16-bit slices by the compiled loop (widen and subtract in one pass)
+        dtypes = {d for _, _, d in self._slots}
+        self._sub16 = (_jit.AVAILABLE and self._base is not None and len(dtypes) == 1
+                       and next(iter(dtypes)) in (torch.float16, torch.bfloat16))
+
+    def _raw(self, slot: int, s: int, e: int) -> torch.Tensor:
+        src, name, dtype = self._slots[slot]
+        raw = self.ws.get(("raw", slot), CHUNK, dtype)[: e - s]
+        if self._raw_at.get(slot) != (s, e):
+            src.read_into(name, raw, s)
+            self._raw_at[slot] = (s, e)
+        return raw
 
     def _get(self, slot: int, s: int, e: int) -> torch.Tensor:
         f32 = self.ws.get(("in", slot), CHUNK)[: e - s]
@@ -173,10 +186,14 @@ class DiskInputs(Inputs):
         if dtype == _F32:
             src.read_into(name, f32, s)
         else:
-            raw = self.ws.get(("raw", slot), CHUNK, dtype)[: e - s]
-            f32.copy_(src.read_into(name, raw, s))
+            f32.copy_(self._raw(slot, s, e))
         self._at[slot] = (s, e)
         return f32
+
+    def delta_into(self, i, s, e, out):
+        if self._sub16:  # the values of torch.sub(θ.float(), base.float()), in one pass
+            return _jit.sub16(self._raw(self._model[i], s, e), self._raw(self._base, s, e), out)
+        return super().delta_into(i, s, e, out)
 
     def model(self, i, s, e):
         return self._get(self._model[i], s, e)

@@ -143,6 +143,15 @@ def _linear_kernel_16(xs, half, w, fused, normalize, div, rmode, out):
         out[j] = _round(acc, rmode)
 
 
+def _sub16_kernel(m, b, half, out):
+    """out = θ − base over 16-bit bit patterns (float16 when `half`, else bfloat16), each widened to
+    float32 exactly (as torch's .float()) and subtracted in float32."""
+    for j in range(out.shape[0]):
+        x = _h2f(m[j]) if half else _b2f(m[j])
+        y = _h2f(b[j]) if half else _b2f(b[j])
+        out[j] = x - y
+
+
 def _dare_prepass(u, tau, density, mask, absm):
     """mask = u < density; absm = |τ|·mask (what `_fast._l1_factor` sums), in one pass."""
     one = np.float32(1.0)
@@ -695,7 +704,7 @@ def _compiled() -> tuple:
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
             jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
             jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py), jit(_dare_rows_py),
-            jit(_cut_idx_kernel))
+            jit(_cut_idx_kernel), jit(_sub16_kernel))
 
 
 @functools.cache
@@ -976,3 +985,11 @@ def _eps32() -> float:
     from operators.sparsify import _RESCALE_EPS
 
     return float(np.float32(_RESCALE_EPS))
+
+
+def sub16(m: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = m.float() − b.float() for flat float16 (or bfloat16) CPU tensors of one dtype, into
+    the flat float32 tensor `out`, in one compiled pass."""
+    _compiled()[14](m.view(torch.int16).numpy().view(np.uint16), b.view(torch.int16).numpy().view(np.uint16),
+                    m.dtype == torch.float16, out.numpy())
+    return out
