@@ -181,6 +181,8 @@ def main():
                          "(on the CPU only; a GPU's work is not counted)")
     ap.add_argument("--family", default="mergelab/demo/family",
                     help="Directory of the bundled family (each subdirectory a model); skipped if absent.")
+    ap.add_argument("--parts", default="random,family",
+                    help="Which benchmarks to run: random (the ~135M random Llamas), family, or both.")
     ap.add_argument("--json", help="Also write the results to this JSON file.")
     args = ap.parse_args()
     started = time.perf_counter(), time.process_time()
@@ -189,11 +191,17 @@ def main():
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     device = torch.device(args.device)
     weightings = args.weightings.split(",")
-    models = [_random_llama(args.hidden, args.layers, args.vocab, s).to(device) for s in range(args.k)]
-    results = [bench(models, "random Llama", args.batch, args.seq, args.prompt_len, args.new_tokens, args.reps,
-                     args.gen_reps, weightings)]
+    parts = set(args.parts.split(","))
+    results = []
+    if "random" in parts:
+        models = [_random_llama(args.hidden, args.layers, args.vocab, s).to(device) for s in range(args.k)]
+        results.append(bench(models, "random Llama", args.batch, args.seq, args.prompt_len, args.new_tokens,
+                             args.reps, args.gen_reps, weightings))
+        del models
     fam = Path(args.family)
     dirs = sorted(d for d in fam.iterdir() if (d / "config.json").is_file()) if fam.is_dir() else []
+    if "family" not in parts:
+        dirs = []
     if dirs:
         from mergelab.eval.models import load_model
 
@@ -202,7 +210,7 @@ def main():
             [m for m, _ in loaded], f"family {fam} ({', '.join(d.name for d in dirs)})", args.batch,
             min(args.seq, 64), min(args.prompt_len, 48), args.new_tokens, args.family_reps, args.family_reps,
             weightings, vocab=len(loaded[0][1])))
-    else:
+    elif "family" in parts:
         print(f"\n(no family found under {fam}; skipped)")
     print("\nScoring: the fused model's logits at every position against the K models' forwards "
           "(the same tokens).\nGeneration: (a) the K models' own forward passes over the tokens "

@@ -438,7 +438,11 @@ def _is_hf_model(obj: Any) -> bool:
 
 
 class _HFMember:
-    """A transformers causal LM called with left padding, explicit position ids and a KV cache."""
+    """A transformers causal LM called with left padding, explicit position ids and a KV cache.
+
+    Called only from FusedLogitModel's methods, which run under torch.inference_mode (entering
+    it again per call costs a few microseconds, a tangible part of a tiny model's step).
+    """
 
     def __init__(self, model: Any):
         self.model = model
@@ -451,33 +455,27 @@ class _HFMember:
     def _cache_of(self, out):
         return getattr(out, self._cache_kw, None) if self._cache_kw == "cache" else out.past_key_values
 
-    @torch.inference_mode()
     def logits(self, input_ids, attention_mask):
         return self.prefill(input_ids, attention_mask, use_cache=False)[0]
 
-    @torch.inference_mode()
     def prefill(self, input_ids, attention_mask, use_cache=True):
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device).long()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache
         )
-        state = {"cache": self._cache_of(out), "mask": mask, "pos": pos[:, -1]} if use_cache else None
+        state = {"cache": self._cache_of(out)} if use_cache else None
         return out.logits.float(), state
 
-    @torch.inference_mode()
-    def step(self, state, tokens):
-        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
-        state["pos"] = state["pos"] + 1
+    def step(self, state, tokens, mask, pos):
+        """Logits [B, V] after one more token; tokens and pos [B, 1], mask [B, T + 1] (shared
+        by the members, made once per step by the caller)."""
         out = self.model(
-            input_ids=tokens.to(self.device).view(-1, 1),
-            attention_mask=state["mask"],
-            position_ids=state["pos"].view(-1, 1),
-            use_cache=True,
+            input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
             **{self._cache_kw: state["cache"]},
         )
         state["cache"] = self._cache_of(out)
-        return out.logits[:, -1].float()
+        return out.logits[:, -1]
 
 
 class _ProtocolMember:
@@ -492,13 +490,12 @@ class _ProtocolMember:
         return self.model.logits(input_ids.to(self.device), attention_mask.to(self.device)).float()
 
     def prefill(self, input_ids, attention_mask, use_cache=True):
-        state = {"ids": input_ids.to(self.device), "mask": attention_mask.to(self.device)}
+        state = {"ids": input_ids.to(self.device)}
         return self.logits(input_ids, attention_mask), state
 
-    def step(self, state, tokens):
-        state["ids"] = torch.cat([state["ids"], tokens.to(self.device).view(-1, 1)], 1)
-        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
-        return self.logits(state["ids"], state["mask"])[:, -1]
+    def step(self, state, tokens, mask, pos):
+        state["ids"] = torch.cat([state["ids"], tokens], 1)
+        return self.logits(state["ids"], mask)[:, -1]
 
 
 def _member(model: Any):
@@ -625,6 +622,15 @@ class FusedLogitModel:
         fw = self._weights(prompt_logits, input_ids, attention_mask, attention_mask.sum(-1))
         next_logits = fuse_logits([lg[:, -1] for lg in prompt_logits], fw.weights)
         del prompt_logits, lg  # K × [B, T, V]: not kept through the decoding
+        # Per step, everything but the K forwards is made once: the weight columns (as
+        # fuse_logits makes them), the grown mask and positions shared by the members (which
+        # all see the same tokens), and the sum goes into one reused buffer. The sum is formed
+        # in member order with fuse_logits' operations, so the fused logits are the same.
+        devices = {m.device for m in self.members}
+        w_cols = [fw.weights[:, k].to(self.device, torch.float32).view(-1, 1) for k in range(len(self.members))]
+        mask = attention_mask.to(self.device).long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        trim = [m.rows > self.vocab_size for m in self.members]
         done = [False] * batch
         for i in range(max_new_tokens):
             tokens = next_logits.argmax(-1)
@@ -636,11 +642,18 @@ class FusedLogitModel:
                     done[b] = True
             if all(done) or i == max_new_tokens - 1:
                 break
-            step_logits = [
-                m.step(st, tokens)[..., : self.vocab_size].to(self.device)
-                for m, st in zip(self.members, states)
-            ]
-            next_logits = fuse_logits(step_logits, fw.weights)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+            pos = pos + 1
+            inputs = {d: (tokens.view(-1, 1).to(d), mask.to(d), pos.to(d)) for d in devices}
+            for k, (m, st) in enumerate(zip(self.members, states)):
+                lg = m.step(st, *inputs[m.device])
+                if trim[k]:
+                    lg = lg[..., : self.vocab_size]
+                lg = lg.to(self.device, torch.float32)
+                if k == 0:
+                    torch.mul(lg, w_cols[0], out=next_logits)  # a tensor of ours since the prefill
+                else:
+                    next_logits.addcmul_(lg, w_cols[k])
         return outs
 
 
