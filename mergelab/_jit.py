@@ -342,19 +342,25 @@ def _cascade_py(u, tau, t, mask, acc, start, size, W):
         for lane in range(W):
             acc[lev, lane] = zero
     a0 = acc[0]
+    full = (size // step) * step
     i = 0
     while i < size:
-        # one group: slices indexed by the lane counter (a known non-negative index vectorizes)
+        # the groups up to the next carry point in one loop nest (no carry test per group):
+        # slices indexed by non-negative counters, so the lane loop vectorizes
+        nxt = min(size, (i // step + 1) * step)
         o = start + i * W
-        ub = u[o:o + W]
-        tb = tau[o:o + W]
-        mb = mask[o:o + W]
-        for lane in range(W):
-            keep = ub[lane] < t
-            mb[lane] = keep
-            a0[lane] += abs(tb[lane]) * (one if keep else zero)
-        i += 1
-        if (i & lmask) == 0 and i <= (size // step) * step:  # a full step closed: carry up
+        cnt = (nxt - i) * W
+        ub = u[o:o + cnt]
+        tb = tau[o:o + cnt]
+        mb = mask[o:o + cnt]
+        for g in range(nxt - i):
+            gw = g * W
+            for lane in range(W):
+                keep = ub[gw + lane] < t
+                mb[gw + lane] = keep
+                a0[lane] += abs(tb[gw + lane]) * (one if keep else zero)
+        i = nxt
+        if (i & lmask) == 0 and i <= full:  # a full step closed: carry up
             for lev in range(1, 4):
                 for lane in range(W):
                     acc[lev, lane] += acc[lev - 1, lane]
@@ -424,17 +430,22 @@ def _cascade2_py(tau, mask, accb, acca, start, size, W):
             acca[lev, lane] = zero
     b0 = accb[0]
     a0 = acca[0]
+    full = (size // step) * step
     i = 0
     while i < size:
+        nxt = min(size, (i // step + 1) * step)  # as in _cascade_py
         o = start + i * W
-        tb = tau[o:o + W]
-        mb = mask[o:o + W]
-        for lane in range(W):
-            x = abs(tb[lane])
-            b0[lane] += x
-            a0[lane] += x * (one if mb[lane] != 0 else zero)
-        i += 1
-        if (i & lmask) == 0 and i <= (size // step) * step:
+        cnt = (nxt - i) * W
+        tb = tau[o:o + cnt]
+        mb = mask[o:o + cnt]
+        for g in range(nxt - i):
+            gw = g * W
+            for lane in range(W):
+                x = abs(tb[gw + lane])
+                b0[lane] += x
+                a0[lane] += x * (one if mb[gw + lane] != 0 else zero)
+        i = nxt
+        if (i & lmask) == 0 and i <= full:
             for lev in range(1, 4):
                 for lane in range(W):
                     accb[lev, lane] += accb[lev - 1, lane]
