@@ -369,10 +369,83 @@ def _compiled() -> tuple:
     return numba.njit(**opts)(_fused_ce), numba.njit(**opts)(_grid_ce)
 
 
-def usable(logits: list[torch.Tensor]) -> bool:
-    """True when the compiled loops can read these [N, V] logits directly (CPU, float32, C order)."""
+def _weighted_sum(arrs, weights, rows_per_example, out):
+    """out[r] = Σ_k w[e, k] · arrs[k][r] (e the example of row r), the k-th term added by a
+    fused multiply-add as torch's addcmul_ does it, block by block so that out stays in L1."""
+    vocab = out.shape[1]
+    for r in range(out.shape[0]):
+        e = r // rows_per_example
+        for b0 in range(0, vocab, _BLOCK):
+            n = min(_BLOCK, vocab - b0)
+            o = out[r, b0 : b0 + n]  # slices: the inner loops vectorize (indexing out[r, j] does not)
+            x = arrs[0][r, b0 : b0 + n]
+            w = weights[e, 0]
+            for j in range(n):
+                o[j] = x[j] * w
+            for k in range(1, len(arrs)):
+                x = arrs[k][r, b0 : b0 + n]
+                w = weights[e, k]
+                for j in range(n):
+                    o[j] = _fma(x[j], w, o[j])
+
+
+@functools.cache
+def _compiled_sum():
+    """The weighted-sum loop, or None where it would not reproduce torch's sum bit for bit.
+
+    fuse_logits' torch form (mul, then addcmul_ per model) is the reference; its CPU kernels
+    use fused multiply-adds where the hardware has them, so the loop does too, and a probe
+    checks the match once (a machine whose torch rounds differently keeps the torch form).
+    """
+    if not AVAILABLE:
+        return None
+    import numba
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+        return a(a, b, c), codegen
+
+    globals()["_fma"] = fma
+    # No fastmath: each product and sum rounds as written (no reassociation, no contraction).
+    fn = numba.njit(cache=True, nogil=True, boundscheck=False)(_weighted_sum)
+    gen = torch.Generator().manual_seed(0)
+    probe = [torch.randn(6, 3000, generator=gen) * 4 for _ in range(3)]
+    w = torch.rand(2, 3, generator=gen)
+    want = torch.mul(probe[0].view(2, 3, -1), w[:, :1, None])
+    for k in (1, 2):
+        want.addcmul_(probe[k].view(2, 3, -1), w[:, k : k + 1, None])
+    got = torch.empty(6, 3000)
+    fn(tuple(t.numpy() for t in probe), w.numpy(), 3, got.numpy())
+    return fn if torch.equal(got.view(2, 3, -1), want) else None
+
+
+def weighted_sum(logits: list[torch.Tensor], weights: torch.Tensor, out: torch.Tensor) -> bool:
+    """out = Σ_k weights[:, k] · logits[k] for K float32 [B, ..., V] C-order CPU tensors (out may
+    be logits[0]), one pass instead of K; False (nothing done) where the loop is not usable."""
+    if (not AVAILABLE or out.dim() < 2 or tuple(weights.shape) != (out.shape[0], len(logits))
+            or weights.device.type != "cpu" or not usable([out] + list(logits), flat=False)):
+        return False
+    fn = _compiled_sum()
+    if fn is None:
+        return False
+    if out.numel() == 0:
+        return True
+    vocab, batch = out.shape[-1], out.shape[0]
+    fn(tuple(t.reshape(-1, vocab).numpy() for t in logits),
+       weights.to(torch.float32).contiguous().numpy(), out.numel() // (batch * vocab),
+       out.view(-1, vocab).numpy())
+    return True
+
+
+def usable(logits: list[torch.Tensor], flat: bool = True) -> bool:
+    """True when the compiled loops can read these [N, V] logits directly (CPU, float32, C order;
+    any shape of the same size as the first when not flat)."""
     return AVAILABLE and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and t.is_contiguous()
+        t.device.type == "cpu" and t.dtype == torch.float32 and (t.dim() == 2 if flat else t.shape == logits[0].shape)
+        and t.is_contiguous()
         for t in logits
     )
 

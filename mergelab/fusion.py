@@ -380,6 +380,12 @@ def fuse_logits(
     shape), which may be logits[0] itself when the caller no longer needs it — then nothing of
     size [B, T, V] is allocated (a fresh 64 MB tensor costs about as much as the sum itself).
     """
+    # On the CPU (numba installed) one compiled pass makes the same sum: K reads, one write,
+    # instead of K read-modify-write passes over [B, T, V].
+    if out is None and _jit_fusion.usable(list(logits), flat=False):
+        out = torch.empty(logits[0].shape, dtype=torch.float32)
+    if out is not None and _jit_fusion.weighted_sum(list(logits), weights, out):
+        return out
     for k, lg in enumerate(logits):
         w = weights[:, k].to(lg.device, torch.float32).view(-1, *([1] * (lg.dim() - 1)))
         if k == 0:

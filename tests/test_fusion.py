@@ -298,6 +298,33 @@ def test_compiled_fused_ce_equals_a_direct_float64_evaluation():
 
 
 @pytest.mark.skipif(not _jit_fusion.AVAILABLE, reason="numba not installed")
+def test_compiled_weighted_sum_equals_the_torch_sum_bit_for_bit(monkeypatch):
+    # The one-pass sum (fuse_logits on CPU float32) against the K-pass torch form it replaces:
+    # mul, then addcmul_ per model. V = 2500 spans blocks and a partial one; three rows per
+    # example ([B, T, V]); in place into the first model's logits; a [B, V] slice of positions.
+    gen = torch.Generator().manual_seed(13)
+    logits = [torch.randn(2, 3, 2500, generator=gen) * s for s in (2.0, 5.0, 1.0)]
+    w = torch.tensor([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0]])
+
+    def torch_form(lgs):
+        out = torch.mul(lgs[0], w[:, 0].view(-1, *[1] * (lgs[0].dim() - 1)))
+        for k in (1, 2):
+            out.addcmul_(lgs[k], w[:, k].view(-1, *[1] * (lgs[k].dim() - 1)))
+        return out
+
+    want = torch_form(logits)
+    assert _jit_fusion.weighted_sum(logits, w, torch.empty(2, 3, 2500))  # the compiled path is taken
+    assert torch.equal(fuse_logits(logits, w), want)
+    own = logits[0].clone()
+    assert torch.equal(fuse_logits([own] + logits[1:], w, out=own), want)
+    last = [lg[:, -1] for lg in logits]
+    assert torch.equal(fuse_logits(last, w), torch_form(last))
+    monkeypatch.setattr(_jit_fusion, "AVAILABLE", False)
+    assert not _jit_fusion.weighted_sum(logits, w, torch.empty(2, 3, 2500))
+    assert torch.equal(fuse_logits(logits, w), want)
+
+
+@pytest.mark.skipif(not _jit_fusion.AVAILABLE, reason="numba not installed")
 def test_compiled_and_torch_paths_give_the_same_weights(monkeypatch):
     # A vocabulary of 2500 (several blocks of the compiled loops, several chunks of the torch
     # path's workspace); ℓ agrees to float32 rounding, the weights of every mode exactly or so.
