@@ -130,31 +130,8 @@ def _row_max(x):
     return m
 
 
-def _row_min(x):
-    n = x.shape[0]
-    m = x[0]
-    if n < _LANES:
-        for j in range(1, n):
-            m = x[j] if x[j] < m else m
-        return m
-    acc = np.empty(_LANES, np.float32)
-    for l in range(_LANES):
-        acc[l] = x[l]
-    full = n // _LANES * _LANES
-    for j in range(_LANES, full, _LANES):
-        for l in range(_LANES):
-            v = x[j + l]
-            acc[l] = v if v < acc[l] else acc[l]
-    for l in range(_LANES):
-        m = acc[l] if acc[l] < m else m
-    for j in range(full, n):
-        m = x[j] if x[j] < m else m
-    return m
-
-
-def _argmax(x):
-    """The first index of the maximum: the max first, then a blockwise search for it."""
-    m = _row_max(x)
+def _first_of(x, m):
+    """The first index of the value m (present in x): a blockwise search."""
     n = x.shape[0]
     full = n // _LANES * _LANES
     for j in range(0, full, _LANES):
@@ -169,6 +146,45 @@ def _argmax(x):
         if x[j] == m:
             return j
     return 0
+
+
+def _max_min_max(a, b):
+    """(max a, min a, max b) for NaN-free rows of one length, in one read of each (the
+    running extrema of _row_max, for three reductions at once)."""
+    n = a.shape[0]
+    amax = a[0]
+    amin = a[0]
+    bmax = b[0]
+    if n < _LANES:
+        for j in range(1, n):
+            amax = a[j] if a[j] > amax else amax
+            amin = a[j] if a[j] < amin else amin
+            bmax = b[j] if b[j] > bmax else bmax
+        return amax, amin, bmax
+    hi = np.empty(_LANES, np.float32)
+    lo = np.empty(_LANES, np.float32)
+    hb = np.empty(_LANES, np.float32)
+    for l in range(_LANES):
+        hi[l] = a[l]
+        lo[l] = a[l]
+        hb[l] = b[l]
+    full = n // _LANES * _LANES
+    for j in range(_LANES, full, _LANES):
+        for l in range(_LANES):
+            va = a[j + l]
+            vb = b[j + l]
+            hi[l] = va if va > hi[l] else hi[l]
+            lo[l] = va if va < lo[l] else lo[l]
+            hb[l] = vb if vb > hb[l] else hb[l]
+    for l in range(_LANES):
+        amax = hi[l] if hi[l] > amax else amax
+        amin = lo[l] if lo[l] < amin else amin
+        bmax = hb[l] if hb[l] > bmax else bmax
+    for j in range(full, n):
+        amax = a[j] if a[j] > amax else amax
+        amin = a[j] if a[j] < amin else amin
+        bmax = b[j] if b[j] > bmax else bmax
+    return amax, amin, bmax
 
 
 def _one_hot(wrow):
@@ -295,8 +311,8 @@ def _grid_ce(arrs, wcur, nxt, rows, ys, exs, h, n_uni, mu_n, extra0, out):
             _mix(arrs, wcur[e], r, zbuf)
             a = zbuf
         b = arrs[nxt[e]][r]
-        ia, ib = _argmax(a), _argmax(b)
-        ma, mb = a[ia], b[ib]
+        ma, amin, mb = _max_min_max(a, b)
+        ia, ib = _first_of(a, ma), _first_of(b, mb)
         alpha_y = float(a[y]) - float(ma)
         beta_y = float(b[y]) - float(mb)
         delta_y = beta_y - alpha_y
@@ -310,7 +326,7 @@ def _grid_ce(arrs, wcur, nxt, rows, ys, exs, h, n_uni, mu_n, extra0, out):
             continue
         # One chain from μ = 1 serves the whole grid when no α is so low that exp(α + SHIFT)
         # underflows (its later powers would matter) and Q·Q cannot overflow.
-        one_chain = float(ma) - float(_row_min(a)) < min(140.0, 40.0 / h)
+        one_chain = float(ma) - float(amin) < min(140.0, 40.0 / h)
         half = n_uni if one_chain else n_uni // 2  # the α chain covers 0..half, the β chain the rest
         for c in range(n_cols):
             sums[c] = 0.0
@@ -363,7 +379,7 @@ def _compiled() -> tuple:
     opts = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy",
                 fastmath={"reassoc", "contract", "nsz", "arcp"})
     g = globals()
-    for name in ("_exp_block", "_block_sum", "_mix", "_row_max", "_row_min", "_argmax", "_one_hot",
+    for name in ("_exp_block", "_block_sum", "_mix", "_row_max", "_first_of", "_max_min_max", "_one_hot",
                  "_lse_ce", "_grid_row_f64", "_chain"):
         g[name] = numba.njit(inline="always", **opts)(g[name])
     return numba.njit(**opts)(_fused_ce), numba.njit(**opts)(_grid_ce)
