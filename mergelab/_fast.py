@@ -245,6 +245,8 @@ class _Row:
     mask: torch.Tensor | None = None
     div: float | None = None
     factor: torch.Tensor | None = None
+    stream: "_jit.MTStream | None" = None  # DARE from disk: the row's draws, for its mask slice by slice
+    density: float = 1.0
 
     def apply_(self, src: torch.Tensor, d: torch.Tensor, s: int, e: int, ws: Workspace) -> None:
         """d = sparsified src (src may be d itself); the operations of sparsify.apply_mask_, in
@@ -317,6 +319,19 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
                     row.mask = row.rule.mask_chunk(a, out=out)
                 row.rule = None
     else:  # bernoulli: the draws of sparsify._uniform, slice by slice
+        if isinstance(gen, _jit.MTStream) and rescale == "l1" and isinstance(inputs, DiskInputs) \
+                and _jit.sum_lanes() is not None and n <= _jit.L1_MAX:
+            # nothing whole: τ and the mask slice by slice into the two norms, and the row's
+            # draws kept as a stream position, to redraw its mask slice by slice in the merge
+            row.stream, row.density = gen.copy(), density
+            norms = _jit.L1Stream(n)
+            tau = ws.get("tau", CHUNK)
+            keep = ws.get("keep_mask", CHUNK, torch.bool)
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                got = norms.feed(inputs.delta_into(i, s, e, tau[: e - s]), gen.mask_into(density, keep[: e - s]), s)
+            row.factor = _l1_ratio(*got)
+            return row
         mask = ws.get(("mask", slot), n, torch.bool)
         drawn = inputs.uniform(i) if isinstance(inputs, CachedInputs) else None
         if drawn is not None and rescale == "l1" and _jit.AVAILABLE:
@@ -410,15 +425,20 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         return
     stack = ws.get("stack", len(others) * CHUNK)
     out = ws.get("out", CHUNK)
-    if _jit.AVAILABLE and rows and all(r.mask is not None and r.rule is None and r.div is None for r in rows):
-        # DARE from disk (and TIES with L1 rescale): each slice through the compiled masked loop
+    if _jit.AVAILABLE and rows and all((r.mask is not None or r.stream is not None) and r.rule is None
+                                       and r.div is None for r in rows):
+        # DARE from disk (and TIES with L1 rescale): each slice through the compiled masked loop,
+        # a streamed row's mask slice redrawn from its stream position
         common = _jit_common(method, job, [r.i for r in rows])
         fac = [1.0 if r.factor is None else float(r.factor) for r in rows]
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             d = stack[: len(rows) * (e - s)].view(len(rows), e - s)
             deltas = [inputs.delta_into(row.i, s, e, d[r]) for r, row in enumerate(rows)]
-            _jit.uniform_pass(deltas, [r.mask[s:e] for r in rows], None, None, fac, base=inputs.base(s, e),
+            masks = [r.mask[s:e] if r.stream is None
+                     else r.stream.mask_into(r.density, ws.get(("redraw", k), CHUNK, torch.bool)[: e - s])
+                     for k, r in enumerate(rows)]
+            _jit.uniform_pass(deltas, masks, None, None, fac, base=inputs.base(s, e),
                               s=0, e=e - s, rmode=_jit.ROUND_NONE, out=out[: e - s], **common)
             sink(s, e, out[: e - s])
         return

@@ -460,6 +460,76 @@ def _cascade2_py(tau, mask, accb, acca, start, size, W):
             acca[0, lane] += acca[lev, lane]
 
 
+def _l1_stream_py(tau, mask, s, n, L, accb, acca, st):
+    """`_l1_pair_py` fed slice by slice: the slice [s, s + len(tau)) of a tensor of n >= L elements
+    (s a multiple of W = 4L; every slice but the last ends on one). Its groups go into the running
+    cascades (accb, acca: (4, W), zero at first; st[0]: groups done), exactly as `_cascade2_py`
+    would take them; the last slice adds the leftovers and returns the two sums ((0, 0) before)."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    V = n // L
+    W = 4 * L
+    size = V // 4
+    p = max(4, _ceil_log2(size) // 4)
+    step = 1 << p
+    lmask = step - 1
+    full = (size // step) * step
+    e = s + tau.shape[0]
+    b0 = accb[0]
+    a0 = acca[0]
+    i = st[0]
+    gend = min(size, e // W)
+    while i < gend:
+        nxt = min(gend, (i // step + 1) * step)
+        o = i * W - s
+        cnt = (nxt - i) * W
+        tb = tau[o:o + cnt]
+        mb = mask[o:o + cnt]
+        for g in range(nxt - i):
+            gw = g * W
+            for lane in range(W):
+                x = abs(tb[gw + lane])
+                b0[lane] += x
+                a0[lane] += x * (one if mb[gw + lane] != 0 else zero)
+        i = nxt
+        if (i & lmask) == 0 and i <= full:
+            for lev in range(1, 4):
+                for lane in range(W):
+                    accb[lev, lane] += accb[lev - 1, lane]
+                    accb[lev - 1, lane] = zero
+                    acca[lev, lane] += acca[lev - 1, lane]
+                    acca[lev - 1, lane] = zero
+                if (i & (lmask << (lev * p))) != 0:
+                    break
+    st[0] = i
+    if e < n:
+        return zero, zero
+    for lev in range(1, 4):
+        for lane in range(W):
+            accb[0, lane] += accb[lev, lane]
+            acca[0, lane] += acca[lev, lane]
+    for v in range(size * 4, V):
+        o = v * L - s
+        for lane in range(L):
+            x = abs(tau[o + lane])
+            accb[0, lane] += x
+            acca[0, lane] += x * (one if mask[o + lane] != 0 else zero)
+    for k in range(1, 4):
+        for lane in range(L):
+            accb[0, lane] += accb[0, k * L + lane]
+            acca[0, lane] += acca[0, k * L + lane]
+    sb = zero
+    sa = zero
+    for j in range(V * L, n):
+        x = abs(tau[j - s])
+        sb += x
+        sa += x * (one if mask[j - s] != 0 else zero)
+    for lane in range(L):
+        sb += accb[0, lane]
+        sa += acca[0, lane]
+    return zero + sb, zero + sa
+
+
 def _l1_pair_py(tau, mask, L):
     """(Σ|τ|, Σ|τ|·mask), each summed in the order of torch's serial float32 sum (as in
     `_dare_mask_l1`): `l1_norm_of_abs(|τ|)` and `l1_norm_of_abs(|τ|·mask)` bit for bit, in one
@@ -715,7 +785,7 @@ def _compiled() -> tuple:
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
             jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
             jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py), jit(_dare_rows_py),
-            jit(_cut_idx_kernel), jit(_sub16_kernel))
+            jit(_cut_idx_kernel), jit(_sub16_kernel), jit(_l1_stream_py))
 
 
 @functools.cache
@@ -888,6 +958,37 @@ def l1_pair(tau: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.tensor(b, dtype=torch.float32), torch.tensor(a, dtype=torch.float32)
 
 
+class L1Stream:
+    """`l1_pair` of a tensor of n elements fed slice by slice in flat order (`feed`), so τ and its
+    mask need never be whole: the same two sums, bit for bit. Slices start at multiples of 64
+    elements and all but the last end on one. Use only where `sum_lanes()` is not None and
+    n <= L1_MAX."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.lanes = sum_lanes()
+        w = 4 * self.lanes
+        self._accb = np.zeros((4, w), np.float32)
+        self._acca = np.zeros((4, w), np.float32)
+        self._st = np.zeros(1, np.int64)
+        self._parts: list | None = [] if n < self.lanes else None  # shorter than one vector: kept whole
+
+    def feed(self, tau: torch.Tensor, mask: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Take the slice [s, s + len) of τ and its bool mask; with the last slice, return
+        (‖τ‖₁, ‖τ·mask‖₁), else None."""
+        e = s + tau.numel()
+        if self._parts is not None:
+            self._parts.append((tau.clone(), mask.clone()))
+            if e < self.n:
+                return None
+            return l1_pair(torch.cat([t for t, _ in self._parts]), torch.cat([m for _, m in self._parts]))
+        b, a = _compiled()[15](tau.numpy(), mask.view(torch.uint8).numpy(), int(s), self.n, self.lanes,
+                               self._accb, self._acca, self._st)
+        if e < self.n:
+            return None
+        return torch.tensor(b, dtype=torch.float32), torch.tensor(a, dtype=torch.float32)
+
+
 class MTStream:
     """The numbers a CPU `torch.Generator` seeded with `seed` gives to float32 `uniform_`, drawn by
     the compiled loop (element for element the same stream; see `mt_matches`)."""
@@ -902,6 +1003,13 @@ class MTStream:
         self.pos = int(_compiled()[11](self.state, self.pos, np.float32(density), mask.view(torch.uint8).numpy(),
                                        _EMPTY_F32, False))
         return mask
+
+    def copy(self) -> "MTStream":
+        """An independent stream at this one's position (it draws the same numbers next)."""
+        c = MTStream.__new__(MTStream)
+        c.state = self.state.copy()
+        c.pos = self.pos
+        return c
 
     def uniform_into(self, out: torch.Tensor) -> torch.Tensor:
         """out (flat float32) = the next out.numel() uniforms, as out.uniform_(generator=g)."""

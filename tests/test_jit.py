@@ -455,3 +455,58 @@ def test_dare_pass_equals_masks_norms_then_uniform_pass(n, method_name):
             return
         assert ok and torch.equal(_bits(got), _bits(want)), out_dtype
         assert all(np.array_equal(m_got.astype(bool), m.numpy()) for m_got, m in zip(ms, masks))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 65536 + 77, 3 * 65536, 600_007])
+def test_l1_stream_fed_slice_by_slice_equals_the_whole_tensor_pair(n):
+    # the cascade's state carried across slices of 64, 640 and 65,536 elements gives the sums of
+    # l1_pair over the whole tensor, hence torch's
+    from operators.sparsify import l1_norm_of_abs
+
+    if _jit.sum_lanes() is None:
+        pytest.skip("this torch's sum order is not reproduced: the streamed pass is not used")
+    g = torch.Generator().manual_seed(n + 9)
+    tau = _awkward(n, n + 4) * torch.rand(n, generator=g).pow(6) * 100
+    mask = torch.rand(n, generator=g) < 0.55
+    want = (l1_norm_of_abs(tau.abs()).item(), l1_norm_of_abs(tau.abs().mul_(mask)).item())
+    for chunk in (64, 640, 65536):
+        st = _jit.L1Stream(n)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            got = st.feed(tau[s:e], mask[s:e], s)
+            assert (got is None) == (e < n)
+        assert (got[0].item(), got[1].item()) == want, chunk
+
+
+def test_mt_stream_copy_draws_the_same_numbers_independently():
+    s = _jit.MTStream(99)
+    s.uniform_into(torch.empty(1000))  # inside the 624-word state
+    c = s.copy()
+    a = s.uniform_into(torch.empty(2000))
+    b = c.uniform_into(torch.empty(2000))
+    assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(99)
+    torch.empty(1000).uniform_(generator=g)
+    assert torch.equal(a, torch.empty(2000).uniform_(generator=g))
+
+
+def test_disk_dare_holds_no_whole_tensor_mask_or_task_vector(wide_family, tmp_path, monkeypatch):
+    # DARE with L1 rescale from disk: τ and the masks go slice by slice (norms streamed, masks
+    # redrawn), so the workspace holds slices only, whatever the tensor size
+    from mergelab import engine
+
+    seen = []
+    real = fast.Workspace
+
+    class Watched(real):
+        def __init__(self):
+            super().__init__()
+            seen.append(self)
+
+    monkeypatch.setattr(fast, "Workspace", Watched)
+    monkeypatch.setattr(fast, "CHUNK", 640)
+    r = _recipe(wide_family, "dare_ties", (0.6, 0.4, 0.9), (0.5, 0.7, 0.3), {})
+    engine.merge_to_dir(r, tmp_path / "out")
+    bufs = seen[0]._bufs
+    assert bufs and all(k == ("result", torch.float32) or t.numel() <= 3 * 640 for k, t in bufs.items()), \
+        {k: t.numel() for k, t in bufs.items()}
