@@ -5,9 +5,11 @@ Why it is exact: every step after the per-tensor statistics is element by elemen
 `combine_` run over the stacked models, not over elements), so computing it slice by slice
 changes no value. The statistics that need the whole tensor (the top-k threshold, DARE's L1
 norms, fixed-order sums that no thread count changes) are computed on a full-tensor buffer with
-the very calls the operators use, and random numbers are drawn in flat order from the same
-generator (float32 `uniform_` consumes the generator element by element, so slices draw the
-same numbers as one full-tensor draw).
+the very calls the operators use (or compiled loops that sum in their order, `_jit`), and random
+numbers are drawn in flat order from the same generator (float32 `uniform_` consumes the
+generator element by element, so slices draw the same numbers as one full-tensor draw; with
+numba, `_jit.MTStream` draws that stream itself, and a copy of it at a row's start redraws the
+row's mask slice by slice).
 """
 from __future__ import annotations
 

@@ -1,15 +1,16 @@
 """Compiled (numba, extra `fast`) loops for the merge kernels: linear and task-vector element passes
-that write the output dtype's values, the fused DARE mask + L1 pass, and the TIES top-k selection.
+that write the output dtype's values, the fused DARE mask + L1 passes (whole or streamed slice by
+slice), torch's CPU generator stream (mt19937) for DARE's draws, and the TIES top-k selection.
 
 Why: the torch kernels in `_fast` make ~45 element-wise passes over each slice for a TIES
 candidate against ~8 for a linear one; these loops make one, over the elements with the rows
 inside, which the compiler vectorizes. They perform the same float32 operations in the same
 order as the torch path (`_fast._Row.apply_` then `operators.task_vectors.combine_`,
 `operators.linear.weighted_sum_` with addcmul_'s FMA where torch uses it, the output dtype's
-round-to-nearest-even, torch's serial sum for the L1 norm), so results are equal bit for bit;
-tests/test_jit.py checks each against the torch path. Where an equivalence depends on this
-machine's torch (FMA in addcmul_, the sum's vector width) a probe decides, and the torch path
-runs when the probe cannot match it.
+round-to-nearest-even, torch's serial sum for the L1 norm, the generator's numbers in its
+order), so results are equal bit for bit; tests/test_jit.py checks each against the torch path.
+Where an equivalence depends on this machine's torch (FMA in addcmul_, the sum's vector width,
+the generator's stream) a probe decides, and the torch path runs when the probe cannot match it.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import os
 import numpy as np
 import torch
 
-# An optional extra: without numba the trial merger uses the torch kernels (same values). Only
-# looked up here: numba (~50 MB) is imported on the first compiled call, so `mergelab merge`,
-# which never makes one, does not pay for it. MERGELAB_JIT=0 turns the compiled loop off (to
-# compare, or to rule it out when debugging).
+# An optional extra: without numba the engine and the trial merger use the torch kernels (same
+# values). Only looked up here: numba (~50 MB, ~0.3 s) is imported on the first compiled call, so
+# a linear `mergelab merge`, which makes none, does not pay for it. MERGELAB_JIT=0 turns the
+# compiled loops off (to compare, or to rule them out when debugging).
 AVAILABLE = importlib.util.find_spec("numba") is not None and os.environ.get("MERGELAB_JIT", "1") != "0"
 
 _BLOCK = 2048  # elements per inner block: every row's block stays in L1, loops vectorize
