@@ -681,6 +681,45 @@ def linear_into(job: TensorJob, models: list[torch.Tensor], dest: torch.Tensor) 
     return True
 
 
+@dataclass
+class Dare16Sources:
+    """What `dare16_into` reads for one tensor, held by the trial merger for a whole search: the
+    16-bit sources as stored (`_jit.bits16` views, all of one format) of the base and of each
+    task-vector row, the rows' draws as `_jit.DrawKeys`, and each row's ‖τ‖₁ (a float32 value)."""
+
+    base: np.ndarray
+    models: tuple  # per row: the models other than the base, in order
+    keys: list  # per row: its `_jit.DrawKeys`
+    l1: list  # per row
+
+
+def dare16_into(plan: MergePlan, job: TensorJob, src: Dare16Sources, dest: torch.Tensor, ws: Workspace) -> bool:
+    """DARE with L1 rescale from 16-bit sources, written straight into `dest` (a float32 model
+    parameter) rounded through the output dtype by `_jit.dare16_pass`: the chunked kernels' values
+    and `dest.copy_(result.to(out_dtype))`, bit for bit. False (nothing done) where it does not
+    apply (another rescale, a density of 1, an output dtype or layout the pass does not handle)."""
+    if job.copy or not _jit.AVAILABLE:
+        return False
+    op = get_operator(plan.recipe.merge_method)
+    method = _TASK.get(op.name)
+    if method is None or method.sparsification != "bernoulli":
+        return False
+    base_index = plan.recipe.base_index
+    raise_if_invalid(op.name, job.name, job.model_params, job.params, base_index)
+    others = [i for i in range(len(job.models)) if i != base_index]
+    n = math.prod(job.shape)
+    rmode = _jit.round_mode(job.out_dtype)
+    if _rescale_mode(job.params) != "l1" or not others or len(others) != len(src.models) or rmode is None \
+            or dest.dtype != _F32 or dest.device.type != "cpu" or not dest.is_contiguous() or dest.numel() != n \
+            or n == 0:
+        return False
+    densities = [float(job.model_params[i]["density"]) for i in others]
+    if any(d >= 1 for d in densities):
+        return False
+    return _jit.dare16_pass(src.models, src.base, src.keys, densities, src.l1, rmode=rmode,
+                            out=dest.view(-1).numpy(), **_jit_common(method, job, others))
+
+
 def full_output(job: TensorJob, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Sink]:
     """A tensor of the job's shape and output dtype and the sink that fills it."""
     if out is None:

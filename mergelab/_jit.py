@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 
 import numpy as np
@@ -665,6 +666,178 @@ def _dare_rows_py(us, xs, ts, L, ms, after):
         after[r] = _mask_l1(us[r], xs[r], ts[r], L, ms[r])
 
 
+def _cascade16_py(ms, b, ks, T, acc, start, size, W):
+    """`_cascade_py` for every row of a tensor at once, from the 16-bit sources as stored: row r's
+    τ = θᵣ − base (each widened exactly by `_wid`, whose float16 or bfloat16 form the arrays'
+    integer type fixes at compile time), kept where its draw's key byte ks[r] < T[r] (`DrawKeys`
+    makes that exactly u < t), |τ|·keep summed into acc[r] in torch's order. Between two carry
+    points the rows are taken one after the other over the same few groups (the base's slice
+    stays in L1), so the base is read from memory once for all rows; nothing is written."""
+    _wide()
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    R = len(ms)
+    p = max(4, _ceil_log2(size) // 4)
+    step = 1 << p
+    lmask = step - 1
+    for r in range(R):
+        for lev in range(4):
+            for lane in range(W):
+                acc[r, lev, lane] = zero
+    full = (size // step) * step
+    i = 0
+    while i < size:
+        nxt = min(size, (i // step + 1) * step)
+        o = start + i * W
+        cnt = (nxt - i) * W
+        bb = b[o:o + cnt]
+        for r in range(R):
+            mb = ms[r][o:o + cnt]
+            kb = ks[r][o:o + cnt]
+            a0 = acc[r, 0]
+            tr = T[r]
+            for g in range(nxt - i):
+                gw = g * W
+                for lane in range(W):
+                    x = _wid(mb[gw + lane]) - _wid(bb[gw + lane])
+                    a0[lane] += abs(x) * (one if np.int32(kb[gw + lane]) < tr else zero)
+        i = nxt
+        if (i & lmask) == 0 and i <= full:  # a full step closed: carry up
+            for r in range(R):
+                for lev in range(1, 4):
+                    for lane in range(W):
+                        acc[r, lev, lane] += acc[r, lev - 1, lane]
+                        acc[r, lev - 1, lane] = zero
+                    if (i & (lmask << (lev * p))) != 0:
+                        break
+    for r in range(R):
+        for lev in range(1, 4):
+            for lane in range(W):
+                acc[r, 0, lane] += acc[r, lev, lane]
+
+
+def _dare16_rows_py(ms, b, ks, T, L, after):
+    """`_dare_rows_py` from 16-bit sources and draw key bytes (`_cascade16_py`): after[r] =
+    ‖τᵣ·maskᵣ‖₁ in torch's serial order (maskᵣ = ks[r] < T[r]), for every row in one pass."""
+    _wide()
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    R = len(ms)
+    n = b.shape[0]
+    V = n // L
+    W = 4 * L if V > 0 else 4  # shorter than one vector: the scalar row sum, 4 partial sums
+    size = V // 4 if V > 0 else n // 4
+    acc = np.zeros((R, 4, W), np.float32)
+    _cascade16(ms, b, ks, T, acc, 0, size, W)
+    for r in range(R):
+        m = ms[r]
+        k = ks[r]
+        tr = T[r]
+        if V == 0:
+            s = acc[r, 0, 0]
+            for e in range(size * 4, n):
+                x = _wid(m[e]) - _wid(b[e])
+                s += abs(x) * (one if np.int32(k[e]) < tr else zero)
+            for q in range(1, 4):
+                s += acc[r, 0, q]
+            after[r] = zero + s
+            continue
+        for v in range(size * 4, V):  # leftover vectors, into the first partial sum
+            o = v * L
+            for lane in range(L):
+                x = _wid(m[o + lane]) - _wid(b[o + lane])
+                acc[r, 0, lane] += abs(x) * (one if np.int32(k[o + lane]) < tr else zero)
+        for q in range(1, 4):
+            for lane in range(L):
+                acc[r, 0, lane] += acc[r, 0, q * L + lane]
+        s = zero
+        for e in range(V * L, n):
+            x = _wid(m[e]) - _wid(b[e])
+            s += abs(x) * (one if np.int32(k[e]) < tr else zero)
+        for lane in range(L):
+            s += acc[r, 0, lane]
+        after[r] = zero + s
+
+
+def _keys_build_py(u, key, offs, pos, low):
+    """`DrawKeys` from float32 draws u = k·2^-24: key = k >> 16 (one byte), and the positions
+    bucketed by key (offs: 257 bucket starts; pos: flat indices, ascending within a bucket; low:
+    each listed position's k & 0xFFFF), by a counting sort."""
+    scale = np.float32(16777216.0)
+    n = u.shape[0]
+    for q in range(257):
+        offs[q] = 0
+    for j in range(n):
+        kk = np.int32(u[j] * scale)  # exact: a power-of-two scaling of an integer below 2^24
+        key[j] = np.uint8(kk >> 16)
+        offs[(kk >> 16) + 1] += 1
+    for q in range(256):
+        offs[q + 1] += offs[q]
+    fill = offs[:256].copy()
+    for j in range(n):
+        kk = np.int32(u[j] * scale)
+        q = kk >> 16
+        at = fill[q]
+        pos[at] = j
+        low[at] = np.uint16(kk & 0xFFFF)
+        fill[q] = at + 1
+
+
+def _keys_fix_py(key, offs, pos, low, kh, kl, restore):
+    """Make `key < T` mean exactly k < K (K = kh·2^16 + kl) for one candidate, or undo it: only
+    bucket kh is ambiguous. kh >= 1 (T = kh): its kept entries (low < kl) become kh − 1. kh = 0
+    (T = 1): its dropped entries (low >= kl) become 1. `restore` writes kh back."""
+    if kh >= 256:
+        return
+    for i in range(offs[kh], offs[kh + 1]):
+        p = pos[i]
+        if restore:
+            key[p] = np.uint8(kh)
+        elif kh >= 1:
+            if low[i] < kl:
+                key[p] = np.uint8(kh - 1)
+        elif low[i] >= kl:
+            key[p] = np.uint8(1)
+
+
+def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, has_lam, rmode, out):
+    """`_masked_kernel` from 16-bit sources as stored and draw key bytes: τᵣ = θᵣ − base and the
+    base widened exactly in the loop (`_wid`), row r kept where ks[r] < T[r], the same float32
+    operations after."""
+    _wide()
+    R = len(ms)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for j in range(out.shape[0]):
+        bj = _wid(b[j])
+        total = zero
+        p_sum = zero  # as in _masked_kernel
+        n_sum = zero
+        p_w = zero
+        n_w = zero
+        for r in range(R):
+            x = _wid(ms[r][j]) - bj
+            v = ((x if np.int32(ks[r][j]) < T[r] else zero) * fac[r]) * w[r]
+            total += v
+            p_sum += v if v > zero else zero
+            n_sum += v if v < zero else zero
+            p_w += w[r] if v > zero else zero
+            n_w += w[r] if v < zero else zero
+        if consensus:
+            pos = total >= zero
+            mixed = p_sum if pos else n_sum
+            divisor = p_w if pos else n_w
+            if normalize:
+                mixed = mixed / (one if divisor == zero else divisor)
+        else:
+            mixed = total
+            if normalize:
+                mixed = mixed / lin_div
+        if has_lam:
+            mixed = mixed * lam
+        out[j] = _round(mixed + bj, rmode)
+
+
 def _kth_largest_bits(bits, k):
     """The k-th largest of non-negative float32 values given as their bit patterns (which order
     like the values), by two 16-bit radix passes: (bit pattern, entries above it, entries equal)."""
@@ -775,18 +948,51 @@ def _compiled() -> tuple:
 
     jit = numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     # the kernels call these by their global names: they must exist before the kernels compile
-    globals().update(_fma=fma, _f16rt=f16rt, _bf16rt=bf16rt, _h2f=h2f, _b2f=b2f)
+    @intrinsic
+    def wid(typingctx, v):
+        """A 16-bit source element widened to float32 exactly: a float16 bit pattern when given as
+        uint16, a bfloat16 one when given as int16 (so each format is its own compiled version,
+        with no format test in the loop)."""
+        if v not in (types.uint16, types.int16):
+            return None
+        half = v == types.uint16
+
+        def codegen(context, builder, signature, args):
+            if half:
+                return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+            i32 = ir.IntType(32)
+            return builder.bitcast(builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16)), ir.FloatType())
+
+        return types.float32(v), codegen
+
+    @intrinsic
+    def wide_vectors(typingctx):
+        """Let the calling function's loops use the CPU's widest vectors (512 bits with AVX-512;
+        LLVM otherwise stops at 256 on CPUs it tunes that way): its LLVM function gets
+        "prefer-vector-width"="512" (a hint: no effect where the CPU has no wider vectors).
+        Element-wise code gives the same values at any width; the loops' sums keep their
+        explicit lanes, which the width does not reorder."""
+        def codegen(context, builder, signature, args):
+            attrs = builder.function.attributes
+            set.add(attrs, '"prefer-vector-width"="512"')  # a string attribute: no known-name check
+            return context.get_dummy_value()
+
+        return types.none(), codegen
+
+    globals().update(_fma=fma, _f16rt=f16rt, _bf16rt=bf16rt, _h2f=h2f, _b2f=b2f, _wid=wid, _wide=wide_vectors)
     globals()["_round"] = numba.njit(inline="always")(_round_py)  # inlined in numba IR: vectorizes
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
     globals()["_cascade2"] = jit(_cascade2_py)
     globals()["_mask_l1"] = jit(_dare_mask_l1)
+    globals()["_cascade16"] = jit(_cascade16_py)
     globals()["_mt_twist"] = jit(_mt_twist_py)
     globals()["_mt_temper"] = jit(_mt_temper_py)
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
             jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
             jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py), jit(_dare_rows_py),
-            jit(_cut_idx_kernel), jit(_sub16_kernel), jit(_l1_stream_py))
+            jit(_cut_idx_kernel), jit(_sub16_kernel), jit(_l1_stream_py), jit(_dare16_rows_py),
+            jit(_masked16_kernel), jit(_keys_build_py), jit(_keys_fix_py))
 
 
 @functools.cache
@@ -1113,3 +1319,80 @@ def sub16(m: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     _compiled()[14](m.view(torch.int16).numpy().view(np.uint16), b.view(torch.int16).numpy().view(np.uint16),
                     m.dtype == torch.float16, out.numpy())
     return out
+
+
+def bits16(t: torch.Tensor) -> np.ndarray:
+    """A flat float16 / bfloat16 CPU tensor's bit patterns as the compiled 16-bit loops take them (a
+    view, no copy): uint16 for float16, int16 for bfloat16; the integer type selects the widening."""
+    v = t.view(torch.int16).numpy()
+    return v.view(np.uint16) if t.dtype == torch.float16 else v
+
+
+def key_limit(density: float) -> int:
+    """K such that a draw u = k·2^-24 satisfies u < float32(density) exactly when k < K (the
+    comparison `dare_pass` makes in float32)."""
+    return math.ceil(float(np.float32(density)) * 2.0**24)  # exact: a float32 times a power of two
+
+
+class DrawKeys:
+    """One row's DARE draws for the 16-bit pass, one byte each: key = k >> 16 of the draw
+    u = k·2^-24, and the positions bucketed by key with their k & 0xFFFF. For a density t,
+    u < t exactly when k < K = ceil(t·2^24): every key below K >> 16 is kept, every key above
+    dropped, and only bucket K >> 16 needs its low bits, so `fix` rewrites that bucket's keys
+    (~n/256 bytes) for the candidate and `restore` undoes it; the passes then read 1 byte per
+    draw (a float32 draw is 4) and compare it with one threshold."""
+
+    def __init__(self, u: torch.Tensor):
+        n = u.numel()
+        self.key = np.empty(n, np.uint8)
+        self.offs = np.empty(257, np.int64)
+        self.pos = np.empty(n, np.int32 if n < 2**31 else np.int64)
+        self.low = np.empty(n, np.uint16)
+        _compiled()[18](u.numpy(), self.key, self.offs, self.pos, self.low)
+        self._fixed: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.key.nbytes + self.offs.nbytes + self.pos.nbytes + self.low.nbytes
+
+    def fix(self, density: float) -> int:
+        """Set the keys up for `density` (undoing any earlier fix) and return the threshold T:
+        key < T exactly where the draw is below float32(density)."""
+        K = key_limit(density)
+        kh, kl = K >> 16, K & 0xFFFF
+        if self._fixed != (kh, kl):
+            self.restore()
+            _compiled()[19](self.key, self.offs, self.pos, self.low, kh, kl, False)
+            self._fixed = (kh, kl)
+        return 1 if kh == 0 else min(kh, 256)
+
+    def restore(self) -> None:
+        """Every key back to k >> 16."""
+        if self._fixed is not None:
+            _compiled()[19](self.key, self.offs, self.pos, self.low, self._fixed[0], 0, True)
+            self._fixed = None
+
+
+def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[float], l1: list[float],
+                weights: list[float], consensus: bool, normalize: bool, lin_div: torch.Tensor | None, lam: float,
+                rmode: int, out: np.ndarray) -> bool:
+    """`dare_pass` from the 16-bit sources as stored (`bits16` views of one format: `ms` the rows'
+    models, `b` the base) and the rows' draws as `DrawKeys`: the same masks, norms, factors and
+    merged values, reading about a third of the bytes (the base once for all rows, no mask
+    written). `l1` holds each row's ‖τ‖₁ (float32 values). False (nothing written) where the
+    summation order cannot be reproduced."""
+    n = out.shape[0]
+    lanes = sum_lanes() if n <= L1_MAX else None
+    if lanes is None:
+        return False
+    f32 = np.float32
+    c = _compiled()
+    T = tuple(np.int32(k.fix(d)) for k, d in zip(keys, densities))
+    ks = tuple(k.key for k in keys)
+    after = np.empty(len(ms), f32)
+    c[16](ms, b, ks, T, lanes, after)
+    eps = f32(_eps32())
+    fac = tuple(f32(1.0) if f32(bv) < eps or a < eps else f32(bv) / a for bv, a in zip(l1, after))
+    c[17](ms, b, ks, T, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
+          f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)), int(rmode), out)
+    return True

@@ -69,6 +69,8 @@ class TrialMerger:
         # once per search (for the seed in _fast_seed: DARE's inputs hold that seed's draws)
         self._fast_cache: dict[tuple, tuple[bool, _fast.CachedInputs | None]] = {}
         self._fast_seed: int | None = None
+        # DARE from the 16-bit sources as stored and 1-byte draw keys, per (seed, tensor, sources)
+        self._dare16: dict[tuple, _fast.Dare16Sources | None] = {}
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
         self._streaming: bool | None = None
         self.model_dtype = model_dtype
@@ -162,6 +164,58 @@ class TrialMerger:
             d = self._deltas[k] = m - base
         return d
 
+    def _dare16_sources(self, job: TensorJob, plan: MergePlan) -> _fast.Dare16Sources | None:
+        """The 16-bit sources, draw keys and ‖τ‖₁ of a DARE tensor, built once per seed; None (the
+        float32 path then) when a source is not float16 / bfloat16 as stored or not all of one
+        format, needs a vocabulary cut or pad, or the draws do not fit `max_memory`."""
+        bi = plan.recipe.base_index
+        base_read = job.base if job.base is not None else (job.models[bi] if bi is not None else None)
+        if base_read is None or job.copy:
+            return None
+        rows = [r for i, r in enumerate(job.models) if i != bi]
+        key = (plan.seed, job.name, (base_read.ref, base_read.tensor), tuple((r.ref, r.tensor) for r in rows))
+        if key in self._dare16:
+            return self._dare16[key]
+        if self._dare16 and next(iter(self._dare16))[0] != plan.seed:
+            self._dare16.clear()  # a new seed: the old draws will not come back
+        if self._draws_fit is None:
+            extra = sum(math.prod(j.shape) * 4 * (len(j.models) - 1) for j in plan.jobs)
+            self._draws_fit = self.max_memory is None or self._cache_bytes(plan) + extra <= self.max_memory
+        got = None
+        srcs = [self._raw16_source(job, r) for r in (base_read, *rows)]
+        if self._draws_fit and rows and all(t is not None and t.dtype == srcs[0].dtype for t in srcs):
+            b, ms = srcs[0], srcs[1:]
+            n = b.numel()
+            stream = _jit.mt_stream(tensor_seed(plan.seed, job.name))
+            gen = None
+            if stream is None:
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed(tensor_seed(plan.seed, job.name))
+            keys, l1 = [], []
+            u = torch.empty(n, dtype=torch.float32)
+            for r, m in zip(rows, ms):  # the rows' draws in row order, as the operator takes them
+                keys.append(_jit.DrawKeys(stream.uniform_into(u) if stream is not None else u.uniform_(generator=gen)))
+                k = (r.ref, r.tensor)
+                if k not in self._l1:  # the values of _l1_norm(τ), τ = θ − base in float32
+                    d = self._deltas.get(k)
+                    self._l1[k] = l1_norm_of_abs(torch.abs(d if d is not None else m.float() - b.float()))
+                l1.append(self._l1[k].item())
+            got = _fast.Dare16Sources(_jit.bits16(b), tuple(_jit.bits16(m) for m in ms), keys, l1)
+        self._dare16[key] = got
+        return got
+
+    def _raw16_source(self, job: TensorJob, r) -> torch.Tensor | None:
+        """A model's tensor, flat, as stored when it is float16 or bfloat16 and needs no vocabulary
+        cut or pad (cached with the linear pass's), else None."""
+        key = (r.ref, r.tensor)
+        t = self._raw16.get(key)
+        if t is None:
+            raw = self.sources[r.ref].get(r.tensor)
+            if raw.dtype not in (torch.float16, torch.bfloat16) or (job.rows is not None and raw.shape[0] != job.rows):
+                return None
+            t = self._raw16[key] = raw.view(-1)  # a fresh tensor (sources.get reads into one)
+        return t
+
     def _cached_fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs | None:
         """`_fast_inputs` when the chunked kernels merge this job, else None; both decided once per
         tensor, operator and source list (they do not depend on the candidate's values)."""
@@ -241,6 +295,8 @@ class TrialMerger:
         plan = self.plan(recipe, seed)
         op = get_operator(plan.recipe.merge_method)
         linear = op.name == "linear" and self.device.type == "cpu" and self.compute_dtype == torch.float32
+        dare16 = (op.name in _fast.BERNOULLI and self.device.type == "cpu" and self.compute_dtype == torch.float32
+                  and _jit.AVAILABLE)
         if self._streaming is None:
             need = self._cache_bytes(plan)
             self._streaming = self.max_memory is not None and need > self.max_memory
@@ -259,6 +315,10 @@ class TrialMerger:
             elif linear and target is not None and (dest := target(job)) is not None \
                     and _fast.linear_into(job, [self._linear_source(job, r) for r in job.models], dest):
                 out = None  # the compiled loop wrote the result into the model's parameter
+            elif dare16 and target is not None and (dest := target(job)) is not None \
+                    and (src := self._dare16_sources(job, plan)) is not None \
+                    and _fast.dare16_into(plan, job, src, dest, self._ws):
+                out = None  # the compiled passes wrote the result into the model's parameter
             elif self.device.type == "cpu" and (inputs := self._cached_fast_inputs(job, plan, op)) is not None:
                 dest = target(job) if target is not None else None
                 if dest is not None and dest.is_contiguous() and tuple(dest.shape) == tuple(job.shape):
