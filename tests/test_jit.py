@@ -510,3 +510,57 @@ def test_disk_dare_holds_no_whole_tensor_mask_or_task_vector(wide_family, tmp_pa
     bufs = seen[0]._bufs
     assert bufs and all(k == ("result", torch.float32) or t.numel() <= 3 * 640 for k, t in bufs.items()), \
         {k: t.numel() for k, t in bufs.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 5, 31, 33, 100, 8 * 4 * 16 * 16 + 8 * 3 + 5, N_ODD])
+def test_dare16_pass_equals_float32_dare_pass(dtype, n):
+    # the 16-bit pass (sources as stored, 1-byte draw keys fixed up per density) against dare_pass
+    # on the widened task vectors and the float32 draws: same masks, norms, factors, values
+    from operators.sparsify import l1_norm_of_abs
+
+    g = torch.Generator().manual_seed(n)
+    b16 = (torch.randn(n, generator=g) * 0.5).to(dtype)
+    m16 = [(b16.float() + _awkward(n, n + r)).to(dtype) for r in range(3)]
+    us = [torch.rand(n, generator=g) for _ in range(3)]
+    keys = [_jit.DrawKeys(u) for u in us]
+    base = b16.float()
+    xs = tuple((m.float() - base).numpy() for m in m16)
+    l1 = tuple(np.float32(l1_norm_of_abs(torch.abs(torch.from_numpy(x))).item()) for x in xs)
+    masks = tuple(np.empty(n, np.uint8) for _ in range(3))
+    # densities on either side of the draws' 2^-24 grid, tiny, zero, just below 1, repeated
+    for dens, common in (
+        ((0.5 + 0.3 / 2**24, 0.3, 0.9), dict(weights=[0.5, 0.7, 0.3], consensus=True, normalize=True,
+                                              lin_div=None, lam=1.1)),
+        ((1e-3, 0.5 + 0.7 / 2**24, 1 - 2**-25), dict(weights=[0.5, -0.7, 0.3], consensus=False, normalize=True,
+                                                   lin_div=torch.tensor(0.1), lam=1.0)),
+        ((1e-9, 0.0, 0.2), dict(weights=[1.0, 1.0, 1.0], consensus=True, normalize=False, lin_div=None, lam=0.5)),
+        ((0.3, 0.3, 0.3), dict(weights=[0.2, 0.2, 0.6], consensus=True, normalize=True, lin_div=None, lam=1.0)),
+    ):
+        for rmode in (_jit.ROUND_NONE, _jit.ROUND_F16, _jit.ROUND_BF16):
+            want = np.empty(n, np.float32)
+            got = np.empty(n, np.float32)
+            assert _jit.dare_pass(tuple(u.numpy() for u in us), xs, list(dens), l1, masks, base=base.numpy(),
+                                  rmode=rmode, out=want, **common)
+            assert _jit.dare16_pass(tuple(_jit.bits16(m) for m in m16), _jit.bits16(b16), keys, list(dens),
+                                    [float(v) for v in l1], rmode=rmode, out=got, **common)
+            assert np.array_equal(got.view(np.int32), want.view(np.int32)), (dens, rmode)
+            for r, k in enumerate(keys):  # the fixed-up keys select exactly u < float32(density)
+                assert np.array_equal(k.key < k.fix(dens[r]), masks[r].astype(bool))
+    for u, k in zip(us, keys):  # restore gives back every key as k >> 16
+        k.restore()
+        assert np.array_equal(k.key, ((u.numpy() * 2**24).astype(np.int64) >> 16).astype(np.uint8))
+
+
+def test_draw_keys_bucket_fix_by_hand():
+    # draws k·2^-24 with k = 0x020005, 0x020009, 0x010000, 0x000003, 0x000001: keys 2, 2, 1, 0, 0
+    k = np.array([0x020005, 0x020009, 0x010000, 0x000003, 0x000001])
+    keys = _jit.DrawKeys(torch.from_numpy((k / 2**24).astype(np.float32)))
+    assert keys.key.tolist() == [2, 2, 1, 0, 0]
+    assert keys.offs[:4].tolist() == [0, 2, 3, 5] and keys.pos[:5].tolist() == [3, 4, 2, 0, 1]
+    t = keys.fix(0x020007 / 2**24)  # K = 0x020007: keeps k < K, the first of bucket 2 only
+    assert t == 2 and keys.key.tolist() == [1, 2, 1, 0, 0]
+    t = keys.fix(0x000002 / 2**24)  # bucket 0: only k = 1 kept; the earlier fix is undone first
+    assert t == 1 and keys.key.tolist() == [2, 2, 1, 1, 0]
+    assert _jit.key_limit(0x000002 / 2**24) == 2 and _jit.key_limit(1.0) == 2**24
+    assert keys.fix(1.0) == 256 and keys.key.tolist() == [2, 2, 1, 0, 0]  # all kept, nothing fixed

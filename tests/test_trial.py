@@ -107,3 +107,47 @@ def test_dare_draws_not_cached_past_max_memory(tiny_family):
     got = tm.state_dict(recipe(tiny_family, "dare_ties"))
     assert not tm._streaming and tm._draws == {} and probe._draws
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.fixture(scope="module", params=[torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def family16(request, tmp_path_factory):
+    # 16-bit checkpoints (what the trial's DARE pass reads as stored); hidden 40 (an even head
+    # size): tensors of 40 to 3,200 elements, the norms shorter than one carry step of the L1 sum
+    from conftest import make_llama
+
+    root = tmp_path_factory.mktemp(f"fam16_{str(request.param)[6:]}")
+    kw = dict(hidden=40, dtype=request.param)
+    base = make_llama(root / "base", 0, **kw)
+    return [base] + [make_llama(root / f"ft{i}", i, base=base, **kw) for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, monkeypatch, method):
+    # the 16-bit pass (sources as stored, 1-byte draw keys) writes what `mergelab merge` writes and
+    # what the torch kernels give (compiled loops off), over several candidates of one search
+    from mergelab import _fast, _jit
+
+    if not _jit.AVAILABLE:
+        pytest.skip("numba is not installed (or MERGELAB_JIT=0): the 16-bit pass is compiled only")
+    calls = []
+    real = _fast.dare16_into
+    monkeypatch.setattr(_fast, "dare16_into", lambda *a: calls.append(real(*a)) or calls[-1])
+    base, *fts = (str(p) for p in family16)
+    tm = TrialMerger(base, fts)
+    for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)),
+                                ((0.2, 0.2, 0.6), (0.5, 0.5, 0.5)))):
+        r = {"merge_method": method, "base_model": base, "seed": 11, "dtype": "float16",
+             "parameters": {"lambda": 1.0 + 0.1 * i, "normalize": i != 1},
+             "models": [{"model": m, "parameters": {"weight": w[k], "density": d[k]}} for k, m in enumerate(fts)]}
+        model = tm.apply(r)
+        params = dict(model.named_parameters())
+        merge_to_dir(r, tmp_path / f"out{i}")
+        disk = load_dir(tmp_path / f"out{i}")
+        for k in disk:
+            assert torch.equal(params[k].detach(), disk[k].float()), (i, k)
+        monkeypatch.setattr(_jit, "AVAILABLE", False)  # the torch kernels, same candidate
+        ref = TrialMerger(base, fts).state_dict(r)
+        monkeypatch.setattr(_jit, "AVAILABLE", True)
+        assert all(torch.equal(ref[k], disk[k]) for k in disk)
+    assert calls == [True] * (3 * len(disk))  # every tensor of every candidate took the pass
+    assert tm._draws == {} and tm._deltas == {}  # no float32 draws or task vectors held
