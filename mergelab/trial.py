@@ -71,6 +71,7 @@ class TrialMerger:
         self._fast_seed: int | None = None
         # DARE from the 16-bit sources as stored and 1-byte draw keys, per (seed, tensor, sources)
         self._dare16: dict[tuple, _fast.Dare16Sources | None] = {}
+        self._keys_fit: bool | None = None
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
         self._streaming: bool | None = None
         self.model_dtype = model_dtype
@@ -178,12 +179,12 @@ class TrialMerger:
             return self._dare16[key]
         if self._dare16 and next(iter(self._dare16))[0] != plan.seed:
             self._dare16.clear()  # a new seed: the old draws will not come back
-        if self._draws_fit is None:
-            extra = sum(math.prod(j.shape) * 4 * (len(j.models) - 1) for j in plan.jobs)
-            self._draws_fit = self.max_memory is None or self._cache_bytes(plan) + extra <= self.max_memory
+        if self._keys_fit is None:  # per row element 7 bytes of keys, per source element 2
+            need = sum(math.prod(j.shape) * (7 * (len(j.models) - 1) + 2 * (len(j.models) + 1)) for j in plan.jobs)
+            self._keys_fit = self.max_memory is None or need <= self.max_memory
         got = None
-        srcs = [self._raw16_source(job, r) for r in (base_read, *rows)]
-        if self._draws_fit and rows and all(t is not None and t.dtype == srcs[0].dtype for t in srcs):
+        srcs = [self._raw16_source(job, r) for r in (base_read, *rows)] if self._keys_fit else []
+        if self._keys_fit and rows and all(t is not None and t.dtype == srcs[0].dtype for t in srcs):
             b, ms = srcs[0], srcs[1:]
             n = b.numel()
             stream = _jit.mt_stream(tensor_seed(plan.seed, job.name))
