@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import statistics
 import time
@@ -86,6 +87,33 @@ def _full_logit_generator(model):
     return full
 
 
+def _interleaved_forwards(models, ids, mask, new_tokens, vocab):
+    """(c): the same forward passes as (a), each model decoding its own greedy tokens, but the K
+    models' calls taken in turn token by token, as a fusion must (it needs every model's logits
+    before the next token). Not a target, an explanation: for models of a few MB the
+    alternation alone costs some percent (no model's weights stay in the L2 cache)."""
+    from mergelab.eval.models import _cache_of, _positions
+
+    with torch.inference_mode():
+        ms, pos, outs, caches = [], _positions(mask), [], []
+        for m in models:
+            kw = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+            out = m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            ms.append((m, kw))
+            outs.append(out)
+            caches.append(_cache_of(out))
+        masks, last = [mask] * len(models), [pos[:, -1:]] * len(models)
+        for _ in range(new_tokens - 1):
+            for k, (m, kw) in enumerate(ms):
+                tok = outs[k].logits[:, -1, :vocab].argmax(-1)
+                tok.tolist()
+                masks[k] = torch.cat([masks[k], masks[k].new_ones(ids.shape[0], 1)], dim=1)
+                last[k] = last[k] + 1
+                outs[k] = m(input_ids=tok[:, None], attention_mask=masks[k], position_ids=last[k],
+                            use_cache=True, **{kw: caches[k]})
+                caches[k] = _cache_of(outs[k])
+
+
 def bench(models, label, batch, seq, prompt_len, new_tokens, reps, gen_reps, weightings, vocab=None):
     device = next(models[0].parameters()).device
     singles = [HFLogitModel(m) for m in models]
@@ -127,7 +155,8 @@ def bench(models, label, batch, seq, prompt_len, new_tokens, reps, gen_reps, wei
         {w: (lambda f=f: f.logits(ids, mask, plen)) for w, f in fused.items()}, reps, device)
     gens = _compare(
         {"(a) K forwards": [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in fulls],
-         "(b) K generations": [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in singles]},
+         "(b) K generations": [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in singles],
+         "(c) K forwards, in turn": [lambda: _interleaved_forwards(models, gen_ids, gen_mask, new_tokens, vocab)]},
         {w: (lambda f=f: f.generate_greedy(gen_ids, gen_mask, new_tokens)) for w, f in fused.items()},
         gen_reps, device)
     result = {"label": label, "k": len(models), "params_m": round(params, 1), "batch": batch, "seq": seq,
@@ -145,20 +174,25 @@ def bench(models, label, batch, seq, prompt_len, new_tokens, reps, gen_reps, wei
                                 "paired_median_pct": round(o_med, 2), "fusion_work_s": work[w],
                                 "fusion_work_pct_of_k_forwards": round(100 * work[w] / base, 2)}
     print(f"{f'generation ({new_tokens} new tokens)':<44} {'min s':>7} {'vs (a)':>14} {'paired':>8} "
-          f"{'vs (b)':>8} {'paired':>8}")
+          f"{'vs (b)':>8} {'paired':>8} {'vs (c)':>8} {'paired':>8}")
     print(f"{'  (a) K forwards: full-logit prefill + steps':<44} {min(gens['(a) K forwards']):7.3f}")
     print(f"{'  (b) K generations: last-logit prefill':<44} {min(gens['(b) K generations']):7.3f}")
+    print(f"{'  (c) as (a), the K models in turn per token':<44} {min(gens['(c) K forwards, in turn']):7.3f}")
+    result["generation"]["c_k_forwards_in_turn_s"] = min(gens["(c) K forwards, in turn"])
     result["generation"]["a_k_forwards_full_logit_prefill_s"] = min(gens["(a) K forwards"])
     result["generation"]["b_k_generations_last_logit_prefill_s"] = min(gens["(b) K generations"])
     for w in weightings:
         a_min, a_med = _overheads(gens, "(a) K forwards", w)
         b_min, b_med = _overheads(gens, "(b) K generations", w)
+        c_min, c_med = _overheads(gens, "(c) K forwards, in turn", w)
         print(f"{'  fused, ' + w:<44} {min(gens[w]):7.3f} {a_min:+13.1f}% {a_med:+7.1f}% "
-              f"{b_min:+7.1f}% {b_med:+7.1f}%")
+              f"{b_min:+7.1f}% {b_med:+7.1f}% {c_min:+7.1f}% {c_med:+7.1f}%")
         result["generation"][w] = {"s": min(gens[w]), "overhead_vs_a_k_forwards_pct": round(a_min, 2),
                                    "paired_median_vs_a_pct": round(a_med, 2),
                                    "overhead_vs_b_k_generations_pct": round(b_min, 2),
-                                   "paired_median_vs_b_pct": round(b_med, 2)}
+                                   "paired_median_vs_b_pct": round(b_med, 2),
+                                   "overhead_vs_c_in_turn_pct": round(c_min, 2),
+                                   "paired_median_vs_c_pct": round(c_med, 2)}
     return result
 
 
@@ -174,7 +208,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--reps", type=int, default=4, help="scoring reps (interleaved, order rotated)")
     ap.add_argument("--gen-reps", type=int, default=4, help="generation reps")
-    ap.add_argument("--family-reps", type=int, default=40,
+    ap.add_argument("--family-reps", type=int, default=30,
                     help="reps (scoring and generation) for the family, whose runs take milliseconds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -219,7 +253,9 @@ def main():
           "(the same tokens).\nGeneration: (a) the K models' own forward passes over the tokens "
           "a fused generation processes\n(prefill with logits at every position, as fusion needs "
           "them for the prompt's perplexity, then\nthe cached one-token steps); (b) the K models' "
-          "plain greedy generations, whose prefill keeps the\nlast position's logits only. 'min s': "
+          "plain greedy generations, whose prefill keeps the\nlast position's logits only; (c) the "
+          "forwards of (a) with the K models taken in turn per token, as a fusion must\n(the cost "
+          "of that alternation alone shows as (c) over (a)). 'min s': "
           "least time over the reps; overhead vs a baseline: min/min;\n'paired': median over reps of "
           "the overhead within a rep; 'work': the fusion's own computation (weights and weighted "
           "sum)\non logits computed once, min of at least 7 runs, and its share of the K forwards.")
