@@ -1,6 +1,7 @@
 """Compiled (numba, extra `fast`) loops for the merge kernels: linear and task-vector element passes
 that write the output dtype's values, the fused DARE mask + L1 passes (whole or streamed slice by
-slice), torch's CPU generator stream (mt19937) for DARE's draws, and the TIES top-k selection.
+slice, or in the trial merger from the 16-bit checkpoints as stored and 1-byte draw keys), torch's
+CPU generator stream (mt19937) for DARE's draws, and the TIES top-k selection.
 
 Why: the torch kernels in `_fast` make ~45 element-wise passes over each slice for a TIES
 candidate against ~8 for a linear one; these loops make one, over the elements with the rows
@@ -783,21 +784,24 @@ def _keys_build_py(u, key, offs, pos, low):
         fill[q] = at + 1
 
 
-def _keys_fix_py(key, offs, pos, low, kh, kl, restore):
-    """Make `key < T` mean exactly k < K (K = kh·2^16 + kl) for one candidate, or undo it: only
-    bucket kh is ambiguous. kh >= 1 (T = kh): its kept entries (low < kl) become kh − 1. kh = 0
-    (T = 1): its dropped entries (low >= kl) become 1. `restore` writes kh back."""
-    if kh >= 256:
+def _keys_fix_py(key, offs, pos, low, old, old_kl, kh, kl):
+    """Make `key < T` mean exactly k < K (K = kh·2^16 + kl) for one candidate, after undoing the
+    previous candidate's fix of bucket `old` with `old_kl` (old = -1: none; kh = -1: only undo).
+    Only bucket kh is ambiguous. kh >= 1 (T = kh): its kept entries (low < kl) become kh − 1.
+    kh = 0 (T = 1): its dropped entries (low >= kl) become 1. Only the entries a fix changed are
+    written back (each write touches its own cache line)."""
+    if 0 <= old < 256:
+        for i in range(offs[old], offs[old + 1]):
+            if (low[i] < old_kl) if old >= 1 else (low[i] >= old_kl):
+                key[pos[i]] = np.uint8(old)
+    if kh < 0 or kh >= 256:
         return
     for i in range(offs[kh], offs[kh + 1]):
-        p = pos[i]
-        if restore:
-            key[p] = np.uint8(kh)
-        elif kh >= 1:
+        if kh >= 1:
             if low[i] < kl:
-                key[p] = np.uint8(kh - 1)
+                key[pos[i]] = np.uint8(kh - 1)
         elif low[i] >= kl:
-            key[p] = np.uint8(1)
+            key[pos[i]] = np.uint8(1)
 
 
 def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, has_lam, rmode, out):
@@ -1360,16 +1364,16 @@ class DrawKeys:
         key < T exactly where the draw is below float32(density)."""
         K = key_limit(density)
         kh, kl = K >> 16, K & 0xFFFF
-        if self._fixed != (kh, kl):
-            self.restore()
-            _compiled()[19](self.key, self.offs, self.pos, self.low, kh, kl, False)
+        if self._fixed != (kh, kl):  # undo the last fix and make this one in one call
+            old, old_kl = (-1, 0) if self._fixed is None else self._fixed
+            _compiled()[19](self.key, self.offs, self.pos, self.low, old, old_kl, kh, kl)
             self._fixed = (kh, kl)
         return 1 if kh == 0 else min(kh, 256)
 
     def restore(self) -> None:
         """Every key back to k >> 16."""
         if self._fixed is not None:
-            _compiled()[19](self.key, self.offs, self.pos, self.low, self._fixed[0], 0, True)
+            _compiled()[19](self.key, self.offs, self.pos, self.low, *self._fixed, -1, 0)
             self._fixed = None
 
 
