@@ -693,6 +693,15 @@ class Dare16Sources:
     l1: list  # per row
 
 
+def dare16_applies(plan: MergePlan, job: TensorJob) -> bool:
+    """Whether this candidate's DARE tensor is one `dare16_into` can merge, as far as its
+    parameters tell (L1 rescale, every task vector's density below 1): checked before the trial
+    merger builds its sources."""
+    bi = plan.recipe.base_index
+    return not job.copy and _rescale_mode(job.params) == "l1" and all(
+        float(mp["density"]) < 1 for i, mp in enumerate(job.model_params) if i != bi)
+
+
 def dare16_into(plan: MergePlan, job: TensorJob, src: Dare16Sources, dest: torch.Tensor, ws: Workspace) -> bool:
     """DARE with L1 rescale from 16-bit sources, written straight into `dest` (a float32 model
     parameter) rounded through the output dtype by `_jit.dare16_pass`: the chunked kernels' values

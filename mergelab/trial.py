@@ -319,6 +319,7 @@ class TrialMerger:
                     and _fast.linear_into(job, [self._linear_source(job, r) for r in job.models], dest):
                 out = None  # the compiled loop wrote the result into the model's parameter
             elif dare16 and target is not None and (dest := target(job)) is not None \
+                    and _fast.dare16_applies(plan, job) \
                     and (src := self._dare16_sources(job, plan)) is not None \
                     and _fast.dare16_into(plan, job, src, dest, self._ws):
                 out = None  # the compiled passes wrote the result into the model's parameter

@@ -154,3 +154,10 @@ def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
         assert all(torch.equal(ref[k], disk[k]) for k in disk)
     assert calls == [True] * (3 * len(disk))  # every tensor of every candidate took the pass
     assert tm._draws == {} and tm._deltas == {}  # no float32 draws or task vectors held
+    # no L1 rescale: not the 16-bit pass (not even tried), the float32 kernels, the same values
+    r["parameters"]["rescale"] = False
+    params = dict(tm.apply(r).named_parameters())
+    merge_to_dir(r, tmp_path / "out_norescale")
+    disk = load_dir(tmp_path / "out_norescale")
+    assert all(torch.equal(params[k].detach(), disk[k].float()) for k in disk)
+    assert len(calls) == 3 * len(disk) and tm._draws
