@@ -127,16 +127,17 @@ def _kernel(deltas, masks, mode, thr, cut, div, has_div, fac, has_fac, w, consen
             out[b0 - s + j] = mixed[j] + base[b0 + j]
 
 
-def _linear_kernel_16(xs, half, w, fused, normalize, div, rmode, out):
-    """`_linear_kernel` over 16-bit sources (bit patterns: float16 when `half`, else bfloat16),
-    widened to float32 in the loop (exactly, as torch's .float()): half the bytes read."""
+def _linear_kernel_16(xs, w, fused, normalize, div, rmode, out):
+    """`_linear_kernel` over 16-bit sources as stored (`bits16` views: the array type picks
+    float16 or bfloat16 at compile time), widened to float32 in the loop exactly as torch's
+    .float() does: half the bytes read, and no format test in the loop."""
+    _wide()
     R = len(xs)
     zero = np.float32(0.0)
     for j in range(out.shape[0]):
-        x0 = _h2f(xs[0][j]) if half else _b2f(xs[0][j])
-        acc = zero + x0 * w[0]
+        acc = zero + _wid(xs[0][j]) * w[0]
         for r in range(1, R):
-            x = _h2f(xs[r][j]) if half else _b2f(xs[r][j])
+            x = _wid(xs[r][j])
             if fused:
                 acc = _fma(x, w[r], acc)
             else:
@@ -1031,8 +1032,7 @@ def linear_pass(xs: list[torch.Tensor], weights: np.ndarray, normalize: bool, di
     w = tuple(np.float32(v) for v in weights)
     tail = (w, bool(addcmul_fuses()), bool(normalize), np.float32(divisor), int(rmode), out.numpy())
     if xs[0].dtype in (torch.float16, torch.bfloat16):  # 16-bit sources, widened in the loop
-        _compiled()[8](tuple(x.view(torch.int16).numpy().view(np.uint16) for x in xs),
-                       xs[0].dtype == torch.float16, *tail)
+        _compiled()[8](tuple(bits16(x) for x in xs), *tail)
     else:
         _compiled()[2](tuple(x.numpy() for x in xs), *tail)
     return out
