@@ -565,7 +565,13 @@ def _ties_cached(method: TaskVectorMethod, job: TensorJob, inputs: Inputs, other
         thr.append(abs(prep["xs"][r][c]))
         cut.append(c)
     out, rmode, via_sink = _whole_out(job, n, ws, dest)
-    _jit.cut_pass(prep["xs"], thr, cut, base=prep["base"], rmode=rmode, out=out, **_jit_common(method, job, others))
+    if inputs.src16 is not None:  # the same values from the 16-bit sources (a third of the bytes)
+        b16, m16 = inputs.src16[0], inputs.src16[1:]
+        _jit.cut16_pass(tuple(m16[i] for i in others), b16, thr, cut, rmode=rmode, out=out,
+                        **_jit_common(method, job, others))
+    else:
+        _jit.cut_pass(prep["xs"], thr, cut, base=prep["base"], rmode=rmode, out=out,
+                      **_jit_common(method, job, others))
     if via_sink:
         _sink_whole(out, n, sink)
     return True
@@ -759,6 +765,9 @@ class CachedInputs(Inputs):
         self._uniforms = uniforms
         self._l1 = l1
         self.prep: dict = {}  # the compiled passes' numpy views, per row list (see `_prep`)
+        # the trial merger's 16-bit sources as stored (`_jit.bits16` views: base, then each model),
+        # when every one is float16 or every one bfloat16: the TIES pass reads those instead
+        self.src16: tuple | None = None
 
     def l1_norm(self, i: int) -> torch.Tensor | None:
         """‖τᵢ‖₁ as `_l1_factor` computes it (the fixed-order sum of |τᵢ|); given with the draws."""

@@ -321,6 +321,45 @@ def _cut_idx_kernel(xs, strict, below, cut, w, consensus, normalize, lin_div, la
         out[j] = _round(mixed + base[j], rmode)
 
 
+def _cut16_kernel(ms, b, strict, below, cut, w, consensus, normalize, lin_div, lam, has_lam, rmode, out):
+    """`_cut_idx_kernel` from 16-bit sources as stored: τᵣ = θᵣ − base and the base widened exactly
+    in the loop (`_wid`), row r kept where |τ| > below[r] at flat indices <= cut[r] and |τ| >
+    strict[r] after, the same float32 operations after."""
+    _wide()
+    R = len(ms)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for j in range(out.shape[0]):
+        bj = _wid(b[j])
+        total = zero
+        p_sum = zero  # as in _masked_kernel
+        n_sum = zero
+        p_w = zero
+        n_w = zero
+        for r in range(R):
+            x = _wid(ms[r][j]) - bj
+            t = below[r] if j <= cut[r] else strict[r]
+            v = (x if abs(x) > t else zero) * w[r]
+            total += v
+            p_sum += v if v > zero else zero
+            n_sum += v if v < zero else zero
+            p_w += w[r] if v > zero else zero
+            n_w += w[r] if v < zero else zero
+        if consensus:
+            pos = total >= zero
+            mixed = p_sum if pos else n_sum
+            divisor = p_w if pos else n_w
+            if normalize:
+                mixed = mixed / (one if divisor == zero else divisor)
+        else:
+            mixed = total
+            if normalize:
+                mixed = mixed / lin_div
+        if has_lam:
+            mixed = mixed * lam
+        out[j] = _round(mixed + bj, rmode)
+
+
 def _ceil_log2_py(x):
     """c10's utils::CeilLog2: 1 up to 2, else the bit length of x - 1."""
     if x <= 2:
@@ -997,7 +1036,7 @@ def _compiled() -> tuple:
             jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
             jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py), jit(_dare_rows_py),
             jit(_cut_idx_kernel), jit(_sub16_kernel), jit(_l1_stream_py), jit(_dare16_rows_py),
-            jit(_masked16_kernel), jit(_keys_build_py), jit(_keys_fix_py))
+            jit(_masked16_kernel), jit(_keys_build_py), jit(_keys_fix_py), jit(_cut16_kernel))
 
 
 @functools.cache
@@ -1400,3 +1439,16 @@ def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[
     c[17](ms, b, ks, T, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
           f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)), int(rmode), out)
     return True
+
+
+def cut16_pass(ms: tuple, b: np.ndarray, thr: list, cut: list[int], weights: list[float], consensus: bool,
+               normalize: bool, lin_div: torch.Tensor | None, lam: float, rmode: int, out: np.ndarray) -> None:
+    """`cut_pass` from the 16-bit sources as stored (`bits16` views of one format: `ms` the rows'
+    models, `b` the base): τ widened and subtracted in the loop, the same values, a third of the
+    bytes of float32 task vectors and base."""
+    f32 = np.float32
+    strict = tuple(f32(v) for v in thr)
+    below = tuple(np.nextafter(v, f32(-np.inf)) for v in strict)
+    _compiled()[20](ms, b, strict, below, tuple(int(c) for c in cut), tuple(f32(v) for v in weights),
+                    bool(consensus), bool(normalize), f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam),
+                    bool(f32(lam) != f32(1.0)), int(rmode), out)

@@ -262,7 +262,12 @@ class TrialMerger:
             uniforms = self._uniforms(job, plan, deltas)
             if uniforms is not None:
                 l1 = [self._l1_norm(job, r, d) if d is not None else None for r, d in zip(job.models, deltas)]
-        return _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
+        got = _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
+        if op.uses_sorted_abs and _jit.AVAILABLE:  # TIES: its pass may read the 16-bit sources
+            srcs = [self._raw16_source(job, r) for r in (base_read, *job.models)]
+            if all(t is not None and t.dtype == srcs[0].dtype and t.numel() == n for t in srcs):
+                got.src16 = tuple(_jit.bits16(t) for t in srcs)
+        return got
 
     def _l1_norm(self, job: TensorJob, r, delta: torch.Tensor) -> torch.Tensor:
         """‖τ‖₁ by the fixed-order sum the L1 rescale uses, once per task vector."""

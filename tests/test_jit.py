@@ -564,3 +564,31 @@ def test_draw_keys_bucket_fix_by_hand():
     assert t == 1 and keys.key.tolist() == [2, 2, 1, 1, 0]
     assert _jit.key_limit(0x000002 / 2**24) == 2 and _jit.key_limit(1.0) == 2**24
     assert keys.fix(1.0) == 256 and keys.key.tolist() == [2, 2, 1, 0, 0]  # all kept, nothing fixed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 33, 4096 + 40, N_ODD])
+def test_cut16_pass_equals_float32_cut_pass(dtype, n):
+    # TIES from the 16-bit sources as stored against cut_pass on the widened task vectors: thresholds
+    # at real magnitudes with ties kept up to each row's cutoff, cutoffs on either side of the pieces
+    g = torch.Generator().manual_seed(n)
+    b16 = (torch.randn(n, generator=g) * 0.5).to(dtype)
+    m16 = [(b16.float() + _awkward(n, n + r)).to(dtype) for r in range(3)]
+    base = b16.float()
+    xs = tuple((m.float() - base).numpy() for m in m16)
+    for k_frac, common in ((0.5, dict(weights=[0.5, 0.7, 0.3], consensus=True, normalize=True, lin_div=None, lam=1.1)),
+                           (0.2, dict(weights=[0.5, -0.7, 0.3], consensus=False, normalize=True,
+                                      lin_div=torch.tensor(0.1), lam=1.0))):
+        thr, cut = [], []
+        for x in xs:
+            t, c = _jit.top_k_cut(torch.from_numpy(np.abs(x)).contiguous(), max(1, int(k_frac * n))) if n > 1 \
+                else (torch.tensor(0.0), 0)
+            thr.append(float(t))
+            cut.append(int(c))
+        for rmode in (_jit.ROUND_NONE, _jit.ROUND_F16, _jit.ROUND_BF16):
+            want = np.empty(n, np.float32)
+            got = np.empty(n, np.float32)
+            _jit.cut_pass(xs, thr, cut, base=base.numpy(), rmode=rmode, out=want, **common)
+            _jit.cut16_pass(tuple(_jit.bits16(m) for m in m16), _jit.bits16(b16), thr, cut, rmode=rmode, out=got,
+                            **common)
+            assert np.array_equal(got.view(np.int32), want.view(np.int32)), (k_frac, rmode)

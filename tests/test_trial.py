@@ -161,3 +161,33 @@ def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
     disk = load_dir(tmp_path / "out_norescale")
     assert all(torch.equal(params[k].detach(), disk[k].float()) for k in disk)
     assert len(calls) == 3 * len(disk) and tm._draws
+
+
+def test_ties_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, monkeypatch):
+    # TIES candidates read the 16-bit sources as stored (thresholds from the cached order): the same
+    # values as `mergelab merge` and as the torch kernels
+    import importlib.util
+
+    from mergelab import _jit
+
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba (the `fast` extra) is not installed: the 16-bit pass is compiled only")
+    monkeypatch.setattr(_jit, "AVAILABLE", True)
+    calls = []
+    real = _jit.cut16_pass
+    monkeypatch.setattr(_jit, "cut16_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base, *fts = (str(p) for p in family16)
+    tm = TrialMerger(base, fts)
+    for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)))):
+        r = {"merge_method": "ties", "base_model": base, "dtype": "float16",
+             "parameters": {"lambda": 1.0 + 0.1 * i, "normalize": i != 1},
+             "models": [{"model": m, "parameters": {"weight": w[k], "density": d[k]}} for k, m in enumerate(fts)]}
+        params = dict(tm.apply(r).named_parameters())
+        merge_to_dir(r, tmp_path / f"out{i}")
+        disk = load_dir(tmp_path / f"out{i}")
+        assert all(torch.equal(params[k].detach(), disk[k].float()) for k in disk)
+        monkeypatch.setattr(_jit, "AVAILABLE", False)
+        ref = TrialMerger(base, fts).state_dict(r)
+        monkeypatch.setattr(_jit, "AVAILABLE", True)
+        assert all(torch.equal(ref[k], disk[k]) for k in disk)
+    assert len(calls) == 2 * len(disk)  # every tensor of both candidates
