@@ -1319,7 +1319,8 @@ def dare_pass(us: tuple, xs: tuple, densities: list[float], l1: tuple, masks: tu
     after = np.empty(len(xs), f32)
     c[12](us, xs, tuple(f32(d) for d in densities), lanes, masks, after)
     eps = f32(_eps32())
-    fac = tuple(f32(1.0) if b < eps or a < eps else b / a for b, a in zip(l1, after))  # float32 division
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/inf -> nan, as torch's division gives, unwarned
+        fac = tuple(f32(1.0) if b < eps or a < eps else b / a for b, a in zip(l1, after))  # float32 division
     c[3](xs, masks, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
          f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
          base, int(rmode), out)
@@ -1435,7 +1436,8 @@ def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[
     after = np.empty(len(ms), f32)
     c[16](ms, b, ks, T, lanes, after)
     eps = f32(_eps32())
-    fac = tuple(f32(1.0) if f32(bv) < eps or a < eps else f32(bv) / a for bv, a in zip(l1, after))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/inf -> nan, as torch's division gives, unwarned
+        fac = tuple(f32(1.0) if f32(bv) < eps or a < eps else f32(bv) / a for bv, a in zip(l1, after))
     c[17](ms, b, ks, T, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
           f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)), int(rmode), out)
     return True
