@@ -824,24 +824,20 @@ def _keys_build_py(u, key, offs, pos, low):
         fill[q] = at + 1
 
 
-def _keys_fix_py(key, offs, pos, low, old, old_kl, kh, kl):
-    """Make `key < T` mean exactly k < K (K = kh·2^16 + kl) for one candidate, after undoing the
-    previous candidate's fix of bucket `old` with `old_kl` (old = -1: none; kh = -1: only undo).
-    Only bucket kh is ambiguous. kh >= 1 (T = kh): its kept entries (low < kl) become kh − 1.
-    kh = 0 (T = 1): its dropped entries (low >= kl) become 1. Only the entries a fix changed are
-    written back (each write touches its own cache line)."""
-    if 0 <= old < 256:
-        for i in range(offs[old], offs[old + 1]):
-            if (low[i] < old_kl) if old >= 1 else (low[i] >= old_kl):
-                key[pos[i]] = np.uint8(old)
-    if kh < 0 or kh >= 256:
-        return
-    for i in range(offs[kh], offs[kh + 1]):
-        if kh >= 1:
-            if low[i] < kl:
-                key[pos[i]] = np.uint8(kh - 1)
-        elif low[i] >= kl:
-            key[pos[i]] = np.uint8(1)
+def _keys_set_py(key, offs, pos, low, q, kl_from, kl_to):
+    """Move bucket q of `DrawKeys` from its fix for kl_from to its fix for kl_to (one sweep of the
+    bucket, writing only the entries whose key changes; each write touches its own cache line).
+    q >= 1: the entries with low < kl are q − 1, the others q (kl = 0: untouched). q = 0: the
+    entries with low >= kl are 1, the others 0 (kl = 65536: untouched)."""
+    lo = min(kl_from, kl_to)
+    hi = max(kl_from, kl_to)
+    if q >= 1:
+        v = np.uint8(q - 1) if kl_to > kl_from else np.uint8(q)
+    else:
+        v = np.uint8(1) if kl_to < kl_from else np.uint8(0)
+    for i in range(offs[q], offs[q + 1]):
+        if lo <= low[i] < hi:
+            key[pos[i]] = v
 
 
 def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, has_lam, rmode, out):
@@ -880,6 +876,19 @@ def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, h
         if has_lam:
             mixed = mixed * lam
         out[j] = _round(mixed + bj, rmode)
+
+
+def _dare16_py(ms, b, ks, T, L, l1, eps, w, consensus, normalize, lin_div, lam, has_lam, rmode, out):
+    """`dare16_pass`'s two passes in one call: the rows' ‖τᵣ·maskᵣ‖₁ (`_dare16_rows_py`), the
+    L1 rescale factors l1[r] / after[r] (1 where either is below eps; inf/inf gives nan as torch's
+    division does, unwarned), then the merge (`_masked16_kernel`)."""
+    R = len(ms)
+    after = np.empty(R, np.float32)
+    _dare16_rows(ms, b, ks, T, L, after)
+    fac = np.empty(R, np.float32)
+    for r in range(R):
+        fac[r] = np.float32(1.0) if l1[r] < eps or after[r] < eps else l1[r] / after[r]
+    _masked16(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, has_lam, rmode, out)
 
 
 def _kth_largest_bits(bits, k):
@@ -1030,13 +1039,15 @@ def _compiled() -> tuple:
     globals()["_cascade2"] = jit(_cascade2_py)
     globals()["_mask_l1"] = jit(_dare_mask_l1)
     globals()["_cascade16"] = jit(_cascade16_py)
+    globals()["_dare16_rows"] = jit(_dare16_rows_py)
+    globals()["_masked16"] = jit(_masked16_kernel)
     globals()["_mt_twist"] = jit(_mt_twist_py)
     globals()["_mt_temper"] = jit(_mt_temper_py)
     return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
             jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
             jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py), jit(_dare_rows_py),
             jit(_cut_idx_kernel), jit(_sub16_kernel), jit(_l1_stream_py), jit(_dare16_rows_py),
-            jit(_masked16_kernel), jit(_keys_build_py), jit(_keys_fix_py), jit(_cut16_kernel))
+            jit(_masked16_kernel), jit(_keys_build_py), jit(_keys_set_py), jit(_cut16_kernel), jit(_dare16_py))
 
 
 @functools.cache
@@ -1383,8 +1394,11 @@ class DrawKeys:
     u = k·2^-24, and the positions bucketed by key with their k & 0xFFFF. For a density t,
     u < t exactly when k < K = ceil(t·2^24): every key below K >> 16 is kept, every key above
     dropped, and only bucket K >> 16 needs its low bits, so `fix` rewrites that bucket's keys
-    (~n/256 bytes) for the candidate and `restore` undoes it; the passes then read 1 byte per
-    draw (a float32 draw is 4) and compare it with one threshold."""
+    (~n/256 bytes) for the candidate; the passes then read 1 byte per draw (a float32 draw is 4)
+    and compare it with one threshold. A fixed bucket q holds q − 1 (or 1 for q = 0) where it
+    differs from k >> 16, which only a threshold of q (or 1, for q <= 1) can tell apart: earlier
+    candidates' buckets are left as they are and only those a threshold could misread are
+    rewritten, so a candidate costs one bucket sweep per row, not an undo and a fix."""
 
     def __init__(self, u: torch.Tensor):
         n = u.numel()
@@ -1393,28 +1407,38 @@ class DrawKeys:
         self.pos = np.empty(n, np.int32 if n < 2**31 else np.int64)
         self.low = np.empty(n, np.uint16)
         _compiled()[18](u.numpy(), self.key, self.offs, self.pos, self.low)
-        self._fixed: tuple[int, int] | None = None
+        self._fixed: dict[int, int] = {}  # bucket -> the low-bits limit its keys are fixed for
 
     @property
     def nbytes(self) -> int:
         return self.key.nbytes + self.offs.nbytes + self.pos.nbytes + self.low.nbytes
 
+    def _set(self, q: int, kl: int) -> None:
+        clean = 65536 if q == 0 else 0  # the limit at which bucket q is k >> 16 throughout
+        cur = self._fixed.get(q, clean)
+        if cur != kl:
+            _compiled()[19](self.key, self.offs, self.pos, self.low, q, cur, kl)
+            if kl == clean:
+                del self._fixed[q]
+            else:
+                self._fixed[q] = kl
+
     def fix(self, density: float) -> int:
-        """Set the keys up for `density` (undoing any earlier fix) and return the threshold T:
-        key < T exactly where the draw is below float32(density)."""
+        """Set the keys up for `density` and return the threshold T: key < T exactly where the
+        draw is below float32(density)."""
         K = key_limit(density)
         kh, kl = K >> 16, K & 0xFFFF
-        if self._fixed != (kh, kl):  # undo the last fix and make this one in one call
-            old, old_kl = (-1, 0) if self._fixed is None else self._fixed
-            _compiled()[19](self.key, self.offs, self.pos, self.low, old, old_kl, kh, kl)
-            self._fixed = (kh, kl)
-        return 1 if kh == 0 else min(kh, 256)
+        if kh >= 256:  # every draw kept: every key, fixed or not, is below 256
+            return 256
+        self._set(kh, kl)
+        if kh <= 1:  # T = 1 also tells bucket 0's 1s and bucket 1's 0s from k >> 16: the other one clean
+            self._set(1 - kh, 65536 if kh == 1 else 0)
+        return max(kh, 1)
 
     def restore(self) -> None:
         """Every key back to k >> 16."""
-        if self._fixed is not None:
-            _compiled()[19](self.key, self.offs, self.pos, self.low, *self._fixed, -1, 0)
-            self._fixed = None
+        for q in list(self._fixed):
+            self._set(q, 65536 if q == 0 else 0)
 
 
 def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[float], l1: list[float],
@@ -1430,16 +1454,11 @@ def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[
     if lanes is None:
         return False
     f32 = np.float32
-    c = _compiled()
     T = tuple(np.int32(k.fix(d)) for k, d in zip(keys, densities))
-    ks = tuple(k.key for k in keys)
-    after = np.empty(len(ms), f32)
-    c[16](ms, b, ks, T, lanes, after)
-    eps = f32(_eps32())
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/inf -> nan, as torch's division gives, unwarned
-        fac = tuple(f32(1.0) if f32(bv) < eps or a < eps else f32(bv) / a for bv, a in zip(l1, after))
-    c[17](ms, b, ks, T, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
-          f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)), int(rmode), out)
+    _compiled()[21](ms, b, tuple(k.key for k in keys), T, lanes, np.asarray(l1, f32), f32(_eps32()),
+                    tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
+                    f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
+                    int(rmode), out)
     return True
 
 

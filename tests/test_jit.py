@@ -560,10 +560,35 @@ def test_draw_keys_bucket_fix_by_hand():
     assert keys.offs[:4].tolist() == [0, 2, 3, 5] and keys.pos[:5].tolist() == [3, 4, 2, 0, 1]
     t = keys.fix(0x020007 / 2**24)  # K = 0x020007: keeps k < K, the first of bucket 2 only
     assert t == 2 and keys.key.tolist() == [1, 2, 1, 0, 0]
-    t = keys.fix(0x000002 / 2**24)  # bucket 0: only k = 1 kept; the earlier fix is undone first
-    assert t == 1 and keys.key.tolist() == [2, 2, 1, 1, 0]
+    t = keys.fix(0x000002 / 2**24)  # bucket 0: only k = 1 kept; bucket 2's fix left (T = 1 reads it right)
+    assert t == 1 and keys.key.tolist() == [1, 2, 1, 1, 0]
+    t = keys.fix(0x010001 / 2**24)  # bucket 1 fixed (k = 0x010000 kept), bucket 0 made clean for T = 1
+    assert t == 1 and keys.key.tolist() == [1, 2, 0, 0, 0]
+    t = keys.fix(0x020009 / 2**24)  # bucket 2 from limit 7 to 9: no low bits in [7, 9), nothing written
+    assert t == 2 and keys.key.tolist() == [1, 2, 0, 0, 0]
     assert _jit.key_limit(0x000002 / 2**24) == 2 and _jit.key_limit(1.0) == 2**24
-    assert keys.fix(1.0) == 256 and keys.key.tolist() == [2, 2, 1, 0, 0]  # all kept, nothing fixed
+    assert keys.fix(1.0) == 256 and keys.key.tolist() == [1, 2, 0, 0, 0]  # all kept, nothing fixed
+    keys.restore()
+    assert keys.key.tolist() == [2, 2, 1, 0, 0] and keys.fix(0.0) == 1 and keys.key.tolist() == [2, 2, 1, 1, 1]
+
+
+def test_draw_keys_fix_sequences_select_exactly_u_below_t():
+    # random thresholds, many on the buckets 0 and 1 and on a draw's own value, in sequence: after
+    # every fix key < T is exactly u < float32(t), whatever earlier fixes left
+    g = torch.Generator().manual_seed(11)
+    k = torch.randint(0, 2**24, (5000,), generator=g)
+    k[:600] = torch.randint(0, 2**17, (600,), generator=g)  # crowd the buckets 0 and 1
+    u = (k.double() / 2**24).float()
+    keys = _jit.DrawKeys(u)
+    rng = np.random.default_rng(3)
+    for step in range(300):
+        c = rng.integers(0, 4)
+        t = (float(rng.integers(0, 2**17)) if c < 2 else float(k[rng.integers(0, len(k))]) + c - 2) / 2**24 \
+            if c < 3 else float(rng.random())
+        got = keys.key < keys.fix(t)
+        assert np.array_equal(got, (u < np.float32(t)).numpy()), (step, t)
+    keys.restore()
+    assert np.array_equal(keys.key, (k >> 16).numpy().astype(np.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
