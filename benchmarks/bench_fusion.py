@@ -9,6 +9,7 @@ import argparse
 import gc
 import inspect
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -66,15 +67,54 @@ def _compare(baselines, candidates, reps, device):
     return times
 
 
+def _median_ci(values, level=0.95):
+    """Distribution-free confidence interval for the median: order statistics (k, n + 1 - k),
+    k the largest with P(Binomial(n, 1/2) < k) <= (1 - level) / 2. None below 6 values (no such
+    k exists at 95%)."""
+    xs, n = sorted(values), len(values)
+    k, tail = 0, 0.0
+    while True:
+        tail += math.comb(n, k) / 2 ** n
+        if tail > (1 - level) / 2:
+            break
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k >= 1 else None
+
+
 def _overheads(times, base, cand):
-    """(min-based overhead, median over reps of the paired overhead), in percent.
+    """(min-based overhead, median over reps of the paired overhead, its 95% interval), in percent.
 
     min/min compares each side's least disturbed run; the paired median compares runs made
-    minutes apart at most, so a slow phase of the machine lands on both sides of a pair.
+    seconds apart, so a slow phase of the machine lands on both sides of a pair. On a shared
+    machine whose speed drifts by ±15% from run to run, the min of a few runs is itself a noisy
+    draw; the interval says how far the paired median can be trusted.
     """
     b, c = times[base], times[cand]
-    paired = statistics.median(100 * (ci / bi - 1) for bi, ci in zip(b, c))
-    return 100 * (min(c) / min(b) - 1), paired
+    pairs = [100 * (ci / bi - 1) for bi, ci in zip(b, c)]
+    return 100 * (min(c) / min(b) - 1), statistics.median(pairs), _median_ci(pairs)
+
+
+def _ci_text(ci):
+    return f"[{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "(n<6)"
+
+
+class _Replay:
+    """A fusion member that hands back logits computed beforehand: a fused generation over
+    replay members runs the real `generate_greedy` loop (weights from the prompt, the per-step
+    mask, positions and weighted sums, the argmax) with forwards that cost nothing, so its time
+    is the fusion's own work in a generation."""
+
+    def __init__(self, prompt_logits, step_logits, device):
+        self.prompt, self.steps, self.i = prompt_logits, step_logits, 0
+        self.rows, self.device = prompt_logits.shape[-1], device
+
+    def prefill(self, input_ids, attention_mask, use_cache=True):
+        self.i = 0
+        return self.prompt, {}
+
+    def step(self, state, tokens, mask, pos):
+        self.i += 1
+        return self.steps[(self.i - 1) % len(self.steps)]
 
 
 def _full_logit_generator(model):
@@ -114,7 +154,37 @@ def _interleaved_forwards(models, ids, mask, new_tokens, vocab):
                 caches[k] = _cache_of(outs[k])
 
 
-def bench(models, label, batch, seq, prompt_len, new_tokens, reps, gen_reps, weightings, vocab=None):
+def _generation_work(models, singles, weightings, gen_ids, gen_mask, new_tokens, device):
+    """Per weighting, the min time of a fused generation whose members replay logits computed
+    once (the prompt's logits at every position and one step's logits per model)."""
+    from mergelab.eval.models import _cache_of
+
+    replays = []
+    with torch.inference_mode():
+        for m, s in zip(models, singles):
+            prompt = s.logits(gen_ids, gen_mask).float()
+            out = m(input_ids=gen_ids, attention_mask=gen_mask,
+                    position_ids=(gen_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            grown = torch.cat([gen_mask, gen_mask.new_ones(gen_mask.shape[0], 1)], 1)
+            kw = "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values"
+            step = m(input_ids=tok, attention_mask=grown, position_ids=(grown.cumsum(-1) - 1)[:, -1:],
+                     use_cache=True, **{kw: _cache_of(out)}).logits[:, -1]
+            replays.append(_Replay(prompt, [step.float()], device))
+            del out
+    work = {}
+    for w in weightings:
+        fused = FusedLogitModel(models, weighting=w)
+        fused.members = replays  # the same loop, with forwards that cost nothing
+        run = lambda f=fused: f.generate_greedy(gen_ids, gen_mask, new_tokens)
+        first = _timed(run, device)
+        runs = max(7, min(200, int(0.3 / max(first, 1e-6))))
+        work[w] = min(_timed(run, device) for _ in range(runs))
+    return work
+
+
+def bench(models, label, batch, seq, prompt_len, new_tokens, reps, gen_reps, weightings, vocab=None,
+          gen_baselines=("a", "b", "c")):
     device = next(models[0].parameters()).device
     singles = [HFLogitModel(m) for m in models]
     fulls = [_full_logit_generator(m) for m in models]
@@ -150,49 +220,61 @@ def bench(models, label, batch, seq, prompt_len, new_tokens, reps, gen_reps, wei
             runs = max(7, min(200, int(0.3 / max(first, 1e-6))))
             work[w] = min(_timed(run, device) for _ in range(runs))
         del logits, out
+    gen_work = _generation_work(models, singles, weightings, gen_ids, gen_mask, new_tokens, device)
     score = _compare(
         {"K forwards": [lambda s=s: s.logits(ids, mask, plen) for s in singles]},
         {w: (lambda f=f: f.logits(ids, mask, plen)) for w, f in fused.items()}, reps, device)
+    baselines = {
+        "a": ("(a) K forwards", [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in fulls]),
+        "b": ("(b) K generations", [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in singles]),
+        "c": ("(c) K forwards, in turn",
+              [lambda: _interleaved_forwards(models, gen_ids, gen_mask, new_tokens, vocab)]),
+    }
     gens = _compare(
-        {"(a) K forwards": [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in fulls],
-         "(b) K generations": [lambda s=s: s.generate_greedy(gen_ids, gen_mask, new_tokens) for s in singles],
-         "(c) K forwards, in turn": [lambda: _interleaved_forwards(models, gen_ids, gen_mask, new_tokens, vocab)]},
+        dict(baselines[b] for b in gen_baselines),
         {w: (lambda f=f: f.generate_greedy(gen_ids, gen_mask, new_tokens)) for w, f in fused.items()},
         gen_reps, device)
     result = {"label": label, "k": len(models), "params_m": round(params, 1), "batch": batch, "seq": seq,
               "prompt": prompt_len, "new_tokens": new_tokens, "clock": clock, "scoring": {}, "generation": {}}
     base = min(score["K forwards"])
     print(f"{'scoring (logits at every position)':<44} {'min s':>7} {'vs K forwards':>14} {'paired':>8} "
-          f"{'work s':>8} {'work %':>7}")
+          f"{'95% interval':>16} {'work s':>8} {'work %':>7}")
     print(f"{'  K forwards (sum of the K models)':<44} {base:7.3f}")
     result["scoring"]["k_forwards_s"] = base
     for w in weightings:
-        o_min, o_med = _overheads(score, "K forwards", w)
+        o_min, o_med, o_ci = _overheads(score, "K forwards", w)
         print(f"{'  fused, ' + w:<44} {min(score[w]):7.3f} {o_min:+13.1f}% {o_med:+7.1f}% "
-              f"{work[w]:8.3f} {100 * work[w] / base:6.1f}%")
+              f"{_ci_text(o_ci):>16} {work[w]:8.3f} {100 * work[w] / base:6.1f}%")
         result["scoring"][w] = {"s": min(score[w]), "overhead_vs_k_forwards_pct": round(o_min, 2),
-                                "paired_median_pct": round(o_med, 2), "fusion_work_s": work[w],
+                                "paired_median_pct": round(o_med, 2), "paired_median_ci95_pct": o_ci,
+                                "fusion_work_s": work[w],
                                 "fusion_work_pct_of_k_forwards": round(100 * work[w] / base, 2)}
-    print(f"{f'generation ({new_tokens} new tokens)':<44} {'min s':>7} {'vs (a)':>14} {'paired':>8} "
-          f"{'vs (b)':>8} {'paired':>8} {'vs (c)':>8} {'paired':>8}")
-    print(f"{'  (a) K forwards: full-logit prefill + steps':<44} {min(gens['(a) K forwards']):7.3f}")
-    print(f"{'  (b) K generations: last-logit prefill':<44} {min(gens['(b) K generations']):7.3f}")
-    print(f"{'  (c) as (a), the K models in turn per token':<44} {min(gens['(c) K forwards, in turn']):7.3f}")
-    result["generation"]["c_k_forwards_in_turn_s"] = min(gens["(c) K forwards, in turn"])
-    result["generation"]["a_k_forwards_full_logit_prefill_s"] = min(gens["(a) K forwards"])
-    result["generation"]["b_k_generations_last_logit_prefill_s"] = min(gens["(b) K generations"])
+    names = [baselines[b][0] for b in gen_baselines]
+    head = "".join(f"{'vs ' + n[:3]:>9} {'paired':>8} {'95% interval':>16}" for n in names)
+    print(f"{f'generation ({new_tokens} new tokens)':<44} {'min s':>7}{head} {'work s':>8} {'% of (a)':>8}")
+    notes = {"(a) K forwards": "full-logit prefill + steps", "(b) K generations": "last-logit prefill",
+             "(c) K forwards, in turn": "as (a), the K models in turn per token"}
+    keys = {"(a) K forwards": "a_k_forwards_full_logit_prefill_s",
+            "(b) K generations": "b_k_generations_last_logit_prefill_s",
+            "(c) K forwards, in turn": "c_k_forwards_in_turn_s"}
+    for n in names:
+        print(f"{'  ' + n[:3] + ' ' + notes[n]:<44} {min(gens[n]):7.3f}")
+        result["generation"][keys[n]] = min(gens[n])
+    a_base = min(gens["(a) K forwards"]) if "(a) K forwards" in gens else None
     for w in weightings:
-        a_min, a_med = _overheads(gens, "(a) K forwards", w)
-        b_min, b_med = _overheads(gens, "(b) K generations", w)
-        c_min, c_med = _overheads(gens, "(c) K forwards, in turn", w)
-        print(f"{'  fused, ' + w:<44} {min(gens[w]):7.3f} {a_min:+13.1f}% {a_med:+7.1f}% "
-              f"{b_min:+7.1f}% {b_med:+7.1f}% {c_min:+7.1f}% {c_med:+7.1f}%")
-        result["generation"][w] = {"s": min(gens[w]), "overhead_vs_a_k_forwards_pct": round(a_min, 2),
-                                   "paired_median_vs_a_pct": round(a_med, 2),
-                                   "overhead_vs_b_k_generations_pct": round(b_min, 2),
-                                   "paired_median_vs_b_pct": round(b_med, 2),
-                                   "overhead_vs_c_in_turn_pct": round(c_min, 2),
-                                   "paired_median_vs_c_pct": round(c_med, 2)}
+        row, entry = "", {"s": min(gens[w]), "fusion_work_s": gen_work[w]}
+        for n in names:
+            o_min, o_med, o_ci = _overheads(gens, n, w)
+            row += f"{o_min:+8.1f}% {o_med:+7.1f}% {_ci_text(o_ci):>16}"
+            tag = n[1]
+            entry[f"overhead_vs_{tag}_pct"] = round(o_min, 2)
+            entry[f"paired_median_vs_{tag}_pct"] = round(o_med, 2)
+            entry[f"paired_median_vs_{tag}_ci95_pct"] = o_ci
+        share = f"{100 * gen_work[w] / a_base:7.1f}%" if a_base else f"{'':>8}"
+        if a_base:
+            entry["fusion_work_pct_of_a"] = round(100 * gen_work[w] / a_base, 2)
+        print(f"{'  fused, ' + w:<44} {min(gens[w]):7.3f}{row} {gen_work[w]:8.3f} {share}")
+        result["generation"][w] = entry
     return result
 
 
@@ -206,8 +288,12 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=4, help="scoring reps (interleaved, order rotated)")
-    ap.add_argument("--gen-reps", type=int, default=4, help="generation reps")
+    ap.add_argument("--reps", type=int, default=8, help="scoring reps (interleaved, order rotated)")
+    ap.add_argument("--gen-reps", type=int, default=8, help="generation reps")
+    ap.add_argument("--gen-baselines", default="a,b,c",
+                    help="generation baselines to run (comma-separated): a (the K models' forwards "
+                         "over the tokens a fusion processes), b (their plain generations), c (as a, "
+                         "the models taken in turn per token)")
     ap.add_argument("--family-reps", type=int, default=30,
                     help="reps (scoring and generation) for the family, whose runs take milliseconds")
     ap.add_argument("--threads", type=int, default=2)
@@ -229,11 +315,14 @@ def main():
     device = torch.device(args.device)
     weightings = args.weightings.split(",")
     parts = set(args.parts.split(","))
+    gen_baselines = tuple(b.strip() for b in args.gen_baselines.split(",") if b.strip())
+    if not gen_baselines or set(gen_baselines) - {"a", "b", "c"}:
+        ap.error(f"--gen-baselines takes a comma-separated subset of a, b, c; got {args.gen_baselines!r}")
     results = []
     if "random" in parts:
         models = [_random_llama(args.hidden, args.layers, args.vocab, s).to(device) for s in range(args.k)]
         results.append(bench(models, "random Llama", args.batch, args.seq, args.prompt_len, args.new_tokens,
-                             args.reps, args.gen_reps, weightings))
+                             args.reps, args.gen_reps, weightings, gen_baselines=gen_baselines))
         del models
     fam = Path(args.family)
     dirs = sorted(d for d in fam.iterdir() if (d / "config.json").is_file()) if fam.is_dir() else []
@@ -246,7 +335,7 @@ def main():
         results.append(bench(
             [m for m, _ in loaded], f"family {fam} ({', '.join(d.name for d in dirs)})", args.batch,
             min(args.seq, 64), min(args.prompt_len, 48), args.new_tokens, args.family_reps, args.family_reps,
-            weightings, vocab=len(loaded[0][1])))
+            weightings, vocab=len(loaded[0][1]), gen_baselines=gen_baselines))
     elif "family" in parts:
         print(f"\n(no family found under {fam}; skipped)")
     print("\nScoring: the fused model's logits at every position against the K models' forwards "
@@ -257,8 +346,11 @@ def main():
           "forwards of (a) with the K models taken in turn per token, as a fusion must\n(the cost "
           "of that alternation alone shows as (c) over (a)). 'min s': "
           "least time over the reps; overhead vs a baseline: min/min;\n'paired': median over reps of "
-          "the overhead within a rep; 'work': the fusion's own computation (weights and weighted "
-          "sum)\non logits computed once, min of at least 7 runs, and its share of the K forwards.")
+          "the overhead within a rep, with its distribution-free 95% interval (order statistics);\n"
+          "'work': the fusion's own computation on logits computed once, min of at least 7 runs: in "
+          "scoring the weights and the\nweighted sum, as a share of the K forwards; in generation the "
+          "real generation loop with members that replay\nlogits (weights from the prompt, per-step "
+          "sums, argmax), as a share of (a).")
     print(f"(benchmark: {time.perf_counter() - started[0]:.0f} s wall, "
           f"{time.process_time() - started[1]:.0f} s CPU)")
     if args.json:

@@ -356,11 +356,32 @@ def fusion_weights(
     _check_weighting(weighting)
     plan = _plan(logits, input_ids, target_mask, workspace)
     exact = _single_losses(plan)  # float64 from the compiled loops, which opt's guards use
+    return _weights_from_losses(weighting, exact, target_mask, tau,
+                                lambda: _opt_weights(plan, exact, grid_step, tau))
+
+
+def _prompt_losses(
+    logits: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor, workspace: _Workspace | None = None
+) -> torch.Tensor:
+    """[B, 1]: one model's ℓ, the same values as its column of `_single_losses` over K models
+    (each model's cross-entropies are summed on their own, in the same order), so the weights
+    that need ℓ only can be made while the models' prompt logits are computed one at a time."""
+    return _single_losses(_plan([logits], input_ids, target_mask, workspace))
+
+
+def _weights_from_losses(
+    weighting: str, exact: torch.Tensor, target_mask: torch.Tensor, tau: float,
+    opt: Callable[[], torch.Tensor] | None = None,
+) -> FusionWeights:
+    """The weights from ℓ ([B, K], as `_single_losses` returns it); `opt`, which needs the
+    logits themselves, computes opt's."""
     ell = exact.float()
     if weighting == "sim":
         w = sim_weights(ell, tau)
     elif weighting == "opt":
-        w = _opt_weights(plan, exact, grid_step, tau)
+        if opt is None:
+            raise ValueError("opt weights need the prompt logits of every model")
+        w = opt()
     elif weighting == "uniform":
         w = uniform_weights(ell)
     else:
@@ -620,14 +641,34 @@ class FusedLogitModel:
         outs: list[list[int]] = [[] for _ in range(batch)]
         if max_new_tokens <= 0:
             return outs
-        states, prompt_logits = [], []
-        for m in self.members:
-            lg, st = m.prefill(input_ids, attention_mask)
-            prompt_logits.append(lg[..., : self.vocab_size].to(self.device))
-            states.append(st)
-        fw = self._weights(prompt_logits, input_ids, attention_mask, attention_mask.sum(-1))
-        next_logits = fuse_logits([lg[:, -1] for lg in prompt_logits], fw.weights)
-        del prompt_logits, lg  # K × [B, T, V]: not kept through the decoding
+        states: list[Any] = []
+        if self.weighting == "opt":  # its line search mixes the K models' prompt logits
+            prompt_logits = []
+            for m in self.members:
+                lg, st = m.prefill(input_ids, attention_mask)
+                prompt_logits.append(lg[..., : self.vocab_size].to(self.device))
+                states.append(st)
+            fw = self._weights(prompt_logits, input_ids, attention_mask, attention_mask.sum(-1))
+            next_logits = fuse_logits([lg[:, -1] for lg in prompt_logits], fw.weights)
+            del prompt_logits, lg  # K × [B, T, V]: not kept through the decoding
+        else:
+            # sim, uniform and top1 need each model's ℓ only: it is taken from a model's prompt
+            # logits as soon as they are computed, and only their last position is kept, so one
+            # [B, T, V] is alive at a time instead of K (the same ℓ, weights and tokens).
+            target = prompt_target_mask(attention_mask.to(self.device), attention_mask.sum(-1).to(self.device))
+            ids = input_ids.to(self.device)
+            losses, last = [], []
+            for m in self.members:
+                lg, st = m.prefill(input_ids, attention_mask)
+                lg = lg[..., : self.vocab_size].to(self.device)
+                losses.append(_prompt_losses(lg, ids, target, self._workspace))
+                last.append(lg[:, -1].clone())
+                states.append(st)
+                del lg
+            fw = _weights_from_losses(self.weighting, torch.cat(losses, 1), target, self.tau)
+            self.last_weights = fw
+            next_logits = fuse_logits(last, fw.weights)
+            del last
         # Per step, everything but the K forwards is made once: the weight columns (as
         # fuse_logits makes them), the grown mask and positions shared by the members (which
         # all see the same tokens), and the sum goes into one reused buffer. The sum is formed

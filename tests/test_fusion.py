@@ -474,6 +474,52 @@ def test_cached_generation_equals_uncached_fused_argmax(family):
     assert len(out[1]) == min(4, ref[1].index(eos) + 1 if eos in ref[1] else 4)
 
 
+@pytest.mark.parametrize("compiled", PATHS, indirect=True)
+@pytest.mark.parametrize("weighting", ["sim", "uniform", "top1", "opt"])
+def test_generation_weights_equal_the_all_logits_weights_and_free_prompt_logits(family, weighting, compiled):
+    """sim, uniform and top1 take each model's ℓ as soon as its prompt logits exist and keep
+    only their last position: the weights and tokens are those of the K-logit computation, and
+    a model's [B, T, V] prompt logits are gone before the next model's prefill (opt, whose line
+    search mixes them, keeps all K)."""
+    import weakref
+
+    from mergelab.fusion import _weights_from_losses
+
+    _, _, a, b = family
+    c = _tiny_llama(a.config.vocab_size, 3)
+    ids, mask = _left_pad([[1, 5, 6, 7, 8, 9, 4], [1, 9, 4, 3], [6]])  # the last: no prompt target
+    fused = FusedLogitModel([a, b, c], weighting=weighting, tau=0.7)
+    alive_at_prefill, refs = [], []
+    for m in fused.members:
+        def prefill(input_ids, attention_mask, use_cache=True, _orig=m.prefill):
+            alive_at_prefill.append(sum(r() is not None for r in refs))
+            lg, st = _orig(input_ids, attention_mask, use_cache)
+            # an array of our own under the tensor: it lives as long as any view of the logits
+            arr = lg.numpy().copy()
+            refs.append(weakref.ref(arr))
+            return torch.from_numpy(arr), st
+        m.prefill = prefill
+    got = fused.generate_greedy(ids, mask, max_new_tokens=5)
+    with torch.inference_mode():
+        want_w = fused.weights(ids, mask)  # every model's logits at once, as `logits` computes them
+    assert torch.equal(fused.last_weights.weights, want_w.weights)
+    assert torch.equal(fused.last_weights.log_ppl, want_w.log_ppl)
+    assert fused.last_weights.weights[2].tolist() == pytest.approx([1 / 3] * 3)  # no target: uniform
+    # the tokens are the argmax of the fused logits, step by step, without a cache
+    cur_ids, cur_mask, ref = ids, mask, [[], [], []]
+    for _ in range(5):
+        nxt = fused.logits(cur_ids, cur_mask, mask.sum(-1))[:, -1].argmax(-1)
+        for r in range(3):
+            ref[r].append(int(nxt[r]))
+        cur_ids = torch.cat([cur_ids, nxt[:, None]], 1)
+        cur_mask = torch.cat([cur_mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+    assert got == ref
+    assert alive_at_prefill[:3] == ([0, 1, 2] if weighting == "opt" else [0, 0, 0])
+    if weighting != "opt":
+        with pytest.raises(ValueError, match="opt weights need"):
+            _weights_from_losses("opt", want_w.log_ppl, torch.ones(3, 2, dtype=torch.bool), 1.0)
+
+
 def test_protocol_members_are_fused_without_a_cache(family):
     from mergelab.eval.models import HFLogitModel
 
