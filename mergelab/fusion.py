@@ -446,7 +446,10 @@ def check_shared_vocabulary(tokenizers: Sequence[Any], names: Sequence[str]) -> 
                     f"in {names[0]} but {b_s} in {name} (vocabularies of {len(ref)} and "
                     f"{len(other)} tokens). Logit fusion adds next-token logits id by id, so all "
                     "models must use one tokenizer; fuse models fine-tuned from the same base, "
-                    "or leave this one out (mapping between tokenizers is not supported)."
+                    "or leave this one out. To fuse them anyway for generation (sim, uniform or "
+                    "top1 weights), opt in to cross-tokenizer fusion: `cross_tokenizer: true` in "
+                    "the recipe's parameters or `mergelab fuse --cross-tokenizer`; the other "
+                    "vocabularies are then mapped to the first model's by minimum edit distance."
                 )
     return len(ref)
 
@@ -539,6 +542,212 @@ def _member(model: Any):
     )
 
 
+# -- cross-tokenizer members (opt-in) -------------------------------------------------------------
+def _vocab_size_of(tokenizer: Any) -> int:
+    vocab = tokenizer.get_vocab()
+    return max(vocab.values()) + 1 if vocab else 0
+
+
+def _cross_refusal(what: str, pivot: str, cross: Sequence[str], instead: str) -> MergelabError:
+    models = name_list(cross)
+    return MergelabError(
+        f"{what} needs every model to read the same tokens, but this cross-tokenizer fusion has "
+        f"models whose tokenizer differs from the first model's ({pivot}): {models}. Across "
+        f"tokenizers only next-token predictions can be combined (each model scores the prompt "
+        f"with its own tokens); {instead}"
+    )
+
+
+class _CrossMember:
+    """A member whose tokenizer differs from the pivot's (the first model's), in a fusion opted in
+    with `cross_tokenizer=True`.
+
+    It reads the pivot ids as text and tokenizes that text itself: each run of ordinary pivot
+    tokens is decoded by the pivot tokenizer and encoded by its own (no special tokens added);
+    each pivot special token becomes its own counterpart (same role: bos, eos, unk, pad; else the
+    same string among its added tokens; else it is dropped). Its prompt ℓ is its mean
+    cross-entropy on that own tokenization, and its next-token logits are read at the pivot ids
+    through the vocabulary map (mergelab.fusion_vocab), so that they add to the others'.
+
+    During generation every new pivot token re-encodes the row's text (the whole text: a merge
+    may change earlier own tokens). The batch keeps one KV cache: own tokens that stay are not
+    recomputed; a changed tail is masked out of the cache (the attention mask is 0 there — a
+    per-row crop that keeps the batch in one call) and the new own tokens are appended, right-
+    aligned in a block of the longest row's new tokens (masked filler before shorter rows'). The
+    logits are those of a full forward over the re-tokenized text (to float rounding).
+
+    Text ending in an incomplete UTF-8 character (a byte-level token holding part of one,
+    decoded as U+FFFD): up to 3 trailing pivot tokens are held back until the character is
+    complete, so the member never reads a replacement character that the next token will
+    replace; meanwhile its prediction is the one after the complete text. A U+FFFD that does
+    not go away by dropping 3 tokens is taken as real text.
+    """
+
+    def __init__(self, inner: Any, pivot_tok: Any, own_tok: Any, pivot_vocab: int, name: str):
+        from .fusion_vocab import special_ids, tokenizer_vocab_map
+
+        self.inner, self.name = inner, name
+        self.device = inner.device
+        self.rows = pivot_vocab  # its step logits are already in the pivot vocabulary
+        self.pivot_tok, self.own_tok = pivot_tok, own_tok
+        self.vocab_map = tokenizer_vocab_map(pivot_tok, own_tok, size=pivot_vocab)
+        self.map = self.vocab_map.tensor(self.device)
+        self.own_vocab = _vocab_size_of(own_tok)
+        p_roles, o_roles = special_ids(pivot_tok), special_ids(own_tok)
+        own_added = own_tok.get_added_vocab() if hasattr(own_tok, "get_added_vocab") else {}
+        self._special: dict[int, int | None] = {}
+        for i in pivot_tok.all_special_ids:
+            role = next((r for r, j in p_roles.items() if j == i and r in o_roles), None)
+            text = pivot_tok.convert_ids_to_tokens(i)
+            self._special[i] = o_roles[role] if role else own_added.get(text)
+        self._pad = o_roles.get("pad", o_roles.get("eos", 0))
+        # A text without any own token (e.g. a prompt of pivot specials the member has no
+        # counterpart for) is read as its bos (else eos): a model needs one token to predict from.
+        self._start = o_roles.get("bos", o_roles.get("eos"))
+
+    # -- text -> own ids
+    def _decode(self, ids: list[int]) -> str:
+        return self.pivot_tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _encode_run(self, run: list[int], last: bool) -> list[int]:
+        if not run:
+            return []
+        text = self._decode(run)
+        if last and text.endswith("\ufffd"):
+            for j in range(1, min(3, len(run)) + 1):
+                shorter = self._decode(run[:-j])
+                if not shorter.endswith("\ufffd"):
+                    text = shorter
+                    break
+        return list(self.own_tok.encode(text, add_special_tokens=False)) if text else []
+
+    def own_ids(self, pivot_ids: Sequence[int]) -> list[int]:
+        """The member's own tokens for a row of real pivot tokens."""
+        out: list[int] = []
+        run: list[int] = []
+        for t in pivot_ids:
+            if t in self._special:
+                out += self._encode_run(run, last=False)
+                run = []
+                if self._special[t] is not None:
+                    out.append(self._special[t])
+            else:
+                run.append(t)
+        out += self._encode_run(run, last=True)
+        if not out:
+            if self._start is None:
+                raise MergelabError(
+                    f"The model {self.name} (cross-tokenizer member) gets an empty text to read and "
+                    "its tokenizer has no bos or eos token to start from. Give a prompt with text."
+                )
+            out = [self._start]
+        return out
+
+    def _own_logits(self, lg: torch.Tensor) -> torch.Tensor:
+        return lg[..., : self.own_vocab] if lg.shape[-1] > self.own_vocab else lg
+
+    def _mapped(self, lg: torch.Tensor) -> torch.Tensor:
+        return lg.float().index_select(-1, self.map)
+
+    # -- the fusion's calls
+    def prompt(self, input_ids, attention_mask, prompt_lengths=None, use_cache=True):
+        """(ℓ [B, 1], mapped last logits [B, V_pivot], state) for the real tokens of each row
+        (its first prompt_lengths[b] real tokens when given)."""
+        ids_l, mask_l = input_ids.tolist(), attention_mask.tolist()
+        rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids_l, mask_l)]
+        if prompt_lengths is not None:
+            rows = [r[: int(n)] for r, n in zip(rows, prompt_lengths.tolist())]
+        own = [self.own_ids(r) for r in rows]
+        width = max(len(r) for r in own)
+        ids = torch.tensor([[self._pad] * (width - len(r)) + r for r in own], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in own], device=self.device)
+        state: dict[str, Any] = {"pivot": rows, "own": own}
+        if isinstance(self.inner, _HFMember):
+            lg, st = self.inner.prefill(ids, mask, use_cache=use_cache)
+            if use_cache:
+                state.update(cache=st["cache"], mask=mask,
+                             slots=[list(range(width - len(r), width)) for r in own])
+        else:
+            lg = self.inner.logits(ids, mask)
+        lg = self._own_logits(lg)
+        target = prompt_target_mask(mask, mask.sum(-1))
+        ell = _prompt_losses(lg, ids, target)
+        last = self._mapped(lg[:, -1])
+        state["last"] = last
+        return ell, last.clone(), state
+
+    def step(self, state, tokens: Sequence[int], skip: Sequence[bool] | None = None) -> torch.Tensor:
+        """Mapped logits [B, V_pivot] after one more pivot token per row (rows in `skip` are not
+        extended: their logits stay those of their last step)."""
+        feeds: list[tuple[int, list[int]] | None] = []
+        for b, t in enumerate(tokens):
+            if skip is not None and skip[b]:
+                feeds.append(None)
+                continue
+            state["pivot"][b].append(int(t))
+            new, old = self.own_ids(state["pivot"][b]), state["own"][b]
+            if new == old:  # the text did not change (a held-back byte, a dropped special)
+                feeds.append(None)
+                continue
+            p = 0
+            for x, y in zip(old, new):
+                if x != y:
+                    break
+                p += 1
+            if p == len(new):  # new is a prefix of old: re-read its last token for its logits
+                p -= 1
+            feeds.append((p, new[p:]))
+            state["own"][b] = new
+        fed = [b for b, f in enumerate(feeds) if f is not None]
+        if fed:
+            if isinstance(self.inner, _HFMember):
+                lg = self._cached_forward(state, feeds)
+            else:  # no cache: the whole own text again, as a full forward
+                own = state["own"]
+                width = max(len(r) for r in own)
+                ids = torch.tensor([[self._pad] * (width - len(r)) + r for r in own], device=self.device)
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in own], device=self.device)
+                lg = self.inner.logits(ids, mask)[:, -1]
+            rows = torch.tensor(fed, device=self.device)
+            state["last"][rows] = self._mapped(self._own_logits(lg[rows]))
+        return state["last"].clone()
+
+    def _cached_forward(self, state, feeds) -> torch.Tensor:
+        """One forward of the new own tokens of every fed row over the batch's cache: [B, V_own]
+        logits at each row's last new token (the block's last column)."""
+        n_max = max(len(f[1]) for f in feeds if f is not None)
+        mask = state["mask"]
+        batch, width = mask.shape
+        block = [[self._pad] * n_max for _ in range(batch)]
+        new_mask = [[0] * n_max for _ in range(batch)]
+        pos = [[0] * n_max for _ in range(batch)]
+        dropped_rows, dropped_cols = [], []
+        for b, f in enumerate(feeds):
+            if f is None:
+                continue
+            p, toks = f
+            slots = state["slots"][b]
+            dropped_rows += [b] * (len(slots) - p)
+            dropped_cols += slots[p:]
+            start = n_max - len(toks)
+            for i, t in enumerate(toks):
+                block[b][start + i], new_mask[b][start + i], pos[b][start + i] = t, 1, p + i
+            for i in range(start):
+                pos[b][i] = p  # masked filler: any position
+            state["slots"][b] = slots[:p] + list(range(width + start, width + n_max))
+        if dropped_rows:
+            mask[dropped_rows, dropped_cols] = 0
+        mask = torch.cat([mask, torch.tensor(new_mask, dtype=mask.dtype, device=self.device)], 1)
+        m = self.inner
+        out = m.model(
+            input_ids=torch.tensor(block, device=self.device), attention_mask=mask,
+            position_ids=torch.tensor(pos, device=self.device), use_cache=True,
+            **{m._cache_kw: state["cache"]},
+        )
+        state["cache"], state["mask"] = m._cache_of(out), mask
+        return out.logits[:, -1]
+
+
 # -- the fused model -------------------------------------------------------------------------------
 class FusedLogitModel:
     """K models fused at inference time; implements mergelab.eval.protocol.LogitModel.
@@ -549,6 +758,14 @@ class FusedLogitModel:
     weighting a text's prediction by how well each model predicts that same text would leak it;
     the logits are still returned for every position. `last_weights` holds the weights of the
     latest call (the CLI prints them).
+
+    `cross_tokenizer=True` (it needs `tokenizers`) accepts models whose tokenizer differs from
+    the first model's (the pivot): they read the prompt as text in their own tokens and their
+    logits are mapped to the pivot vocabulary by minimum edit distance (mergelab.fusion_vocab,
+    see `_CrossMember`). Only generation works then, with sim, uniform or top1 weights: opt and
+    `logits` mix logits position by position, which needs one tokenization, and are refused.
+    Models sharing the pivot's tokenizer keep the plain path; with identical tokenizers the
+    option changes nothing.
     """
 
     def __init__(
@@ -559,6 +776,7 @@ class FusedLogitModel:
         grid_step: float = 0.05,
         tokenizers: Sequence[Any] | None = None,
         names: Sequence[str] | None = None,
+        cross_tokenizer: bool = False,
     ):
         if len(models) == 0:
             raise MergelabError("A logit fusion needs at least one model; none was given.")
@@ -569,22 +787,79 @@ class FusedLogitModel:
             raise MergelabError(f"The opt grid step must be in (0, 1]; got {grid_step}.")
         self.names = list(names) if names is not None else [f"model{i}" for i in range(len(models))]
         self.members = [_member(m) for m in models]
+        self.cross_tokenizer = bool(cross_tokenizer)
+        self._cross: list[int] = []  # indices of the cross-tokenizer members
+        if cross_tokenizer and tokenizers is None:
+            raise MergelabError(
+                "cross_tokenizer=True needs the models' tokenizers (tokenizers=[...], one per model, "
+                "in the models' order): the vocabularies are mapped from them."
+            )
+        if cross_tokenizer and len(tokenizers) != len(models):
+            raise MergelabError(
+                f"cross_tokenizer=True needs one tokenizer per model; got {len(tokenizers)} "
+                f"tokenizers for {len(models)} models."
+            )
+        # Which models differ from the pivot is known before the weighting is checked (opt is
+        # refused across tokenizers).
+        if cross_tokenizer:
+            pivot_vocab = tokenizers[0].get_vocab()
+            self._cross = [k for k in range(1, len(models)) if tokenizers[k].get_vocab() != pivot_vocab]
+            if weighting == "opt" and self._cross:
+                raise self._refusal("opt")
         self.weighting, self.tau, self.grid_step = weighting, float(tau), float(grid_step)
         self.device = self.members[0].device
         if tokenizers is not None:
-            self.vocab_size = check_shared_vocabulary(tokenizers, self.names)
-            for name, m in zip(self.names, self.members):
-                if m.rows < self.vocab_size:
+            if self._cross:
+                self.vocab_size = _vocab_size_of(tokenizers[0])
+            else:
+                self.vocab_size = check_shared_vocabulary(tokenizers, self.names)
+            for k, (name, m) in enumerate(zip(self.names, self.members)):
+                need = _vocab_size_of(tokenizers[k]) if k in self._cross else self.vocab_size
+                if m.rows < need:
                     raise MergelabError(
                         f"Model {name} has {m.rows} output rows but its tokenizer has "
-                        f"{self.vocab_size} tokens; its logits cannot cover the vocabulary. "
+                        f"{need} tokens; its logits cannot cover the vocabulary. "
                         "Check that the tokenizer belongs to this model."
                     )
+            for k in self._cross:
+                self.members[k] = _CrossMember(self.members[k], tokenizers[0], tokenizers[k],
+                                               self.vocab_size, self.names[k])
         else:
             # Rows past the smallest model's are padding rows (e.g. rounded up to a multiple of 64).
             self.vocab_size = min(m.rows for m in self.members)
         self.last_weights: FusionWeights | None = None
         self._workspace = _Workspace()
+
+    @property
+    def weighting(self) -> str:
+        return self._weighting
+
+    @weighting.setter
+    def weighting(self, value: str) -> None:
+        # Set again by callers (e.g. `mergelab fuse --weights` over a recipe): checked each time.
+        _check_weighting(value)
+        if value == "opt" and getattr(self, "_cross", None):
+            raise self._refusal("opt")
+        self._weighting = value
+
+    @property
+    def cross_names(self) -> list[str]:
+        """The models whose tokenizer differs from the first model's (empty without cross_tokenizer)."""
+        return [self.names[k] for k in self._cross]
+
+    def _refusal(self, what: str) -> MergelabError:
+        cross = self.cross_names
+        if what == "opt":
+            return _cross_refusal(
+                "The fusion weighting opt (it mixes the models' logits at every prompt position)",
+                self.names[0], cross, "use weighting sim, uniform or top1 with these models.",
+            )
+        return _cross_refusal(
+            "Scoring every position of a text (FusedLogitModel.logits, used by perplexity and "
+            "multiple-choice evals)", self.names[0], cross,
+            "score this fusion with generation-based evals (exact match), which work across "
+            "tokenizers with sim, uniform or top1 weights, or fuse models that share one tokenizer.",
+        )
 
     def _weights(self, logits, input_ids, attention_mask, prompt_lengths) -> FusionWeights:
         target = prompt_target_mask(attention_mask.to(self.device), prompt_lengths.to(self.device))
@@ -606,10 +881,31 @@ class FusedLogitModel:
         """The fusion weights for these prompts (whole rows unless prompt_lengths is given)."""
         if prompt_lengths is None:
             prompt_lengths = attention_mask.sum(-1)
+        if self._cross:
+            return self._cross_weights(input_ids, attention_mask, prompt_lengths)
         return self._weights(self._all_logits(input_ids, attention_mask), input_ids, attention_mask, prompt_lengths)
+
+    def _cross_weights(self, input_ids, attention_mask, prompt_lengths) -> FusionWeights:
+        """sim/uniform/top1 weights with cross-tokenizer members: each model's ℓ on its own tokens."""
+        target = prompt_target_mask(attention_mask.to(self.device), prompt_lengths.to(self.device))
+        ids = input_ids.to(self.device)
+        losses = []
+        for m in self.members:
+            if isinstance(m, _CrossMember):
+                ell = m.prompt(input_ids, attention_mask, prompt_lengths, use_cache=False)[0]
+            else:
+                lg = m.logits(input_ids, attention_mask)[..., : self.vocab_size].to(self.device)
+                ell = _prompt_losses(lg, ids, target, self._workspace)
+                del lg
+            losses.append(ell.to(self.device))
+        fw = _weights_from_losses(self.weighting, torch.cat(losses, 1), target, self.tau)
+        self.last_weights = fw
+        return fw
 
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask, prompt_lengths=None):
+        if self._cross:
+            raise self._refusal("logits")
         if prompt_lengths is None:
             prompt_lengths = attention_mask.sum(-1) // 2
         all_logits = self._all_logits(input_ids, attention_mask)
@@ -642,6 +938,8 @@ class FusedLogitModel:
         if max_new_tokens <= 0:
             return outs
         states: list[Any] = []
+        if self.weighting == "opt" and self._cross:
+            raise self._refusal("opt")
         if self.weighting == "opt":  # its line search mixes the K models' prompt logits
             prompt_logits = []
             for m in self.members:
@@ -659,6 +957,12 @@ class FusedLogitModel:
             ids = input_ids.to(self.device)
             losses, last = [], []
             for m in self.members:
+                if isinstance(m, _CrossMember):  # ℓ on its own tokens, logits in the pivot vocabulary
+                    ell, lg_last, st = m.prompt(input_ids, attention_mask)
+                    losses.append(ell.to(self.device))
+                    last.append(lg_last.to(self.device))
+                    states.append(st)
+                    continue
                 lg, st = m.prefill(input_ids, attention_mask)
                 lg = lg[..., : self.vocab_size].to(self.device)
                 losses.append(_prompt_losses(lg, ids, target, self._workspace))
@@ -678,6 +982,7 @@ class FusedLogitModel:
         mask = attention_mask.to(self.device).long()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
         trim = [m.rows > self.vocab_size for m in self.members]
+        cross = [isinstance(m, _CrossMember) for m in self.members]
         done = [False] * batch
         for i in range(max_new_tokens):
             tokens = next_logits.argmax(-1)
@@ -692,8 +997,10 @@ class FusedLogitModel:
             mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
             pos = pos + 1
             inputs = {d: (tokens.view(-1, 1).to(d), mask.to(d), pos.to(d)) for d in devices}
+            token_list = tokens.tolist() if any(cross) else None
             for k, (m, st) in enumerate(zip(self.members, states)):
-                lg = m.step(st, *inputs[m.device])
+                # A cross member re-reads each row's text (finished rows are left as they are).
+                lg = m.step(st, token_list, done) if cross[k] else m.step(st, *inputs[m.device])
                 if trim[k]:
                     lg = lg[..., : self.vocab_size]
                 lg = lg.to(self.device, torch.float32)
@@ -715,6 +1022,9 @@ class FusionParameters(BaseModel):
     weighting: str = "sim"
     tau: float = Field(1.0, gt=0)
     grid_step: float = Field(0.05, gt=0, le=1)
+    # Opt-in: models with other tokenizers are mapped to the first model's vocabulary (generation
+    # with sim/uniform/top1 only); off, differing tokenizers are an error.
+    cross_tokenizer: bool = False
 
     @field_validator("weighting")
     @classmethod
@@ -756,7 +1066,8 @@ def validate_fusion_recipe(data: Any, where: str = "fusion recipe") -> FusionRec
         raise MergelabError(
             f"Invalid {where}: {pydantic_problems(e)}. A fusion recipe has `merge_method: "
             "logit_fusion`, `models: [{model: PATH_OR_HUB_ID_OR_RECIPE.yml}, ...]` (at least one) and "
-            "optional `parameters: {weighting: sim|opt|uniform|top1, tau: > 0, grid_step: (0, 1]}`."
+            "optional `parameters: {weighting: sim|opt|uniform|top1, tau: > 0, grid_step: (0, 1], "
+            "cross_tokenizer: true|false}`."
         ) from None
 
 
@@ -813,8 +1124,13 @@ def _hf_error(location: str, e: Exception) -> MergelabError:
     )
 
 
-def _load_sources(sources: list[_Source], where: str, device: str | torch.device) -> tuple[list[Any], list[Any]]:
-    """Check every source cheaply first (merge recipes, tokenizers), then load the weights."""
+def _load_sources(
+    sources: list[_Source], where: str, device: str | torch.device, cross_tokenizer: bool = False,
+    weighting: str = "sim",
+) -> tuple[list[Any], list[Any]]:
+    """Check every source cheaply first (merge recipes, tokenizers), then load the weights.
+
+    With cross_tokenizer, differing tokenizers pass, but not with the opt weighting."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .eval.models import resolve_device
@@ -833,8 +1149,16 @@ def _load_sources(sources: list[_Source], where: str, device: str | torch.device
             except (OSError, ValueError) as e:
                 raise _hf_error(src.location, e) from None
     # A vocabulary mismatch between plain models stops here, before any weights are read.
-    if len(tokenizers) > 1:
+    if len(tokenizers) > 1 and not cross_tokenizer:
         check_shared_vocabulary(list(tokenizers.values()), [sources[i].name for i in tokenizers])
+    elif cross_tokenizer and weighting == "opt" and 0 in tokenizers:
+        pivot = tokenizers[0].get_vocab()
+        cross = [sources[i].name for i, t in tokenizers.items() if i > 0 and t.get_vocab() != pivot]
+        if cross:
+            raise _cross_refusal(
+                "The fusion weighting opt (it mixes the models' logits at every prompt position)",
+                sources[0].name, cross, "use weighting sim, uniform or top1 with these models.",
+            )
     models: list[Any] = []
     toks: list[Any] = []
     for i, src in enumerate(sources):
@@ -855,11 +1179,17 @@ def _load_sources(sources: list[_Source], where: str, device: str | torch.device
     return models, toks
 
 
-def load_fusion(path_or_dict: str | Path | dict, device: str | torch.device = "cpu") -> tuple[FusedLogitModel, Any]:
-    """Build the FusedLogitModel of a fusion recipe (path or mapping); returns it and the tokenizer.
+def load_fusion(
+    path_or_dict: str | Path | dict, device: str | torch.device = "cpu",
+    cross_tokenizer: bool | None = None, weighting: str | None = None,
+) -> tuple[FusedLogitModel, Any]:
+    """Build the FusedLogitModel of a fusion recipe (path or mapping); returns it and the tokenizer
+    (the first model's: the fusion's pivot vocabulary).
 
-    Every entry is checked (paths exist, merge recipes validate, tokenizers agree) before any
-    weights are loaded; a weight-merge recipe entry is merged in memory (a hybrid).
+    Every entry is checked (paths exist, merge recipes validate, tokenizers agree — unless the
+    recipe or `cross_tokenizer=True` opts in to cross-tokenizer fusion) before any weights are
+    loaded; a weight-merge recipe entry is merged in memory (a hybrid). `cross_tokenizer` and
+    `weighting`, when given, replace the recipe's.
     """
     from .recipe import read_yaml
 
@@ -870,15 +1200,22 @@ def load_fusion(path_or_dict: str | Path | dict, device: str | torch.device = "c
         where, base_dir, data = "fusion recipe", None, path_or_dict
     recipe = validate_fusion_recipe(data, where)
     sources = [_resolve_source(e.model, base_dir, where, i) for i, e in enumerate(recipe.models)]
-    models, tokenizers = _load_sources(sources, where, device)
     p = recipe.parameters
+    cross = p.cross_tokenizer if cross_tokenizer is None else bool(cross_tokenizer)
+    weighting = p.weighting if weighting is None else weighting
+    _check_weighting(weighting)
+    models, tokenizers = _load_sources(sources, where, device, cross, weighting)
     fused = FusedLogitModel(
-        models, p.weighting, p.tau, p.grid_step, tokenizers=tokenizers, names=[s.name for s in sources]
+        models, weighting, p.tau, p.grid_step, tokenizers=tokenizers, names=[s.name for s in sources],
+        cross_tokenizer=cross,
     )
     return fused, tokenizers[0]
 
 
-def load_models(names: Sequence[str], device: str | torch.device = "cpu") -> tuple[list[Any], list[Any]]:
+def load_models(
+    names: Sequence[str], device: str | torch.device = "cpu", cross_tokenizer: bool = False,
+    weighting: str = "sim",
+) -> tuple[list[Any], list[Any]]:
     """Load models given by path, Hub id or weight-merge recipe file (the `fuse --models` list)."""
     sources = [_resolve_source(n, None, "--models list", i) for i, n in enumerate(names)]
-    return _load_sources(sources, "--models list", device)
+    return _load_sources(sources, "--models list", device, cross_tokenizer, weighting)

@@ -25,7 +25,11 @@ _WEIGHTINGS = ("sim", "opt", "uniform", "top1")
 @click.option("--prompt", required=True, help="The prompt to continue.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, or auto.")
-def fuse(models_opt, more_models, recipe, weighting, tau, grid_step, prompt, max_new_tokens, device):
+@click.option("--cross-tokenizer", is_flag=True, default=False,
+              help="Accept models whose tokenizer differs from the first model's: their vocabularies "
+                   "are mapped to its by minimum edit distance (weights sim, uniform or top1).")
+def fuse(models_opt, more_models, recipe, weighting, tau, grid_step, prompt, max_new_tokens, device,
+         cross_tokenizer):
     """Generate from models fused by perplexity-weighted logits (each keeps its own KV cache)."""
     from ..fusion import FusedLogitModel, load_fusion, load_models, validate_fusion_recipe
 
@@ -45,10 +49,11 @@ def fuse(models_opt, more_models, recipe, weighting, tau, grid_step, prompt, max
         if overrides:  # checked before any model is loaded, as the --models path does
             validate_fusion_recipe({"merge_method": "logit_fusion", "models": [recipe], "parameters": overrides},
                                    where="fuse options")
-        fused, tokenizer = load_fusion(recipe, device=device)
+        # The weighting goes in before loading: opt across tokenizers is refused before any weights.
+        fused, tokenizer = load_fusion(recipe, device=device, cross_tokenizer=True if cross_tokenizer else None,
+                                       weighting=weighting)
         # Overrides set on the loaded fusion: rebuilding it without the tokenizers would take the
         # vocabulary from the models' row counts, padding rows included.
-        fused.weighting = weighting or fused.weighting
         fused.tau = fused.tau if tau is None else float(tau)
         fused.grid_step = fused.grid_step if grid_step is None else float(grid_step)
     else:
@@ -56,9 +61,10 @@ def fuse(models_opt, more_models, recipe, weighting, tau, grid_step, prompt, max
                   "grid_step": 0.05 if grid_step is None else grid_step}
         validate_fusion_recipe({"merge_method": "logit_fusion", "models": names, "parameters": params},
                                where="fuse options")
-        models, tokenizers = load_models(names, device=device)
+        models, tokenizers = load_models(names, device=device, cross_tokenizer=cross_tokenizer,
+                                         weighting=params["weighting"])
         fused = FusedLogitModel(models, params["weighting"], params["tau"], params["grid_step"],
-                                tokenizers=tokenizers, names=names)
+                                tokenizers=tokenizers, names=names, cross_tokenizer=cross_tokenizer)
         tokenizer = tokenizers[0]
     enc = tokenizer(prompt, return_tensors="pt")
     new = fused.generate_greedy(
@@ -71,5 +77,8 @@ def fuse(models_opt, more_models, recipe, weighting, tau, grid_step, prompt, max
     click.echo(f"{'model':<{width}}  log-ppl  weight")
     for k, name in enumerate(fused.names):
         click.echo(f"{name:<{width}}  {fw.log_ppl[0, k].item():7.3f}  {fw.weights[0, k].item():.3f}")
+    if fused.cross_names:
+        click.echo(f"cross-tokenizer: {', '.join(fused.cross_names)} read the text in their own tokens "
+                   f"(log-ppl per own token), logits mapped to {fused.names[0]}'s vocabulary")
     click.echo("")
     click.echo(prompt + tokenizer.decode(new[0], skip_special_tokens=True))
