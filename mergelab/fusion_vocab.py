@@ -35,6 +35,7 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _gpt2_byte_decoder()
+_BYTE_TABLE = str.maketrans({c: chr(b) for c, b in _BYTE_DECODER.items()})  # then latin-1 = the bytes
 
 
 def normalize_token(token: str, scheme: str = "plain", literal: bool = False) -> str:
@@ -53,7 +54,10 @@ def normalize_token(token: str, scheme: str = "plain", literal: bool = False) ->
     if m:
         raw = bytes([int(m.group(1), 16)])
     elif scheme == "byte_level":
-        raw = b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode("utf-8") for c in token)
+        if _BYTE_DECODER.keys() >= set(token):
+            raw = token.translate(_BYTE_TABLE).encode("latin-1")
+        else:  # a character outside the byte alphabet: kept as its UTF-8
+            raw = b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode("utf-8") for c in token)
     elif scheme == "sentencepiece":
         raw = token.replace("▁", " ").encode("utf-8")
     else:
@@ -155,25 +159,29 @@ def _distance_table(q: np.ndarray, c: np.ndarray) -> np.ndarray:
     query character per step, all pairs at once).
 
     Within a row, D[i][j] = min(best[j], D[i][j-1] + 1) with best from the previous row; unrolled,
-    D[i][j] - j = min(D[i][0], min_{k<=j} best[k] - k), a running minimum (np.minimum.accumulate).
+    D[i][j] - j = min(D[i][0], min_{k<=j} best[k] - k), a running minimum.
     """
     n_q, length = q.shape
     n_c, m = c.shape
-    dt = np.int16 if max(length, m) < 16000 else np.int32
-    ar = np.arange(m + 1, dtype=dt)
     if length == 0:
         return np.full((n_q, n_c), m, dtype=np.int32)
-    prev = np.broadcast_to(ar, (n_q, n_c, m + 1))
+    dt = np.int16 if max(length, m) < 16000 else np.int32
+    # Layout [M + 1, Q, N]: the running minimum runs over the first axis, so each of its steps
+    # is one long vector operation over all Q × N pairs (not M + 1-long rows, which are slow).
+    ar = np.arange(m + 1, dtype=dt)[:, None, None]
+    ct = np.ascontiguousarray(c.T)[:, None, :]  # [M, 1, N]
+    prev = np.broadcast_to(ar, (m + 1, n_q, n_c))
     for i in range(1, length + 1):
-        best = prev[:, :, :-1] + (q[:, None, None, i - 1] != c[None, :, :])  # substitution
-        np.minimum(best, prev[:, :, 1:] + 1, out=best)  # deletion
-        e = np.empty((n_q, n_c, m + 1), dtype=dt)
-        e[:, :, 0] = i
-        np.subtract(best, ar[1:], out=e[:, :, 1:])
-        np.minimum.accumulate(e, axis=2, out=e)  # insertion
+        best = prev[:-1] + (q[None, :, i - 1, None] != ct)  # substitution
+        np.minimum(best, prev[1:] + 1, out=best)  # deletion
+        e = np.empty((m + 1, n_q, n_c), dtype=dt)
+        e[0] = i
+        np.subtract(best, ar[1:], out=e[1:])
+        for j in range(1, m + 1):  # insertion: the running minimum (faster than ufunc.accumulate)
+            np.minimum(e[j], e[j - 1], out=e[j])
         e += ar
         prev = e
-    return prev[:, :, m].astype(np.int32)
+    return prev[m].astype(np.int32)
 
 
 def _prefix(text: str) -> str:

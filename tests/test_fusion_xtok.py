@@ -178,6 +178,45 @@ def test_map_exact_nearest_ties_specials_on_hand_made_vocabularies():
     assert m3.ids.tolist() == [2, 1]
 
 
+def _reference_map(pivot, other):
+    """The documented rule, by brute force: exact text (lowest id), else among the candidates
+    sharing the query's prefix (a space and the next character, else the first character, else
+    all) the least (distance, |length difference|, length, id)."""
+    def prefix(t):
+        return t[:2] if len(t) > 1 and t[0] == " " else t[:1]
+
+    out = []
+    for t in pivot:
+        same = [i for i, o in enumerate(other) if o == t]
+        if same:
+            out.append(same[0])
+            continue
+        cands = list(range(len(other)))
+        for p in (prefix(t), t[:1]):
+            sub = [i for i in cands if p and other[i].startswith(p)] if p else []
+            if sub:
+                cands = sub
+                break
+        out.append(min(cands, key=lambda i: (edit_distance(t, other[i]), abs(len(other[i]) - len(t)),
+                                             len(other[i]), i)))
+    return out
+
+
+def test_map_equals_the_brute_force_rule_on_random_vocabularies():
+    rng = random.Random(5)
+
+    def word():
+        w = "".join(rng.choice("abcé") for _ in range(rng.randint(1, 7)))
+        return (" " + w) if rng.random() < 0.5 else w
+
+    for case in range(4):
+        other = list(dict.fromkeys(word() for _ in range(300)))
+        pivot = [word() for _ in range(150)] + ["", "zz", " z"]
+        m = build_vocab_map(pivot, other)
+        assert m.ids.tolist() == _reference_map(pivot, other), case
+        assert m.distance.tolist() == [edit_distance(t, other[i]) for t, i in zip(pivot, m.ids.tolist())]
+
+
 def test_normalizations_byte_level_sentencepiece_and_byte_tokens():
     assert normalize_token("Ġhello", "byte_level") == " hello"
     assert normalize_token("ĊĊ", "byte_level") == "\n\n"
@@ -322,6 +361,29 @@ def test_coarse_fusion_generation_equals_full_recomputation(world):
             ref.append(t)
             cur.append(t)
         assert got[r] == ref, r
+
+
+def test_member_without_a_cache_rescores_its_own_text(world):
+    """A cross member that is a plain LogitModel (no KV cache) reads its whole re-tokenized text at
+    every step: the same tokens as the cached transformers member."""
+    from mergelab.eval.models import HFLogitModel
+
+    class Plain:
+        def __init__(self, inner):
+            self.inner, self.device, self.vocab_size = inner, inner.device, inner.vocab_size
+
+        def logits(self, input_ids, attention_mask, prompt_lengths=None):
+            return self.inner.logits(input_ids, attention_mask)
+
+    a, c, tok_a, tok_c = world["a"], world["c"], world["tok_a"], world["tok_c"]
+    ids, mask = _left_pad([_ids(tok_a, "12+3="), _ids(tok_a, "ab")])
+    cached = FusedLogitModel([a, c], "uniform", tokenizers=[tok_a, tok_c], cross_tokenizer=True)
+    plain = FusedLogitModel([a, Plain(HFLogitModel(c, tok_c))], "uniform", tokenizers=[tok_a, tok_c],
+                            cross_tokenizer=True)
+    from mergelab.fusion import _ProtocolMember
+
+    assert isinstance(plain.members[1].inner, _ProtocolMember)
+    assert plain.generate_greedy(ids, mask, 6) == cached.generate_greedy(ids, mask, 6)
 
 
 def test_incomplete_utf8_is_held_back_until_the_character_is_complete():
