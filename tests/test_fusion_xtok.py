@@ -340,24 +340,28 @@ def test_coarse_tokenizer_member_steps_equal_full_forwards(world):
 
 
 def test_coarse_fusion_generation_equals_full_recomputation(world):
-    a, c, tok_a, tok_c = world["a"], world["c"], world["tok_a"], world["tok_c"]
-    fused = FusedLogitModel([a, c], "sim", tau=2.0, tokenizers=[tok_a, tok_c], cross_tokenizer=True)
-    m = fused.members[1]
+    """[A, D, C]: D shares A's tokenizer (the plain cached path), C does not; the tokens are the
+    argmax of the weighted logits recomputed from scratch at every step."""
+    a, c, d, tok_a, tok_c = world["a"], world["c"], world["d"], world["tok_a"], world["tok_c"]
+    fused = FusedLogitModel([a, d, c], "sim", tau=2.0, tokenizers=[tok_a, tok_a, tok_c], cross_tokenizer=True)
+    assert [type(x).__name__ for x in fused.members] == ["_HFMember", "_HFMember", "_CrossMember"]
+    m = fused.members[2]
     rows = [_ids(tok_a, "12+3="), _ids(tok_a, "ab"), _ids(tok_a, "efg,1")]
     ids, mask = _left_pad(rows)
     got = fused.generate_greedy(ids, mask, max_new_tokens=7)
     fw = fused.last_weights
-    ell_a = [_mean_ce(a, r) for r in rows]
-    ell_c = [_mean_ce(c, [tok_c.bos_token_id] + tok_c.encode(tok_a.decode(r[1:]), add_special_tokens=False))
-             for r in rows]
-    want_w = torch.softmax(-torch.tensor([ell_a, ell_c], dtype=torch.float64).T / 2.0, -1)
-    assert torch.allclose(fw.weights.double(), want_w, atol=1e-5)
+
+    def own(row):
+        return [tok_c.bos_token_id] + tok_c.encode(tok_a.decode(row[1:]), add_special_tokens=False)
+
+    ell = torch.tensor([[_mean_ce(a, r), _mean_ce(d, r), _mean_ce(c, own(r))] for r in rows], dtype=torch.float64)
+    assert torch.allclose(fw.weights.double(), torch.softmax(-ell / 2.0, -1), atol=1e-5)
     for r, row in enumerate(rows):
         cur, ref = list(row), []
         for _ in range(7):
-            own = [tok_c.bos_token_id] + tok_c.encode(tok_a.decode(cur[1:]), add_special_tokens=False)
-            fused_logits = fw.weights[r, 0] * _last_logits(a, cur) + fw.weights[r, 1] * _last_logits(c, own)[m.map]
-            t = int(fused_logits.argmax())
+            w = fw.weights[r]
+            logits = w[0] * _last_logits(a, cur) + w[1] * _last_logits(d, cur) + w[2] * _last_logits(c, own(cur))[m.map]
+            t = int(logits.argmax())
             ref.append(t)
             cur.append(t)
         assert got[r] == ref, r
