@@ -1,6 +1,5 @@
-"""Vocabulary maps for cross-tokenizer logit fusion: each pivot token id -> an id of another vocabulary.
-
-Tokens are compared as text (byte-level and sentencepiece markers undone); unmatched ones go to the nearest token by edit distance.
+"""Vocabulary maps for cross-tokenizer logit fusion: every pivot token id -> an id of another vocabulary.
+Tokens compare as text (byte-level, sentencepiece markers undone); the rest go to the nearest by edit distance.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-SCHEMES = ("byte_level", "sentencepiece", "plain")
 # Roles whose tokens are mapped to their counterpart, in this order: the first role that claims
 # a pivot id wins (a pad that is the eos token is mapped as eos).
 SPECIAL_ROLES = ("bos", "eos", "unk", "pad")
