@@ -558,6 +558,12 @@ def _cross_refusal(what: str, pivot: str, cross: Sequence[str], instead: str) ->
     )
 
 
+_SCORING_INSTEAD = (
+    "score this fusion with generation-based evals (exact match), which work across tokenizers "
+    "with sim, uniform or top1 weights, or fuse models that share one tokenizer."
+)
+
+
 class _CrossMember:
     """A member whose tokenizer differs from the pivot's (the first model's), in a fusion opted in
     with `cross_tokenizer=True`.
@@ -856,9 +862,7 @@ class FusedLogitModel:
             )
         return _cross_refusal(
             "Scoring every position of a text (FusedLogitModel.logits, used by perplexity and "
-            "multiple-choice evals)", self.names[0], cross,
-            "score this fusion with generation-based evals (exact match), which work across "
-            "tokenizers with sim, uniform or top1 weights, or fuse models that share one tokenizer.",
+            "multiple-choice evals)", self.names[0], cross, _SCORING_INSTEAD,
         )
 
     def _weights(self, logits, input_ids, attention_mask, prompt_lengths) -> FusionWeights:
@@ -1126,11 +1130,13 @@ def _hf_error(location: str, e: Exception) -> MergelabError:
 
 def _load_sources(
     sources: list[_Source], where: str, device: str | torch.device, cross_tokenizer: bool = False,
-    weighting: str = "sim",
+    weighting: str = "sim", scoring: str | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Check every source cheaply first (merge recipes, tokenizers), then load the weights.
 
-    With cross_tokenizer, differing tokenizers pass, but not with the opt weighting."""
+    With cross_tokenizer, differing tokenizers pass, but not with the opt weighting, nor when
+    `scoring` says the fusion will score every position of texts (e.g. an eval's perplexity
+    scorer): both need one tokenization, so they are refused before any weights load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .eval.models import resolve_device
@@ -1151,13 +1157,18 @@ def _load_sources(
     # A vocabulary mismatch between plain models stops here, before any weights are read.
     if len(tokenizers) > 1 and not cross_tokenizer:
         check_shared_vocabulary(list(tokenizers.values()), [sources[i].name for i in tokenizers])
-    elif cross_tokenizer and weighting == "opt" and 0 in tokenizers:
+    elif cross_tokenizer and (weighting == "opt" or scoring) and 0 in tokenizers:
         pivot = tokenizers[0].get_vocab()
         cross = [sources[i].name for i, t in tokenizers.items() if i > 0 and t.get_vocab() != pivot]
-        if cross:
+        if cross and weighting == "opt":
             raise _cross_refusal(
                 "The fusion weighting opt (it mixes the models' logits at every prompt position)",
                 sources[0].name, cross, "use weighting sim, uniform or top1 with these models.",
+            )
+        if cross:
+            raise _cross_refusal(
+                f"Scoring every position of a text ({scoring})", sources[0].name, cross,
+                _SCORING_INSTEAD,
             )
     models: list[Any] = []
     toks: list[Any] = []
@@ -1181,7 +1192,7 @@ def _load_sources(
 
 def load_fusion(
     path_or_dict: str | Path | dict, device: str | torch.device = "cpu",
-    cross_tokenizer: bool | None = None, weighting: str | None = None,
+    cross_tokenizer: bool | None = None, weighting: str | None = None, scoring: str | None = None,
 ) -> tuple[FusedLogitModel, Any]:
     """Build the FusedLogitModel of a fusion recipe (path or mapping); returns it and the tokenizer
     (the first model's: the fusion's pivot vocabulary).
@@ -1189,7 +1200,9 @@ def load_fusion(
     Every entry is checked (paths exist, merge recipes validate, tokenizers agree — unless the
     recipe or `cross_tokenizer=True` opts in to cross-tokenizer fusion) before any weights are
     loaded; a weight-merge recipe entry is merged in memory (a hybrid). `cross_tokenizer` and
-    `weighting`, when given, replace the recipe's.
+    `weighting`, when given, replace the recipe's. `scoring` names what will score the fusion at
+    every position of a text (e.g. "the eval spec's perplexity scorer 'wiki'"): a cross-tokenizer
+    fusion cannot, and is refused before the weights load.
     """
     from .recipe import read_yaml
 
@@ -1204,7 +1217,7 @@ def load_fusion(
     cross = p.cross_tokenizer if cross_tokenizer is None else bool(cross_tokenizer)
     weighting = p.weighting if weighting is None else weighting
     _check_weighting(weighting)
-    models, tokenizers = _load_sources(sources, where, device, cross, weighting)
+    models, tokenizers = _load_sources(sources, where, device, cross, weighting, scoring)
     fused = FusedLogitModel(
         models, weighting, p.tau, p.grid_step, tokenizers=tokenizers, names=[s.name for s in sources],
         cross_tokenizer=cross,

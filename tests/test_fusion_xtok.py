@@ -20,6 +20,7 @@ from mergelab.fusion_vocab import (
     tokenizer_scheme,
     tokenizer_vocab_map,
 )
+from test_fusion import _left_pad, _tiny_llama  # the same tiny Llamas and padding as test_fusion
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = list("0123456789+=,>-abcdefgh ")
@@ -65,30 +66,6 @@ def _coarse(path=None):
     tok = Tokenizer(models.BPE(vocab, MERGES, unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
     return _fast(tok, path)
-
-
-def _tiny_llama(vocab_size, seed, path=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger logits than the default init, so argmax ties cannot happen
-        model.lm_head.weight.mul_(20)
-    if path is not None:
-        model.save_pretrained(path)
-    return model
-
-
-def _left_pad(rows, pad=0):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def _ids(tok, text):
@@ -477,3 +454,46 @@ def test_recipe_cross_tokenizer_parameter(world, tmp_path, monkeypatch):
         load_fusion(data)
     with pytest.raises(MergelabError, match="sim, uniform or top1"):
         load_fusion(recipe, weighting="opt")
+
+
+def test_eval_refuses_position_scoring_before_weights_and_scores_exact_match(world, tmp_path, monkeypatch):
+    import json
+
+    import transformers
+    from click.testing import CliRunner
+
+    from mergelab.cli import cli
+
+    root = world["root"]
+    recipe = tmp_path / "fuse.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "logit_fusion", "models": [str(root / "a"), str(root / "c")],
+                                      "parameters": {"weighting": "sim", "cross_tokenizer": True}}))
+    (tmp_path / "em.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "3"}) + "\n"
+                                               for p in ("1+2=", "ab+", "12=")))
+    (tmp_path / "t.txt").write_text("12+3=15\n\nab cd")
+    (tmp_path / "em.yml").write_text(yaml.safe_dump({"scorers": [
+        {"name": "em", "type": "exact_match", "data": "em.jsonl", "max_new_tokens": 3}]}))
+    (tmp_path / "ppl.yml").write_text(yaml.safe_dump({"scorers": [
+        {"name": "em", "type": "exact_match", "data": "em.jsonl"},
+        {"name": "wiki", "type": "perplexity", "data": "t.txt"}]}))
+    ok = CliRunner().invoke(cli, ["eval", str(recipe), "--eval", str(tmp_path / "em.yml"), "--device", "cpu",
+                                  "--json", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    saved = json.loads((tmp_path / "r.json").read_text())
+    # the same numbers as the eval of the fusion built by hand (generation works across tokenizers)
+    from mergelab.eval.evaluator import Evaluator
+    from mergelab.eval.spec import EvalSpec
+
+    direct = FusedLogitModel([world["a"], world["c"]], "sim", tokenizers=[world["tok_a"], world["tok_c"]],
+                             cross_tokenizer=True)
+    expect = Evaluator(EvalSpec.load(tmp_path / "em.yml"), world["tok_a"]).evaluate(direct)
+    assert saved["counts"]["em"] == 3 and saved["metrics"] == expect.metrics
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    bad = CliRunner().invoke(cli, ["eval", str(recipe), "--eval", str(tmp_path / "ppl.yml"), "--device", "cpu"])
+    assert bad.exit_code != 0
+    msg = str(bad.exception) + bad.output
+    assert "perplexity scorer 'wiki'" in msg and str(root / "c") in msg and "exact match" in msg

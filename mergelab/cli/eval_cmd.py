@@ -27,8 +27,11 @@ def _recipe_method(path: Path) -> str | None:
     return method if isinstance(method, str) else None
 
 
-def load_for_eval(target: Path, device):
-    """(LogitModel, tokenizer) for a model directory, a merge recipe or a logit_fusion recipe."""
+def load_for_eval(target: Path, device, scoring: str | None = None):
+    """(LogitModel, tokenizer) for a model directory, a merge recipe or a logit_fusion recipe.
+
+    `scoring` names a scorer that reads logits at every position (perplexity, multiple choice):
+    a cross-tokenizer fusion recipe is refused for it before its weights load."""
     from ..eval.models import HFLogitModel, load_model
 
     if target.is_dir():
@@ -41,7 +44,7 @@ def load_for_eval(target: Path, device):
     if _recipe_method(target) == "logit_fusion":
         from ..fusion import load_fusion
 
-        return load_fusion(target, device=device)
+        return load_fusion(target, device=device, scoring=scoring)
     from ..trial import load_recipe_model
 
     model, tokenizer = load_recipe_model(target, device=device)
@@ -89,7 +92,10 @@ def eval_cmd(target: Path, eval_path: Path, device: str, json_path: Path | None,
     data = load_data(spec)
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    model, tokenizer = load_for_eval(target, dev)
+    positional = [s for s in spec.scorers if s.type in ("perplexity", "multiple_choice")]
+    scoring = (f"the eval spec's {positional[0].type.replace('_', '-')} scorer '{positional[0].name}'"
+               if positional else None)
+    model, tokenizer = load_for_eval(target, dev, scoring)
     load_s = time.perf_counter() - t0
     evaluator = Evaluator(spec, tokenizer, device=model.device, batch_size=batch_size, data=data)
     result = evaluator.evaluate(model)
