@@ -208,6 +208,27 @@ def _linear_kernel(xs, w, fused, normalize, div, rmode, out):
         out[j] = _round(acc, rmode)
 
 
+def _elect_py(total, p_sum, n_sum, p_w, n_w, consensus, normalize, lin_div, lam, has_lam):
+    """The combine step shared by the element-wise merge kernels: with consensus, the sum of the
+    rows agreeing with the sign of the total (divided by their weights when normalizing, 1 where
+    none agrees), else the total (divided by lin_div when normalizing); then times λ. Inlined
+    into each kernel in numba's IR (like `_round`), so the element loop still vectorizes."""
+    zero = np.float32(0.0)
+    if consensus:
+        pos = total >= zero
+        mixed = p_sum if pos else n_sum
+        divisor = p_w if pos else n_w
+        if normalize:
+            mixed = mixed / (np.float32(1.0) if divisor == zero else divisor)
+    else:
+        mixed = total
+        if normalize:
+            mixed = mixed / lin_div
+    if has_lam:
+        mixed = mixed * lam
+    return mixed
+
+
 def _masked_kernel(xs, masks, fac, w, consensus, normalize, lin_div, lam, has_lam, base, rmode, out):
     """out[j] = base + λ·mix(wᵢ·((τᵢ·mᵢ)·fᵢ)) rounded through the output dtype: `_kernel` with
     every row a full 0/1 mask and a factor (1 where there is none: ·1 is exact), the usual DARE
@@ -216,7 +237,6 @@ def _masked_kernel(xs, masks, fac, w, consensus, normalize, lin_div, lam, has_la
     streamed once; the consensus step recomputes each row's value instead of storing it."""
     R = len(xs)
     zero = np.float32(0.0)
-    one = np.float32(1.0)
     for j in range(out.shape[0]):
         total = zero
         # the agreeing rows' sums for either elected sign, in row order (adding +0 for the
@@ -232,18 +252,7 @@ def _masked_kernel(xs, masks, fac, w, consensus, normalize, lin_div, lam, has_la
             n_sum += v if v < zero else zero
             p_w += w[r] if v > zero else zero
             n_w += w[r] if v < zero else zero
-        if consensus:
-            pos = total >= zero
-            mixed = p_sum if pos else n_sum
-            divisor = p_w if pos else n_w
-            if normalize:
-                mixed = mixed / (one if divisor == zero else divisor)
-        else:
-            mixed = total
-            if normalize:
-                mixed = mixed / lin_div
-        if has_lam:
-            mixed = mixed * lam
+        mixed = _elect(total, p_sum, n_sum, p_w, n_w, consensus, normalize, lin_div, lam, has_lam)
         out[j] = _round(mixed + base[j], rmode)
 
 
@@ -254,7 +263,6 @@ def _cut_kernel(xs, thr, w, consensus, normalize, lin_div, lam, has_lam, base, r
     holds no index comparison."""
     R = len(xs)
     zero = np.float32(0.0)
-    one = np.float32(1.0)
     for j in range(out.shape[0]):
         total = zero
         p_sum = zero  # as in _masked_kernel
@@ -269,18 +277,7 @@ def _cut_kernel(xs, thr, w, consensus, normalize, lin_div, lam, has_lam, base, r
             n_sum += v if v < zero else zero
             p_w += w[r] if v > zero else zero
             n_w += w[r] if v < zero else zero
-        if consensus:
-            pos = total >= zero
-            mixed = p_sum if pos else n_sum
-            divisor = p_w if pos else n_w
-            if normalize:
-                mixed = mixed / (one if divisor == zero else divisor)
-        else:
-            mixed = total
-            if normalize:
-                mixed = mixed / lin_div
-        if has_lam:
-            mixed = mixed * lam
+        mixed = _elect(total, p_sum, n_sum, p_w, n_w, consensus, normalize, lin_div, lam, has_lam)
         out[j] = _round(mixed + base[j], rmode)
 
 
@@ -290,7 +287,6 @@ def _cut_idx_kernel(xs, strict, below, cut, w, consensus, normalize, lin_div, la
     instead of one call per piece between the cutoffs."""
     R = len(xs)
     zero = np.float32(0.0)
-    one = np.float32(1.0)
     for j in range(out.shape[0]):
         total = zero
         p_sum = zero  # as in _masked_kernel
@@ -306,18 +302,7 @@ def _cut_idx_kernel(xs, strict, below, cut, w, consensus, normalize, lin_div, la
             n_sum += v if v < zero else zero
             p_w += w[r] if v > zero else zero
             n_w += w[r] if v < zero else zero
-        if consensus:
-            pos = total >= zero
-            mixed = p_sum if pos else n_sum
-            divisor = p_w if pos else n_w
-            if normalize:
-                mixed = mixed / (one if divisor == zero else divisor)
-        else:
-            mixed = total
-            if normalize:
-                mixed = mixed / lin_div
-        if has_lam:
-            mixed = mixed * lam
+        mixed = _elect(total, p_sum, n_sum, p_w, n_w, consensus, normalize, lin_div, lam, has_lam)
         out[j] = _round(mixed + base[j], rmode)
 
 
@@ -328,7 +313,6 @@ def _cut16_kernel(ms, b, strict, below, cut, w, consensus, normalize, lin_div, l
     _wide()
     R = len(ms)
     zero = np.float32(0.0)
-    one = np.float32(1.0)
     for j in range(out.shape[0]):
         bj = _wid(b[j])
         total = zero
@@ -345,18 +329,7 @@ def _cut16_kernel(ms, b, strict, below, cut, w, consensus, normalize, lin_div, l
             n_sum += v if v < zero else zero
             p_w += w[r] if v > zero else zero
             n_w += w[r] if v < zero else zero
-        if consensus:
-            pos = total >= zero
-            mixed = p_sum if pos else n_sum
-            divisor = p_w if pos else n_w
-            if normalize:
-                mixed = mixed / (one if divisor == zero else divisor)
-        else:
-            mixed = total
-            if normalize:
-                mixed = mixed / lin_div
-        if has_lam:
-            mixed = mixed * lam
+        mixed = _elect(total, p_sum, n_sum, p_w, n_w, consensus, normalize, lin_div, lam, has_lam)
         out[j] = _round(mixed + bj, rmode)
 
 
@@ -847,7 +820,6 @@ def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, h
     _wide()
     R = len(ms)
     zero = np.float32(0.0)
-    one = np.float32(1.0)
     for j in range(out.shape[0]):
         bj = _wid(b[j])
         total = zero
@@ -863,18 +835,7 @@ def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, h
             n_sum += v if v < zero else zero
             p_w += w[r] if v > zero else zero
             n_w += w[r] if v < zero else zero
-        if consensus:
-            pos = total >= zero
-            mixed = p_sum if pos else n_sum
-            divisor = p_w if pos else n_w
-            if normalize:
-                mixed = mixed / (one if divisor == zero else divisor)
-        else:
-            mixed = total
-            if normalize:
-                mixed = mixed / lin_div
-        if has_lam:
-            mixed = mixed * lam
+        mixed = _elect(total, p_sum, n_sum, p_w, n_w, consensus, normalize, lin_div, lam, has_lam)
         out[j] = _round(mixed + bj, rmode)
 
 
@@ -1034,6 +995,7 @@ def _compiled() -> tuple:
 
     globals().update(_fma=fma, _f16rt=f16rt, _bf16rt=bf16rt, _h2f=h2f, _b2f=b2f, _wid=wid, _wide=wide_vectors)
     globals()["_round"] = numba.njit(inline="always")(_round_py)  # inlined in numba IR: vectorizes
+    globals()["_elect"] = numba.njit(inline="always")(_elect_py)
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
     globals()["_cascade2"] = jit(_cascade2_py)
