@@ -432,55 +432,12 @@ def _dare_mask_l1(u, tau, t, L, mask):
     return zero + s
 
 
-def _cascade2_py(tau, mask, accb, acca, start, size, W):
-    """`_cascade_py` over a given mask, summing two series at once: |τ| into `accb` and |τ|·mask
-    into `acca`, each in torch's serial order."""
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
-    p = max(4, _ceil_log2(size) // 4)
-    step = 1 << p
-    lmask = step - 1
-    for lev in range(4):
-        for lane in range(W):
-            accb[lev, lane] = zero
-            acca[lev, lane] = zero
-    b0 = accb[0]
-    a0 = acca[0]
-    full = (size // step) * step
-    i = 0
-    while i < size:
-        nxt = min(size, (i // step + 1) * step)  # as in _cascade_py
-        o = start + i * W
-        cnt = (nxt - i) * W
-        tb = tau[o:o + cnt]
-        mb = mask[o:o + cnt]
-        for g in range(nxt - i):
-            gw = g * W
-            for lane in range(W):
-                x = abs(tb[gw + lane])
-                b0[lane] += x
-                a0[lane] += x * (one if mb[gw + lane] != 0 else zero)
-        i = nxt
-        if (i & lmask) == 0 and i <= full:
-            for lev in range(1, 4):
-                for lane in range(W):
-                    accb[lev, lane] += accb[lev - 1, lane]
-                    accb[lev - 1, lane] = zero
-                    acca[lev, lane] += acca[lev - 1, lane]
-                    acca[lev - 1, lane] = zero
-                if (i & (lmask << (lev * p))) != 0:
-                    break
-    for lev in range(1, 4):
-        for lane in range(W):
-            accb[0, lane] += accb[lev, lane]
-            acca[0, lane] += acca[lev, lane]
-
-
 def _l1_stream_py(tau, mask, s, n, L, accb, acca, st):
-    """`_l1_pair_py` fed slice by slice: the slice [s, s + len(tau)) of a tensor of n >= L elements
-    (s a multiple of W = 4L; every slice but the last ends on one). Its groups go into the running
-    cascades (accb, acca: (4, W), zero at first; st[0]: groups done), exactly as `_cascade2_py`
-    would take them; the last slice adds the leftovers and returns the two sums ((0, 0) before)."""
+    """(Σ|τ|, Σ|τ|·mask) in torch's serial float32 order, fed slice by slice: the slice
+    [s, s + len(tau)) of a tensor of n >= L elements (s a multiple of W = 4L; every slice but the
+    last ends on one). Its groups of W go into two running cascades as `_cascade_py` builds one
+    (accb for |τ|, acca for |τ|·mask: (4, W), zero at first; st[0]: groups done); the last slice
+    adds the leftovers and returns the two sums ((0, 0) before). `_l1_pair_py` is its one-slice use."""
     one = np.float32(1.0)
     zero = np.float32(0.0)
     V = n // L
@@ -549,52 +506,15 @@ def _l1_stream_py(tau, mask, s, n, L, accb, acca, st):
 def _l1_pair_py(tau, mask, L):
     """(Σ|τ|, Σ|τ|·mask), each summed in the order of torch's serial float32 sum (as in
     `_dare_mask_l1`): `l1_norm_of_abs(|τ|)` and `l1_norm_of_abs(|τ|·mask)` bit for bit, in one
-    read of τ and the mask."""
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
+    read of τ and the mask: `_l1_stream_py` fed the whole tensor as its one slice. Below L
+    elements torch sums 4 lanes of single elements, which is that loop with L = 1."""
     n = tau.shape[0]
-    V = n // L
-    if V == 0:
-        accb = np.zeros((4, 4), np.float32)
-        acca = np.zeros((4, 4), np.float32)
-        size = n // 4
-        _cascade2(tau, mask, accb, acca, 0, size, 4)
-        sb = accb[0, 0]
-        sa = acca[0, 0]
-        for e in range(size * 4, n):
-            x = abs(tau[e])
-            sb += x
-            sa += x * (one if mask[e] != 0 else zero)
-        for k in range(1, 4):
-            sb += accb[0, k]
-            sa += acca[0, k]
-        return zero + sb, zero + sa
-    W = 4 * L
-    accb = np.zeros((4, W), np.float32)
-    acca = np.zeros((4, W), np.float32)
-    size = V // 4
-    _cascade2(tau, mask, accb, acca, 0, size, W)
-    for v in range(size * 4, V):
-        o = v * L
-        for lane in range(L):
-            x = abs(tau[o + lane])
-            accb[0, lane] += x
-            acca[0, lane] += x * (one if mask[o + lane] != 0 else zero)
-    for k in range(1, 4):
-        for lane in range(L):
-            accb[0, lane] += accb[0, k * L + lane]
-            acca[0, lane] += acca[0, k * L + lane]
-    sb = zero
-    sa = zero
-    for e in range(V * L, n):
-        x = abs(tau[e])
-        sb += x
-        sa += x * (one if mask[e] != 0 else zero)
-    for lane in range(L):
-        sb += accb[0, lane]
-        sa += acca[0, lane]
-    return zero + sb, zero + sa
-
+    if n < L:
+        L = 1
+    accb = np.zeros((4, 4 * L), np.float32)
+    acca = np.zeros((4, 4 * L), np.float32)
+    st = np.zeros(1, np.int64)
+    return _l1_stream(tau, mask, 0, n, L, accb, acca, st)
 
 # torch's CPU generator is an mt19937 engine seeded with the low 32 bits of the seed; float32
 # uniform_ takes one 32-bit output per element, keeps its low 24 bits and scales by 2^-24 (exact).
@@ -998,7 +918,7 @@ def _compiled() -> tuple:
     globals()["_elect"] = numba.njit(inline="always")(_elect_py)
     globals()["_ceil_log2"] = jit(_ceil_log2_py)
     globals()["_cascade"] = jit(_cascade_py)
-    globals()["_cascade2"] = jit(_cascade2_py)
+    globals()["_l1_stream"] = jit(_l1_stream_py)
     globals()["_mask_l1"] = jit(_dare_mask_l1)
     globals()["_cascade16"] = jit(_cascade16_py)
     globals()["_dare16_rows"] = jit(_dare16_rows_py)
