@@ -221,13 +221,17 @@ async def test_current_trial_shows_params_and_stage_progress(tmp_path):
         assert screen.state.stages == ["merge", "math", "code"]
         feed({"event": "trial_start", "number": 30, "params": {"m0.weight.g0": 0.5, "m1.weight.g0": 1.25}})
         feed({"event": "stage", "number": 30, "stage": "merge", "fraction": 0.0})
-        feed({"event": "stage", "number": 30, "stage": "math", "fraction": 0.5})
+        # the loop names a scorer's stage "eval NAME" and reports after each batch: one stage, not two
+        feed({"event": "stage", "number": 30, "stage": "eval math", "fraction": 0.5})
         await until(pilot, lambda: bool(screen.state.running))
         await pilot.pause()
         assert str(screen.query_one("#current-title").content) == "trial 30 on this process"
         bar = screen.query_one("#current-progress", ProgressBar)
-        assert (bar.total, bar.progress) == (3, 2)  # merge and math done, code to go
-        assert str(screen.query_one("#current-stages").content).split() == ["✓", "merge", "✓", "math", "·", "code"]
+        assert (bar.total, bar.progress) == (3, 2)  # merge done, half of the eval batches done
+        assert str(screen.query_one("#current-stages").content).split() == ["✓", "merge", "▶", "math", "·", "code"]
+        params = screen.query_one("#current-params").content
+        lines = [" ".join(str(c) for c in params.columns[0]._cells)]
+        assert "ft_math · weight · layers 0–1" in lines[0] and "ft_code · weight · layers 0–1" in lines[0]
         feed({"event": "trial_end", "number": 30, "record": {}})
         await until(pilot, lambda: not screen.state.running)
         assert str(screen.query_one("#current-title").content) == "no trial running"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from search.labels import param_labels, short_model_names
 from search.rundir import RunDir
 
 LOG_TAIL_BYTES = 64 * 1024  # a viewer starts from the end of a long log
@@ -25,8 +26,8 @@ STATES = ("COMPLETE", "PRUNED", "FAIL")
 class LiveFeed:
     """The search loop's `progress` callback when the search runs in this process.
 
-    It only remembers the running trial (params and stage) for the dashboard to read; trial
-    results still come from the run directory like for any other run.
+    It only remembers the running trial (params, stage and how far along it is) for the dashboard
+    to read; trial results still come from the run directory like for any other run.
     """
 
     def __init__(self) -> None:
@@ -38,22 +39,26 @@ class LiveFeed:
             kind = event.get("event")
             if kind == "trial_start":
                 self._current = {"number": event["number"], "params": dict(event.get("params") or {}),
-                                 "stage": None, "stages_done": [], "started": time.time()}
+                                 "stage": None, "frac": None, "started": time.time()}
             elif kind == "stage" and self._current is not None and self._current["number"] == event.get("number"):
-                stage = str(event.get("stage"))
-                cur = self._current
-                if cur["stage"] is not None and cur["stage"] not in cur["stages_done"]:
-                    cur["stages_done"].append(cur["stage"])
-                cur["stage"] = stage
-                # "merge" is announced when it starts; a scorer's name when that scorer has finished
-                if stage != "merge" and stage not in cur["stages_done"]:
-                    cur["stages_done"].append(stage)
+                self._current["stage"] = stage_name(event.get("stage"))
+                frac = event.get("fraction", event.get("frac"))
+                self._current["frac"] = float(frac) if isinstance(frac, (int, float)) else None
             elif kind == "trial_end":
                 self._current = None
 
     def current(self) -> dict | None:
         with self._lock:
             return None if self._current is None else json.loads(json.dumps(self._current))
+
+
+def stage_name(stage: Any) -> str | None:
+    """A stage as the panel lists it: the loop reports a scorer as "eval NAME", the eval spec names
+    it NAME; both must be one stage, not two."""
+    if stage is None:
+        return None
+    s = str(stage).strip()
+    return s[5:] if s.startswith("eval ") else s
 
 
 # ------------------------------------------------------------------------------- reading
@@ -67,7 +72,8 @@ class Delta:
     log_lines: list[str] = field(default_factory=list)
     workers: list[dict] = field(default_factory=list)
     control: str | None = None
-    running: list[dict] = field(default_factory=list)  # [{number, worker, params, stage, stages_done}]
+    progress: dict = field(default_factory=dict)  # progress.json: the running trial's stage
+    running: list[dict] = field(default_factory=list)  # [{number, worker, params, stage, frac, started, live}]
 
 
 class _LogTail:
@@ -121,22 +127,31 @@ class RunReader:
         d.log_lines = self._log.poll()
         d.workers = self.rd.workers()
         d.control = self.rd.control()
-        d.running = self._running(d.workers)
+        d.progress = read_progress(self.rd.path)
+        d.running = self._running(d.workers, d.progress)
         return d
 
-    def _running(self, workers: list[dict]) -> list[dict]:
+    def _running(self, workers: list[dict], progress: dict) -> list[dict]:
         out = []
         cur = self.feed.current() if self.feed is not None else None
         if cur is not None:
             out.append({**cur, "worker": "this process", "live": True})
         for w in workers:
-            n = w.get("trial")
-            if not w.get("alive") or n is None or (cur is not None and cur["number"] == n):
+            if not w.get("alive"):
                 continue
-            params = w.get("params") or self._params_of(int(n))
-            out.append({"number": int(n), "worker": w.get("worker"), "params": params,
-                        "stage": w.get("stage"), "stages_done": list(w.get("stages_done") or []),
-                        "started": w.get("trial_started"), "live": False})
+            n = w.get("trial")
+            prog = progress if progress_of(progress, w) else {}
+            if prog and (n is None or int(prog["trial"]) > int(n)):
+                n = prog["trial"]  # the heartbeat (every few seconds) lags the progress file
+            if n is None or (cur is not None and cur["number"] == n):
+                continue
+            n = int(n)
+            if prog.get("trial") != n:
+                prog = {}  # progress of the worker's previous trial: this one has not reported yet
+            params = w.get("params") or self._params_of(n)
+            out.append({"number": n, "worker": w.get("worker"), "params": params,
+                        "stage": stage_name(prog.get("stage")), "frac": _frac(prog.get("frac")),
+                        "started": prog.get("started") or w.get("trial_started"), "live": False})
         return out
 
     def _params_of(self, number: int) -> dict:
@@ -171,6 +186,36 @@ class RunReader:
         except Exception:
             self._study_failed = True
         return self._study
+
+
+PROGRESS_FILE = "progress.json"  # written by the search loop: the running trial's stage
+
+
+def read_progress(run_path: Path) -> dict:
+    """RUN/progress.json ({"trial", "stage", "frac", "time", ...}); {} when absent or unreadable."""
+    try:
+        d = json.loads((Path(run_path) / PROGRESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(d, dict) or not isinstance(d.get("trial"), int) or isinstance(d.get("trial"), bool):
+        return {}
+    return d
+
+
+def progress_of(progress: dict, worker: dict) -> bool:
+    """Whether progress.json speaks about this live worker's current work: its own (when the file
+    names a worker) and not older than the worker's session."""
+    if not progress:
+        return False
+    if progress.get("worker") not in (None, worker.get("worker")):
+        return False
+    t = progress.get("time")
+    started = worker.get("started")
+    return not (isinstance(t, (int, float)) and isinstance(started, (int, float)) and t < started)
+
+
+def _frac(v: Any) -> float | None:
+    return min(1.0, max(0.0, float(v))) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 # ------------------------------------------------------------------------------- state
@@ -213,8 +258,12 @@ class RunState:
         self.control: str | None = None
         self.running: list[dict] = []
         self.metric_names: list[str] = []
+        self.devices = False  # whether any trial records its device
         self.stages = ["merge", *eval_scorer_names(self.resolved)]
         self.version = 0  # bumped whenever trials change (views cache on it)
+        # set by the dashboard: whether a search it launched (thread or process) is still starting
+        self.launching: Callable[[], bool] = lambda: False
+        self.labels = param_labels(self.resolved)  # searched parameter -> readable label
 
     # -- folding a delta in
     def apply(self, d: Delta) -> Changes:
@@ -234,6 +283,7 @@ class RunState:
             for m in rec.get("metrics") or {}:
                 if m not in self.metric_names:
                     self.metric_names.append(m)
+            self.devices = self.devices or bool(rec.get("device"))
         if d.new_trials or d.reset:
             ch.trials = True
             self.version += 1
@@ -272,10 +322,25 @@ class RunState:
         return list(self.summary.get("objective_names") or self.resolved.get("objective_names") or ["combined"])
 
     def status(self) -> str:
+        """What the run is doing now, as the header says it: "running" only with a live search
+        process, "starting" while a search this UI launched has not yet said so, "new" for a run
+        directory no search has started in."""
         s = self.summary.get("status", "stopped")
-        if s == "running" and not any(w.get("alive") for w in self.workers):
-            return "stopped"
+        if s == "running" and any(w.get("alive") for w in self.workers):
+            return "running"
+        if self.launching():
+            return "starting"
+        if s == "running":
+            return "stopped"  # the process died without a chance to say so
+        if s == "stopped" and self.summary.get("detail") == "created" and not self.summary.get("trials_done"):
+            return "new"
         return s
+
+    def detail(self) -> str:
+        d = str(self.summary.get("detail") or "")
+        if d == "resumed" and not self.summary.get("trials_done"):
+            return "started"  # a run with a queued warm-start trial but none finished was not resumed
+        return d
 
     def is_live(self) -> bool:
         return self.status() == "running"
@@ -284,8 +349,10 @@ class RunState:
         return bool(self.summary.get("paused")) and self.is_live()
 
     def elapsed(self, now: float) -> float:
+        """Search time: the summary's, plus the time since it was written while a search runs
+        (not while it is paused: the loop adds no search time then)."""
         e = float(self.summary.get("elapsed_s") or 0.0)
-        if self.is_live() and self.summary.get("updated"):
+        if self.is_live() and not self.paused() and self.summary.get("updated"):
             e += max(0.0, now - float(self.summary["updated"]))
         return e
 
@@ -387,15 +454,6 @@ class HeatGrid:
     high: float
 
 
-def short_names(refs: list[str]) -> list[str]:
-    """Distinct, short column labels for model references (last path part, or owner/name)."""
-    base = [Path(str(r).rstrip("/")).name or str(r) for r in refs]
-    out = []
-    for r, b in zip(refs, base):
-        out.append(b if base.count(b) == 1 else str(r))
-    return out
-
-
 def _group_spans(num_layers: int, groups: int) -> list[tuple[int, int]]:
     """First and last layer of each layer group (the search space's contiguous split)."""
     spans = []
@@ -430,7 +488,7 @@ def recipe_heatmaps(recipe: dict | None, resolved: dict) -> list[HeatGrid]:
     if not recipe:
         return []
     models = [m for m in recipe.get("models") or [] if isinstance(m, dict)]
-    cols = short_names([m.get("model", "?") for m in models])
+    cols = short_model_names([m.get("model", "?") for m in models])
     pdefs = resolved.get("params") or []
     searched = []
     ranges: dict[str, tuple[float, float]] = {}

@@ -43,9 +43,35 @@ def fusion_text(fusion: dict) -> str:
             f"{names} (inference time: export writes the merge + fusion_recipe.yaml)")
 
 
-def recipe_text(rec: dict) -> Text:
-    """A trial's full record for the recipe pane: number, state, score, metrics, recipe YAML."""
+def kernels_text(kernels: Any) -> str:
+    """A trial record's `kernels` (which kernel ran each operator), in one line."""
+    if isinstance(kernels, dict):
+        return ", ".join(f"{k}: {v}" for k, v in kernels.items())
+    if isinstance(kernels, (list, tuple)):
+        return ", ".join(map(str, kernels))
+    return str(kernels)
+
+
+def path_text(path: Any) -> str:
+    """A data-flow trial's layer path ([[model, layer], ...]) as `model:layer → model:layer`."""
+    from search.labels import short_model_names
+
+    steps = [p for p in path if isinstance(p, (list, tuple)) and len(p) == 2] if isinstance(path, list) else []
+    if not steps:
+        return str(path)
+    refs = sorted({str(m) for m, _ in steps})
+    names = dict(zip(refs, short_model_names(refs)))
+    return " → ".join(f"{names[str(m)]}:{l}" for m, l in steps)
+
+
+def recipe_text(rec: dict, labels: dict[str, str] | None = None) -> Text:
+    """A trial's full record for the recipe pane: number, state, score, device, path, metrics,
+    the searched values under their labels, recipe YAML."""
     head = [f"trial {rec.get('number')}  {rec.get('state')}  score {fmt_num(rec.get('value'))}"]
+    if rec.get("device"):
+        head.append(f"device {rec['device']}" + (f"  kernels {kernels_text(rec.get('kernels'))}" if rec.get("kernels") else ""))
+    if rec.get("path"):
+        head.append(f"path {path_text(rec['path'])}")
     if rec.get("values"):
         head.append("objectives " + ", ".join(fmt_num(v) for v in rec["values"]))
     if rec.get("error"):
@@ -55,6 +81,12 @@ def recipe_text(rec: dict) -> Text:
     fusion = rec.get("fusion")
     if fusion:
         head.append(fusion_text(fusion))
+    params = rec.get("params") or {}
+    if params and labels is not None:
+        from search.labels import label_of
+
+        head.append("searched values:")
+        head += [f"  {label_of(k, labels)}: {fmt_num(v)}" for k, v in params.items()]
     body = yaml.safe_dump(rec.get("recipe"), sort_keys=False, default_flow_style=None, width=100) \
         if rec.get("recipe") else "(no recipe: the trial was interrupted)\n"
     t = Text("\n".join(head) + "\n\n", style="bold")
@@ -66,28 +98,34 @@ class DashboardScreen(Screen):
     """One run's live view. `controller` (search.loop.SearchController) steers a search running in
     this process; without it pause/stop go through the run directory's control file."""
 
+    # short descriptions, the panel toggles first: an 80-column footer must show m and l
     BINDINGS = [
-        Binding("p", "pause", "Pause/resume"),
-        Binding("s", "stop", "Stop"),
-        Binding("e", "export", "Export"),
-        Binding("u", "push", "Push to Hub"),
-        Binding("left_square_bracket", "page(-1)", "Prev page"),
-        Binding("right_square_bracket", "page(1)", "Next page"),
-        Binding("o", "sort", "Sort"),
-        Binding("v", "plot_mode", "Plot view", show=False),
         Binding("q", "quit_dashboard", "Quit"),
+        Binding("p", "pause", "Pause"),
+        Binding("s", "stop", "Stop"),
+        Binding("m", "toggle_map", "Table/map"),
+        Binding("l", "toggle_log", "Log"),
+        Binding("e", "export", "Export"),
+        Binding("u", "push", "Push"),
+        Binding("o", "sort", "Sort"),
+        Binding("left_square_bracket", "page(-1)", "Prev page", show=False),
+        Binding("right_square_bracket", "page(1)", "Next page", show=False),
+        Binding("v", "plot_mode", "Plot view", show=False),
     ]
 
     def __init__(self, run_dir: RunDir | str | Path, *, controller: Any = None,
                  search_thread: threading.Thread | None = None, feed: LiveFeed | None = None,
-                 clock: Clock = time.time, poll_interval: float = 0.5, page_size: int | None = None) -> None:
+                 clock: Clock = time.time, poll_interval: float = 0.5, page_size: int | None = None,
+                 process: Any = None) -> None:
         super().__init__()
         self.rd = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
         self.controller = controller
         self.search_thread = search_thread
+        self.process = process  # a search process this UI launched on the run (subprocess.Popen)
         self.clock = clock
         self.poll_interval = poll_interval
         self.state = RunState(self.rd)
+        self.state.launching = self._launching
         self.reader = RunReader(self.rd, feed)
         self.selected: int | None = None  # the trial picked in the table (None: the best)
         self.loaded = False
@@ -107,7 +145,6 @@ class DashboardScreen(Screen):
             with Vertical(id="table-box"):
                 kw = {"page_size": self._page_size} if self._page_size else {}
                 yield TrialsTable(id="trials", **kw)
-                yield Static("", id="table-info")
             with TabbedContent(id="side-tabs", initial="tab-heatmap"):
                 with TabPane("Best recipe", id="tab-heatmap"):
                     with VerticalScroll():
@@ -117,7 +154,7 @@ class DashboardScreen(Screen):
                         yield Static("select a trial in the table (Enter) to see its recipe", id="recipe")
         yield LogPane(id="log")
         yield TaskBar(id="taskbar")
-        yield Footer()
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         self.query_one(TaskBar).display = False
@@ -130,6 +167,17 @@ class DashboardScreen(Screen):
         self._first_load()
         self.set_interval(self.poll_interval, self.poll)
         self.set_interval(1.0, self._tick)
+
+    def _launching(self) -> bool:
+        """A search launched from here (thread, process) that has not yet taken the run over."""
+        if self.search_thread is not None and self.search_thread.is_alive():
+            return True
+        return self.process is not None and self.process.poll() is None
+
+    def log_line(self, level: str, message: str) -> None:
+        """One of the dashboard's own lines in the log pane, stamped like the run's log.txt."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock()))
+        self.query_one(LogPane).add_lines([f"{stamp} {level} dashboard: {message}"])
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "push" and not hub_available():
@@ -154,7 +202,8 @@ class DashboardScreen(Screen):
         try:
             delta = self.reader.read()
         except Exception as e:  # a file caught mid-rename must not kill the viewer; next poll retries
-            delta = Delta(log_lines=[f"- - WARNING dashboard: could not read the run directory: {e}"])
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock()))
+            delta = Delta(log_lines=[f"{stamp} WARNING dashboard: could not read the run directory: {e}"])
         self.app.call_from_thread(self._apply, delta)
 
     def read_now(self) -> None:
@@ -184,13 +233,13 @@ class DashboardScreen(Screen):
         best = (self.state.summary.get("best") or {}).get("number")
         if best != self._shown_best or first:
             self._show_best()
-        if ch.running or first:
+        if ch.running or ch.summary or first:
             self.query_one(CurrentTrial).show(self.state)
         if ch.log:
             self.query_one(LogPane).add_lines(ch.log)
 
     def _tick(self) -> None:
-        if self.loaded and self.state.is_live():
+        if self.loaded and (self.state.is_live() or self.state.status() == "starting"):
             self.query_one(RunHeader).show(self.state, self.clock())
 
     def _show_best(self) -> None:
@@ -215,9 +264,10 @@ class DashboardScreen(Screen):
         t = event.table
         n = len(self.state.by_number)
         order = "↓" if t.sort_reverse else "↑"
-        self.query_one("#table-info", Static).update(
-            Text(f"{n} trials · page {t.page + 1}/{t.pages} · sorted by {t._label(t.sort_key)} {order} · "
-                 f"Enter: recipe", style="dim"))
+        pages = f"page {t.page + 1}/{t.pages} ([ ])" if t.pages > 1 else "page 1/1"
+        # in the box's bottom border: every row of an 80x24 terminal goes to trials
+        self.query_one("#table-box").border_subtitle = (
+            f"{n} trials · {pages} · sorted by {t._label(t.sort_key)} {order} · Enter: recipe")
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.row_key is None or event.row_key.value is None:
@@ -229,8 +279,10 @@ class DashboardScreen(Screen):
         if rec is None:
             return
         self.selected = number
-        self.query_one("#recipe", Static).update(recipe_text(rec))
+        self.query_one("#recipe", Static).update(recipe_text(rec, self.state.labels))
         self.query_one("#side-tabs", TabbedContent).active = "tab-recipe"
+        if self.has_class("-narrow"):
+            self.add_class("map-toggled")  # one panel at a time on a narrow terminal: show the recipe
 
     # -- keys
     def action_page(self, step: int) -> None:
@@ -242,7 +294,19 @@ class DashboardScreen(Screen):
         cols = t.column_names(self.state)
         t.set_sort(cols[(cols.index(t.sort_key) + 1) % len(cols)] if t.sort_key in cols else "number")
 
+    def action_toggle_map(self) -> None:
+        """Narrow terminals show the trials table or the recipe tabs; wide ones hide the tabs."""
+        self.toggle_class("map-toggled")
+
+    def action_toggle_log(self) -> None:
+        """Short terminals hide the log by default, tall ones show it; l flips that."""
+        self.toggle_class("log-toggled")
+
     def action_plot_mode(self) -> None:
+        if not self.state.multi:
+            self.notify("v switches to the Pareto front of a multi-objective search; this run has one "
+                        "objective, so the plot stays score by trial.", severity="information")
+            return
         plot = self.query_one(ScorePlot)
         plot.mode = "pareto" if plot.mode == "history" and self.state.multi else "history"
         plot.border_title = "score" if plot.mode == "history" else "objectives"
@@ -321,10 +385,10 @@ class DashboardScreen(Screen):
         self.query_one(TaskBar).finish()
         if ok:
             self.notify(ok, title="done", timeout=8)
-            self.query_one(LogPane).add_lines([f"- - INFO dashboard: {ok}"])
+            self.log_line("INFO", ok)
         if err:
             self.notify(err, title="failed", severity="error", timeout=15)
-            self.query_one(LogPane).add_lines([f"- - ERROR dashboard: {err}"])
+            self.log_line("ERROR", err)
 
     def action_push(self) -> None:
         if self._busy:

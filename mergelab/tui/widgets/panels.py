@@ -12,8 +12,8 @@ from textual.widgets import Label, ProgressBar, RichLog, Static
 
 from ..state import RunState, fmt_duration, fmt_num
 
-_STATUS_STYLE = {"running": "bold green", "paused": "bold yellow", "stopped": "bold yellow",
-                 "finished": "bold cyan", "failed": "bold red"}
+_STATUS_STYLE = {"running": "bold green", "starting": "bold green", "paused": "bold yellow",
+                 "stopped": "bold yellow", "new": "bold", "finished": "bold cyan", "failed": "bold red"}
 
 
 class RunHeader(Static):
@@ -56,7 +56,7 @@ class RunHeader(Static):
         eta_t = Text.assemble(("ETA ", "dim"), fmt_duration(eta) if eta is not None else
                               ("done" if status == "finished" else "-"))
         workers_t = Text.assemble(("workers ", "dim"), str(len(workers)), ("  ", ""),
-                                  (str(s.get("detail") or ""), "dim"))
+                                  (state.detail(), "dim"))
         narrow = 0 < self.size.width < 100
         t = Table.grid(expand=True, padding=(0, 2))
         for _ in range(3 if narrow else 4):
@@ -70,6 +70,21 @@ class RunHeader(Static):
         self.update(t)
 
 
+CACHING = "caching sources"  # the stage of the first trial after a start: reading every source model once
+
+
+def stage_progress(stages: list[str], stage: str | None, frac: float | None) -> tuple[list[str], float]:
+    """(the stages done, the bar's position out of len(stages)) of a trial at `stage`: the merge is
+    one step, the scorers share the rest by `frac` (the loop's fraction of all eval batches)."""
+    if stage is None or stage == CACHING or stage not in stages:
+        return [], 0.0
+    k = stages.index(stage)
+    pos = float(k)  # stage k runs: k stages are done
+    if k > 0 and frac is not None:  # within the eval: the batches' fraction, kept inside stage k
+        pos = min(k + 1.0, max(float(k), 1.0 + frac * (len(stages) - 1)))
+    return stages[:k], pos
+
+
 class CurrentTrial(Vertical):
     """The trial being evaluated: its number, parameters and progress across merge -> each scorer."""
 
@@ -80,12 +95,16 @@ class CurrentTrial(Vertical):
         yield Static("", id="current-params")
 
     def show(self, state: RunState) -> None:
+        from search.labels import label_of
+
         title = self.query_one("#current-title", Label)
         bar = self.query_one("#current-progress", ProgressBar)
         stages_w = self.query_one("#current-stages", Static)
         params_w = self.query_one("#current-params", Static)
         if not state.running:
-            title.update("no trial running" if not state.paused() else "paused between trials")
+            status = state.status()
+            title.update("paused between trials" if state.paused() else
+                         "starting the search…" if status == "starting" else "no trial running")
             bar.display = False
             stages_w.update("")
             params_w.update("")
@@ -94,32 +113,37 @@ class CurrentTrial(Vertical):
         more = f"  (+{len(state.running) - 1} on other workers)" if len(state.running) > 1 else ""
         title.update(f"trial {cur['number']} on {cur.get('worker') or '?'}{more}")
         stages = list(state.stages)
-        for st in [*(cur.get("stages_done") or []), cur.get("stage")]:
-            if st and st not in stages:
-                stages.append(st)
-        done = set(cur.get("stages_done") or [])
-        if cur.get("stage") is None and not done:
-            stage_text = Text("stage not reported by this worker", style="dim") if not cur.get("live") else Text("starting", style="dim")
+        stage = cur.get("stage")
+        if stage is not None and stage != CACHING and stage not in stages:
+            stages.append(stage)  # a scorer the eval spec (read here) does not list
+        done, pos = stage_progress(stages, stage, cur.get("frac"))
+        if stage == CACHING:
+            stage_text = Text.assemble(("▶ caching sources", "bold yellow"),
+                                       (" (the first trial after a start reads every model once)", "dim"))
+        elif stage is None:
+            stage_text = Text("starting the trial" if cur.get("live") else "waiting for the trial's first stage",
+                              style="dim")
         else:
             parts = []
             for st in stages:
                 if st in done:
                     parts.append((f"✓ {st}", "green"))
-                elif st == cur.get("stage"):
+                elif st == stage:
                     parts.append((f"▶ {st}", "bold yellow"))
                 else:
                     parts.append((f"· {st}", "dim"))
                 parts.append(("  ", ""))
-            stage_text = Text.assemble(*parts)
+            stage_text = Text.assemble(*parts[:-1])
+        stage_text.no_wrap, stage_text.overflow = True, "ellipsis"
         bar.display = True
-        bar.update(total=max(1, len(stages)), progress=len(done & set(stages)))
+        bar.update(total=max(1, len(stages)), progress=pos)
         stages_w.update(stage_text)
         params = cur.get("params") or {}
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(style="dim", no_wrap=True)
-        grid.add_column(no_wrap=True)
+        grid = Table.grid(padding=(0, 1), expand=True)
+        grid.add_column(style="dim", no_wrap=True, overflow="ellipsis", ratio=1)
+        grid.add_column(no_wrap=True, justify="right")
         for k, v in list(params.items())[:24]:
-            grid.add_row(k, fmt_num(v))
+            grid.add_row(label_of(k, state.labels, state.resolved), fmt_num(v))
         if len(params) > 24:
             grid.add_row("…", f"{len(params) - 24} more")
         params_w.update(grid if params else Text("parameters not yet known", style="dim"))

@@ -40,6 +40,7 @@ class TrialsTable(DataTable):
         self._order: list[int] = []
         self._order_version = (-1, "", False)
         self.best_number: int | None = None
+        self._newest_shown: int | None = None  # the newest trial at the last rebuild
 
     # -- columns
     def column_names(self, state: RunState) -> list[str]:
@@ -47,7 +48,10 @@ class TrialsTable(DataTable):
         if state.multi:
             cols += [f"obj:{n}" for n in state.objective_names]
         cols += [f"m:{m}" for m in state.metric_names]
-        return cols + ["time"]
+        cols.append("time")
+        if state.devices:  # trials record where they ran (cpu, cuda:0): one column when any does
+            cols.append("device")
+        return cols
 
     @staticmethod
     def _label(col: str) -> str:
@@ -62,6 +66,8 @@ class TrialsTable(DataTable):
             return _num(rec.get("value"))
         if col == "time":
             return _num((rec.get("timings") or {}).get("total_s"))
+        if col == "device":
+            return str(rec["device"]) if rec.get("device") else None
         if col.startswith("obj:"):
             names = self._state.objective_names if self._state else []
             vals = rec.get("values") or []
@@ -123,6 +129,11 @@ class TrialsTable(DataTable):
         keep = None
         if self.row_count and self.cursor_row is not None and 0 <= self.cursor_row < self.row_count:
             keep = self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value
+        # the cursor on the newest trial (or no rows yet): follow the newest one, which a running
+        # search keeps replacing; anywhere else the user put it, it stays on its trial
+        follow = keep is None or keep == str(self._newest_shown)
+        newest = max(st.by_number) if st.by_number else None
+        self._newest_shown = newest
         if cols != self._columns:
             self.clear(columns=True)
             for c in cols:
@@ -144,8 +155,9 @@ class TrialsTable(DataTable):
         for n, cells in rows:
             self.add_row(*cells, key=str(n))
             self.rows_written += 1
-        if keep is not None and keep in {str(n) for n in page}:
-            self.move_cursor(row=self.get_row_index(keep), animate=False)
+        target = str(newest) if follow and newest is not None else keep
+        if target is not None and target in {str(n) for n in page}:
+            self.move_cursor(row=self.get_row_index(target), animate=False, scroll=True)
         self.post_message(self.PageChanged(self))
 
     def _fit_widths(self, cols: list[str], rows: list[list[Any]]) -> None:
@@ -181,6 +193,8 @@ class TrialsTable(DataTable):
                 out.append(cell)
             elif c == "time":
                 out.append(Text(f"{v:.2f}" if v is not None else "-", justify="right"))
+            elif c == "device":
+                out.append(Text(v or "-"))
             else:
                 out.append(Text(fmt_num(v), justify="right"))
         return out
