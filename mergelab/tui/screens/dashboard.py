@@ -256,8 +256,10 @@ class DashboardScreen(Screen):
         method = (recipe or {}).get("merge_method", "-")
         if best.get("fusion"):
             method += f" {FUSION_MARK} ({best['fusion'].get('weighting')})"
-        hm.show(recipe_heatmaps(recipe, self.state.resolved), global_values(recipe, self.state.resolved),
-                f"trial {best.get('number')}  score {fmt_num(best.get('value'))}  method {method}")
+        caption = f"trial {best.get('number')}  score {fmt_num(best.get('value'))}  method {method}"
+        if best.get("path"):  # a data-flow trial: the layers it runs, in order
+            caption += f"\npath {path_text(best['path'])}"
+        hm.show(recipe_heatmaps(recipe, self.state.resolved), global_values(recipe, self.state.resolved), caption)
 
     # -- table events
     def on_trials_table_page_changed(self, event: TrialsTable.PageChanged) -> None:
