@@ -184,8 +184,17 @@ async def test_compare_shows_both_runs_best_scores_and_recipes(tmp_path):
         cmp = app.screen
         # columns follow the browser's order: stopped-tpe, finished-cmaes
         assert cmp.value("score (combined)", 0) == "-0.0832" and cmp.value("score (combined)", 1) == "-0.3464"
-        assert cmp.value("score a", 0) == "-0.0065" and cmp.value("score a", 1) == "-0.1915"
-        assert cmp.value("score b", 0) == "-0.0768" and cmp.value("score b", 1) == "-0.1549"
+        # one row per quantity: scorer a's one metric, not "score a" and "a/dist2" both
+        assert cmp.value("a/dist2", 0) == "0.0065" and cmp.value("a/dist2", 1) == "0.1915"
+        assert cmp.value("b/dist2", 0) == "0.0768" and cmp.value("b/dist2", 1) == "0.1549"
+        labels = [str(k.value) for k in cmp.query_one("#compare-table").rows]
+        assert "score a" not in labels and len(labels) == len(set(labels))
+        # the lower distance (higher score) stands out
+        assert "bold green" in str(cmp.query_one("#compare-table").get_cell("a/dist2", "run0").style)
+        # both runs' best-so-far curves on one plot, by trial
+        hist = [RunDir(runs / n).history() for n in ("stopped-tpe", "finished-cmaes")]
+        assert [c[1] for c in cmp.curves] == [[v for v in h if v is not None] for h in hist]
+        assert cmp.curves[1][1][-1] == pytest.approx(-0.3464, abs=1e-4)
         assert cmp.value("best trial", 0) == "2" and cmp.value("best trial", 1) == "7"
         assert cmp.value("trials", 0) == "3/10" and cmp.value("trials", 1) == "8/8"
         assert [best["stopped-tpe"]["number"], best["finished-cmaes"]["number"]] == [2, 7]
@@ -280,6 +289,98 @@ async def test_resume_refuses_a_finished_run(tmp_path):
         await pilot.press("r")
         await pilot.pause()
         assert app.screen is screen and not screen.processes
+
+
+class FakeProcess:
+    """What start_detached returns, for a search that never really starts."""
+
+    pid = 4242
+
+    def __init__(self, cmd):
+        self.cmd, self.code = cmd, None
+
+    def poll(self):
+        return self.code
+
+
+@pytest.mark.asyncio
+async def test_plus_gives_a_finished_run_more_trials_through_mergelab_resume(tmp_path, monkeypatch):
+    import sys
+
+    from mergelab.tui import launch
+    from mergelab.tui.screens.dialogs import InputDialog
+
+    runs = copy_runs(tmp_path / "runs", "finished-cmaes")
+    started = []
+    monkeypatch.setattr(launch, "start_detached", lambda cmd, run, **kw: started.append(FakeProcess(cmd)) or started[-1])
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await browser(pilot)
+        await pilot.press("plus")
+        await pilot.pause()
+        assert isinstance(app.screen, InputDialog) and "done 8 trials" in app.screen.prompt
+        app.screen.query_one("#dialog-input").value = "none"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.screen is screen and not started  # not a number: nothing started
+        await pilot.press("plus")
+        await pilot.pause()
+        app.screen.query_one("#dialog-input").value = "5"
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, DashboardScreen))
+        assert started[0].cmd == [sys.executable, "-m", "mergelab", "resume", str(runs / "finished-cmaes"),
+                                  "--trials", "5", "--no-tui"]
+        dash = app.screen
+        await until(pilot, lambda: dash.loaded)
+        assert dash.state.status() == "starting"  # launched, not yet running its loop
+        await pilot.press("q")
+        await until(pilot, lambda: app.screen is screen)
+        assert rows(screen)[0][1] == "starting"
+        started[0].code = 0
+        screen.scan_now()
+        assert rows(screen)[0][1] == "finished"
+
+
+def test_more_trials_refuses_a_running_run_and_a_bad_count(tmp_path):
+    from mergelab.errors import MergelabError
+    from mergelab.tui.launch import more_trials_in_background
+
+    runs = copy_runs(tmp_path / "runs", "finished-cmaes")
+    rd = RunDir(runs / "finished-cmaes")
+    with pytest.raises(MergelabError, match="not a number of trials"):
+        more_trials_in_background(rd, 0)
+    rd.update_summary(lambda s: s.update(status="running"))
+    rd.heartbeat(worker_id(), {"trial": None, "paused": False, "started": time.time()})
+    with pytest.raises(MergelabError, match="is running"):
+        more_trials_in_background(rd, 3)
+
+
+@pytest.mark.asyncio
+async def test_delete_removes_the_warm_start_file_an_older_mergelab_left_beside_the_run(tmp_path):
+    runs = copy_runs(tmp_path / "runs")
+    side = runs / ".stopped-tpe.warm_start.yml"
+    side.write_text("merge_method: ties\n")
+    other = runs / ".finished-cmaes.warm_start.yml"
+    other.write_text("merge_method: ties\n")
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await browser(pilot)
+        await pilot.press("d")
+        await pilot.pause()
+        await pilot.click("#delete")
+        await until(pilot, lambda: len(rows(screen)) == 1)
+    assert not (runs / "stopped-tpe").exists() and not side.exists()
+    assert other.is_file()  # another run's file stays
+
+
+@pytest.mark.asyncio
+async def test_a_created_run_reads_new(tmp_path):
+    runs = tmp_path / "runs"
+    RunDir.create(runs / "fresh", "method: ties\n", {"optimizer": {"name": "tpe"}, "budget": {"trials": 4, "timeout": None}})
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        screen = await browser(pilot)
+        assert rows(screen)[0][:3] == ["fresh", "new", "0/4"]
 
 
 # ------------------------------------------------------------------------------- snapshot, CLI

@@ -21,9 +21,11 @@ from ..errors import MergelabError
 PROCESS_LOG = "process.log"
 
 
-def resume_command(run_path: str | Path) -> list[str]:
-    """The argv of `mergelab resume RUN` (plain log lines: the process has no terminal)."""
-    return [sys.executable, "-m", "mergelab", "resume", str(run_path), "--no-tui"]
+def resume_command(run_path: str | Path, more_trials: int | None = None) -> list[str]:
+    """The argv of `mergelab resume RUN [--trials N]` (plain log lines: the process has no
+    terminal); `--trials N` gives the run N more trials than it has done."""
+    extra = ["--trials", str(int(more_trials))] if more_trials is not None else []
+    return [sys.executable, "-m", "mergelab", "resume", str(run_path), *extra, "--no-tui"]
 
 
 def start_detached(cmd: list[str], run_path: str | Path, *, cwd: str | Path | None = None) -> subprocess.Popen:
@@ -47,10 +49,32 @@ def resume_in_background(rd: RunDir) -> subprocess.Popen:
         )
     if st.status == "finished":
         raise MergelabError(
-            f"{st.name} has finished ({st.detail or 'budget met'}); there is nothing to resume. Start a "
-            "new search with n, or raise the budget in a copy of its config."
+            f"{st.name} has finished ({st.detail or 'budget met'}); there is nothing to resume. Press + "
+            "to give it more trials (`mergelab resume RUN --trials N`), or n to start a new search."
         )
     return start_detached(resume_command(rd.path), rd.path)
+
+
+def more_trials_in_background(rd: RunDir, n: int) -> subprocess.Popen:
+    """Give a run that is not running N more trials: `mergelab resume RUN --trials N` in the
+    background (the command line's own path, so the budget is raised exactly as it does)."""
+    st = rd.status()
+    if st.status == "running":
+        raise MergelabError(
+            f"{st.name} is running (worker {', '.join(st.live_workers) or '?'}); give it more trials once it "
+            "has stopped or finished."
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise MergelabError(f"More trials: {n!r} is not a number of trials; give a whole number of 1 or more.")
+    return start_detached(resume_command(rd.path, more_trials=n), rd.path)
+
+
+def legacy_side_files(run_path: str | Path) -> list[Path]:
+    """Files an older mergelab kept beside a run directory instead of inside it
+    (runs/.NAME.warm_start.yml): deleting the run deletes them too."""
+    p = Path(run_path)
+    side = p.parent / f".{p.name}.warm_start.yml"
+    return [side] if side.is_file() and not side.is_symlink() else []
 
 
 def create_run(config_text: str, run_path: str | Path) -> RunDir:

@@ -20,8 +20,8 @@ from ...errors import MergelabError
 from ..state import Clock, fmt_num
 from .dialogs import ChoiceDialog
 
-STATUS_STYLE = {"running": "bold green", "paused": "bold yellow", "stopped": "yellow",
-                "finished": "cyan", "failed": "bold red"}
+STATUS_STYLE = {"running": "bold green", "starting": "bold green", "paused": "bold yellow", "stopped": "yellow",
+                "new": "bold", "finished": "cyan", "failed": "bold red"}
 # (key, label, width): fixed widths, so a refresh never makes the columns jump; 80 columns in all
 COLUMNS = (("name", "name", 20), ("status", "status", 8), ("trials", "trials", 7), ("best", "best", 8),
            ("optimizer", "optim.", 6), ("started", "started", 8), ("activity", "active", 8))
@@ -48,7 +48,7 @@ def scan_runs(runs_dirs: list[Path]) -> list[RunStatus]:
 class RunsTable(DataTable):
     """The runs list; Enter opens the highlighted run (shown in the footer)."""
 
-    BINDINGS = [Binding("enter", "select_cursor", "Open")]
+    BINDINGS = [Binding("enter", "select_cursor", "Open", show=False)]  # the info line says it
 
 
 class RunsBrowserScreen(Screen):
@@ -56,9 +56,10 @@ class RunsBrowserScreen(Screen):
 
     BINDINGS = [
         Binding("r", "resume", "Resume"),
+        Binding("plus", "more_trials", "More trials", key_display="+"),
         Binding("d", "delete", "Delete"),
         Binding("slash", "filter", "Filter"),
-        Binding("space", "mark", "Mark"),
+        Binding("space", "mark", "Mark", show=False),  # the info line says it
         Binding("c", "compare", "Compare"),
         Binding("n", "new_search", "New"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
@@ -135,9 +136,20 @@ class RunsBrowserScreen(Screen):
         f = self.filter_text.lower()
         return [r for r in self.runs if f in r.name.lower()] if f else list(self.runs)
 
+    def status_word(self, s: RunStatus) -> str:
+        """As the dashboard says it: starting (launched here, not yet running), new (never started)."""
+        proc = self.processes.get(str(s.path))
+        if s.status != "running" and proc is not None and proc.poll() is None:
+            return "starting"
+        if s.paused:
+            return "paused"
+        if s.status == "stopped" and s.detail == "created" and not s.trials_done:
+            return "new"
+        return s.status
+
     def _row(self, s: RunStatus) -> list[Text]:
         now = self.clock()
-        status = "paused" if s.paused else s.status
+        status = self.status_word(s)
         mark = "● " if str(s.path) in self.marked else "  "
         trials = f"{s.trials_done}/{s.budget_trials}" if s.budget_trials else str(s.trials_done)
         return [Text(mark + s.name, style="bold" if mark.strip() else "", no_wrap=True, overflow="ellipsis"),
@@ -177,7 +189,7 @@ class RunsBrowserScreen(Screen):
         if not n:
             info = "no runs yet: press n to set up a search (or run `mergelab search CONFIG.yml`)"
         else:
-            info = f"{shown} of {n} runs" if self.filter_text else f"{n} runs"
+            info = f"{shown} of {n} runs" if self.filter_text else f"{n} runs · Enter: dashboard · space: mark to compare"
             if self.filter_text:
                 info += f" matching '{self.filter_text}'"
             if self.marked:
@@ -220,7 +232,7 @@ class RunsBrowserScreen(Screen):
 
     def open_dashboard(self, path: Path) -> None:
         try:
-            self.app.open_dashboard(RunDir.open(path))
+            self.app.open_dashboard(RunDir.open(path), process=self.processes.get(str(path)))
         except MergelabError as e:
             self.notify(str(e), severity="error")
 
@@ -236,7 +248,49 @@ class RunsBrowserScreen(Screen):
             self.notify(str(e), severity="warning", timeout=8)
             return
         self.processes[str(s.path)] = proc
+        self._render_table()
         self.notify(f"resuming {s.name} in the background (pid {proc.pid}); it keeps running if you quit")
+        self.open_dashboard(s.path)
+
+    def action_more_trials(self) -> None:
+        s = self.current()
+        if s is None:
+            return
+        if s.status == "running":
+            self.notify(f"{s.name} is running; give it more trials once it has stopped or finished.",
+                        severity="warning", timeout=8)
+            return
+        from .dialogs import InputDialog
+
+        def done(text: str | None) -> None:
+            if text is None:
+                return
+            try:
+                n = int(text.strip())
+            except ValueError:
+                n = 0
+            if n < 1:
+                self.notify(f"More trials: '{text.strip()}' is not a whole number of 1 or more; nothing started.",
+                            severity="warning", timeout=8)
+                return
+            self.give_more_trials(s, n)
+
+        self.app.push_screen(InputDialog(
+            f"More trials for {s.name}",
+            f"It has done {s.trials_done} trials ({s.status}). How many more? The search continues in the "
+            "background (`mergelab resume RUN --trials N`).", "10"), done)
+
+    def give_more_trials(self, s: RunStatus, n: int) -> None:
+        from ..launch import more_trials_in_background
+
+        try:
+            proc = more_trials_in_background(RunDir.open(s.path), n)
+        except MergelabError as e:
+            self.notify(str(e), severity="warning", timeout=8)
+            return
+        self.processes[str(s.path)] = proc
+        self._render_table()  # "starting" at once, not at the next scan
+        self.notify(f"{s.name}: {n} more trials in the background (pid {proc.pid})")
         self.open_dashboard(s.path)
 
     def action_delete(self) -> None:
@@ -261,7 +315,12 @@ class RunsBrowserScreen(Screen):
         if RunDir(s.path).live_workers():  # it started between the question and the answer
             self.notify(f"{s.name} started running; not deleted.", severity="warning")
             return
+        from ..launch import legacy_side_files
+
+        side = legacy_side_files(s.path)
         shutil.rmtree(s.path, ignore_errors=True)
+        for f in side:
+            f.unlink(missing_ok=True)
         self.marked.discard(str(s.path))
         self.notify(f"deleted {s.name}")
         self.scan_now()
@@ -331,7 +390,7 @@ class RunsBrowserScreen(Screen):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # while typing a filter, letters are text, not commands
-        if action in ("resume", "delete", "mark", "compare", "new_search", "quit", "filter", "open"):
+        if action in ("resume", "more_trials", "delete", "mark", "compare", "new_search", "quit", "filter", "open"):
             focused = self.app.focused
             if isinstance(focused, Input):
                 return False

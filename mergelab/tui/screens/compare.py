@@ -1,5 +1,6 @@
-"""The compare view: two or more runs side by side, their best scores per metric in one table and their
-best recipes as heat maps (the dashboard's HeatMap), read from the run directories."""
+"""The compare view: two or more runs side by side: their best scores per metric in one table, their
+best-so-far curves on one plot and their best recipes as heat maps (the dashboard's HeatMap), read
+from the run directories."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from rich.text import Text
@@ -17,6 +18,7 @@ from textual.binding import Binding
 from textual.containers import HorizontalScroll, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
+from textual_plotext import PlotextPlot
 
 from search.rundir import RunDir
 
@@ -40,6 +42,7 @@ class RunBest:
     method: str = "-"
     grids: list[HeatGrid] = field(default_factory=list)
     globals: dict[str, Any] = field(default_factory=dict)
+    history: list[float | None] = field(default_factory=list)  # best so far after each trial
 
 
 def read_best(path: str | Path) -> RunBest:
@@ -60,26 +63,47 @@ def read_best(path: str | Path) -> RunBest:
                    best_number=best.get("number"), value=best.get("value"),
                    scores=dict(best.get("scores") or {}), metrics=dict(best.get("metrics") or {}),
                    method=(recipe or {}).get("merge_method", "-"),
-                   grids=recipe_heatmaps(recipe, resolved), globals=global_values(recipe, resolved))
+                   grids=recipe_heatmaps(recipe, resolved), globals=global_values(recipe, resolved),
+                   history=rd.history())
 
 
-def comparison_rows(runs: list[RunBest]) -> list[tuple[str, list[Any], bool]]:
-    """(label, one value per run, whether higher is better and the best should stand out)."""
-    rows: list[tuple[str, list[Any], bool]] = [
-        ("status", [r.status for r in runs], False),
-        ("optimizer", [r.optimizer for r in runs], False),
-        ("trials", [r.trials for r in runs], False),
-        ("best trial", [r.best_number for r in runs], False),
-        ("method", [r.method for r in runs], False),
-        ("score (combined)", [r.value for r in runs], True),
+class CompareRow(NamedTuple):
+    """One row of the compare table: a value per run, and per run the number that ranks it (higher
+    is better; the best stands out) or None for a row nothing ranks."""
+
+    label: str
+    values: list[Any]
+    rank: list[Any] | None = None
+
+
+def comparison_rows(runs: list[RunBest]) -> list[CompareRow]:
+    """The table's rows, each quantity once: a scorer with one metric is that metric's row (ranked by
+    the scorer's score, so "lower distance is better" stands out right); a scorer with several
+    metrics gets its score row and then its metrics."""
+    rows = [
+        CompareRow("status", [r.status for r in runs]),
+        CompareRow("optimizer", [r.optimizer for r in runs]),
+        CompareRow("trials", [r.trials for r in runs]),
+        CompareRow("best trial", [r.best_number for r in runs]),
+        CompareRow("method", [r.method for r in runs]),
+        CompareRow("score (combined)", [r.value for r in runs], [r.value for r in runs]),
     ]
     scorers: list[str] = []
     metrics: list[str] = []
     for r in runs:
         scorers += [k for k in r.scores if k not in scorers]
         metrics += [k for k in r.metrics if k not in metrics]
-    rows += [(f"score {k}", [r.scores.get(k) for r in runs], True) for k in scorers]
-    rows += [(k, [r.metrics.get(k) for r in runs], False) for k in metrics]
+    shown: set[str] = set()
+    for k in scorers:
+        scores = [r.scores.get(k) for r in runs]
+        own = [m for m in metrics if m.split("/", 1)[0] == k]
+        if len(own) == 1:
+            rows.append(CompareRow(own[0], [r.metrics.get(own[0]) for r in runs], scores))
+        else:
+            rows.append(CompareRow(f"score {k}", scores, scores))
+            rows += [CompareRow(m, [r.metrics.get(m) for r in runs]) for m in own]
+        shown.update(own)
+    rows += [CompareRow(m, [r.metrics.get(m) for r in runs]) for m in metrics if m not in shown]
     return rows
 
 
@@ -105,6 +129,7 @@ class CompareScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Static(Text(f"comparing {len(self.paths)} runs", style="bold"), id="compare-title")
         yield DataTable(id="compare-table", cursor_type="row", zebra_stripes=True)
+        yield PlotextPlot(id="compare-plot")
         with HorizontalScroll(id="compare-maps"):
             for i, _ in enumerate(self.paths):
                 with Vertical(classes="compare-run", id=f"compare-run-{i}"):
@@ -134,17 +159,47 @@ class CompareScreen(Screen):
         table.add_column("", key="label")
         for i, r in enumerate(runs):
             table.add_column(r.name, key=f"run{i}")
-        for label, values, higher in comparison_rows(runs):
-            nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and math.isfinite(v)]
-            top = max(nums) if higher and len(nums) > 1 else None
-            table.add_row(Text(label, style="dim"), *[_cell(v, top is not None and v == top) for v in values],
-                          key=label)
+        for row in comparison_rows(runs):
+            rank = row.rank or []
+            nums = [v for v in rank if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+            top = max(nums) if len(nums) > 1 else None
+            table.add_row(Text(row.label, style="dim"),
+                          *[_cell(v, top is not None and i < len(rank) and rank[i] == top) for i, v in enumerate(row.values)],
+                          key=row.label)
+        self._plot(runs)
         for i, r in enumerate(runs):
             hm = self.query_one(f"#compare-map-{i}", HeatMap)
             hm.show(r.grids, r.globals, f"trial {r.best_number} · score {fmt_num(r.value)}")
             hm.parent.border_title = r.name
         self.loaded = True
+
+    COLORS = ("cyan", "orange", "green", "magenta", "red", "blue")
+
+    def _plot(self, runs: list[RunBest]) -> None:
+        """Each run's best-so-far score by trial, as step lines on one plot."""
+        from ..widgets.score_plot import step_line, trial_ticks
+
+        widget = self.query_one("#compare-plot", PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        self.curves: list[tuple[list[int], list[float]]] = []
+        legend = []
+        last = 0
+        for i, r in enumerate(runs):
+            xs = [n for n, v in enumerate(r.history) if v is not None]
+            ys = [float(r.history[n]) for n in xs]
+            self.curves.append((xs, ys))
+            if xs:
+                color = self.COLORS[i % len(self.COLORS)]
+                plt.plot(*step_line(xs, ys), marker="braille", color=color)
+                last = max(last, xs[-1])
+                legend.append(f"{r.name}: {color}")
+        ticks = trial_ticks(0, last, 6)
+        plt.xticks(ticks, [str(t) for t in ticks])
+        widget.border_title = "best so far by trial"
+        widget.border_subtitle = "  ".join(legend)
+        widget.refresh()
 
     def action_back(self) -> None:
         self.app.pop_screen()

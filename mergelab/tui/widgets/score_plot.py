@@ -24,7 +24,7 @@ def trial_ticks(lo: int, hi: int, max_ticks: int) -> list[int]:
         ticks[0] = lo
     elif ticks[0] != lo:
         ticks.insert(0, lo)
-    if ticks[-1] != hi and hi - ticks[-1] < step / 2:
+    if ticks[-1] != hi and hi - ticks[-1] <= step / 2:
         ticks[-1] = hi
     elif ticks[-1] != hi:
         ticks.append(hi)
