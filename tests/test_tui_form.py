@@ -127,8 +127,105 @@ async def test_n_opens_the_form_with_registry_ranges(tmp_path):
         sel.select("slerp")
         await until(pilot, lambda: [r.id for r in form.query(".param-value")] == ["pv-t"])
         assert form.query_one("#pv-t").value == "0, 1"
+        await pilot.press("escape")  # the form was changed: it asks first
+        await pilot.pause()
+        await pilot.click("#discard")
+        await until(pilot, lambda: isinstance(app.screen, RunsBrowserScreen))
+
+
+@pytest.mark.asyncio
+async def test_escape_asks_before_discarding_a_filled_form_and_not_an_untouched_one(tmp_path):
+    from mergelab.tui.screens.dialogs import ChoiceDialog
+
+    runs = tmp_path / "runs"
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, [])
+        await pilot.press("escape")  # nothing typed: straight back
+        await until(pilot, lambda: isinstance(app.screen, RunsBrowserScreen))
+        form = await open_form(pilot, runs, [])
+        await pilot.press(*"models/base")
         await pilot.press("escape")
-        assert isinstance(app.screen, RunsBrowserScreen)
+        await pilot.pause()
+        assert isinstance(app.screen, ChoiceDialog) and app.screen.title_text == "Discard this search?"
+        await pilot.press("enter")  # the first button keeps the form
+        await pilot.pause()
+        assert app.screen is form and form.query_one("#f-base").value == "models/base"
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.click("#discard")
+        await until(pilot, lambda: isinstance(app.screen, RunsBrowserScreen))
+
+
+@pytest.mark.asyncio
+async def test_tab_reaches_the_eval_spec_in_three_steps_and_skips_the_browse_buttons(tmp_path):
+    runs = tmp_path / "runs"
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, [])
+        seen = [app.focused.id]
+        while app.focused.id != "f-eval" and len(seen) < 40:
+            await pilot.press("tab")
+            seen.append(app.focused.id)
+        assert seen == ["f-base", "f-models", "f-eval"]
+        # a full round of Tab never focuses a button that is not Start / Cancel, so typing goes to a field
+        for _ in range(60):
+            await pilot.press("tab")
+            seen.append(app.focused.id)
+        assert not [i for i in seen if i and i.startswith("b-")]
+        form.query_one("#f-eval").focus()
+        await pilot.press(*"x.yml")
+        assert form.query_one("#f-eval").value.endswith("x.yml")
+        # a Browse button still works with the mouse
+        await pilot.click("#b-base")
+        await pilot.pause()
+        from mergelab.tui.screens.dialogs import PathPicker
+
+        assert isinstance(app.screen, PathPicker)
+
+
+@pytest.mark.asyncio
+async def test_checkboxes_draw_a_tick_only_when_on(tmp_path):
+    runs = tmp_path / "runs"
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, [])
+        on, off = form.query_one("#p-weight"), form.query_one("#p-lambda")
+        assert (on.value, off.value) == (True, False)
+        assert "✓" in on.render().plain and "X" not in on.render().plain
+        assert "✓" not in off.render().plain and "X" not in off.render().plain
+        off.toggle()
+        await pilot.pause()
+        assert "✓" in off.render().plain
+        # the operators list too: ✓ only beside the chosen ones
+        sel = form.query_one("#f-methods")
+        values = [sel.get_option_at_index(i).value for i in range(sel.option_count)]
+        i = values.index("ties")
+        sel.scroll_to(y=i, animate=False)
+        await pilot.pause()
+        top = sel.scroll_offset[1]
+        assert sel.render_line(i - top).text.split()[:2] == ["▐✓▌", "ties"]
+        other = i - 1 if i - 1 >= top else i + 1
+        assert "✓" not in sel.render_line(other - top).text and "X" not in sel.render_line(other - top).text
+
+
+@pytest.mark.asyncio
+async def test_a_nonexistent_base_model_is_flagged_as_you_type(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    app = MergelabApp(runs_dirs=[runs], clock=lambda: FROZEN)
+    async with app.run_test(size=SMALL) as pilot:
+        form = await open_form(pilot, runs, [])
+        form.query_one("#f-base").value = "models/bsae"  # models/ exists: a typo, not a Hub id
+        await settle(pilot, form)
+        assert "there is no directory models/bsae" in form.error("base_model")
+        form.query_one("#f-base").value = "./nowhere/base"
+        await settle(pilot, form)
+        assert "neither an existing directory nor a Hugging Face repo id" in form.error("base_model")
+        form.query_one("#f-base").value = "Qwen/Qwen2-0.5B"  # a Hub id: a note, checked at the start
+        await settle(pilot, form)
+        assert "a Hub id" in form.error("base_model") and "base_model" not in form.result.errors
 
 
 @pytest.mark.asyncio

@@ -262,6 +262,12 @@ def _model_ref_errors(cfg: dict[str, Any], errors: dict[str, str], notes: dict[s
             continue
         if not p.exists():
             all_local = False
+            first = Path(ref.partition("@")[0]).parts[0]
+            if Path(first).expanduser().is_dir():  # `models/bsae`: a local folder's typo, not a Hub id
+                _add(errors, f"search config `{field_name}`: there is no directory {ref} (relative to "
+                             f"{Path.cwd()}), though {first}/ exists here. Check the name; a Hub id "
+                             "(org/name) must not start with a local folder's name.", form_field)
+                continue
             notes[form_field] = f"{ref}: a Hub id, fetched and checked when the search starts"
     return all_local
 
@@ -293,7 +299,9 @@ def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
         res.errors["models"] = "search config `models`: give at least one model to merge (directories or Hub ids, separated by commas)."
     if not values.eval.strip():
         res.errors["eval"] = "search config: missing field `eval`: give the path of an eval spec YAML."
-    if "base_model" in res.errors or "models" in res.errors or "eval" in res.errors or "method" in res.errors:
+    # the models are checked as soon as they are typed, before the rest of the form is filled
+    all_local = _model_ref_errors(cfg_dict, res.errors, res.notes)
+    if any(f in res.errors for f in ("base_model", "models", "eval", "method")):
         return res
     try:
         cfg = parse_search_config(copy.deepcopy(cfg_dict), "search config")
@@ -309,7 +317,6 @@ def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
         except MergelabError as e:
             if f"`space.{pname}" in str(e):
                 res.errors[f"space.{pname}"] = str(e)
-    all_local = _model_ref_errors(cfg_dict, res.errors, res.notes)
     # the eval spec and its scorers (shown under the field)
     ev = cfg.eval
     for f, ref in (("eval", ev), ("test_eval", cfg.test_eval)):

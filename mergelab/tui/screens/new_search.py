@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,44 @@ def _launch(rd: RunDir) -> subprocess.Popen:
     from ..launch import resume_command, start_detached
 
     return start_detached(resume_command(rd.path), rd.path)
+
+
+def browse_button(label: str, bid: str) -> Button:
+    """A path picker's button: clicked, never focused, so Tab goes field to field and no keystroke
+    lands on a button (ctrl+o picks a path from the focused field)."""
+    b = Button(label, compact=True, id=bid, classes="form-browse")
+    b.can_focus = False
+    return b
+
+
+class TickBox(Checkbox):
+    """A checkbox that shows its state in the glyph (✓ on, blank off), not only in a colour: the
+    compact Checkbox draws X in both states."""
+
+    def render(self):
+        self.BUTTON_INNER = "✓" if self.value else " "
+        return super().render()
+
+
+class TickList(SelectionList):
+    """A SelectionList whose boxes show ✓ for a chosen operator and a blank otherwise (the stock one
+    draws X in both states)."""
+
+    def render_line(self, y: int):
+        from rich.segment import Segment
+        from textual.strip import Strip
+        from textual.widgets.option_list import OptionDoesNotExist
+
+        line = super().render_line(y)
+        segs = list(line)
+        try:
+            option = self.get_option_at_index(self.scroll_offset[1] + y)
+        except OptionDoesNotExist:
+            return line
+        if len(segs) < 2:
+            return line
+        segs[1] = Segment("✓" if option.value in self._selected else " ", segs[1].style)
+        return Strip(segs, line.cell_length)
 
 
 class NewSearchScreen(Screen):
@@ -78,11 +117,19 @@ class NewSearchScreen(Screen):
         with VerticalScroll(id="form"):
             yield from self._row("Run name", Input(v.name, id="f-name", compact=True), field="name")
             yield from self._row("Base model", Input(v.base_model, placeholder="directory or org/name", id="f-base", compact=True),
-                                 Button("Browse", compact=True, id="b-base", classes="form-browse"), field="base_model")
+                                 browse_button("Browse", "b-base"), field="base_model")
             yield from self._row("Models", Input(v.models, placeholder="dirs or hub ids, comma-separated", id="f-models", compact=True),
-                                 Button("Add dir", compact=True, id="b-models", classes="form-browse"), field="models")
+                                 browse_button("Add dir", "b-models"), field="models")
+            # right after the models: the eval spec is 3 Tabs from the top, not behind the parameters
+            yield from self._row("Eval spec", Input(v.eval, placeholder="eval spec YAML", id="f-eval", compact=True),
+                                 browse_button("Browse", "b-eval"), field="eval")
+            yield Static("", id="f-scorers", classes="form-note")
+            yield from self._row("Held-out spec", Input(v.test_eval, placeholder="optional: test-split eval spec YAML",
+                                                        id="f-test_eval", compact=True),
+                                 browse_button("Browse", "b-test_eval"),
+                                 field="test_eval")
             names = sorted({op.name for op in REGISTRY.values()})
-            yield from self._row("Operators", SelectionList(*[(n, n, n in v.methods) for n in names], compact=True, id="f-methods"),
+            yield from self._row("Operators", TickList(*[(n, n, n in v.methods) for n in names], compact=True, id="f-methods"),
                                  field="method")
             yield Static("", id="f-chosen", classes="form-note")
             yield Label("Parameters (checked: searched; text: low, high = range, one value = fixed)",
@@ -94,17 +141,10 @@ class NewSearchScreen(Screen):
                                  field="filters")
             with Horizontal(classes="form-row"):
                 yield Label("", classes="form-label")
-                yield Checkbox("io group", v.io_group, compact=True, id="f-io")
-                yield Checkbox("layer sources", v.layer_sources, compact=True, id="f-sources")
+                yield TickBox("io group", v.io_group, compact=True, id="f-io")
+                yield TickBox("layer sources", v.layer_sources, compact=True, id="f-sources")
             yield Static("", id="e-io_group", classes="form-error")
             yield Static("", id="e-layer_sources", classes="form-error")
-            yield from self._row("Eval spec", Input(v.eval, placeholder="eval spec YAML", id="f-eval", compact=True),
-                                 Button("Browse", compact=True, id="b-eval", classes="form-browse"), field="eval")
-            yield Static("", id="f-scorers", classes="form-note")
-            yield from self._row("Held-out spec", Input(v.test_eval, placeholder="optional: test-split eval spec YAML",
-                                                        id="f-test_eval", compact=True),
-                                 Button("Browse", compact=True, id="b-test_eval", classes="form-browse"),
-                                 field="test_eval")
             yield from self._row("Optimizer", Select([(o, o) for o in OPTIMIZERS], value=v.optimizer,
                                                      allow_blank=False, compact=True, id="f-optimizer"), field="optimizer")
             yield from self._row("Budget", Input(v.trials, placeholder="trials", id="f-trials", compact=True),
@@ -124,7 +164,7 @@ class NewSearchScreen(Screen):
         for spec in operator_params(self.values.methods):
             ch = self.values.params[spec.name]
             rows.append(Horizontal(
-                Checkbox(spec.name, ch.searched, compact=True, id=f"p-{spec.name}", classes="param-check"),
+                TickBox(spec.name, ch.searched, compact=True, id=f"p-{spec.name}", classes="param-check"),
                 Input(ch.text, id=f"pv-{spec.name}", classes="param-value", compact=True),
                 Label(Text(f"{spec.scope}: {spec.help}", style="dim", no_wrap=True, overflow="ellipsis"),
                       classes="param-help"),
@@ -138,6 +178,7 @@ class NewSearchScreen(Screen):
             st.display = False
         await self._rebuild_params()
         self.query_one("#f-base", Input).focus()
+        self._initial = asdict(copy.deepcopy(self.read_values()))  # Escape asks once this changed
         self.schedule_check(0.0)
 
     async def _rebuild_params(self) -> None:
@@ -331,5 +372,20 @@ class NewSearchScreen(Screen):
         else:
             self.app.open_dashboard(rd)
 
+    def edited(self) -> bool:
+        return asdict(self.read_values()) != getattr(self, "_initial", None)
+
     def action_back(self) -> None:
-        self.app.pop_screen()
+        """Leave the form; a filled-in form is discarded only when the user says so."""
+        if not self.edited():
+            self.app.pop_screen()
+            return
+        from .dialogs import ChoiceDialog
+
+        def done(choice: str | None) -> None:
+            if choice == "discard":
+                self.app.pop_screen()
+
+        self.app.push_screen(ChoiceDialog(
+            "Discard this search?", "The form has values you typed; leaving now loses them.",
+            [("keep", "Keep editing"), ("discard", "Discard it")]), done)
