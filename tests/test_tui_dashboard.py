@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import settled
+from fakehub import fakehub  # noqa: F401 - fixture
 from mergelab.tui.app import MergelabApp
 from mergelab.tui.screens.dashboard import path_text, recipe_text
 from mergelab.tui.widgets.score_plot import ScorePlot, step_line, trial_ticks
@@ -259,3 +260,32 @@ def test_recipe_pane_shows_device_kernels_path_and_labels():
     assert "path addition:0 → sort:1 → addition:1" in text
     assert "  sort · weight · layers 0–1: 0.2500" in text
     assert path_text([["a/x", 2]]) == "x:2"
+
+
+@pytest.mark.asyncio
+async def test_a_push_that_fails_after_exporting_leaves_nothing_that_breaks_the_demo(tmp_path, fakehub):
+    """`u` exports runs/NAME/best/model, then the Hub refuses the commit: the dashboard says so, and
+    the demo's own export of that folder (overwrite) still succeeds afterwards."""
+    from search.loop import export_trial
+    from test_tui import _tiny_run
+
+    from mergelab.tui.screens.dialogs import InputDialog
+
+    rd, _ = _tiny_run(tmp_path)
+    fakehub.fail("commit", 500, times=5)
+    app = MergelabApp(rd, clock=lambda: FROZEN)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await loaded(pilot)
+        await pilot.press("u")
+        await pilot.pause()
+        assert isinstance(app.screen, InputDialog)
+        app.screen.query_one("#dialog-input").value = "alice/tiny-merge"
+        await pilot.press("enter")
+        await until(pilot, lambda: screen._busy is False and len(screen.query_one("#log").lines) > 0, timeout=30)
+        await pilot.pause()
+        assert " ERROR dashboard: " in screen.query_one("#log").lines[-1].text
+    best = rd.path / "best" / "model"
+    assert (best / "model.safetensors").is_file() and not fakehub.commits
+    # what `mergelab demo` runs after its search (mergelab/cli/demo_cmd.py)
+    path, _ = export_trial(rd, best, device="cpu", overwrite=True)
+    assert path == best and (best / "model.safetensors").is_file()
