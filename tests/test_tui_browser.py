@@ -399,6 +399,22 @@ def test_browser_snapshot(tmp_path, monkeypatch, snap_compare):
     assert snap_compare(app, terminal_size=SMALL, run_before=ready)
 
 
+@pytest.mark.parametrize("size", [SMALL, (120, 40)], ids=["80x24", "120x40"])
+def test_compare_snapshot(tmp_path, monkeypatch, snap_compare, size):
+    """The table (one row per quantity), both runs' best-so-far curves, the heat maps."""
+    runs = copy_runs(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    app = MergelabApp(runs_dirs=[Path("runs")], clock=lambda: FROZEN, browse_interval=600)
+
+    async def ready(pilot):
+        await browser(pilot)
+        await pilot.press("space", "down", "space", "c")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.loaded)
+        await settled(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=ready)
+
+
 def test_tui_command_rejects_a_missing_runs_dir(tmp_path, capsys):
     from mergelab.cli import main
 

@@ -322,7 +322,8 @@ async def test_an_existing_run_name_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------- snapshot
-def test_form_snapshot(tmp_path, monkeypatch, snap_compare):
+@pytest.mark.parametrize("size", [SMALL, (120, 40)], ids=["80x24", "120x40"])
+def test_form_snapshot(tmp_path, monkeypatch, snap_compare, size):
     shutil.copytree(MODELS, tmp_path / "models")
     monkeypatch.chdir(tmp_path)  # relative paths on screen: the picture does not depend on the machine
     app = MergelabApp(runs_dirs=[Path("runs")], clock=lambda: FROZEN, browse_interval=600)
@@ -338,7 +339,7 @@ def test_form_snapshot(tmp_path, monkeypatch, snap_compare):
         await pilot.pause()
         await settled(pilot)
 
-    assert snap_compare(app, terminal_size=SMALL, run_before=ready)
+    assert snap_compare(app, terminal_size=size, run_before=ready)
 
 
 @pytest.mark.asyncio
