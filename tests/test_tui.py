@@ -95,7 +95,7 @@ def test_heatmap_grids_from_a_per_layer_recipe():
                                                       {"value": [1.3, 1.3, 1.4, 1.4]}], "density": 0.5}}]}
     [g] = recipe_heatmaps(recipe, resolved)  # density is not searched: no grid
     assert (g.param, g.cols, g.low, g.high) == ("weight", ["ft_a", "ft_b"], 0.0, 2.0)
-    assert g.rows == ["mlp L0-1", "mlp L2-3", "other L0-1", "other L2-3"]
+    assert g.rows == ["mlp layers 0–1", "mlp layers 2–3", "other layers 0–1", "other layers 2–3"]
     assert g.values == [[0.1, 1.1], [0.2, 1.2], [0.3, 1.3], [0.4, 1.4]]
 
 
@@ -157,12 +157,12 @@ async def test_heatmap_shows_the_best_recipes_values(tmp_path):
         hm = screen.query_one(HeatMap)
         assert [g.param for g in hm.grids] == ["weight", "density"]
         assert hm.grids[0].cols == ["ft_math", "ft_code", "ft_chat"]
-        assert hm.grids[0].rows == ["L0-1", "L2-3"]
+        assert hm.grids[0].rows == ["layers 0–1", "layers 2–3"]
         for g in hm.grids:
             for j, m in enumerate(best["models"]):
                 per_layer = m["parameters"][g.param]
-                assert hm.cell_text(g.param, "L0-1", g.cols[j]) == f"{per_layer[0]:.2f}"
-                assert hm.cell_text(g.param, "L2-3", g.cols[j]) == f"{per_layer[2]:.2f}"
+                assert hm.cell_text(g.param, "layers 0–1", g.cols[j]) == f"{per_layer[0]:.2f}"
+                assert hm.cell_text(g.param, "layers 2–3", g.cols[j]) == f"{per_layer[2]:.2f}"
         assert hm.caption.startswith("trial 19 ")
 
 

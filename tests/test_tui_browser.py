@@ -206,9 +206,9 @@ async def test_compare_shows_both_runs_best_scores_and_recipes(tmp_path):
         for j, col in enumerate(["m1", "m2"]):
             w = tpe_recipe["models"][j]["parameters"]["weight"]
             assert hm0.cell_text("weight", "all layers", col) == f"{w:.2f}"
-            w2 = cma_recipe["models"][j]["parameters"]["weight"]  # per layer: groups L0-1, L2-3
-            assert hm1.cell_text("weight", "L0-1", col) == f"{w2[0]:.2f}"
-            assert hm1.cell_text("weight", "L2-3", col) == f"{w2[2]:.2f}"
+            w2 = cma_recipe["models"][j]["parameters"]["weight"]  # per layer: groups layers 0–1, 2–3
+            assert hm1.cell_text("weight", "layers 0–1", col) == f"{w2[0]:.2f}"
+            assert hm1.cell_text("weight", "layers 2–3", col) == f"{w2[2]:.2f}"
         await pilot.press("escape")
         assert app.screen is screen
 

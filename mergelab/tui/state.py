@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from search.labels import param_labels, short_model_names
+from search.labels import layers_text, param_labels, short_model_names
 from search.rundir import RunDir
 
 LOG_TAIL_BYTES = 64 * 1024  # a viewer starts from the end of a long log
@@ -522,7 +522,7 @@ def recipe_heatmaps(recipe: dict | None, resolved: dict) -> list[HeatGrid]:
                 n_layers = int(L) if L else len(sample)
                 spans = _group_spans(n_layers, min(K, n_layers)) if K > 1 else [(0, n_layers - 1)]
                 for a, b in spans:
-                    span = f"L{a}" if a == b else f"L{a}-{b}"
+                    span = layers_text((a, b))  # as the parameter labels say it: "layers 0–1"
                     rows.append((fam, span if fam == "all" else f"{fam} {span}", (a, b)))
             else:
                 rows.append((fam, "all layers" if fam == "all" else fam, None))
