@@ -289,3 +289,33 @@ async def test_a_push_that_fails_after_exporting_leaves_nothing_that_breaks_the_
     # what `mergelab demo` runs after its search (mergelab/cli/demo_cmd.py)
     path, _ = export_trial(rd, best, device="cpu", overwrite=True)
     assert path == best and (best / "model.safetensors").is_file()
+
+
+def test_a_finished_trial_or_an_idle_worker_is_not_shown_as_running(tmp_path):
+    """progress.json outlives its trial: once the trial's record is in, or the worker's heartbeat
+    (newer than the file) says it is idle, nothing is running."""
+    from mergelab.tui.state import RunReader
+
+    run = copy_run(tmp_path)
+    rd = RunDir(run)
+    rd.heartbeat("w", {"trial": None, "paused": False, "started": 1.0})
+    hb = json.loads((run / "workers" / "w.json").read_text())["heartbeat"]
+    reader = RunReader(rd)
+    (run / "progress.json").write_text(json.dumps({"trial": 30, "stage": "eval a", "frac": 1.0, "time": hb - 1}))
+    assert reader.read().running == []  # the idle heartbeat is newer
+    (run / "progress.json").write_text(json.dumps({"trial": 30, "stage": "eval a", "frac": 0.5, "time": hb + 1}))
+    [cur] = reader.read().running
+    assert (cur["number"], cur["stage"], cur["frac"]) == (30, "a", 0.5)
+    rd.append_trial({**records(run)[0], "number": 30})  # trial 30 finished
+    assert reader.read().running == []
+
+
+def test_stage_progress_counts_the_merge_then_the_eval_batches():
+    from mergelab.tui.widgets.panels import stage_progress
+
+    stages = ["merge", "math", "code"]
+    assert stage_progress(stages, "merge", 0.0) == ([], 0.0)
+    assert stage_progress(stages, "math", 0.25) == (["merge"], 1.5)
+    assert stage_progress(stages, "code", 0.9) == (["merge", "math"], 2.8)
+    assert stage_progress(stages, "code", None) == (["merge", "math"], 2.0)  # no fraction: stages done
+    assert stage_progress(stages, "caching sources", 0.0) == ([], 0.0)

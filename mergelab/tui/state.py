@@ -117,12 +117,16 @@ class RunReader:
         self._study = None
         self._study_failed = False
         self._params_cache: dict[int, dict] = {}
+        self._finished: set[int] = set()  # trial numbers with a record: not running any more
 
     def read(self) -> Delta:
         d = Delta()
         before = self._tail.offset
         d.new_trials = self._tail.poll()
         d.reset = self._tail.offset < before  # the tail starts over when the file shrank
+        if d.reset:
+            self._finished.clear()
+        self._finished.update(int(r["number"]) for r in d.new_trials if isinstance(r, dict) and "number" in r)
         d.summary = self.rd.summary()
         d.log_lines = self._log.poll()
         d.workers = self.rd.workers()
@@ -141,10 +145,11 @@ class RunReader:
                 continue
             n = w.get("trial")
             prog = progress if progress_of(progress, w) else {}
-            if prog and (n is None or int(prog["trial"]) > int(n)):
+            newer = prog and float(prog.get("time") or 0) > float(w.get("heartbeat") or 0)
+            if newer and (n is None or int(prog["trial"]) > int(n)):
                 n = prog["trial"]  # the heartbeat (every few seconds) lags the progress file
-            if n is None or (cur is not None and cur["number"] == n):
-                continue
+            if n is None or int(n) in self._finished or (cur is not None and cur["number"] == n):
+                continue  # idle, or a trial whose record is in (the heartbeat has not caught up)
             n = int(n)
             if prog.get("trial") != n:
                 prog = {}  # progress of the worker's previous trial: this one has not reported yet

@@ -2,7 +2,7 @@
 and the task bar that shows an export or push in progress."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.table import Table
 from rich.text import Text
@@ -73,16 +73,21 @@ class RunHeader(Static):
 CACHING = "caching sources"  # the stage of the first trial after a start: reading every source model once
 
 
-def stage_progress(stages: list[str], stage: str | None, frac: float | None) -> tuple[list[str], float]:
-    """(the stages done, the bar's position out of len(stages)) of a trial at `stage`: the merge is
-    one step, the scorers share the rest by `frac` (the loop's fraction of all eval batches)."""
+class StageProgress(NamedTuple):
+    done: list[str]  # the stages before the running one
+    position: float  # the bar's position, out of len(stages)
+
+
+def stage_progress(stages: list[str], stage: str | None, frac: float | None) -> StageProgress:
+    """How far a trial at `stage` is: the merge is one step, the scorers share the rest by `frac`
+    (the loop's fraction of all eval batches)."""
     if stage is None or stage == CACHING or stage not in stages:
-        return [], 0.0
+        return StageProgress([], 0.0)
     k = stages.index(stage)
     pos = float(k)  # stage k runs: k stages are done
     if k > 0 and frac is not None:  # within the eval: the batches' fraction, kept inside stage k
         pos = min(k + 1.0, max(float(k), 1.0 + frac * (len(stages) - 1)))
-    return stages[:k], pos
+    return StageProgress(stages[:k], pos)
 
 
 class CurrentTrial(Vertical):
@@ -116,7 +121,8 @@ class CurrentTrial(Vertical):
         stage = cur.get("stage")
         if stage is not None and stage != CACHING and stage not in stages:
             stages.append(stage)  # a scorer the eval spec (read here) does not list
-        done, pos = stage_progress(stages, stage, cur.get("frac"))
+        prog = stage_progress(stages, stage, cur.get("frac"))
+        done = prog.done
         if stage == CACHING:
             stage_text = Text.assemble(("▶ caching sources", "bold yellow"),
                                        (" (the first trial after a start reads every model once)", "dim"))
@@ -136,7 +142,7 @@ class CurrentTrial(Vertical):
             stage_text = Text.assemble(*parts[:-1])
         stage_text.no_wrap, stage_text.overflow = True, "ellipsis"
         bar.display = True
-        bar.update(total=max(1, len(stages)), progress=pos)
+        bar.update(total=max(1, len(stages)), progress=prog.position)
         stages_w.update(stage_text)
         params = cur.get("params") or {}
         grid = Table.grid(padding=(0, 1), expand=True)
