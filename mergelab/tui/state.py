@@ -568,6 +568,11 @@ def fmt_duration(s: float | None) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
+def log_stamp(t: float) -> str:
+    """The time stamp of a log line, as search.rundir.RunDir.log writes it (local time)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
 def fmt_num(v: Any, digits: int = 4) -> str:
     if isinstance(v, bool) or v is None:
         return "-"

@@ -16,10 +16,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
 
+from search.labels import label_of, short_model_names
 from search.rundir import RunDir
 
 from ...errors import MergelabError
-from ..state import Clock, Delta, LiveFeed, RunReader, RunState, fmt_num, global_values, recipe_heatmaps
+from ..state import (Clock, Delta, LiveFeed, RunReader, RunState, fmt_num, global_values, log_stamp,
+                     recipe_heatmaps)
 from ..widgets.heatmap import HeatMap
 from ..widgets.panels import CurrentTrial, LogPane, RunHeader, TaskBar
 from ..widgets.score_plot import ScorePlot
@@ -54,8 +56,6 @@ def kernels_text(kernels: Any) -> str:
 
 def path_text(path: Any) -> str:
     """A data-flow trial's layer path ([[model, layer], ...]) as `model:layer → model:layer`."""
-    from search.labels import short_model_names
-
     steps = [p for p in path if isinstance(p, (list, tuple)) and len(p) == 2] if isinstance(path, list) else []
     if not steps:
         return str(path)
@@ -83,8 +83,6 @@ def recipe_text(rec: dict, labels: dict[str, str] | None = None) -> Text:
         head.append(fusion_text(fusion))
     params = rec.get("params") or {}
     if params and labels is not None:
-        from search.labels import label_of
-
         head.append("searched values:")
         head += [f"  {label_of(k, labels)}: {fmt_num(v)}" for k, v in params.items()]
     body = yaml.safe_dump(rec.get("recipe"), sort_keys=False, default_flow_style=None, width=100) \
@@ -176,8 +174,7 @@ class DashboardScreen(Screen):
 
     def log_line(self, level: str, message: str) -> None:
         """One of the dashboard's own lines in the log pane, stamped like the run's log.txt."""
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock()))
-        self.query_one(LogPane).add_lines([f"{stamp} {level} dashboard: {message}"])
+        self.query_one(LogPane).add_lines([f"{log_stamp(self.clock())} {level} dashboard: {message}"])
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "push" and not hub_available():
@@ -202,8 +199,8 @@ class DashboardScreen(Screen):
         try:
             delta = self.reader.read()
         except Exception as e:  # a file caught mid-rename must not kill the viewer; next poll retries
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock()))
-            delta = Delta(log_lines=[f"{stamp} WARNING dashboard: could not read the run directory: {e}"])
+            delta = Delta(log_lines=[f"{log_stamp(self.clock())} WARNING dashboard: could not read the run "
+                                     f"directory: {e}"])
         self.app.call_from_thread(self._apply, delta)
 
     def read_now(self) -> None:

@@ -10,13 +10,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.segment import Segment
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
+from textual.strip import Strip
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, SelectionList, Static
+from textual.widgets.option_list import OptionDoesNotExist
 
 from search.rundir import RunDir
 
@@ -49,6 +52,7 @@ class TickBox(Checkbox):
     compact Checkbox draws X in both states."""
 
     def render(self):
+        # ToggleButton draws its box from BUTTON_INNER at each render: an instance value per state
         self.BUTTON_INNER = "✓" if self.value else " "
         return super().render()
 
@@ -57,11 +61,7 @@ class TickList(SelectionList):
     """A SelectionList whose boxes show ✓ for a chosen operator and a blank otherwise (the stock one
     draws X in both states)."""
 
-    def render_line(self, y: int):
-        from rich.segment import Segment
-        from textual.strip import Strip
-        from textual.widgets.option_list import OptionDoesNotExist
-
+    def render_line(self, y: int) -> Strip:
         line = super().render_line(y)
         segs = list(line)
         try:
@@ -70,6 +70,7 @@ class TickList(SelectionList):
             return line
         if len(segs) < 2:
             return line
+        # the stock line is [left edge, box glyph, right edge, space, prompt...]: swap the glyph
         segs[1] = Segment("✓" if option.value in self._selected else " ", segs[1].style)
         return Strip(segs, line.cell_length)
 
@@ -132,7 +133,7 @@ class NewSearchScreen(Screen):
             yield from self._row("Operators", TickList(*[(n, n, n in v.methods) for n in names], compact=True, id="f-methods"),
                                  field="method")
             yield Static("", id="f-chosen", classes="form-note")
-            yield Label("Parameters (checked: searched; text: low, high = range, one value = fixed)",
+            yield Label("Parameters (✓ searched; text: low, high = range, one value = fixed)",
                         classes="form-section")
             yield Vertical(id="f-params")
             yield Static("", id="e-space", classes="form-error")

@@ -10,6 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, RichLog, Static
 
+from search.labels import label_of
+
 from ..state import RunState, fmt_duration, fmt_num
 
 _STATUS_STYLE = {"running": "bold green", "starting": "bold green", "paused": "bold yellow",
@@ -100,8 +102,6 @@ class CurrentTrial(Vertical):
         yield Static("", id="current-params")
 
     def show(self, state: RunState) -> None:
-        from search.labels import label_of
-
         title = self.query_one("#current-title", Label)
         bar = self.query_one("#current-progress", ProgressBar)
         stages_w = self.query_one("#current-stages", Static)
