@@ -25,6 +25,7 @@ from operators import get_operator, tensor_seed
 from operators import sparsify as _sp
 from operators.sparsify import one_thread
 from operators.checks import raise_if_invalid
+from operators.draws import CounterStream, exact_l1, rescale_factor
 from operators.linear import linear_weights, weighted_sum_
 from operators.task_vectors import METHODS, TaskVectorMethod, combine_, plain_divisor, task_weights
 
@@ -320,7 +321,15 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
                 else:
                     row.mask = row.rule.mask_chunk(a, out=out)
                 row.rule = None
-    else:  # bernoulli: the draws of sparsify._uniform, slice by slice
+    elif isinstance(gen, CounterStream):  # the counter stream: any slice alone, exact L1 sums
+        gen.position = slot * n  # rows take consecutive stretches, in row order
+        row.mask = gen.keep_mask(torch.Size([n]), density, "cpu")
+        if rescale == "l1":
+            row.factor = rescale_factor(exact_l1(inputs.abs_delta(i, ws)), row.mask, _sp._RESCALE_EPS)
+            if isinstance(inputs, DiskInputs):
+                inputs._abs_of = None
+            return row
+    else:  # bernoulli, mergekit's stream: the draws of its CPU generator, slice by slice
         if isinstance(gen, _jit.MTStream) and rescale == "l1" and isinstance(inputs, DiskInputs) \
                 and _jit.sum_lanes() is not None and n <= _jit.L1_MAX:
             # nothing whole: τ and the mask slice by slice into the two norms, and the row's
@@ -415,7 +424,9 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         if fast is not None and fast(method, job, inputs, others, sink, ws, dest):
             return
     gen = None
-    if method.sparsification == "bernoulli":
+    if method.sparsification == "bernoulli" and plan.recipe.rng != "mergekit":
+        gen = CounterStream(tensor_seed(plan.seed, job.name))
+    elif method.sparsification == "bernoulli":
         seed = tensor_seed(plan.seed, job.name)
         gen = _jit.mt_stream(seed) if not _draws_cached(inputs) else None
         if gen is None:

@@ -137,6 +137,7 @@ def run_operator(job: TensorJob, plan: MergePlan, base, models, deltas=None, sor
         base_index=plan.recipe.base_index,
         deltas=deltas,
         sorted_abs=sorted_abs,
+        rng=plan.recipe.rng,
     )
     return op.fn(inp)
 

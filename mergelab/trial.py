@@ -226,7 +226,7 @@ class TrialMerger:
             self._fast_cache.clear()  # DARE's inputs hold the old seed's draws
             self._fast_seed = plan.seed
         reads = (job.base, *job.models)
-        key = (job.name, op.name, plan.recipe.base_index, tuple(None if r is None else (r.ref, r.tensor) for r in reads))
+        key = (job.name, op.name, plan.recipe.rng, plan.recipe.base_index, tuple(None if r is None else (r.ref, r.tensor) for r in reads))
         got = self._fast_cache.get(key)
         if got is None:
             ok = _fast.supported(plan, job, self.compute_dtype, self.sources)
@@ -258,7 +258,7 @@ class TrialMerger:
             else:
                 order.append(None)
         uniforms = l1 = None
-        if op.name in _fast.BERNOULLI:
+        if op.name in _fast.BERNOULLI and plan.recipe.rng == "mergekit":  # mergekit's draws, kept
             uniforms = self._uniforms(job, plan, deltas)
             if uniforms is not None:
                 l1 = [self._l1_norm(job, r, d) if d is not None else None for r, d in zip(job.models, deltas)]
@@ -303,8 +303,8 @@ class TrialMerger:
         plan = self.plan(recipe, seed)
         op = get_operator(plan.recipe.merge_method)
         linear = op.name == "linear" and self.device.type == "cpu" and self.compute_dtype == torch.float32
-        dare16 = (op.name in _fast.BERNOULLI and self.device.type == "cpu" and self.compute_dtype == torch.float32
-                  and _jit.AVAILABLE)
+        dare16 = (op.name in _fast.BERNOULLI and plan.recipe.rng == "mergekit" and self.device.type == "cpu"
+                  and self.compute_dtype == torch.float32 and _jit.AVAILABLE)
         if self._streaming is None:
             need = self._cache_bytes(plan)
             self._streaming = self.max_memory is not None and need > self.max_memory
@@ -315,7 +315,7 @@ class TrialMerger:
                     need / 1e6, self.max_memory / 1e6,
                 )
         for job in plan.jobs:
-            key = (plan.recipe.merge_method, plan.seed, job.param_key())
+            key = (plan.recipe.merge_method, plan.seed, plan.recipe.rng, job.param_key())
             if only_changed and self._last.get(job.name) == key:
                 continue
             if self._streaming or job.copy:

@@ -397,6 +397,7 @@ def test_disk_dare_with_and_without_compiled_loops_bit_for_bit(wide_family, tmp_
 
     r = _recipe(wide_family, method, (0.6, -0.4, 1.3), (0.2, 0.9, 0.45), params)
     r["dtype"] = "float16"
+    r["rng"] = "mergekit"  # the compiled mt19937 draws serve mergekit's stream
     out = {}
     streams = []
     real = _jit.MTStream
@@ -506,6 +507,7 @@ def test_disk_dare_holds_no_whole_tensor_mask_or_task_vector(wide_family, tmp_pa
     monkeypatch.setattr(fast, "Workspace", Watched)
     monkeypatch.setattr(fast, "CHUNK", 640)
     r = _recipe(wide_family, "dare_ties", (0.6, 0.4, 0.9), (0.5, 0.7, 0.3), {})
+    r["rng"] = "mergekit"  # mergekit's stream redraws masks per slice; the counter stream holds |τ| whole
     engine.merge_to_dir(r, tmp_path / "out")
     bufs = seen[0]._bufs
     assert bufs and all(k == ("result", torch.float32) or t.numel() <= 3 * 640 for k, t in bufs.items()), \

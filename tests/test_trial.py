@@ -12,7 +12,7 @@ from mergelab.trial import TrialMerger
 from conftest import load_dir
 
 
-def recipe(fam, method, w=(0.6, 0.4), d=(0.5, 0.7), lam=1.0, seed=0):
+def recipe(fam, method, w=(0.6, 0.4), d=(0.5, 0.7), lam=1.0, seed=0, rng=None):
     models = [{"model": str(fam["a"]), "parameters": {"weight": w[0], "density": d[0]}},
               {"model": str(fam["b"]), "parameters": {"weight": w[1], "density": d[1]}}]
     if method in ("linear",):
@@ -20,6 +20,8 @@ def recipe(fam, method, w=(0.6, 0.4), d=(0.5, 0.7), lam=1.0, seed=0):
         return {"merge_method": method, "models": models, "dtype": "float16"}
     out = {"merge_method": method, "base_model": str(fam["base"]), "models": models, "seed": seed,
            "parameters": {"lambda": lam}, "dtype": "float16"}
+    if rng is not None:
+        out["rng"] = rng
     if method == "task_arithmetic":
         for m in models:
             m["parameters"].pop("density")
@@ -78,18 +80,18 @@ def test_streaming_fallback_same_result_and_says_so(tiny_family, caplog):
 
 def test_dare_draws_are_drawn_once_per_seed_and_still_equal_disk(tiny_family, tmp_path):
     tm = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])])
-    tm.state_dict(recipe(tiny_family, "dare_ties", seed=3))
+    tm.state_dict(recipe(tiny_family, "dare_ties", seed=3, rng="mergekit"))
     cached = {k: [id(u) for u in v if u is not None] for k, v in tm._draws.items()}
     assert cached and all(k[0] == 3 and len(v) == 2 for k, v in cached.items())
     # another candidate with the search's seed: masks come from the same cached numbers
-    r2 = recipe(tiny_family, "dare_ties", w=(0.3, 0.9), d=(0.2, 0.8), seed=3)
+    r2 = recipe(tiny_family, "dare_ties", w=(0.3, 0.9), d=(0.2, 0.8), seed=3, rng="mergekit")
     mem = tm.state_dict(r2)
     assert {k: [id(u) for u in v if u is not None] for k, v in tm._draws.items()} == cached
     merge_to_dir(r2, tmp_path / "out")
     disk = load_dir(tmp_path / "out")
     assert all(torch.equal(mem[k], disk[k]) for k in disk)
     # a new seed replaces the draws (and still merges what the disk path merges)
-    r3 = recipe(tiny_family, "dare_ties", seed=4)
+    r3 = recipe(tiny_family, "dare_ties", seed=4, rng="mergekit")
     mem3 = tm.state_dict(r3)
     assert tm._draws and {k[0] for k in tm._draws} == {4}
     merge_to_dir(r3, tmp_path / "out3")
@@ -100,11 +102,11 @@ def test_dare_draws_are_drawn_once_per_seed_and_still_equal_disk(tiny_family, tm
 def test_dare_draws_not_cached_past_max_memory(tiny_family):
     models = [str(tiny_family["a"]), str(tiny_family["b"])]
     probe = TrialMerger(str(tiny_family["base"]), models)
-    plan = probe.plan(recipe(tiny_family, "dare_ties"))
+    plan = probe.plan(recipe(tiny_family, "dare_ties", rng="mergekit"))
     budget = probe._cache_bytes(plan) + 1  # the cache fits, the draws on top of it do not
     tm = TrialMerger(str(tiny_family["base"]), models, max_memory=budget)
-    ref = probe.state_dict(recipe(tiny_family, "dare_ties"))
-    got = tm.state_dict(recipe(tiny_family, "dare_ties"))
+    ref = probe.state_dict(recipe(tiny_family, "dare_ties", rng="mergekit"))
+    got = tm.state_dict(recipe(tiny_family, "dare_ties", rng="mergekit"))
     assert not tm._streaming and tm._draws == {} and probe._draws
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
@@ -139,7 +141,7 @@ def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
     tm = TrialMerger(base, fts)
     for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)),
                                 ((0.2, 0.2, 0.6), (0.5, 0.5, 0.5)))):
-        r = {"merge_method": method, "base_model": base, "seed": 11, "dtype": "float16",
+        r = {"merge_method": method, "base_model": base, "seed": 11, "dtype": "float16", "rng": "mergekit",
              "parameters": {"lambda": 1.0 + 0.1 * i, "normalize": i != 1},
              "models": [{"model": m, "parameters": {"weight": w[k], "density": d[k]}} for k, m in enumerate(fts)]}
         model = tm.apply(r)
