@@ -319,7 +319,7 @@ def test_dare_counter_stream_is_thread_count_independent_and_rescales():
     assert torch.equal(outs[0], outs[1])
     # one task vector, L1 rescale: the survivors' L1 norm equals the task vector's
     tau = models[0] - base
-    out = run("dare_linear", torch.zeros_like(base), [tau], mps[:1], seed=5, name="x").double()
+    out = run("dare_linear", torch.zeros_like(base), [tau], [{"weight": 1.0, "density": 0.3}], seed=5, name="x").double()
     assert abs((out != 0).double().mean().item() - 0.3) < 0.01
     assert abs(out.abs().sum().item() / tau.double().abs().sum().item() - 1) < 1e-6
 
