@@ -17,6 +17,7 @@ from operators import MergeInputs, get_operator
 
 from . import _fast
 from .errors import MergelabError
+from .kernels.finite import FiniteGuard
 from .plan import MergePlan, TensorJob, build_plan
 from .recipe import Recipe, load_recipe
 from .sources import ModelSource, open_sources
@@ -123,6 +124,11 @@ def compute_job(
     base = get(job.base) if job.base is not None else None
     models = [get(r) for r in job.models]
     return run_operator(job, plan, base, models).to(job.out_dtype)
+
+
+def job_params(job: TensorJob) -> dict:
+    """A tensor's resolved parameters, as error messages show them."""
+    return {"models": job.model_params, **job.params}
 
 
 def run_operator(job: TensorJob, plan: MergePlan, base, models, deltas=None, sorted_abs=None) -> torch.Tensor:
@@ -237,14 +243,18 @@ def merge_to_dir(
     writer = ShardWriter(out_dir, [(j.name, j.out_dtype, j.shape) for j in plan.jobs],
                          parse_size(shard_size), overwrite=overwrite)
     prog = Progress(len(plan.jobs), plan.total_bytes, quiet=quiet)
+    guard = FiniteGuard(f"merging {plan.recipe.merge_method} into {out_dir}; nothing was written")
     t0 = time.perf_counter()
     with writer:
         for i, (job, tensor) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
+            if not job.copy:
+                guard.add(job.name, tensor, job_params(job))
             writer.write(job.name, tensor)
             prog.update(job.nbytes)
             if on_tensor:
                 on_tensor(i + 1, len(plan.jobs))
             del tensor
+        guard.flush()  # before the output directory appears
         out_dtype = next((j.out_dtype for j in plan.jobs if not j.copy), None)
         vocab = next((j.shape[0] for j in plan.jobs if j.rows is not None), None)
         if vocab is not None and vocab == ref_src.vocab_size:

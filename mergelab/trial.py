@@ -14,8 +14,9 @@ from operators import get_operator, tensor_seed
 from operators.sparsify import l1_norm_of_abs, sorted_magnitudes
 
 from . import _fast, _jit
-from .engine import compute_job, fit_rows, read_job, resolve_device, run_operator
+from .engine import compute_job, fit_rows, job_params, read_job, resolve_device, run_operator
 from .errors import MergelabError
+from .kernels.finite import FiniteGuard
 from .plan import MergePlan, TensorJob, build_plan
 from .recipe import Recipe, load_recipe
 from .sources import ModelSource, open_sources
@@ -366,13 +367,18 @@ class TrialMerger:
         model = self.model
         t0 = time.perf_counter()
         changed = 0
+        guard = FiniteGuard("in the trial merger's candidate")
         with torch.no_grad():
             for job, key, out in self.merged_tensors(recipe, seed, only_changed=True,
                                                       target=lambda j: self._params.get(j.name)):
                 if out is None:  # written in place by the chunked kernels
                     self._last[job.name] = key
                     changed += 1
+                    if not job.copy:
+                        guard.add(job.name, self._params[job.name], job_params(job))
                     continue
+                if not job.copy:
+                    guard.add(job.name, out, job_params(job))
                 p = self._params.get(job.name)
                 if p is None:
                     if "lm_head" in job.name and getattr(model.config, "tie_word_embeddings", False):
@@ -385,6 +391,7 @@ class TrialMerger:
                 p.copy_(out)
                 self._last[job.name] = key
                 changed += 1
+            guard.flush()
         self.last_stats = {"changed_tensors": changed, "merge_seconds": time.perf_counter() - t0}
         return model
 

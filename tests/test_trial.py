@@ -193,3 +193,17 @@ def test_ties_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
         monkeypatch.setattr(_jit, "AVAILABLE", True)
         assert all(torch.equal(ref[k], disk[k]) for k in disk)
     assert len(calls) == 2 * len(disk)  # every tensor of both candidates
+
+
+def test_non_finite_candidate_raises_a_typed_error(tiny_family):
+    from mergelab.errors import NonFiniteMergeError
+
+    tm = TrialMerger(None, [str(tiny_family["a"]), str(tiny_family["b"])])
+    bad = {"merge_method": "linear", "dtype": "float16", "parameters": {"normalize": False},
+           "models": [{"model": str(tiny_family[k]), "parameters": {"weight": 3e5}} for k in ("a", "b")]}
+    with pytest.raises(NonFiniteMergeError) as e:
+        tm.apply(bad)
+    assert e.value.tensor == "lm_head.weight" and e.value.count > 0  # the plan's first tensor
+    good = recipe(tiny_family, "linear")
+    tm.apply(good)  # the next candidate merges normally
+    assert all(torch.isfinite(p).all() for p in tm.model.parameters())
