@@ -76,7 +76,7 @@ def bench_models(label: str, base: Path, fine_tunes: list[Path], *, n_candidates
         t = _clock()
         tm.apply(first)
         first_wall, first_cpu = _since(t)
-        n_tensors = tm.last_stats["changed_tensors"]
+        n_tensors = tm.last_stats.changed_tensors
         walls, cpus = [], []
         last = first
         for _ in range(n_candidates):
@@ -84,8 +84,8 @@ def bench_models(label: str, base: Path, fine_tunes: list[Path], *, n_candidates
             t = _clock()
             tm.apply(last)
             w, c = _since(t)
-            if tm.last_stats["changed_tensors"] != n_tensors:
-                raise SystemExit(f"{label} {method}: candidate recomputed {tm.last_stats['changed_tensors']} of "
+            if tm.last_stats.changed_tensors != n_tensors:
+                raise SystemExit(f"{label} {method}: candidate recomputed {tm.last_stats.changed_tensors} of "
                                  f"{n_tensors} tensors; every parameter changed, so all should be")
             walls.append(w)
             cpus.append(c)

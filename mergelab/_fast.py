@@ -76,14 +76,14 @@ class Workspace:
 
 
 def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32,
-              sources: dict | None = None) -> bool:
+              sources: dict | None = None, fitted: bool = False) -> bool:
     """Whether the chunked kernels merge this job (else the engine calls the operator on whole
     tensors): linear and the task-vector methods without DELLA/breadcrumbs ranking, float32
     compute, no vocabulary cut or pad (a vocabulary tensor whose sources all have the output's
-    shape needs none)."""
+    shape needs none, and `fitted` inputs were cut or padded already)."""
     if job.copy or compute_dtype != _F32:
         return False
-    if job.rows is not None:
+    if job.rows is not None and not fitted:  # fitted: the inputs have the job's rows already
         reads = ([job.base] if job.base is not None else []) + list(job.models)
         if sources is None or any(tuple(sources[r.ref].tensors[r.tensor].shape) != tuple(job.shape)
                                   for r in reads):
@@ -214,6 +214,50 @@ class DiskInputs(Inputs):
         a = super().abs_delta(i, ws)
         self._abs_of = i
         return a
+
+
+class StoredInputs(DiskInputs):
+    """The trial merger's compact cache read like the files: each source held flat as stored
+    (16-bit checkpoints stay 16-bit), slices widened (or τ computed) on the fly into the
+    workspace's buffers. The chunked kernels then run exactly as from disk, bit for bit."""
+
+    def __init__(self, job: TensorJob, stored: dict, base_index: int | None, ws: Workspace):
+        self.n = math.prod(job.shape)
+        self.ws = ws
+        self._slots = []
+        index: dict[tuple[str, str], int] = {}
+
+        def slot(r: Read) -> int:
+            key = (r.ref, r.tensor)
+            if key not in index:
+                index[key] = len(self._slots)
+                t = stored[key]
+                self._slots.append((t, r.tensor, t.dtype))
+            return index[key]
+
+        self._model = [slot(r) for r in job.models]
+        if job.base is not None:
+            self._base = slot(job.base)
+        else:
+            self._base = self._model[base_index] if base_index is not None else None
+        self._at, self._raw_at = {}, {}
+        self._abs_of = None
+        dtypes = {d for _, _, d in self._slots}
+        self._sub16 = (_jit.AVAILABLE and self._base is not None and len(dtypes) == 1
+                       and next(iter(dtypes)) in (torch.float16, torch.bfloat16))
+
+    def _raw(self, slot: int, s: int, e: int) -> torch.Tensor:
+        return self._slots[slot][0][s:e]
+
+    def _get(self, slot: int, s: int, e: int) -> torch.Tensor:
+        t, _, dtype = self._slots[slot]
+        if dtype == _F32:
+            return t[s:e]
+        f32 = self.ws.get(("in", slot), CHUNK)[: e - s]
+        if self._at.get(slot) != (s, e):
+            f32.copy_(t[s:e])
+            self._at[slot] = (s, e)
+        return f32
 
 
 class CutRule:

@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -18,6 +19,7 @@ from operators import MergeInputs, get_operator
 from . import _fast
 from .errors import MergelabError
 from .kernels.finite import FiniteGuard
+from .kernels.select import KernelCall, KernelCounts, Merged, run_job
 from .plan import MergePlan, TensorJob, build_plan
 from .recipe import Recipe, load_recipe
 from .sources import ModelSource, open_sources
@@ -67,14 +69,19 @@ def read_job(job: TensorJob, sources: dict[str, ModelSource]) -> dict[tuple[str,
 
 class JobReader:
     """A job's sources, not read yet: the chunked kernels read them slice by slice into the
-    workspace's buffers; any other path reads the whole tensors (`read_all`)."""
+    workspace's buffers; any other kernel reads the whole tensors (`read_all`), which a reader
+    thread may have started already (`prefetched`)."""
 
     def __init__(self, job: TensorJob, sources: dict[str, ModelSource], ws: _fast.Workspace,
-                 reuse_output: bool = False):
+                 reuse_output: bool = False, prefetched: Future | None = None):
         self.job, self.sources, self.ws, self.reuse_output = job, sources, ws, reuse_output
+        self._prefetched = prefetched
+        self._raw: dict[tuple[str, str], torch.Tensor] | None = None
 
     def read_all(self) -> dict[tuple[str, str], torch.Tensor]:
-        return read_job(self.job, self.sources)
+        if self._raw is None:
+            self._raw = self._prefetched.result() if self._prefetched is not None else read_job(self.job, self.sources)
+        return self._raw
 
     def output(self) -> torch.Tensor | None:
         """A reused output buffer (valid until the next job), or None for a fresh tensor."""
@@ -87,43 +94,16 @@ class JobReader:
 def advise(job: TensorJob, sources: dict[str, ModelSource]) -> None:
     """Ask the kernel to start reading a job's tensors into the page cache (asynchronous
     readahead), so disk reads of the next tensors overlap the compute of this one."""
-    for r in ([job.base] if job.base else []) + list(job.models):
+    for r in ([job.base] if job.base is not None else []) + list(job.models):
         if not sources[r.ref].will_need(r.tensor):
             return
 
 
-def compute_job(
-    job: TensorJob,
-    raw: dict[tuple[str, str], torch.Tensor] | JobReader,
-    plan: MergePlan,
-    device: torch.device,
-    compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Merge one tensor. Shared by the disk path and the in-memory path's fallback. With a
-    JobReader on the CPU, linear and the task-vector methods run the chunked kernels."""
-    if isinstance(raw, JobReader):
-        if device.type == "cpu" and _fast.supported(plan, job, compute_dtype, raw.sources):
-            inputs = _fast.DiskInputs(job, raw.sources, plan.recipe.base_index, raw.ws)
-            out, sink = _fast.full_output(job, raw.output())
-            _fast.merge_job(plan, job, inputs, sink, raw.ws)
-            return out
-        raw = raw.read_all()
-    ref_read = job.base if job.base is not None else job.models[0]
-    if job.copy:
-        return raw[(ref_read.ref, ref_read.tensor)].clone()
-    ref_raw = raw[(ref_read.ref, ref_read.tensor)]
-    cache: dict[tuple[str, str], torch.Tensor] = {}
-
-    def get(r):
-        key = (r.ref, r.tensor)
-        if key not in cache:
-            t = fit_rows(raw[key], job.rows, ref_raw)
-            cache[key] = t.to(device=device, dtype=compute_dtype)
-        return cache[key]
-
-    base = get(job.base) if job.base is not None else None
-    models = [get(r) for r in job.models]
-    return run_operator(job, plan, base, models).to(job.out_dtype)
+def compute_job(job: TensorJob, reader: JobReader, plan: MergePlan, device: torch.device,
+                compute_dtype: torch.dtype = torch.float32) -> Merged:
+    """Merge one tensor from the files by the kernel the seam selects (`kernels.select.run_job`);
+    the result names the kernel."""
+    return run_job(KernelCall(plan, job, "disk", device, compute_dtype, reader))
 
 
 def job_params(job: TensorJob) -> dict:
@@ -155,19 +135,30 @@ def iter_merged(
     compute_dtype: torch.dtype = torch.float32,
     prefetch: int = 2,
     reuse_output: bool = False,
-) -> Iterator[tuple[TensorJob, torch.Tensor]]:
-    """Yield (job, merged tensor) in plan order. The next `prefetch` jobs' tensors are read
+) -> Iterator[tuple[TensorJob, Merged]]:
+    """Yield (job, merged tensor and its kernel) in plan order. The next `prefetch` jobs' tensors are read
     ahead into the page cache by the kernel while this one is merged; the merge itself reads
     slices into reused buffers, so memory is a few slices plus the per-tensor statistics.
     With `reuse_output` each yielded tensor is valid only until the next one is asked for."""
     ws = _fast.Workspace()
     jobs = plan.jobs
-    for idx, job in enumerate(jobs):
-        for nxt in jobs[idx + 1: idx + 1 + prefetch]:
-            advise(nxt, sources)
-        out = compute_job(job, JobReader(job, sources, ws, reuse_output), plan, device, compute_dtype)
-        yield job, out
-        del out
+    # on a GPU the whole tensors are read by a thread while the previous one merges and writes
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-read") if device.type != "cpu" else None
+    ahead: Future | None = None
+    try:
+        for idx, job in enumerate(jobs):
+            for nxt in jobs[idx + 1: idx + 1 + prefetch]:
+                advise(nxt, sources)
+            current, ahead = ahead, None
+            if pool is not None and idx + 1 < len(jobs):
+                ahead = pool.submit(read_job, jobs[idx + 1], sources)
+            merged = compute_job(job, JobReader(job, sources, ws, reuse_output, current), plan, device, compute_dtype)
+            log.debug("%s: kernel %s", job.name, merged.kernel)
+            yield job, merged
+            del merged
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Progress:
@@ -243,10 +234,13 @@ def merge_to_dir(
     writer = ShardWriter(out_dir, [(j.name, j.out_dtype, j.shape) for j in plan.jobs],
                          parse_size(shard_size), overwrite=overwrite)
     prog = Progress(len(plan.jobs), plan.total_bytes, quiet=quiet)
+    kernels = KernelCounts()
     guard = FiniteGuard(f"merging {plan.recipe.merge_method} into {out_dir}; nothing was written")
     t0 = time.perf_counter()
     with writer:
-        for i, (job, tensor) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
+        for i, (job, merged) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
+            tensor = merged.out
+            kernels.add(merged.kernel)
             if not job.copy:
                 guard.add(job.name, tensor, job_params(job))
             writer.write(job.name, tensor)
@@ -255,6 +249,7 @@ def merge_to_dir(
                 on_tensor(i + 1, len(plan.jobs))
             del tensor
         guard.flush()  # before the output directory appears
+        log.info("kernels (tensors each): %s", kernels.counts)
         out_dtype = next((j.out_dtype for j in plan.jobs if not j.copy), None)
         vocab = next((j.shape[0] for j in plan.jobs if j.rows is not None), None)
         if vocab is not None and vocab == ref_src.vocab_size:

@@ -106,6 +106,23 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 @dataclass(frozen=True)
+class KernelSpec:
+    """One fast way to run an operator, declared by the operator (its reference is `fn`, which
+    runs on any device). `impl` names the function ("module:function", imported on first use;
+    the kernels live in mergelab.kernels) that merges one tensor, or declines (returns None) when
+    the tensor's layout does not suit it. `where`: "disk" (the streaming engine reading the
+    files) or "memory" (the trial merger's cache). `applies(model_params, params, rng)`: whether
+    the operator's parameters suit it (None: any)."""
+
+    name: str
+    impl: str
+    where: Literal["disk", "memory"]
+    devices: tuple[str, ...] = ("cpu",)
+    compute_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    applies: Callable[[list[dict[str, Any]], dict[str, Any], "str | None"], bool] | None = None
+
+
+@dataclass(frozen=True)
 class OperatorSpec:
     name: str
     fn: Callable[[MergeInputs], torch.Tensor]
@@ -119,6 +136,7 @@ class OperatorSpec:
     uses_deltas: bool = False  # benefits from precomputed task vectors
     uses_sorted_abs: bool = False  # benefits from precomputed magnitude order
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    kernels: tuple[KernelSpec, ...] = ()  # fast kernels, tried in order before the reference `fn`
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

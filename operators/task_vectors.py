@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from . import sparsify as _sp
-from .base import MergeInputs, OperatorSpec, ParamSpec, register
+from .base import KernelSpec, MergeInputs, OperatorSpec, ParamSpec, register
 from .checks import add_check, raise_if_invalid
 from .draws import CounterStream
 
@@ -292,6 +292,26 @@ def _summary(m: TaskVectorMethod) -> str:
     return f"τᵢ = θᵢ − base; {_SPARSIFY_TEXT[m.sparsification]}{mix}; θ = base + λ·mix"
 
 
+def _dare16_applies(model_params: list[dict[str, Any]], params: dict[str, Any], rng: str | None) -> bool:
+    """mergekit's stream with L1 rescale, every density below 1 (the base's entry has none)."""
+    return rng == "mergekit" and bool(params["rescale"]) and not params.get("rescale_inverse_density", False) \
+        and all(float(mp.get("density", 0.0)) < 1 for mp in model_params if "density" in mp)
+
+
+def _kernels(m: TaskVectorMethod) -> tuple[KernelSpec, ...]:
+    """The compiled/chunked kernels serve the methods without DELLA/breadcrumbs ranking."""
+    if m.sparsification not in ("none", "magnitude", "bernoulli"):
+        return ()
+    dare16 = ()
+    if m.sparsification == "bernoulli":
+        # mergekit's draws kept as 1-byte keys, over the 16-bit sources as stored
+        dare16 = (KernelSpec("dare16", "mergelab.kernels.memory:dare16", "memory", applies=_dare16_applies),)
+    return dare16 + (
+        KernelSpec("chunked", "mergelab.kernels.memory:chunked", "memory"),
+        KernelSpec("chunked", "mergelab.kernels.disk:chunked", "disk"),
+    )
+
+
 def _spec(m: TaskVectorMethod, paper: str) -> OperatorSpec:
     params = [
         _weight(),
@@ -318,6 +338,7 @@ def _spec(m: TaskVectorMethod, paper: str) -> OperatorSpec:
         uses_random=m.sparsification in ("bernoulli", "della"),
         uses_deltas=True,
         uses_sorted_abs=m.sparsification in ("magnitude", "breadcrumbs"),
+        kernels=_kernels(m),
     )
 
 

@@ -72,8 +72,22 @@ def _merge(fam, recipe, jit: bool, monkeypatch) -> tuple[dict[str, torch.Tensor]
         # small slices and spans, so boundaries fall inside every tensor
         m.setattr(fast, "CHUNK", 640)
         m.setattr(fast, "_JIT_SPAN", 4 * 640)
-        tm = TrialMerger(str(fam[0]), [str(p) for p in fam[1:]])
+        tm = TrialMerger(str(fam[0]), [str(p) for p in fam[1:]], cache="fast")
         return tm.state_dict(recipe), len(calls)
+
+
+@pytest.mark.parametrize("method,weights,densities,params", CASES)
+def test_compact_cache_equals_fast_cache_bit_for_bit(wide_family, monkeypatch, method, weights, densities,
+                                                     params):
+    # the compact cache (sources as stored, derivations per candidate) gives the fast tier's values
+    r = _recipe(wide_family, method, weights, densities, params)
+    fast_out, _ = _merge(wide_family, r, True, monkeypatch)
+    monkeypatch.setattr(fast, "CHUNK", 640)
+    tm = TrialMerger(str(wide_family[0]), [str(p) for p in wide_family[1:]], cache="compact")
+    got = tm.state_dict(r)
+    assert set(tm._tiers.values()) == {"stored"} and not tm._deltas and not tm._order
+    for k in fast_out:
+        assert torch.equal(got[k].view(torch.int32), fast_out[k].view(torch.int32)), k
 
 
 @pytest.mark.parametrize("method,weights,densities,params", CASES)

@@ -52,15 +52,15 @@ def test_only_changed_tensors_recomputed(tiny_family):
     n = len(load_dir(tiny_family["base"]))
     r1 = recipe(tiny_family, "ties")
     tm.apply(r1)
-    assert tm.last_stats["changed_tensors"] == n
+    assert tm.last_stats.changed_tensors == n
     tm.apply(r1)
-    assert tm.last_stats["changed_tensors"] == 0
+    assert tm.last_stats.changed_tensors == 0
     # a gradient that changes only layer 1's weight for model a
     r2 = recipe(tiny_family, "ties")
     r2["models"][0]["parameters"]["weight"] = [0.6, 0.9]
     tm.apply(r2)
     per_layer = sum(1 for k in load_dir(tiny_family["base"]) if ".layers.1." in k)
-    assert tm.last_stats["changed_tensors"] == per_layer
+    assert tm.last_stats.changed_tensors == per_layer
     # and the result still equals a fresh merge
     fresh = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])]).apply(r2)
     for (k, p), (_, q) in zip(tm.model.named_parameters(), fresh.named_parameters()):
@@ -79,7 +79,7 @@ def test_streaming_fallback_same_result_and_says_so(tiny_family, caplog):
 
 
 def test_dare_draws_are_drawn_once_per_seed_and_still_equal_disk(tiny_family, tmp_path):
-    tm = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])])
+    tm = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])], cache="fast")
     tm.state_dict(recipe(tiny_family, "dare_ties", seed=3, rng="mergekit"))
     cached = {k: [id(u) for u in v if u is not None] for k, v in tm._draws.items()}
     assert cached and all(k[0] == 3 and len(v) == 2 for k, v in cached.items())
@@ -99,15 +99,31 @@ def test_dare_draws_are_drawn_once_per_seed_and_still_equal_disk(tiny_family, tm
     assert all(torch.equal(mem3[k], disk3[k]) for k in disk3)
 
 
-def test_dare_draws_not_cached_past_max_memory(tiny_family):
+def test_cache_tiers_fall_back_per_tensor_under_max_memory(tiny_family, caplog):
     models = [str(tiny_family["a"]), str(tiny_family["b"])]
-    probe = TrialMerger(str(tiny_family["base"]), models)
-    plan = probe.plan(recipe(tiny_family, "dare_ties", rng="mergekit"))
-    budget = probe._cache_bytes(plan) + 1  # the cache fits, the draws on top of it do not
-    tm = TrialMerger(str(tiny_family["base"]), models, max_memory=budget)
-    ref = probe.state_dict(recipe(tiny_family, "dare_ties", rng="mergekit"))
-    got = tm.state_dict(recipe(tiny_family, "dare_ties", rng="mergekit"))
-    assert not tm._streaming and tm._draws == {} and probe._draws
+    r = recipe(tiny_family, "ties")
+    probe = TrialMerger(str(tiny_family["base"]), models, cache="fast")
+    plan = probe.plan(r)
+    stored, fast = probe.cache_bytes(plan, "stored"), probe.cache_bytes(plan, "fast")
+    assert fast > 3 * stored  # float32 copies, task vectors and orders on top of the sources
+    ref = probe.state_dict(r)
+    assert set(probe._tiers.values()) == {"fast"}
+    # the fast tier does not fit, the stored one does: every tensor stays in memory, as stored
+    tm = TrialMerger(str(tiny_family["base"]), models, cache="fast", max_memory=stored)
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        got = tm.state_dict(r)
+    assert "stream from disk" not in caplog.text and "stored" in set(tm._tiers.values())
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # half the stored tier fits: the other tensors stream from disk, said once, same values
+    tm = TrialMerger(str(tiny_family["base"]), models, max_memory=stored // 2)
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        got = tm.state_dict(r)
+        tm.state_dict(r)
+    tiers = list(tm._tiers.values())
+    assert 0 < tiers.count("disk") < len(tiers) and tiers.count("fast") == 0
+    assert sum("stream from disk" in m for m in caplog.messages) == 1
+    assert f"{tiers.count('disk')} of {len(tiers)} tensors" in caplog.text
+    assert sum(t.numel() * t.element_size() for t in tm._stored.values()) <= stored // 2
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
@@ -138,7 +154,7 @@ def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
     real = _fast.dare16_into
     monkeypatch.setattr(_fast, "dare16_into", lambda *a: calls.append(real(*a)) or calls[-1])
     base, *fts = (str(p) for p in family16)
-    tm = TrialMerger(base, fts)
+    tm = TrialMerger(base, fts, cache="fast")
     for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)),
                                 ((0.2, 0.2, 0.6), (0.5, 0.5, 0.5)))):
         r = {"merge_method": method, "base_model": base, "seed": 11, "dtype": "float16", "rng": "mergekit",
@@ -179,7 +195,7 @@ def test_ties_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
     real = _jit.cut16_pass
     monkeypatch.setattr(_jit, "cut16_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     base, *fts = (str(p) for p in family16)
-    tm = TrialMerger(base, fts)
+    tm = TrialMerger(base, fts, cache="fast")
     for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)))):
         r = {"merge_method": "ties", "base_model": base, "dtype": "float16",
              "parameters": {"lambda": 1.0 + 0.1 * i, "normalize": i != 1},
