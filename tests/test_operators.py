@@ -275,6 +275,8 @@ def test_counter_stream_is_the_keyed_hash_of_the_element_index():
     # positions past 2**32 use another word of the key, so they do not repeat the first ones
     far = counter_bits(key, 1 << 32, (1 << 32) + 300)
     assert far.tolist() != want and int(far.min()) >= 0 and int(far.max()) < 1 << 24
+    edge = counter_bits(key, (1 << 32) - 5, (1 << 32) + 5)  # a stretch across 2**32
+    assert torch.equal(edge, torch.cat([counter_bits(key, (1 << 32) - 5, 1 << 32), far[:5]]))
 
 
 def test_counter_stream_keep_fraction_and_threshold():
