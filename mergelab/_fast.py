@@ -25,11 +25,12 @@ from operators import get_operator, tensor_seed
 from operators import sparsify as _sp
 from operators.sparsify import one_thread
 from operators.checks import raise_if_invalid
-from operators.draws import CounterStream, exact_l1, rescale_factor
+from operators.draws import CounterStream, exact_l1, factor_from_sums, fixed_scale, rescale_factor
 from operators.linear import linear_weights, weighted_sum_
 from operators.task_vectors import METHODS, TaskVectorMethod, combine_, plain_divisor, task_weights
 
 from . import _jit
+from .kernels import counter_jit
 from .plan import MergePlan, Read, TensorJob
 
 # Elements per slice: a multiple of 64 (so slice boundaries never split a SIMD vector) small
@@ -367,12 +368,23 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
                 row.rule = None
     elif isinstance(gen, CounterStream):  # the counter stream: any slice alone, exact L1 sums
         gen.position = slot * n  # rows take consecutive stretches, in row order
-        row.mask = gen.keep_mask(torch.Size([n]), density, "cpu")
-        if rescale == "l1":
-            row.factor = rescale_factor(exact_l1(inputs.abs_delta(i, ws)), row.mask, _sp._RESCALE_EPS)
-            if isinstance(inputs, DiskInputs):
-                inputs._abs_of = None
-            return row
+        if counter_jit.available():  # mask and both grid sums in one compiled pass over |τ|
+            mask = ws.get(("mask", slot), n, torch.bool)
+            a = inputs.abs_delta(i, ws) if rescale == "l1" else None
+            scale = fixed_scale(a.amax(), n) if a is not None else None
+            total, after = counter_jit.mask_l1(a if a is not None else ws.get("abs_full", 0), gen.key, gen.position,
+                                               density, scale, mask)
+            row.mask = mask
+            if a is not None:
+                row.factor = factor_from_sums(torch.tensor(total), torch.tensor(after), scale, _sp._RESCALE_EPS)
+                return row
+        else:
+            row.mask = gen.keep_mask(torch.Size([n]), density, "cpu")
+            if rescale == "l1":
+                row.factor = rescale_factor(exact_l1(inputs.abs_delta(i, ws)), row.mask, _sp._RESCALE_EPS)
+                if isinstance(inputs, DiskInputs):
+                    inputs._abs_of = None
+                return row
     else:  # bernoulli, mergekit's stream: the draws of its CPU generator, slice by slice
         if isinstance(gen, _jit.MTStream) and rescale == "l1" and isinstance(inputs, DiskInputs) \
                 and _jit.sum_lanes() is not None and n <= _jit.L1_MAX:

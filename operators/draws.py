@@ -166,29 +166,39 @@ class FixedL1:
         return t.to(torch.float64) * _pow2(-self.scale)
 
 
+def fixed_scale(amax: torch.Tensor, n: int) -> torch.Tensor:
+    """The grid of `exact_l1` for n elements whose largest magnitude is amax (int64 scalar
+    tensor): amax = f·2**e (f in [0.5, 1)) maps below 2**(62 - bits(n)), so n elements sum below
+    2**62."""
+    _, e = torch.frexp(amax.to(torch.float32))
+    # a non-finite maximum gives a meaningless grid; the merged tensor is non-finite anyway and
+    # the engine's finite check reports it
+    return ((62 - n.bit_length()) - e.to(torch.int64)).clamp(-1000, 1000)
+
+
 def exact_l1(t: torch.Tensor) -> FixedL1:
-    """The fixed-point L1 norm of t (float32 or narrower; any device, no host sync). The largest
-    magnitude m = f·2**e (f in [0.5, 1)) maps to below 2**(62 - bits(n)), so n elements sum below
-    2**62: every element keeps 62 - bits(n) - (e - its exponent) bits."""
+    """The fixed-point L1 norm of t (float32 or narrower; any device, no host sync): each |x| is
+    truncated to the grid of `fixed_scale`, keeping 62 - bits(n) - (e - its exponent) bits."""
     a = t.reshape(-1).abs().to(torch.float32)
     n = a.numel()
     if n == 0:
         z = torch.zeros((), dtype=torch.int64, device=t.device)
         return FixedL1(z, z, torch.zeros(0, dtype=torch.int64, device=t.device))
-    _, e = torch.frexp(a.amax())
-    # a non-finite maximum gives a meaningless grid; the merged tensor is non-finite anyway and
-    # the engine's finite check reports it
-    scale = (62 - n.bit_length()) - e.to(torch.int64)
-    scale = scale.clamp(-1000, 1000)
+    scale = fixed_scale(a.amax(), n)
     units = torch.floor(a.to(torch.float64).mul_(_pow2(scale))).to(torch.int64)
     return FixedL1(units.sum(), scale, units)
 
 
-def rescale_factor(norms: FixedL1, mask: torch.Tensor, eps: float) -> torch.Tensor:
-    """‖t‖₁ / ‖t·mask‖₁ as a float32 scalar tensor, 1 where either norm is below `eps` (mergekit
-    skips the rescale there). Computed on the device, no host sync."""
-    after = norms.masked(mask)
-    before_v, after_v = norms.value(), norms.value(after)
-    ratio = norms.total.to(torch.float64) / after.to(torch.float64).clamp(min=1)
+def factor_from_sums(total: torch.Tensor, after: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """‖t‖₁ / ‖t·mask‖₁ from the two grid sums, as a float32 scalar tensor; 1 where either norm is
+    below `eps` (mergekit skips the rescale there). On the device, no host sync."""
+    unit = _pow2(-scale)
+    before_v, after_v = total.to(torch.float64) * unit, after.to(torch.float64) * unit
+    ratio = total.to(torch.float64) / after.to(torch.float64).clamp(min=1)
     skip = (before_v < eps) | (after_v < eps)
     return torch.where(skip, torch.ones_like(ratio), ratio).to(torch.float32)
+
+
+def rescale_factor(norms: FixedL1, mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """`factor_from_sums` for a mask over the tensor `norms` was taken of."""
+    return factor_from_sums(norms.total, norms.masked(mask), norms.scale, eps)

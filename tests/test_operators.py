@@ -478,3 +478,23 @@ def test_precomputed_path_is_bit_identical(op):
         assert torch.equal(plain, pre)
         # operators work in their own buffers: the inputs are untouched
         assert all(torch.equal(a, b) for a, b in zip(snapshot, [base] + ms))
+
+
+@pytest.mark.parametrize("n,start", [(1, 0), (5000, 0), (70_001, 123_457), (300, (1 << 32) - 100)])
+def test_compiled_counter_mask_and_sums_equal_the_torch_stream(n, start):
+    from mergelab import _jit
+    from mergelab.kernels import counter_jit
+    from operators.draws import CounterStream, exact_l1, fixed_scale
+
+    if not _jit.AVAILABLE:
+        pytest.skip("numba (the `fast` extra) is not installed: the compiled pass is optional")
+    a = (rand(n, seed=n) * torch.logspace(-5, 1, n)).abs()
+    stream = CounterStream(0xDEADBEEF_12345678, position=start)
+    want = stream.keep_mask(torch.Size([n]), 0.37, "cpu")
+    norms = exact_l1(a)
+    mask = torch.empty(n, dtype=torch.bool)
+    total, after = counter_jit.mask_l1(a, stream.key, start, 0.37, fixed_scale(a.amax(), n), mask)
+    assert torch.equal(mask, want)
+    assert total == int(norms.total) and after == int(norms.masked(want))
+    empty = torch.empty(0)
+    assert counter_jit.mask_l1(empty, stream.key, start, 0.37, None, mask) == (0, 0) and torch.equal(mask, want)
