@@ -57,14 +57,30 @@ def fit_rows(t: torch.Tensor, rows: int | None, filler: torch.Tensor | None) -> 
     return torch.cat([t, pad.to(t.dtype)], dim=0)
 
 
-def read_job(job: TensorJob, sources: dict[str, ModelSource]) -> dict[tuple[str, str], torch.Tensor]:
-    """The raw source tensors of one job, each read once even when a model is listed twice."""
+def read_job(job: TensorJob, sources: dict[str, ModelSource], pinned: bool = False) -> dict[tuple[str, str], torch.Tensor]:
+    """The raw source tensors of one job, each read once even when a model is listed twice. With
+    `pinned` (a CUDA merge) they are read into page-locked host memory: torch's caching host
+    allocator hands the same blocks back tensor after tensor (no page faults after the first
+    ones), and the copies to the GPU run at full speed without a staging copy."""
     out: dict[tuple[str, str], torch.Tensor] = {}
     for r in ([job.base] if job.base else []) + list(job.models):
         key = (r.ref, r.tensor)
         if key not in out:
-            out[key] = sources[r.ref].get(r.tensor)
+            src = sources[r.ref]
+            if pinned:
+                info = src.tensors[r.tensor]
+                out[key] = src.read_into(r.tensor, torch.empty(info.shape, dtype=info.dtype, pin_memory=True))
+            else:
+                out[key] = src.get(r.tensor)
     return out
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A merged GPU tensor copied to (pinned, reused) host memory for the writer."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t)
 
 
 class JobReader:
@@ -151,7 +167,7 @@ def iter_merged(
                 advise(nxt, sources)
             current, ahead = ahead, None
             if pool is not None and idx + 1 < len(jobs):
-                ahead = pool.submit(read_job, jobs[idx + 1], sources)
+                ahead = pool.submit(read_job, jobs[idx + 1], sources, device.type == "cuda")
             merged = compute_job(job, JobReader(job, sources, ws, reuse_output, current), plan, device, compute_dtype)
             log.debug("%s: kernel %s", job.name, merged.kernel)
             yield job, merged
@@ -237,17 +253,31 @@ def merge_to_dir(
     kernels = KernelCounts()
     guard = FiniteGuard(f"merging {plan.recipe.merge_method} into {out_dir}; nothing was written")
     t0 = time.perf_counter()
+    # on a GPU a thread writes tensor i while tensor i + 1 merges (writes stay in order)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-write") if dev.type == "cuda" else None
+    pending: list[Future] = []
     with writer:
-        for i, (job, merged) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
-            tensor = merged.out
-            kernels.add(merged.kernel)
-            if not job.copy:
-                guard.add(job.name, tensor, job_params(job))
-            writer.write(job.name, tensor)
-            prog.update(job.nbytes)
-            if on_tensor:
-                on_tensor(i + 1, len(plan.jobs))
-            del tensor
+        try:
+            for i, (job, merged) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
+                tensor = merged.out
+                kernels.add(merged.kernel)
+                if not job.copy:
+                    guard.add(job.name, tensor, job_params(job))
+                if pool is None:
+                    writer.write(job.name, tensor)
+                else:
+                    pending.append(pool.submit(writer.write, job.name, to_host(tensor)))
+                    while len(pending) > 2:  # at most two merged tensors wait on the host
+                        pending.pop(0).result()
+                prog.update(job.nbytes)
+                if on_tensor:
+                    on_tensor(i + 1, len(plan.jobs))
+                del tensor
+            for f in pending:
+                f.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         guard.flush()  # before the output directory appears
         log.info("kernels (tensors each): %s", kernels.counts)
         out_dtype = next((j.out_dtype for j in plan.jobs if not j.copy), None)

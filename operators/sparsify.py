@@ -95,6 +95,14 @@ class TopKRule:
         return keep
 
 
+def _kth_smallest(t: torch.Tensor, j: int) -> torch.Tensor:
+    """The j-th smallest value (1-based) of a flat tensor. On a GPU by a sort: torch.kthvalue
+    runs one thread block per slice there, slow on one long slice; the value is the same."""
+    if t.device.type == "cpu":
+        return torch.kthvalue(t, j).values
+    return torch.sort(t).values[j - 1]
+
+
 def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
     """The k-th largest value v of the flat tensor (1 <= k <= n), exactly, in a few linear
     passes, with the number of entries above v and equal to v.
@@ -112,8 +120,8 @@ def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]
         margin = int(5 * (m * q * (1 - q)) ** 0.5) + 64
         pos = int(q * m)
         # the sample's (j+1)-th largest is its (m-j)-th smallest: two selections, no sort
-        hi = torch.kthvalue(sample, m - (pos - margin)).values if pos - margin >= 0 else None
-        lo = torch.kthvalue(sample, m - (pos + margin)).values if pos + margin < m else None
+        hi = _kth_smallest(sample, m - (pos - margin)) if pos - margin >= 0 else None
+        lo = _kth_smallest(sample, m - (pos + margin)) if pos + margin < m else None
         band = None
         above = 0
         if hi is not None:
@@ -124,11 +132,11 @@ def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]
         inside = n - above if band is None else int(torch.count_nonzero(band))
         if above < k <= above + inside:
             cand = abs_flat if band is None else abs_flat[band]
-            value = torch.kthvalue(cand, inside - (k - above) + 1).values
+            value = _kth_smallest(cand, inside - (k - above) + 1)
             # every entry equal to v lies inside the bracket
             return (value, above + int(torch.count_nonzero(cand > value)),
                     int(torch.count_nonzero(cand == value)))
-    value = torch.kthvalue(abs_flat, n - k + 1).values
+    value = _kth_smallest(abs_flat, n - k + 1)
     return value, int(torch.count_nonzero(abs_flat > value)), int(torch.count_nonzero(abs_flat == value))
 
 
