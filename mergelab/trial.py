@@ -29,6 +29,17 @@ log = logging.getLogger("mergelab")
 Tier = Literal["fast", "stored", "disk"]
 
 
+def _available_memory() -> float:
+    """MemAvailable of /proc/meminfo in bytes (inf where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
 @dataclass
 class TrialStats:
     """What the last `TrialMerger.apply` did: tensors recomputed (unchanged ones are skipped),
@@ -44,11 +55,12 @@ class TrialStats:
 class TrialMerger:
     """Merge many candidate recipes over the same sources into one model held in memory.
 
-    The cache keeps each source tensor as stored (a 16-bit checkpoint stays 16-bit) on the
-    compute device, and a candidate derives what it needs per tensor (task vectors, top-k
-    thresholds by selection, DARE's draws from the counter stream) while it merges. With
-    `cache="fast"` (CPU) it keeps float32 task vectors and magnitude orders too: faster
-    candidates, about four times the memory. A candidate costs one kernel call per tensor whose
+    The compact cache keeps each source tensor as stored (a 16-bit checkpoint stays 16-bit) on
+    the compute device, and a candidate derives what it needs per tensor (task vectors, top-k
+    thresholds by selection, DARE's draws from the counter stream) while it merges: on CUDA
+    always. On the CPU, `cache="fast"` keeps float32 task vectors and magnitude orders too
+    (TIES candidates about four times faster, about four times the memory); "auto" (default)
+    takes the fast tier while it fits (see `_assign_tiers`), "compact" never. A candidate costs one kernel call per tensor whose
     parameters changed since the previous candidate. When the cache exceeds `max_memory` bytes,
     the tensors that do not fit stream from disk per candidate (slower, same result); the merger
     says so before the first candidate.
@@ -64,7 +76,7 @@ class TrialMerger:
         model_dtype: torch.dtype = torch.float32,
         max_memory: int | None = None,
         sources: dict[str, ModelSource] | None = None,
-        cache: Literal["compact", "fast"] = "compact",
+        cache: Literal["auto", "compact", "fast"] = "auto",
     ):
         self.base_model = base_model
         self.model_refs = list(models)
@@ -76,6 +88,8 @@ class TrialMerger:
         self.max_memory = max_memory
         # derived float32 caches serve the CPU's compiled kernels only
         self.cache = cache if self.device.type == "cpu" else "compact"
+        if cache not in ("auto", "compact", "fast"):
+            raise ValueError(f"TrialMerger cache must be auto, compact or fast, not {cache!r}")
         self._model = None
         self._tokenizer = None
         self._params: dict[str, torch.Tensor] | None = None
@@ -161,8 +175,9 @@ class TrialMerger:
 
     def _assign_tiers(self, plan: MergePlan) -> None:
         """Decide, before the first candidate, where each new tensor's sources live: all in the
-        fast tier when it fits `max_memory` (and was asked for), else all as stored when that
-        fits, else as stored tensor by tensor while the budget lasts, the rest from disk."""
+        fast tier when it fits `max_memory` (cache "fast", or "auto" on the CPU: then without
+        max_memory while it fits half the available memory), else all as stored when that fits,
+        else as stored tensor by tensor while the budget lasts, the rest from disk."""
         new = [j for j in plan.jobs if j.name not in self._tiers]
         if not new:
             return
@@ -179,7 +194,10 @@ class TrialMerger:
             seen.update(reads)
             stored_of[job.name] = sum(n * self.sources[k[0]].tensors[k[1]].dtype.itemsize for k, n in reads.items())
             fast_of[job.name] = stored_of[job.name] + sum(reads.values()) * fast_extra
-        if self.cache == "fast" and used + sum(fast_of.values()) <= budget:
+        fast_budget = budget
+        if self.cache == "auto" and self.max_memory is None:  # the fast tier while it takes at most half
+            fast_budget = _available_memory() / 2         # of the memory this machine has free
+        if self.cache != "compact" and used + sum(fast_of.values()) <= fast_budget:
             self._tiers.update({j.name: "fast" for j in new})
             return
         if used + sum(stored_of.values()) <= budget:

@@ -223,3 +223,21 @@ def test_non_finite_candidate_raises_a_typed_error(tiny_family):
     good = recipe(tiny_family, "linear")
     tm.apply(good)  # the next candidate merges normally
     assert all(torch.isfinite(p).all() for p in tm.model.parameters())
+
+
+def test_auto_cache_takes_the_fast_tier_only_while_it_fits_half_the_free_memory(tiny_family, monkeypatch):
+    from mergelab import trial
+
+    models = [str(tiny_family["a"]), str(tiny_family["b"])]
+    r = recipe(tiny_family, "ties")
+    roomy = TrialMerger(str(tiny_family["base"]), models)
+    ref = roomy.state_dict(r)
+    assert set(roomy._tiers.values()) == {"fast"}
+    fast = roomy.cache_bytes(roomy.plan(r), "fast")
+    monkeypatch.setattr(trial, "_available_memory", lambda: 2 * fast - 2)  # half of it is just too little
+    tight = TrialMerger(str(tiny_family["base"]), models)
+    got = tight.state_dict(r)
+    assert set(tight._tiers.values()) == {"stored"} and not tight._deltas
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="auto, compact or fast"):
+        TrialMerger(str(tiny_family["base"]), models, cache="small")

@@ -4,6 +4,7 @@ the device and are read once per `every` tensors (and at the end), so the check 
 sync per tensor."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,7 +24,9 @@ class FiniteGuard:
         if not t.is_floating_point() or t.numel() == 0:
             return
         if t.device.type == "cpu":
-            if not bool(torch.isfinite(t).all()):
+            # min and max in one read, no temporary: NaN propagates into both, ±inf shows in one
+            lo, hi = torch.aminmax(t)
+            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
                 raise NonFiniteMergeError(name, int((~torch.isfinite(t)).sum()), params, self.where)
             return
         # the count, not the tensor, is kept: a reused output buffer is overwritten by the next job
