@@ -214,6 +214,7 @@ class MergeReport:
     bytes: int
     seconds: float
     shards: int
+    kernels: dict[str, int]  # tensors merged per kernel name (kernels.select)
 
 
 def prepare(recipe: Recipe | str | Path | dict, seed: int | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
@@ -295,7 +296,8 @@ def merge_to_dir(
         if gen.is_file():
             copy.append(gen)
         out = writer.finish(files, copy)
-    return MergeReport(out, len(plan.jobs), writer.bytes_written, time.perf_counter() - t0, writer.n_shards)
+    return MergeReport(out, len(plan.jobs), writer.bytes_written, time.perf_counter() - t0, writer.n_shards,
+                       kernels.counts)
 
 
 def written_recipe(plan: MergePlan) -> Recipe:

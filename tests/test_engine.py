@@ -284,3 +284,25 @@ def test_finite_guard_defers_device_flags_and_reports_the_first_bad_tensor():
     g.add("ints", torch.tensor([1, 2]), {})  # not floating point: nothing to check
     with pytest.raises(NonFiniteMergeError, match="`nan`"):
         g.add("nan", torch.tensor([1.0, float("nan")]), {})
+
+
+def test_verbose_merge_logs_the_kernel_of_each_tensor(tiny_family, tmp_path, caplog):
+    from mergelab.engine import merge_to_dir
+
+    r = {"merge_method": "dare_ties", "base_model": str(tiny_family["base"]), "seed": 1,
+         "models": [{"model": str(tiny_family[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in ("a", "b")]}
+    rep = merge_to_dir(r, tmp_path / "out")
+    n = len(load_dir(tmp_path / "out"))
+    assert rep.kernels == {"chunked": n}  # every tensor of the tiny family through the chunked kernel
+    path = write_recipe(tmp_path / "r.yml", {"merge_method": "slerp", "base_model": str(tiny_family["base"]),
+                                             "parameters": {"t": 0.3}, "models": [{"model": str(tiny_family["a"])},
+                                                                                  {"model": str(tiny_family["base"])}]})
+    import logging
+
+    try:
+        assert run_cli("merge", path, tmp_path / "out2", "--quiet", "--verbose") == 0
+    finally:
+        logging.getLogger("mergelab").setLevel(logging.NOTSET)
+    err = caplog.text
+    assert "model.layers.0.self_attn.q_proj.weight: kernel reference" in err  # slerp has no fast kernel
+    assert err.count(": kernel ") == n
