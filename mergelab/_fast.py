@@ -368,6 +368,25 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
                 row.rule = None
     elif isinstance(gen, CounterStream):  # the counter stream: any slice alone, exact L1 sums
         gen.position = slot * n  # rows take consecutive stretches, in row order
+        if counter_jit.available() and rescale == "l1" and type(inputs) is DiskInputs:
+            # from disk nothing whole: the largest |τ| (its grid), then τ slice by slice into both
+            # grid sums, and the mask redrawn slice by slice during the merge
+            tau = ws.get("tau", CHUNK)
+            keep = ws.get("keep_mask", CHUNK, torch.bool)
+            amax = torch.zeros((), dtype=torch.float32)
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                torch.maximum(amax, inputs.delta_into(i, s, e, tau[: e - s]).abs_().amax(), out=amax)
+            scale = fixed_scale(amax, n)
+            total = after = 0
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                a = inputs.delta_into(i, s, e, tau[: e - s]).abs_()
+                t, f = counter_jit.mask_l1(a, gen.key, gen.position + s, density, scale, keep[: e - s])
+                total, after = total + t, after + f
+            row.stream, row.density = counter_jit.CounterSlices(gen.key, gen.position), density
+            row.factor = factor_from_sums(torch.tensor(total), torch.tensor(after), scale, _sp._RESCALE_EPS)
+            return row
         if counter_jit.available():  # mask and both grid sums in one compiled pass over |τ|
             mask = ws.get(("mask", slot), n, torch.bool)
             a = inputs.abs_delta(i, ws) if rescale == "l1" else None

@@ -73,3 +73,19 @@ def mask_l1(a: torch.Tensor, key: int, start: int, density: float, scale: torch.
     total, after = fn(a.numpy(), key & _M32, (key >> 32) & _M32, start, keep_threshold(density), pow2,
                       scale is not None, mask.numpy())
     return int(total), int(after)
+
+
+class CounterSlices:
+    """A row's counter-stream mask, redrawn slice by slice in flat order during a merge (the
+    interface of `_jit.MTStream.mask_into`): nothing tensor-sized is held for it."""
+
+    def __init__(self, key: int, position: int):
+        self.key, self.position = key, position
+
+    def mask_into(self, density: float, mask: torch.Tensor) -> torch.Tensor:
+        mask_l1(_EMPTY, self.key, self.position, density, None, mask)
+        self.position += mask.numel()
+        return mask
+
+
+_EMPTY = torch.empty(0)
