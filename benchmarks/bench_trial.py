@@ -76,7 +76,7 @@ def bench_models(label: str, base: Path, fine_tunes: list[Path], *, n_candidates
         t = _clock()
         tm.apply(first)
         first_wall, first_cpu = _since(t)
-        n_tensors = tm.last_stats["changed_tensors"]
+        n_tensors = tm.last_stats.changed_tensors
         walls, cpus = [], []
         last = first
         for _ in range(n_candidates):
@@ -84,8 +84,8 @@ def bench_models(label: str, base: Path, fine_tunes: list[Path], *, n_candidates
             t = _clock()
             tm.apply(last)
             w, c = _since(t)
-            if tm.last_stats["changed_tensors"] != n_tensors:
-                raise SystemExit(f"{label} {method}: candidate recomputed {tm.last_stats['changed_tensors']} of "
+            if tm.last_stats.changed_tensors != n_tensors:
+                raise SystemExit(f"{label} {method}: candidate recomputed {tm.last_stats.changed_tensors} of "
                                  f"{n_tensors} tensors; every parameter changed, so all should be")
             walls.append(w)
             cpus.append(c)
@@ -170,6 +170,79 @@ def bench_eval(base: Path, fine_tunes: list[Path], data_dir: Path, dtype: str, l
     return {"ties_candidate_merge_s": merge_s, "scorers": rows}
 
 
+RESIDENT_TARGET = 16.0  # bytes per parameter resident: base + 3 fine-tunes cached, eval model included
+DARE_OVER_TIES_TARGET = 1.5  # a dare_ties candidate costs at most 1.5x a ties candidate
+
+
+def _vm_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def resident_child(size: str, dtype: str, cache: str, models_dir: Path, n_candidates: int) -> None:
+    """One cache mode in a fresh process: resident bytes per parameter over the process's state
+    before the merger (peak VmHWM and VmRSS after the candidates) and candidate seconds per method.
+    Prints one JSON line."""
+    from mergelab.trial import TrialMerger
+
+    shape = shape_for(size)
+    rf = make_family(models_dir, shape, dtype=dtype, log=lambda *a: None)
+    base, fts = str(rf.base), [str(p) for p in rf.fine_tunes]
+    gc.collect()
+    rss0 = _vm_kb("VmRSS")
+    # the peak before the merger: reset the high-water mark where the kernel lets us
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    hwm0 = _vm_kb("VmHWM")
+    tm = TrialMerger(base, fts, device="cpu", cache=cache)
+    rng = random.Random(0)
+    out = {"cache": cache, "params": shape.n_params(), "dtype": dtype, "methods": {}}
+    for method in ("ties", "dare_ties"):
+        times = []
+        for _ in range(n_candidates + 1):
+            r = candidate(method, base, fts, rng, dtype)
+            t = time.perf_counter()
+            tm.apply(r)
+            times.append(time.perf_counter() - t)
+        out["methods"][method] = {"first_s": times[0], "candidate_s": statistics.median(times[1:]),
+                                  "kernels": tm.last_stats.kernels}
+    rss1, hwm1 = _vm_kb("VmRSS"), _vm_kb("VmHWM")
+    n = shape.n_params()
+    out["rss_bytes_per_param"] = (rss1 - rss0) * 1024 / n
+    out["peak_bytes_per_param"] = (hwm1 - max(rss0, hwm0 if hwm0 <= rss0 else rss0)) * 1024 / n
+    out["dare_over_ties"] = out["methods"]["dare_ties"]["candidate_s"] / out["methods"]["ties"]["candidate_s"]
+    print("RESIDENT " + json.dumps(out), flush=True)
+
+
+def bench_resident(size: str, dtype: str, models_dir: Path, n_candidates: int, threads: int) -> list[dict]:
+    """`resident_child` for the compact and the fast cache, each in its own process."""
+    import subprocess
+
+    rows = []
+    for cache in ("compact", "fast"):
+        cmd = [sys.executable, __file__, "--resident-child", cache, "--random-size", size, "--dtype", dtype,
+               "--models-dir", str(models_dir), "--candidates", str(n_candidates), "--threads", str(threads)]
+        got = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in got.stdout.splitlines() if x.startswith("RESIDENT ")), None)
+        if line is None:
+            raise SystemExit(f"resident run ({cache}) failed:\n{got.stdout[-2000:]}\n{got.stderr[-2000:]}")
+        rows.append(json.loads(line[len("RESIDENT "):]))
+        r = rows[-1]
+        print(f"  {size} {dtype} cache={cache}: resident {r['rss_bytes_per_param']:.1f} B/param (peak "
+              f"{r['peak_bytes_per_param']:.1f}), ties {r['methods']['ties']['candidate_s']:.3f}s, dare_ties "
+              f"{r['methods']['dare_ties']['candidate_s']:.3f}s ({r['dare_over_ties']:.2f}x)", flush=True)
+    for r in rows:
+        print(f"{verdict(r['peak_bytes_per_param'] <= RESIDENT_TARGET)}  cache={r['cache']}: peak resident "
+              f"{r['peak_bytes_per_param']:.1f} bytes/parameter (target <= {RESIDENT_TARGET:g})")
+        print(f"{verdict(r['dare_over_ties'] <= DARE_OVER_TIES_TARGET)}  cache={r['cache']}: dare_ties candidate "
+              f"{r['dare_over_ties']:.2f}x a ties candidate (target <= {DARE_OVER_TIES_TARGET:g})")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", type=Path, default=REPO / "mergelab" / "demo" / "family",
@@ -184,8 +257,22 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=OUT / "bench_merge",
                     help="where random families are cached (shared with bench_merge)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--resident", action="store_true",
+                    help="only the compact-vs-fast cache check: resident bytes/parameter and dare_ties/ties "
+                    "candidate ratio on the random family (--dtype, default bfloat16)")
+    ap.add_argument("--dtype", default="bfloat16", help="dtype of the random family for --resident")
+    ap.add_argument("--resident-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.resident_child:
+        resident_child(args.random_size, args.dtype, args.resident_child, args.models_dir, args.candidates)
+        return
+    if args.resident:
+        rows = bench_resident(args.random_size, args.dtype, args.models_dir, args.candidates, args.threads)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2))
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # from_pretrained's per-load bar would bury the figures

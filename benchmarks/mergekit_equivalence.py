@@ -82,7 +82,7 @@ def _mergelab(method: str, name: str, base, models, model_params, params, with_p
         sorted_abs = [None] + [torch.sort(d.abs().flatten(), descending=True, stable=True).values for d in deltas[1:]]
     inp = MergeInputs(
         name=name, base=base, models=all_models, model_params=mps, params=resolved, seed=SEED,
-        base_index=0, deltas=deltas, sorted_abs=sorted_abs,
+        base_index=0, deltas=deltas, sorted_abs=sorted_abs, rng="mergekit",  # mergekit's stream
     )
     return spec.fn(inp)
 

@@ -25,10 +25,12 @@ from operators import get_operator, tensor_seed
 from operators import sparsify as _sp
 from operators.sparsify import one_thread
 from operators.checks import raise_if_invalid
+from operators.draws import CounterStream, exact_l1, factor_from_sums, fixed_scale, rescale_factor
 from operators.linear import linear_weights, weighted_sum_
 from operators.task_vectors import METHODS, TaskVectorMethod, combine_, plain_divisor, task_weights
 
 from . import _jit
+from .kernels import counter_jit
 from .plan import MergePlan, Read, TensorJob
 
 # Elements per slice: a multiple of 64 (so slice boundaries never split a SIMD vector) small
@@ -75,14 +77,14 @@ class Workspace:
 
 
 def supported(plan: MergePlan, job: TensorJob, compute_dtype: torch.dtype = _F32,
-              sources: dict | None = None) -> bool:
+              sources: dict | None = None, fitted: bool = False) -> bool:
     """Whether the chunked kernels merge this job (else the engine calls the operator on whole
     tensors): linear and the task-vector methods without DELLA/breadcrumbs ranking, float32
     compute, no vocabulary cut or pad (a vocabulary tensor whose sources all have the output's
-    shape needs none)."""
+    shape needs none, and `fitted` inputs were cut or padded already)."""
     if job.copy or compute_dtype != _F32:
         return False
-    if job.rows is not None:
+    if job.rows is not None and not fitted:  # fitted: the inputs have the job's rows already
         reads = ([job.base] if job.base is not None else []) + list(job.models)
         if sources is None or any(tuple(sources[r.ref].tensors[r.tensor].shape) != tuple(job.shape)
                                   for r in reads):
@@ -215,6 +217,50 @@ class DiskInputs(Inputs):
         return a
 
 
+class StoredInputs(DiskInputs):
+    """The trial merger's compact cache read like the files: each source held flat as stored
+    (16-bit checkpoints stay 16-bit), slices widened (or τ computed) on the fly into the
+    workspace's buffers. The chunked kernels then run exactly as from disk, bit for bit."""
+
+    def __init__(self, job: TensorJob, stored: dict, base_index: int | None, ws: Workspace):
+        self.n = math.prod(job.shape)
+        self.ws = ws
+        self._slots = []
+        index: dict[tuple[str, str], int] = {}
+
+        def slot(r: Read) -> int:
+            key = (r.ref, r.tensor)
+            if key not in index:
+                index[key] = len(self._slots)
+                t = stored[key]
+                self._slots.append((t, r.tensor, t.dtype))
+            return index[key]
+
+        self._model = [slot(r) for r in job.models]
+        if job.base is not None:
+            self._base = slot(job.base)
+        else:
+            self._base = self._model[base_index] if base_index is not None else None
+        self._at, self._raw_at = {}, {}
+        self._abs_of = None
+        dtypes = {d for _, _, d in self._slots}
+        self._sub16 = (_jit.AVAILABLE and self._base is not None and len(dtypes) == 1
+                       and next(iter(dtypes)) in (torch.float16, torch.bfloat16))
+
+    def _raw(self, slot: int, s: int, e: int) -> torch.Tensor:
+        return self._slots[slot][0][s:e]
+
+    def _get(self, slot: int, s: int, e: int) -> torch.Tensor:
+        t, _, dtype = self._slots[slot]
+        if dtype == _F32:
+            return t[s:e]
+        f32 = self.ws.get(("in", slot), CHUNK)[: e - s]
+        if self._at.get(slot) != (s, e):
+            f32.copy_(t[s:e])
+            self._at[slot] = (s, e)
+        return f32
+
+
 class CutRule:
     """The top-k mask as threshold and cutoff: keep |τ| > v, and |τ| == v at flat indices <= c,
     where c = the k-th index of the stable descending magnitude order and v = |τ[c]|. The same
@@ -320,7 +366,45 @@ def _prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, in
                 else:
                     row.mask = row.rule.mask_chunk(a, out=out)
                 row.rule = None
-    else:  # bernoulli: the draws of sparsify._uniform, slice by slice
+    elif isinstance(gen, CounterStream):  # the counter stream: any slice alone, exact L1 sums
+        gen.position = slot * n  # rows take consecutive stretches, in row order
+        if counter_jit.available() and rescale == "l1" and type(inputs) is DiskInputs:
+            # from disk nothing whole: the largest |τ| (its grid), then τ slice by slice into both
+            # grid sums, and the mask redrawn slice by slice during the merge
+            tau = ws.get("tau", CHUNK)
+            keep = ws.get("keep_mask", CHUNK, torch.bool)
+            amax = torch.zeros((), dtype=torch.float32)
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                torch.maximum(amax, inputs.delta_into(i, s, e, tau[: e - s]).abs_().amax(), out=amax)
+            scale = fixed_scale(amax, n)
+            total = after = 0
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                a = inputs.delta_into(i, s, e, tau[: e - s]).abs_()
+                t, f = counter_jit.mask_l1(a, gen.key, gen.position + s, density, scale, keep[: e - s])
+                total, after = total + t, after + f
+            row.stream, row.density = counter_jit.CounterSlices(gen.key, gen.position), density
+            row.factor = factor_from_sums(torch.tensor(total), torch.tensor(after), scale, _sp._RESCALE_EPS)
+            return row
+        if counter_jit.available():  # mask and both grid sums in one compiled pass over |τ|
+            mask = ws.get(("mask", slot), n, torch.bool)
+            a = inputs.abs_delta(i, ws) if rescale == "l1" else None
+            scale = fixed_scale(a.amax(), n) if a is not None else None
+            total, after = counter_jit.mask_l1(a if a is not None else ws.get("abs_full", 0), gen.key, gen.position,
+                                               density, scale, mask)
+            row.mask = mask
+            if a is not None:
+                row.factor = factor_from_sums(torch.tensor(total), torch.tensor(after), scale, _sp._RESCALE_EPS)
+                return row
+        else:
+            row.mask = gen.keep_mask(torch.Size([n]), density, "cpu")
+            if rescale == "l1":
+                row.factor = rescale_factor(exact_l1(inputs.abs_delta(i, ws)), row.mask, _sp._RESCALE_EPS)
+                if isinstance(inputs, DiskInputs):
+                    inputs._abs_of = None
+                return row
+    else:  # bernoulli, mergekit's stream: the draws of its CPU generator, slice by slice
         if isinstance(gen, _jit.MTStream) and rescale == "l1" and isinstance(inputs, DiskInputs) \
                 and _jit.sum_lanes() is not None and n <= _jit.L1_MAX:
             # nothing whole: τ and the mask slice by slice into the two norms, and the row's
@@ -415,7 +499,9 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: Inputs, sink: Sink, ws: 
         if fast is not None and fast(method, job, inputs, others, sink, ws, dest):
             return
     gen = None
-    if method.sparsification == "bernoulli":
+    if method.sparsification == "bernoulli" and plan.recipe.rng != "mergekit":
+        gen = CounterStream(tensor_seed(plan.seed, job.name))
+    elif method.sparsification == "bernoulli":
         seed = tensor_seed(plan.seed, job.name)
         gen = _jit.mt_stream(seed) if not _draws_cached(inputs) else None
         if gen is None:

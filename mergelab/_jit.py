@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import math
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -820,8 +821,36 @@ def _nth_equal(bits, value, need):
     return -1
 
 
+class Compiled(NamedTuple):
+    """The compiled loops, by name (each the numba version of the `_..._py` / `_..._kernel` function
+    of the same role above)."""
+
+    kernel: Any
+    dare_prepass: Any
+    linear: Any
+    masked: Any
+    cut: Any
+    dare_mask_l1: Any
+    kth_largest_bits: Any
+    nth_equal: Any
+    linear16: Any
+    l1_pair: Any
+    mt_seed: Any
+    mt_draw: Any
+    dare_rows: Any
+    cut_idx: Any
+    sub16: Any
+    l1_stream: Any
+    dare16_rows: Any
+    masked16: Any
+    keys_build: Any
+    keys_set: Any
+    cut16: Any
+    dare16: Any
+
+
 @functools.cache
-def _compiled() -> tuple:
+def _compiled() -> "Compiled":
     """(element pass, DARE pre-pass, linear pass), compiled on first use (and cached on disk by
     numba)."""
     if not AVAILABLE:
@@ -925,11 +954,13 @@ def _compiled() -> tuple:
     globals()["_masked16"] = jit(_masked16_kernel)
     globals()["_mt_twist"] = jit(_mt_twist_py)
     globals()["_mt_temper"] = jit(_mt_temper_py)
-    return (jit(_kernel), jit(_dare_prepass), jit(_linear_kernel), jit(_masked_kernel), jit(_cut_kernel),
-            jit(_dare_mask_l1), jit(_kth_largest_bits), jit(_nth_equal), jit(_linear_kernel_16),
-            jit(_l1_pair_py), jit(_mt_seed_py), jit(_mt_draw_py), jit(_dare_rows_py),
-            jit(_cut_idx_kernel), jit(_sub16_kernel), jit(_l1_stream_py), jit(_dare16_rows_py),
-            jit(_masked16_kernel), jit(_keys_build_py), jit(_keys_set_py), jit(_cut16_kernel), jit(_dare16_py))
+    return Compiled(
+        kernel=jit(_kernel), dare_prepass=jit(_dare_prepass), linear=jit(_linear_kernel), masked=jit(_masked_kernel),
+        cut=jit(_cut_kernel), dare_mask_l1=jit(_dare_mask_l1), kth_largest_bits=jit(_kth_largest_bits),
+        nth_equal=jit(_nth_equal), linear16=jit(_linear_kernel_16), l1_pair=jit(_l1_pair_py), mt_seed=jit(_mt_seed_py),
+        mt_draw=jit(_mt_draw_py), dare_rows=jit(_dare_rows_py), cut_idx=jit(_cut_idx_kernel), sub16=jit(_sub16_kernel),
+        l1_stream=jit(_l1_stream_py), dare16_rows=jit(_dare16_rows_py), masked16=jit(_masked16_kernel),
+        keys_build=jit(_keys_build_py), keys_set=jit(_keys_set_py), cut16=jit(_cut16_kernel), dare16=jit(_dare16_py))
 
 
 @functools.cache
@@ -964,9 +995,9 @@ def linear_pass(xs: list[torch.Tensor], weights: np.ndarray, normalize: bool, di
     w = tuple(np.float32(v) for v in weights)
     tail = (w, bool(addcmul_fuses()), bool(normalize), np.float32(divisor), int(rmode), out.numpy())
     if xs[0].dtype in (torch.float16, torch.bfloat16):  # 16-bit sources, widened in the loop
-        _compiled()[8](tuple(bits16(x) for x in xs), *tail)
+        _compiled().linear16(tuple(bits16(x) for x in xs), *tail)
     else:
-        _compiled()[2](tuple(x.numpy() for x in xs), *tail)
+        _compiled().linear(tuple(x.numpy() for x in xs), *tail)
     return out
 
 
@@ -974,7 +1005,7 @@ def dare_prepass(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch
                  absm: torch.Tensor) -> None:
     """DARE's mask from cached draws and |τ|·mask for the L1 rescale, flat float32 CPU tensors
     (`mask` a bool tensor), equal to torch.lt(u, density) and |τ|.mul_(mask)."""
-    _compiled()[1](u.numpy(), tau.numpy(), np.float32(density), mask.view(torch.uint8).numpy(), absm.numpy())
+    _compiled().dare_prepass(u.numpy(), tau.numpy(), np.float32(density), mask.view(torch.uint8).numpy(), absm.numpy())
 
 
 # The fused mask + L1 pass reproduces torch's serial sum for tensors up to this length: up to
@@ -1000,7 +1031,7 @@ def sum_lanes() -> int | None:
         probes.append((u.numpy(), tau.numpy(), ref.item()))
     for lanes in (16, 8, 4):
         mask = np.empty(max(lengths), np.uint8)
-        if all(_compiled()[5](u, tau, np.float32(0.6), lanes, mask[: len(u)]) == np.float32(ref)
+        if all(_compiled().dare_mask_l1(u, tau, np.float32(0.6), lanes, mask[: len(u)]) == np.float32(ref)
                for u, tau, ref in probes):
             return lanes
     return None
@@ -1013,7 +1044,7 @@ def dare_mask_l1(u: torch.Tensor, tau: torch.Tensor, density: float, mask: torch
     lanes = sum_lanes() if u.numel() <= L1_MAX else None
     if lanes is None:
         return None
-    v = _compiled()[5](u.numpy(), tau.numpy(), np.float32(density), lanes, mask.view(torch.uint8).numpy())
+    v = _compiled().dare_mask_l1(u.numpy(), tau.numpy(), np.float32(density), lanes, mask.view(torch.uint8).numpy())
     return torch.tensor(v, dtype=torch.float32)
 
 
@@ -1024,9 +1055,9 @@ def top_k_cut(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     bit patterns; c is the flat index of the last tie kept (ties kept in flat order until k)."""
     bits = abs_flat.view(torch.int32).numpy().view(np.uint32)
     c = _compiled()
-    value, above, equal = c[6](bits, int(k))
+    value, above, equal = c.kth_largest_bits(bits, int(k))
     need = k - int(above)
-    cut = abs_flat.numel() - 1 if need >= equal else int(c[7](bits, int(value), need))
+    cut = abs_flat.numel() - 1 if need >= equal else int(c.nth_equal(bits, int(value), need))
     thr = torch.tensor([int(value)], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
     return thr, cut
 
@@ -1048,7 +1079,7 @@ def uniform_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor] | None, t
             bool(f32(lam) != f32(1.0)), base.numpy()[s:e], int(rmode), out.numpy())
     if masks is not None:
         ms = tuple(m.view(torch.uint8).numpy()[s:e] for m in masks)
-        _compiled()[3](xs, ms, tuple(f32(v) for v in fac), w, *tail)
+        _compiled().masked(xs, ms, tuple(f32(v) for v in fac), w, *tail)
         return out
     # pieces between the rows' tie cutoffs: in each, a row keeps all or none of its ties
     m = e - s
@@ -1061,7 +1092,7 @@ def uniform_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor] | None, t
         if a == b:
             continue
         t = tuple(below[r] if a <= rel[r] else strict[r] for r in range(len(rel)))
-        _compiled()[4](tuple(x[a:b] for x in xs), t, w, *flags, base_np[a:b], rm, out_np[a:b])
+        _compiled().cut(tuple(x[a:b] for x in xs), t, w, *flags, base_np[a:b], rm, out_np[a:b])
     return out
 
 
@@ -1079,7 +1110,7 @@ def task_vector_pass(deltas: list[torch.Tensor], masks: list[torch.Tensor | None
     dummy = np.zeros(1, np.uint8)
     arrs = tuple(t.numpy() for t in deltas)
     mks = tuple(m.view(torch.uint8).numpy() if m is not None else dummy for m in masks)
-    _compiled()[0](
+    _compiled().kernel(
         arrs, mks, np.asarray(mode, np.int8), np.asarray(thr, f32), np.asarray(cut, np.int64),
         np.asarray([1.0 if v is None else v for v in div], f32), np.asarray([v is not None for v in div]),
         np.asarray([1.0 if v is None else float(v) for v in fac], f32), np.asarray([v is not None for v in fac]),
@@ -1097,7 +1128,7 @@ def l1_pair(tau: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     lanes = sum_lanes() if tau.numel() <= L1_MAX else None
     if lanes is None:
         return None
-    b, a = _compiled()[9](tau.numpy(), mask.view(torch.uint8).numpy(), lanes)
+    b, a = _compiled().l1_pair(tau.numpy(), mask.view(torch.uint8).numpy(), lanes)
     return torch.tensor(b, dtype=torch.float32), torch.tensor(a, dtype=torch.float32)
 
 
@@ -1125,7 +1156,7 @@ class L1Stream:
             if e < self.n:
                 return None
             return l1_pair(torch.cat([t for t, _ in self._parts]), torch.cat([m for _, m in self._parts]))
-        b, a = _compiled()[15](tau.numpy(), mask.view(torch.uint8).numpy(), int(s), self.n, self.lanes,
+        b, a = _compiled().l1_stream(tau.numpy(), mask.view(torch.uint8).numpy(), int(s), self.n, self.lanes,
                                self._accb, self._acca, self._st)
         if e < self.n:
             return None
@@ -1138,12 +1169,12 @@ class MTStream:
 
     def __init__(self, seed: int):
         self.state = np.empty(_MT_N, np.uint32)
-        _compiled()[10](np.uint32(seed & 0xFFFFFFFF), self.state)
+        _compiled().mt_seed(np.uint32(seed & 0xFFFFFFFF), self.state)
         self.pos = _MT_N
 
     def mask_into(self, density: float, mask: torch.Tensor) -> torch.Tensor:
         """mask (flat bool) = the next mask.numel() uniforms < density, as torch.lt(u, density)."""
-        self.pos = int(_compiled()[11](self.state, self.pos, np.float32(density), mask.view(torch.uint8).numpy(),
+        self.pos = int(_compiled().mt_draw(self.state, self.pos, np.float32(density), mask.view(torch.uint8).numpy(),
                                        _EMPTY_F32, False))
         return mask
 
@@ -1156,7 +1187,7 @@ class MTStream:
 
     def uniform_into(self, out: torch.Tensor) -> torch.Tensor:
         """out (flat float32) = the next out.numel() uniforms, as out.uniform_(generator=g)."""
-        self.pos = int(_compiled()[11](self.state, self.pos, np.float32(0), _EMPTY_U8, out.numpy(), True))
+        self.pos = int(_compiled().mt_draw(self.state, self.pos, np.float32(0), _EMPTY_U8, out.numpy(), True))
         return out
 
 
@@ -1210,11 +1241,11 @@ def dare_pass(us: tuple, xs: tuple, densities: list[float], l1: tuple, masks: tu
     f32 = np.float32
     c = _compiled()
     after = np.empty(len(xs), f32)
-    c[12](us, xs, tuple(f32(d) for d in densities), lanes, masks, after)
+    c.dare_rows(us, xs, tuple(f32(d) for d in densities), lanes, masks, after)
     eps = f32(_eps32())
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/inf -> nan, as torch's division gives, unwarned
         fac = tuple(f32(1.0) if b < eps or a < eps else b / a for b, a in zip(l1, after))  # float32 division
-    c[3](xs, masks, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
+    c.masked(xs, masks, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
          f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
          base, int(rmode), out)
     return True
@@ -1236,7 +1267,7 @@ def cut_pass(xs: tuple, thr: list, cut: list[int], weights: list[float], consens
     if out.shape[0] <= CUT_ONE_CALL:
         strict = tuple(f32(v) for v in thr)
         below = tuple(np.nextafter(v, f32(-np.inf)) for v in strict)
-        _compiled()[13](xs, strict, below, tuple(int(c) for c in cut), w, *flags, base, int(rmode), out)
+        _compiled().cut_idx(xs, strict, below, tuple(int(c) for c in cut), w, *flags, base, int(rmode), out)
         return
     uniform_pass([torch.from_numpy(x) for x in xs], None, [float(v) for v in thr], cut, [1.0] * len(xs), weights,
                  consensus, normalize, lin_div, lam, torch.from_numpy(base), 0, out.shape[0], rmode,
@@ -1253,7 +1284,7 @@ def _eps32() -> float:
 def sub16(m: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = m.float() − b.float() for flat float16 (or bfloat16) CPU tensors of one dtype, into
     the flat float32 tensor `out`, in one compiled pass."""
-    _compiled()[14](m.view(torch.int16).numpy().view(np.uint16), b.view(torch.int16).numpy().view(np.uint16),
+    _compiled().sub16(m.view(torch.int16).numpy().view(np.uint16), b.view(torch.int16).numpy().view(np.uint16),
                     m.dtype == torch.float16, out.numpy())
     return out
 
@@ -1288,7 +1319,7 @@ class DrawKeys:
         self.offs = np.empty(257, np.int64)
         self.pos = np.empty(n, np.int32 if n < 2**31 else np.int64)
         self.low = np.empty(n, np.uint16)
-        _compiled()[18](u.numpy(), self.key, self.offs, self.pos, self.low)
+        _compiled().keys_build(u.numpy(), self.key, self.offs, self.pos, self.low)
         self._fixed: dict[int, int] = {}  # bucket -> the low-bits limit its keys are fixed for
 
     @property
@@ -1299,7 +1330,7 @@ class DrawKeys:
         clean = 65536 if q == 0 else 0  # the limit at which bucket q is k >> 16 throughout
         cur = self._fixed.get(q, clean)
         if cur != kl:
-            _compiled()[19](self.key, self.offs, self.pos, self.low, q, cur, kl)
+            _compiled().keys_set(self.key, self.offs, self.pos, self.low, q, cur, kl)
             if kl == clean:
                 del self._fixed[q]
             else:
@@ -1337,7 +1368,7 @@ def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[
         return False
     f32 = np.float32
     T = tuple(np.int32(k.fix(d)) for k, d in zip(keys, densities))
-    _compiled()[21](ms, b, tuple(k.key for k in keys), T, lanes, np.asarray(l1, f32), f32(_eps32()),
+    _compiled().dare16(ms, b, tuple(k.key for k in keys), T, lanes, np.asarray(l1, f32), f32(_eps32()),
                     tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
                     f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
                     int(rmode), out)
@@ -1352,6 +1383,6 @@ def cut16_pass(ms: tuple, b: np.ndarray, thr: list, cut: list[int], weights: lis
     f32 = np.float32
     strict = tuple(f32(v) for v in thr)
     below = tuple(np.nextafter(v, f32(-np.inf)) for v in strict)
-    _compiled()[20](ms, b, strict, below, tuple(int(c) for c in cut), tuple(f32(v) for v in weights),
+    _compiled().cut16(ms, b, strict, below, tuple(int(c) for c in cut), tuple(f32(v) for v in weights),
                     bool(consensus), bool(normalize), f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam),
                     bool(f32(lam) != f32(1.0)), int(rmode), out)

@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -17,6 +18,8 @@ from operators import MergeInputs, get_operator
 
 from . import _fast
 from .errors import MergelabError
+from .kernels.finite import FiniteGuard
+from .kernels.select import KernelCall, KernelCounts, Merged, run_job
 from .plan import MergePlan, TensorJob, build_plan
 from .recipe import Recipe, load_recipe
 from .sources import ModelSource, open_sources
@@ -54,26 +57,47 @@ def fit_rows(t: torch.Tensor, rows: int | None, filler: torch.Tensor | None) -> 
     return torch.cat([t, pad.to(t.dtype)], dim=0)
 
 
-def read_job(job: TensorJob, sources: dict[str, ModelSource]) -> dict[tuple[str, str], torch.Tensor]:
-    """The raw source tensors of one job, each read once even when a model is listed twice."""
+def read_job(job: TensorJob, sources: dict[str, ModelSource], pinned: bool = False) -> dict[tuple[str, str], torch.Tensor]:
+    """The raw source tensors of one job, each read once even when a model is listed twice. With
+    `pinned` (a CUDA merge) they are read into page-locked host memory: torch's caching host
+    allocator hands the same blocks back tensor after tensor (no page faults after the first
+    ones), and the copies to the GPU run at full speed without a staging copy."""
     out: dict[tuple[str, str], torch.Tensor] = {}
     for r in ([job.base] if job.base else []) + list(job.models):
         key = (r.ref, r.tensor)
         if key not in out:
-            out[key] = sources[r.ref].get(r.tensor)
+            src = sources[r.ref]
+            if pinned:
+                info = src.tensors[r.tensor]
+                out[key] = src.read_into(r.tensor, torch.empty(info.shape, dtype=info.dtype, pin_memory=True))
+            else:
+                out[key] = src.get(r.tensor)
     return out
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A merged GPU tensor copied to (pinned, reused) host memory for the writer."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t)
 
 
 class JobReader:
     """A job's sources, not read yet: the chunked kernels read them slice by slice into the
-    workspace's buffers; any other path reads the whole tensors (`read_all`)."""
+    workspace's buffers; any other kernel reads the whole tensors (`read_all`), which a reader
+    thread may have started already (`prefetched`)."""
 
     def __init__(self, job: TensorJob, sources: dict[str, ModelSource], ws: _fast.Workspace,
-                 reuse_output: bool = False):
+                 reuse_output: bool = False, prefetched: Future | None = None):
         self.job, self.sources, self.ws, self.reuse_output = job, sources, ws, reuse_output
+        self._prefetched = prefetched
+        self._raw: dict[tuple[str, str], torch.Tensor] | None = None
 
     def read_all(self) -> dict[tuple[str, str], torch.Tensor]:
-        return read_job(self.job, self.sources)
+        if self._raw is None:
+            self._raw = self._prefetched.result() if self._prefetched is not None else read_job(self.job, self.sources)
+        return self._raw
 
     def output(self) -> torch.Tensor | None:
         """A reused output buffer (valid until the next job), or None for a fresh tensor."""
@@ -86,43 +110,21 @@ class JobReader:
 def advise(job: TensorJob, sources: dict[str, ModelSource]) -> None:
     """Ask the kernel to start reading a job's tensors into the page cache (asynchronous
     readahead), so disk reads of the next tensors overlap the compute of this one."""
-    for r in ([job.base] if job.base else []) + list(job.models):
+    for r in ([job.base] if job.base is not None else []) + list(job.models):
         if not sources[r.ref].will_need(r.tensor):
             return
 
 
-def compute_job(
-    job: TensorJob,
-    raw: dict[tuple[str, str], torch.Tensor] | JobReader,
-    plan: MergePlan,
-    device: torch.device,
-    compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Merge one tensor. Shared by the disk path and the in-memory path's fallback. With a
-    JobReader on the CPU, linear and the task-vector methods run the chunked kernels."""
-    if isinstance(raw, JobReader):
-        if device.type == "cpu" and _fast.supported(plan, job, compute_dtype, raw.sources):
-            inputs = _fast.DiskInputs(job, raw.sources, plan.recipe.base_index, raw.ws)
-            out, sink = _fast.full_output(job, raw.output())
-            _fast.merge_job(plan, job, inputs, sink, raw.ws)
-            return out
-        raw = raw.read_all()
-    ref_read = job.base if job.base is not None else job.models[0]
-    if job.copy:
-        return raw[(ref_read.ref, ref_read.tensor)].clone()
-    ref_raw = raw[(ref_read.ref, ref_read.tensor)]
-    cache: dict[tuple[str, str], torch.Tensor] = {}
+def compute_job(job: TensorJob, reader: JobReader, plan: MergePlan, device: torch.device,
+                compute_dtype: torch.dtype = torch.float32) -> Merged:
+    """Merge one tensor from the files by the kernel the seam selects (`kernels.select.run_job`);
+    the result names the kernel."""
+    return run_job(KernelCall(plan, job, "disk", device, compute_dtype, reader))
 
-    def get(r):
-        key = (r.ref, r.tensor)
-        if key not in cache:
-            t = fit_rows(raw[key], job.rows, ref_raw)
-            cache[key] = t.to(device=device, dtype=compute_dtype)
-        return cache[key]
 
-    base = get(job.base) if job.base is not None else None
-    models = [get(r) for r in job.models]
-    return run_operator(job, plan, base, models).to(job.out_dtype)
+def job_params(job: TensorJob) -> dict:
+    """A tensor's resolved parameters, as error messages show them."""
+    return {"models": job.model_params, **job.params}
 
 
 def run_operator(job: TensorJob, plan: MergePlan, base, models, deltas=None, sorted_abs=None) -> torch.Tensor:
@@ -137,6 +139,7 @@ def run_operator(job: TensorJob, plan: MergePlan, base, models, deltas=None, sor
         base_index=plan.recipe.base_index,
         deltas=deltas,
         sorted_abs=sorted_abs,
+        rng=plan.recipe.rng,
     )
     return op.fn(inp)
 
@@ -148,19 +151,30 @@ def iter_merged(
     compute_dtype: torch.dtype = torch.float32,
     prefetch: int = 2,
     reuse_output: bool = False,
-) -> Iterator[tuple[TensorJob, torch.Tensor]]:
-    """Yield (job, merged tensor) in plan order. The next `prefetch` jobs' tensors are read
+) -> Iterator[tuple[TensorJob, Merged]]:
+    """Yield (job, merged tensor and its kernel) in plan order. The next `prefetch` jobs' tensors are read
     ahead into the page cache by the kernel while this one is merged; the merge itself reads
     slices into reused buffers, so memory is a few slices plus the per-tensor statistics.
     With `reuse_output` each yielded tensor is valid only until the next one is asked for."""
     ws = _fast.Workspace()
     jobs = plan.jobs
-    for idx, job in enumerate(jobs):
-        for nxt in jobs[idx + 1: idx + 1 + prefetch]:
-            advise(nxt, sources)
-        out = compute_job(job, JobReader(job, sources, ws, reuse_output), plan, device, compute_dtype)
-        yield job, out
-        del out
+    # on a GPU the whole tensors are read by a thread while the previous one merges and writes
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-read") if device.type != "cpu" else None
+    ahead: Future | None = None
+    try:
+        for idx, job in enumerate(jobs):
+            for nxt in jobs[idx + 1: idx + 1 + prefetch]:
+                advise(nxt, sources)
+            current, ahead = ahead, None
+            if pool is not None and idx + 1 < len(jobs):
+                ahead = pool.submit(read_job, jobs[idx + 1], sources, device.type == "cuda")
+            merged = compute_job(job, JobReader(job, sources, ws, reuse_output, current), plan, device, compute_dtype)
+            log.debug("%s: kernel %s", job.name, merged.kernel)
+            yield job, merged
+            del merged
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Progress:
@@ -200,6 +214,7 @@ class MergeReport:
     bytes: int
     seconds: float
     shards: int
+    kernels: dict[str, int]  # tensors merged per kernel name (kernels.select)
 
 
 def prepare(recipe: Recipe | str | Path | dict, seed: int | None = None) -> tuple[MergePlan, dict[str, ModelSource]]:
@@ -236,14 +251,36 @@ def merge_to_dir(
     writer = ShardWriter(out_dir, [(j.name, j.out_dtype, j.shape) for j in plan.jobs],
                          parse_size(shard_size), overwrite=overwrite)
     prog = Progress(len(plan.jobs), plan.total_bytes, quiet=quiet)
+    kernels = KernelCounts()
+    guard = FiniteGuard(f"merging {plan.recipe.merge_method} into {out_dir}; nothing was written")
     t0 = time.perf_counter()
+    # on a GPU a thread writes tensor i while tensor i + 1 merges (writes stay in order)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-write") if dev.type == "cuda" else None
+    pending: list[Future] = []
     with writer:
-        for i, (job, tensor) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
-            writer.write(job.name, tensor)
-            prog.update(job.nbytes)
-            if on_tensor:
-                on_tensor(i + 1, len(plan.jobs))
-            del tensor
+        try:
+            for i, (job, merged) in enumerate(iter_merged(plan, sources, dev, compute_dtype, reuse_output=True)):
+                tensor = merged.out
+                kernels.add(merged.kernel)
+                if not job.copy:
+                    guard.add(job.name, tensor, job_params(job))
+                if pool is None:
+                    writer.write(job.name, tensor)
+                else:
+                    pending.append(pool.submit(writer.write, job.name, to_host(tensor)))
+                    while len(pending) > 2:  # at most two merged tensors wait on the host
+                        pending.pop(0).result()
+                prog.update(job.nbytes)
+                if on_tensor:
+                    on_tensor(i + 1, len(plan.jobs))
+                del tensor
+            for f in pending:
+                f.result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        guard.flush()  # before the output directory appears
+        log.info("kernels (tensors each): %s", kernels.counts)
         out_dtype = next((j.out_dtype for j in plan.jobs if not j.copy), None)
         vocab = next((j.shape[0] for j in plan.jobs if j.rows is not None), None)
         if vocab is not None and vocab == ref_src.vocab_size:
@@ -259,7 +296,8 @@ def merge_to_dir(
         if gen.is_file():
             copy.append(gen)
         out = writer.finish(files, copy)
-    return MergeReport(out, len(plan.jobs), writer.bytes_written, time.perf_counter() - t0, writer.n_shards)
+    return MergeReport(out, len(plan.jobs), writer.bytes_written, time.perf_counter() - t0, writer.n_shards,
+                       kernels.counts)
 
 
 def written_recipe(plan: MergePlan) -> Recipe:

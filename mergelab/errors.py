@@ -35,3 +35,19 @@ def pydantic_problems(e, limit: int = 5) -> str:
         else:
             parts.append(f"`{loc}`: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+class NonFiniteMergeError(MergelabError):
+    """A merged tensor holds inf or NaN. `tensor` names it, `params` are its resolved parameters;
+    the trial merger raises it for a candidate (the search records a failed trial with the
+    message), the disk merge stops before anything looks complete."""
+
+    def __init__(self, tensor: str, count: int | None, params: dict, where: str):
+        self.tensor, self.count, self.params = tensor, count, params
+        what = f"{count} inf/NaN values" if count is not None else "inf or NaN values"
+        super().__init__(
+            f"The merged tensor `{tensor}` holds {what} ({where}); its parameters were {params}. "
+            "A source checkpoint holds inf/NaN there, or the weights/lambda make the result "
+            "overflow the output dtype. Check the sources (and lower the weights or lambda, or use "
+            "a wider out_dtype) and run again."
+        )

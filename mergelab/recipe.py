@@ -64,6 +64,9 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     # mergelab's own key (mergekit ignores unknown keys): seeds the random operators.
     seed: int | None = None
+    # mergelab's own key: the random operators' stream. counter (default): the same numbers on
+    # the CPU and on CUDA; mergekit: torch's CPU generator, mergekit's exact DARE output.
+    rng: Literal["counter", "mergekit"] | None = None
     name: str | None = None
 
     @field_validator("dtype", "out_dtype", mode="before")

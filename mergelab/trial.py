@@ -5,17 +5,20 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 
 from operators import get_operator, tensor_seed
-from operators.sparsify import l1_norm_of_abs, sorted_magnitudes
+from operators.sparsify import l1_norm_of_abs
 
 from . import _fast, _jit
-from .engine import compute_job, fit_rows, read_job, resolve_device, run_operator
+from .engine import JobReader, compute_job, fit_rows, job_params, resolve_device
 from .errors import MergelabError
+from .kernels.finite import FiniteGuard
+from .kernels.select import KernelCall, run_job
 from .plan import MergePlan, TensorJob, build_plan
 from .recipe import Recipe, load_recipe
 from .sources import ModelSource, open_sources
@@ -23,15 +26,44 @@ from .sources import ModelSource, open_sources
 log = logging.getLogger("mergelab")
 
 
+Tier = Literal["fast", "stored", "disk"]
+
+
+def _available_memory() -> float:
+    """MemAvailable of /proc/meminfo in bytes (inf where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+@dataclass
+class TrialStats:
+    """What the last `TrialMerger.apply` did: tensors recomputed (unchanged ones are skipped),
+    seconds, tensors per kernel name (`kernels.select`: e.g. "chunked", "reference", "linear16",
+    "copy") and the device it ran on ("cpu", "cuda:0")."""
+
+    changed_tensors: int = 0
+    merge_seconds: float = 0.0
+    kernels: dict[str, int] = field(default_factory=dict)
+    device: str = ""
+
+
 class TrialMerger:
     """Merge many candidate recipes over the same sources into one model held in memory.
 
-    Base tensors, each model's tensors and (when an operator wants them) task vectors and
-    their magnitude order are cached once on the device; a candidate then costs one operator
-    call per tensor whose parameters changed since the previous candidate. DARE over float16 /
-    bfloat16 checkpoints keeps the tensors as stored and each draw as one byte instead (see
-    `_jit.DrawKeys`, `_jit.dare16_pass`): about a third of the bytes per candidate. When the cache
-    would exceed `max_memory` bytes it streams from disk per candidate instead (slower, same result).
+    The compact cache keeps each source tensor as stored (a 16-bit checkpoint stays 16-bit) on
+    the compute device, and a candidate derives what it needs per tensor (task vectors, top-k
+    thresholds by selection, DARE's draws from the counter stream) while it merges: on CUDA
+    always. On the CPU, `cache="fast"` keeps float32 task vectors and magnitude orders too
+    (TIES candidates about four times faster, about four times the memory); "auto" (default)
+    takes the fast tier while it fits (see `_assign_tiers`), "compact" never. A candidate costs one kernel call per tensor whose
+    parameters changed since the previous candidate. When the cache exceeds `max_memory` bytes,
+    the tensors that do not fit stream from disk per candidate (slower, same result); the merger
+    says so before the first candidate.
     """
 
     def __init__(
@@ -44,6 +76,7 @@ class TrialMerger:
         model_dtype: torch.dtype = torch.float32,
         max_memory: int | None = None,
         sources: dict[str, ModelSource] | None = None,
+        cache: Literal["auto", "compact", "fast"] = "auto",
     ):
         self.base_model = base_model
         self.model_refs = list(models)
@@ -53,31 +86,31 @@ class TrialMerger:
         self.sources = sources or open_sources(refs)
         self.reference = base_model or models[0]
         self.max_memory = max_memory
+        # derived float32 caches serve the CPU's compiled kernels only
+        self.cache = cache if self.device.type == "cpu" else "compact"
+        if cache not in ("auto", "compact", "fast"):
+            raise ValueError(f"TrialMerger cache must be auto, compact or fast, not {cache!r}")
         self._model = None
         self._tokenizer = None
         self._params: dict[str, torch.Tensor] | None = None
-        self._inputs: dict[tuple[str, str], torch.Tensor] = {}  # (ref, tensor) -> compute tensor
-        self._raw16: dict[tuple[str, str], torch.Tensor] = {}  # 16-bit sources of the linear pass
+        self._stored: dict[tuple[str, str], torch.Tensor] = {}  # (ref, tensor) -> as stored, on the device
+        self._tiers: dict[str, Tier] = {}  # tensor name -> where its sources live
+        # the fast tier (cache="fast", CPU): float32 copies, task vectors, magnitude orders
+        self._inputs: dict[tuple[str, str], torch.Tensor] = {}
         self._deltas: dict[tuple[str, str], torch.Tensor] = {}
-        self._sorted: dict[tuple[str, str], torch.Tensor] = {}  # descending (operators' form)
-        self._order: dict[tuple[str, str], torch.Tensor] = {}  # magnitude order, chunked kernels
-        # DARE's uniform draws per (seed, tensor): a search keeps one seed, so each candidate's
-        # masks are a comparison instead of fresh draws (same numbers, same generator order)
+        self._order: dict[tuple[str, str], torch.Tensor] = {}
+        # mergekit's DARE stream (rng: mergekit): the uniform draws per (seed, tensor), a search
+        # keeps one seed, so each candidate's masks are a comparison (same numbers, same order)
         self._draws: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self._draws_fit: bool | None = None
-        self._l1: dict[tuple[str, str], torch.Tensor] = {}  # ‖τ‖₁ per task vector (DARE's rescale)
-        self._ws = _fast.Workspace()
-        # per tensor and operator kind: whether the chunked kernels apply and their inputs, built
-        # once per search (for the seed in _fast_seed: DARE's inputs hold that seed's draws)
-        self._fast_cache: dict[tuple, tuple[bool, _fast.CachedInputs | None]] = {}
+        self._l1: dict[tuple[str, str], torch.Tensor] = {}  # ‖τ‖₁ per task vector (mergekit's rescale)
+        self._fast_cache: dict[tuple, _fast.CachedInputs] = {}
         self._fast_seed: int | None = None
-        # DARE from the 16-bit sources as stored and 1-byte draw keys, per (seed, tensor, sources)
+        # mergekit's DARE from the 16-bit sources and 1-byte draw keys, per (seed, tensor, sources)
         self._dare16: dict[tuple, _fast.Dare16Sources | None] = {}
-        self._keys_fit: bool | None = None
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
-        self._streaming: bool | None = None
+        self.workspace = _fast.Workspace()
         self.model_dtype = model_dtype
-        self.last_stats: dict[str, Any] = {}
+        self.last_stats = TrialStats(device=str(self.device))
 
     # -- model -----------------------------------------------------------------------------------
     @property
@@ -118,62 +151,119 @@ class TrialMerger:
             )
         return build_plan(r, {k: self.sources[k] for k in wanted}, seed=seed)
 
-    def _cache_bytes(self, plan: MergePlan) -> int:
-        op = get_operator(plan.recipe.merge_method)
-        n_refs = len(self.sources)
-        per_elem = 4 * (n_refs + (n_refs if op.uses_deltas or op.uses_sorted_abs else 0) + (n_refs if op.uses_sorted_abs else 0))
-        return sum(math.prod(j.shape) * per_elem for j in plan.jobs)
+    def _reads(self, job: TensorJob) -> dict[tuple[str, str], int]:
+        """The job's distinct source tensors and their element counts."""
+        n = math.prod(job.shape)
+        return {(r.ref, r.tensor): n for r in ([job.base] if job.base is not None else []) + list(job.models)}
 
-    def _input(self, job: TensorJob, r) -> torch.Tensor:
+    def cache_bytes(self, plan: MergePlan, tier: Tier) -> int:
+        """Bytes the cache holds for a plan's tensors in one tier ("stored": the sources as stored;
+        "fast": float32 copies, task vectors and, for TIES-like methods, magnitude orders too)."""
+        op = get_operator(plan.recipe.merge_method)
+        seen: set = set()
+        total = 0
+        for job in plan.jobs:
+            for key, n in self._reads(job).items():
+                if key in seen:
+                    continue
+                seen.add(key)
+                size = self.sources[key[0]].tensors[key[1]].dtype.itemsize
+                total += n * size
+                if tier == "fast":
+                    total += n * 4 * (1 + (op.uses_deltas or op.uses_sorted_abs) + op.uses_sorted_abs)
+        return total
+
+    def _assign_tiers(self, plan: MergePlan) -> None:
+        """Decide, before the first candidate, where each new tensor's sources live: all in the
+        fast tier when it fits `max_memory` (cache "fast", or "auto" on the CPU: then without
+        max_memory while it fits half the available memory), else all as stored when that fits,
+        else as stored tensor by tensor while the budget lasts, the rest from disk."""
+        new = [j for j in plan.jobs if j.name not in self._tiers]
+        if not new:
+            return
+        used = sum(t.numel() * t.element_size() for t in self._stored.values())
+        used += sum(t.numel() * t.element_size()
+                    for d in (self._inputs, self._deltas, self._order) for t in d.values())
+        budget = math.inf if self.max_memory is None else self.max_memory
+        op = get_operator(plan.recipe.merge_method)
+        fast_extra = 4 * (1 + (op.uses_deltas or op.uses_sorted_abs) + op.uses_sorted_abs)
+        seen = set(self._stored)
+        stored_of, fast_of = {}, {}
+        for job in new:
+            reads = {k: n for k, n in self._reads(job).items() if k not in seen}
+            seen.update(reads)
+            stored_of[job.name] = sum(n * self.sources[k[0]].tensors[k[1]].dtype.itemsize for k, n in reads.items())
+            fast_of[job.name] = stored_of[job.name] + sum(reads.values()) * fast_extra
+        fast_budget = budget
+        if self.cache == "auto" and self.max_memory is None:  # the fast tier while it takes at most half
+            fast_budget = _available_memory() / 2         # of the memory this machine has free
+        if self.cache != "compact" and used + sum(fast_of.values()) <= fast_budget:
+            self._tiers.update({j.name: "fast" for j in new})
+            return
+        if used + sum(stored_of.values()) <= budget:
+            self._tiers.update({j.name: "stored" for j in new})
+            return
+        streamed = 0
+        for job in new:
+            if used + stored_of[job.name] <= budget:
+                self._tiers[job.name], used = "stored", used + stored_of[job.name]
+            else:
+                self._tiers[job.name] = "disk"
+                streamed += 1
+        log.warning(
+            "The trial cache does not fit --max-memory (%.1f MB): %d of %d tensors stream from "
+            "disk per candidate (slower, same result); the others stay in memory.",
+            budget / 1e6, streamed, len(new),
+        )
+
+    def tier(self, job: TensorJob) -> Tier:
+        return self._tiers[job.name]
+
+    # -- the cache -------------------------------------------------------------------------------
+    def stored(self, job: TensorJob, r) -> torch.Tensor:
+        """A source tensor as stored (vocabulary rows cut or padded to the job's), on the device."""
         key = (r.ref, r.tensor)
-        t = self._inputs.get(key)
+        t = self._stored.get(key)
         if t is None:
             raw = self.sources[r.ref].get(r.tensor)
             ref_raw = None
             if job.rows is not None and raw.shape[0] < job.rows:  # padding takes the reference's rows
                 ref_read = job.base if job.base is not None else job.models[0]
                 ref_raw = self.sources[ref_read.ref].get(ref_read.tensor)
-            t = fit_rows(raw, job.rows, ref_raw).to(device=self.device, dtype=self.compute_dtype)
-            self._inputs[key] = t
+            t = self._stored[key] = fit_rows(raw, job.rows, ref_raw).to(self.device).contiguous()
         return t
 
-    def _linear_source(self, job: TensorJob, r) -> torch.Tensor:
-        """A model's tensor, flat, for the compiled linear pass: as stored when it is float16 or
-        bfloat16 and needs no vocabulary cut or pad (the pass widens it exactly, reading half the
-        bytes of a float32 copy), else the cached compute-dtype tensor."""
+    def stored_map(self, job: TensorJob) -> dict[tuple[str, str], torch.Tensor]:
+        """The job's sources as stored, flat, by (ref, tensor)."""
+        reads = ([job.base] if job.base is not None else []) + list(job.models)
+        return {(r.ref, r.tensor): self.stored(job, r).view(-1) for r in reads}
+
+    def _input(self, job: TensorJob, r) -> torch.Tensor:
+        """A source in the compute dtype (the fast tier's float32 copy)."""
         key = (r.ref, r.tensor)
-        t = self._raw16.get(key)
+        t = self._inputs.get(key)
         if t is None:
-            if key in self._inputs or not _jit.AVAILABLE:  # a float32 copy is held already
-                return self._input(job, r).view(-1)
-            raw = self.sources[r.ref].get(r.tensor)
-            if raw.dtype not in (torch.float16, torch.bfloat16) or (job.rows is not None and raw.shape[0] != job.rows):
-                return self._input(job, r).view(-1)
-            t = self._raw16[key] = raw.view(-1)  # a fresh tensor (sources.get reads into one)
+            t = self._inputs[key] = self.stored(job, r).to(self.compute_dtype, copy=True)
         return t
 
-    # -- merging ---------------------------------------------------------------------------------
     def _delta(self, job: TensorJob, r, base: torch.Tensor) -> torch.Tensor:
-        """τ = model − base, cached flat; the model itself is not kept for it."""
+        """τ = model − base (fast tier), cached."""
         k = (r.ref, r.tensor)
         d = self._deltas.get(k)
         if d is None:
             m = self._inputs.get(k)
-            if m is None and job.rows is not None:
-                m = self._input(job, r)
             if m is None:
-                m = fit_rows(self.sources[r.ref].get(r.tensor), job.rows, None).to(
-                    device=self.device, dtype=self.compute_dtype)
+                m = self.stored(job, r).to(self.compute_dtype)
             d = self._deltas[k] = m - base
         return d
 
-    def _dare16_sources(self, job: TensorJob, plan: MergePlan) -> _fast.Dare16Sources | None:
-        """The 16-bit sources, draw keys and ‖τ‖₁ of a DARE tensor, built once per seed; None (the
-        float32 path then) when a source is not float16 / bfloat16 as stored or not all of one
-        format, needs a vocabulary cut or pad, or the draws do not fit `max_memory`."""
+    def dare16_sources(self, job: TensorJob, plan: MergePlan) -> _fast.Dare16Sources | None:
+        """mergekit's DARE: the 16-bit sources, draw keys and ‖τ‖₁ of a tensor, built once per seed;
+        None (another kernel then) when a source is not float16 / bfloat16 as stored or not all of
+        one format, or the tensor is not in memory."""
         bi = plan.recipe.base_index
         base_read = job.base if job.base is not None else (job.models[bi] if bi is not None else None)
-        if base_read is None or job.copy:
+        if base_read is None or job.copy or self.tier(job) == "disk":
             return None
         rows = [r for i, r in enumerate(job.models) if i != bi]
         key = (plan.seed, job.name, (base_read.ref, base_read.tensor), tuple((r.ref, r.tensor) for r in rows))
@@ -181,12 +271,9 @@ class TrialMerger:
             return self._dare16[key]
         if self._dare16 and next(iter(self._dare16))[0] != plan.seed:
             self._dare16.clear()  # a new seed: the old draws will not come back
-        if self._keys_fit is None:  # per row element 7 bytes of keys, per source element 2
-            need = sum(math.prod(j.shape) * (7 * (len(j.models) - 1) + 2 * (len(j.models) + 1)) for j in plan.jobs)
-            self._keys_fit = self.max_memory is None or need <= self.max_memory
         got = None
-        srcs = [self._raw16_source(job, r) for r in (base_read, *rows)] if self._keys_fit else []
-        if self._keys_fit and rows and all(t is not None and t.dtype == srcs[0].dtype for t in srcs):
+        srcs = [self.stored(job, r).view(-1) for r in (base_read, *rows)]
+        if rows and srcs[0].dtype in (torch.float16, torch.bfloat16) and all(t.dtype == srcs[0].dtype for t in srcs):
             b, ms = srcs[0], srcs[1:]
             n = b.numel()
             stream = _jit.mt_stream(tensor_seed(plan.seed, job.name))
@@ -200,44 +287,31 @@ class TrialMerger:
                 keys.append(_jit.DrawKeys(stream.uniform_into(u) if stream is not None else u.uniform_(generator=gen)))
                 k = (r.ref, r.tensor)
                 if k not in self._l1:  # the values of _l1_norm(τ), τ = θ − base in float32
-                    d = self._deltas.get(k)
-                    self._l1[k] = l1_norm_of_abs(torch.abs(d if d is not None else m.float() - b.float()))
+                    self._l1[k] = l1_norm_of_abs(torch.abs(m.float() - b.float()))
                 l1.append(self._l1[k].item())
             got = _fast.Dare16Sources(_jit.bits16(b), tuple(_jit.bits16(m) for m in ms), keys, l1)
         self._dare16[key] = got
         return got
 
-    def _raw16_source(self, job: TensorJob, r) -> torch.Tensor | None:
-        """A model's tensor, flat, as stored when it is float16 or bfloat16 and needs no vocabulary
-        cut or pad (cached with the linear pass's), else None."""
-        key = (r.ref, r.tensor)
-        t = self._raw16.get(key)
-        if t is None:
-            raw = self.sources[r.ref].get(r.tensor)
-            if raw.dtype not in (torch.float16, torch.bfloat16) or (job.rows is not None and raw.shape[0] != job.rows):
-                return None
-            t = self._raw16[key] = raw.view(-1)  # a fresh tensor (sources.get reads into one)
-        return t
-
-    def _cached_fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs | None:
-        """`_fast_inputs` when the chunked kernels merge this job, else None; both decided once per
-        tensor, operator and source list (they do not depend on the candidate's values)."""
+    def fast_inputs(self, job: TensorJob, plan: MergePlan) -> _fast.CachedInputs:
+        """The fast tier's inputs of the chunked kernels, built once per tensor, operator, stream
+        and source list (they do not depend on the candidate's values)."""
+        op = get_operator(plan.recipe.merge_method)
         if plan.seed != self._fast_seed:
-            self._fast_cache.clear()  # DARE's inputs hold the old seed's draws
+            self._fast_cache.clear()  # mergekit DARE's inputs hold the old seed's draws
             self._fast_seed = plan.seed
         reads = (job.base, *job.models)
-        key = (job.name, op.name, plan.recipe.base_index, tuple(None if r is None else (r.ref, r.tensor) for r in reads))
+        key = (job.name, op.name, plan.recipe.rng, plan.recipe.base_index,
+               tuple(None if r is None else (r.ref, r.tensor) for r in reads))
         got = self._fast_cache.get(key)
         if got is None:
-            ok = _fast.supported(plan, job, self.compute_dtype, self.sources)
-            got = self._fast_cache[key] = (ok, self._fast_inputs(job, plan, op) if ok else None)
-        return got[1]
+            got = self._fast_cache[key] = self._build_fast_inputs(job, plan, op)
+        return got
 
-    def _fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs:
+    def _build_fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs:
         n = math.prod(job.shape)
         if op.name == "linear":
-            models = [self._input(job, r).view(-1) for r in job.models]
-            return _fast.CachedInputs(n, None, models)
+            return _fast.CachedInputs(n, None, [self._input(job, r).view(-1) for r in job.models])
         bi = plan.recipe.base_index
         base_read = job.base if job.base is not None else job.models[bi]
         base = self._input(job, base_read)
@@ -258,32 +332,26 @@ class TrialMerger:
             else:
                 order.append(None)
         uniforms = l1 = None
-        if op.name in _fast.BERNOULLI:
+        if op.name in _fast.BERNOULLI and plan.recipe.rng == "mergekit":  # mergekit's draws, kept
             uniforms = self._uniforms(job, plan, deltas)
-            if uniforms is not None:
-                l1 = [self._l1_norm(job, r, d) if d is not None else None for r, d in zip(job.models, deltas)]
+            l1 = [self._l1_norm(r, d) if d is not None else None for r, d in zip(job.models, deltas)]
         got = _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
         if op.uses_sorted_abs and _jit.AVAILABLE:  # TIES: its pass may read the 16-bit sources
-            srcs = [self._raw16_source(job, r) for r in (base_read, *job.models)]
-            if all(t is not None and t.dtype == srcs[0].dtype and t.numel() == n for t in srcs):
+            srcs = [self.stored(job, r).view(-1) for r in (base_read, *job.models)]
+            if srcs[0].dtype in (torch.float16, torch.bfloat16) and all(t.dtype == srcs[0].dtype for t in srcs):
                 got.src16 = tuple(_jit.bits16(t) for t in srcs)
         return got
 
-    def _l1_norm(self, job: TensorJob, r, delta: torch.Tensor) -> torch.Tensor:
-        """‖τ‖₁ by the fixed-order sum the L1 rescale uses, once per task vector."""
+    def _l1_norm(self, r, delta: torch.Tensor) -> torch.Tensor:
+        """‖τ‖₁ by the fixed-order sum mergekit's L1 rescale uses, once per task vector."""
         k = (r.ref, r.tensor)
         v = self._l1.get(k)
         if v is None:
             v = self._l1[k] = l1_norm_of_abs(torch.abs(delta))
         return v
 
-    def _uniforms(self, job: TensorJob, plan: MergePlan, deltas) -> list[torch.Tensor | None] | None:
-        """The uniform numbers DARE draws for this tensor, cached while they fit `max_memory`."""
-        if self._draws_fit is None:
-            extra = sum(math.prod(j.shape) * 4 * (len(j.models) - 1) for j in plan.jobs)
-            self._draws_fit = self.max_memory is None or self._cache_bytes(plan) + extra <= self.max_memory
-        if not self._draws_fit:
-            return None
+    def _uniforms(self, job: TensorJob, plan: MergePlan, deltas) -> list[torch.Tensor | None]:
+        """mergekit's uniform numbers for this tensor (torch's CPU generator, rows in order)."""
         key = (plan.seed, job.name)
         got = self._draws.get(key)
         if got is None:
@@ -296,83 +364,44 @@ class TrialMerger:
             self._draws[key] = got
         return got
 
+    # -- merging ---------------------------------------------------------------------------------
     def merged_tensors(self, recipe, seed: int | None = None, only_changed: bool = False, target=None):
-        """Yield (job, key, merged tensor in the output dtype) for a candidate. With `target`
-        (job -> tensor or None) a chunked merge writes straight into the returned tensor and
-        yields None in place of the merged tensor."""
+        """Yield (job, key, Merged) for a candidate, in plan order. With `target` (job -> tensor or
+        None) a kernel may write straight into the returned tensor (then `Merged.out` is None)."""
         plan = self.plan(recipe, seed)
-        op = get_operator(plan.recipe.merge_method)
-        linear = op.name == "linear" and self.device.type == "cpu" and self.compute_dtype == torch.float32
-        dare16 = (op.name in _fast.BERNOULLI and self.device.type == "cpu" and self.compute_dtype == torch.float32
-                  and _jit.AVAILABLE)
-        if self._streaming is None:
-            need = self._cache_bytes(plan)
-            self._streaming = self.max_memory is not None and need > self.max_memory
-            if self._streaming:
-                log.warning(
-                    "The sources and task vectors need %.1f MB, more than --max-memory (%.1f MB): "
-                    "trial merges will stream from disk per candidate (slower, same result).",
-                    need / 1e6, self.max_memory / 1e6,
-                )
+        self._assign_tiers(plan)
         for job in plan.jobs:
-            key = (plan.recipe.merge_method, plan.seed, job.param_key())
+            key = (plan.recipe.merge_method, plan.seed, plan.recipe.rng, job.param_key())
             if only_changed and self._last.get(job.name) == key:
                 continue
-            if self._streaming or job.copy:
-                out = compute_job(job, read_job(job, self.sources), plan, self.device, self.compute_dtype)
-            elif linear and target is not None and (dest := target(job)) is not None \
-                    and _fast.linear_into(job, [self._linear_source(job, r) for r in job.models], dest):
-                out = None  # the compiled loop wrote the result into the model's parameter
-            elif dare16 and target is not None and (dest := target(job)) is not None \
-                    and _fast.dare16_applies(plan, job) \
-                    and (src := self._dare16_sources(job, plan)) is not None \
-                    and _fast.dare16_into(plan, job, src, dest, self._ws):
-                out = None  # the compiled passes wrote the result into the model's parameter
-            elif self.device.type == "cpu" and (inputs := self._cached_fast_inputs(job, plan, op)) is not None:
-                dest = target(job) if target is not None else None
-                if dest is not None and dest.is_contiguous() and tuple(dest.shape) == tuple(job.shape):
-                    _fast.merge_job(plan, job, inputs, _fast.into_tensor(dest, job.out_dtype, self._ws), self._ws,
-                                    dest if dest.dtype == torch.float32 else None)
-                    out = None
-                else:
-                    out, sink = _fast.full_output(job)
-                    _fast.merge_job(plan, job, inputs, sink, self._ws)
+            if self.tier(job) == "disk":
+                merged = compute_job(job, JobReader(job, self.sources, self.workspace), plan, self.device,
+                                     self.compute_dtype)
             else:
-                base = self._input(job, job.base) if job.base is not None else None
-                models = [self._input(job, r) for r in job.models]
-                deltas = sorted_abs = None
-                if base is not None and (op.uses_deltas or op.uses_sorted_abs):
-                    deltas = []
-                    for i, (r, m) in enumerate(zip(job.models, models)):
-                        if i == plan.recipe.base_index:
-                            deltas.append(None)
-                            continue
-                        deltas.append(self._delta(job, r, base))
-                    if op.uses_sorted_abs:
-                        sorted_abs = []
-                        for r, d in zip(job.models, deltas):
-                            if d is None:
-                                sorted_abs.append(None)
-                                continue
-                            k = (r.ref, r.tensor)
-                            if k not in self._sorted:
-                                self._sorted[k] = sorted_magnitudes(d)
-                            sorted_abs.append(self._sorted[k])
-                out = run_operator(job, plan, base, models, deltas, sorted_abs).to(job.out_dtype)
-            yield job, key, out
+                dest = target(job) if target is not None else None
+                merged = run_job(KernelCall(plan, job, "memory", self.device, self.compute_dtype, self, dest))
+            yield job, key, merged
 
     def apply(self, recipe, seed: int | None = None):
-        """Write the candidate's merged weights into the in-memory model and return the model."""
+        """Write the candidate's merged weights into the in-memory model and return the model.
+        Raises NonFiniteMergeError when a merged tensor holds inf/NaN."""
         model = self.model
         t0 = time.perf_counter()
-        changed = 0
+        stats = TrialStats(device=str(self.device))
+        guard = FiniteGuard("in the trial merger's candidate")
         with torch.no_grad():
-            for job, key, out in self.merged_tensors(recipe, seed, only_changed=True,
-                                                      target=lambda j: self._params.get(j.name)):
-                if out is None:  # written in place by the chunked kernels
+            for job, key, merged in self.merged_tensors(recipe, seed, only_changed=True,
+                                                         target=lambda j: self._params.get(j.name)):
+                stats.kernels[merged.kernel] = stats.kernels.get(merged.kernel, 0) + 1
+                out = merged.out
+                if out is None:  # written in place by the kernel
                     self._last[job.name] = key
-                    changed += 1
+                    stats.changed_tensors += 1
+                    if not job.copy:
+                        guard.add(job.name, self._params[job.name], job_params(job))
                     continue
+                if not job.copy:
+                    guard.add(job.name, out, job_params(job))
                 p = self._params.get(job.name)
                 if p is None:
                     if "lm_head" in job.name and getattr(model.config, "tie_word_embeddings", False):
@@ -384,13 +413,15 @@ class TrialMerger:
                     )
                 p.copy_(out)
                 self._last[job.name] = key
-                changed += 1
-        self.last_stats = {"changed_tensors": changed, "merge_seconds": time.perf_counter() - t0}
+                stats.changed_tensors += 1
+            guard.flush()
+        stats.merge_seconds = time.perf_counter() - t0
+        self.last_stats = stats
         return model
 
     def state_dict(self, recipe, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The candidate's merged tensors in the output dtype (what `mergelab merge` writes)."""
-        return {job.name: out.cpu() for job, _, out in self.merged_tensors(recipe, seed)}
+        return {job.name: merged.out.cpu() for job, _, merged in self.merged_tensors(recipe, seed)}
 
 
 def load_recipe_model(recipe: Recipe | dict | str | Path, device: str | torch.device | None = "auto",

@@ -4,6 +4,7 @@ Importing this package registers every operator; `get_operator(name)` finds one.
 """
 from .base import (  # noqa: F401
     REGISTRY,
+    KernelSpec,
     MergeInputs,
     OperatorSpec,
     ParamSpec,

@@ -88,13 +88,14 @@ class MergeInputs:
     # with exactly the same arithmetic, so both paths give bit-identical results.
     deltas: list[torch.Tensor | None] | None = None  # models[i] - base (None at base_index)
     sorted_abs: list[torch.Tensor | None] | None = None  # sort(|delta|.flatten(), descending, stable)
+    rng: str | None = None  # the recipe's `rng`: None / "counter" (default) or "mergekit"
 
-    def generator(self) -> torch.Generator:
-        """A CPU generator seeded by (recipe seed, tensor name): the same draws whatever the
-        tensor order, thread or device. Draw on the CPU, then move to the device."""
-        g = torch.Generator(device="cpu")
-        g.manual_seed(tensor_seed(self.seed, self.name))
-        return g
+    def stream(self):
+        """This tensor's random stream, keyed by (recipe seed, tensor name): the same numbers
+        whatever the tensor order or thread count (see `operators.draws`)."""
+        from .draws import make_stream
+
+        return make_stream(self.rng, tensor_seed(self.seed, self.name))
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -102,6 +103,23 @@ def tensor_seed(seed: int, name: str) -> int:
 
     h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One fast way to run an operator, declared by the operator (its reference is `fn`, which
+    runs on any device). `impl` names the function ("module:function", imported on first use;
+    the kernels live in mergelab.kernels) that merges one tensor, or declines (returns None) when
+    the tensor's layout does not suit it. `where`: "disk" (the streaming engine reading the
+    files) or "memory" (the trial merger's cache). `applies(model_params, params, rng)`: whether
+    the operator's parameters suit it (None: any)."""
+
+    name: str
+    impl: str
+    where: Literal["disk", "memory"]
+    devices: tuple[str, ...] = ("cpu",)
+    compute_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    applies: Callable[[list[dict[str, Any]], dict[str, Any], "str | None"], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,10 +132,11 @@ class OperatorSpec:
     needs_base: bool = False
     min_models: int = 1
     max_models: int | None = None
-    uses_random: bool = False  # draws from MergeInputs.generator()
+    uses_random: bool = False  # draws from MergeInputs.stream()
     uses_deltas: bool = False  # benefits from precomputed task vectors
     uses_sorted_abs: bool = False  # benefits from precomputed magnitude order
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    kernels: tuple[KernelSpec, ...] = ()  # fast kernels, tried in order before the reference `fn`
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

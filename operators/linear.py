@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import MergeInputs, OperatorSpec, ParamSpec, register
+from .base import KernelSpec, MergeInputs, OperatorSpec, ParamSpec, register
 from .checks import add_check, raise_if_invalid
 
 
@@ -67,6 +67,12 @@ register(
         ),
         needs_base=False,
         min_models=1,
+        kernels=(
+            # the compiled weighted sum of the 16-bit sources as stored, into the model's parameter
+            KernelSpec("linear16", "mergelab.kernels.memory:linear16", "memory"),
+            KernelSpec("chunked", "mergelab.kernels.memory:chunked", "memory"),
+            KernelSpec("chunked", "mergelab.kernels.disk:chunked", "disk"),
+        ),
     )
 )
 add_check("linear", _check)

@@ -1,13 +1,17 @@
 """Sparsification of task vectors: magnitude top-k, Bernoulli (DARE), breadcrumbs, DELLA.
 
 Each routine reproduces mergekit's `sparsify.py` arithmetic in place (the caller owns the
-tensor), breaks magnitude ties by flat index and draws its randomness from a CPU generator.
+tensor) and breaks magnitude ties by flat index. The random routines take a stream from
+`operators.draws`: the counter-based stream (drawn on the compute device, exact L1 sums) or
+mergekit's CPU generator (bit for bit mergekit's DARE on the CPU).
 """
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+
+from .draws import as_stream, exact_l1, rescale_factor
 
 Method = Literal["magnitude", "bernoulli", "breadcrumbs", "della"]
 RescaleMode = Literal["none", "l1", "inverse_density"]
@@ -91,6 +95,14 @@ class TopKRule:
         return keep
 
 
+def _kth_smallest(t: torch.Tensor, j: int) -> torch.Tensor:
+    """The j-th smallest value (1-based) of a flat tensor. On a GPU by a sort: torch.kthvalue
+    runs one thread block per slice there, slow on one long slice; the value is the same."""
+    if t.device.type == "cpu":
+        return torch.kthvalue(t, j).values
+    return torch.sort(t).values[j - 1]
+
+
 def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
     """The k-th largest value v of the flat tensor (1 <= k <= n), exactly, in a few linear
     passes, with the number of entries above v and equal to v.
@@ -108,8 +120,8 @@ def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]
         margin = int(5 * (m * q * (1 - q)) ** 0.5) + 64
         pos = int(q * m)
         # the sample's (j+1)-th largest is its (m-j)-th smallest: two selections, no sort
-        hi = torch.kthvalue(sample, m - (pos - margin)).values if pos - margin >= 0 else None
-        lo = torch.kthvalue(sample, m - (pos + margin)).values if pos + margin < m else None
+        hi = _kth_smallest(sample, m - (pos - margin)) if pos - margin >= 0 else None
+        lo = _kth_smallest(sample, m - (pos + margin)) if pos + margin < m else None
         band = None
         above = 0
         if hi is not None:
@@ -120,11 +132,11 @@ def kth_largest(abs_flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]
         inside = n - above if band is None else int(torch.count_nonzero(band))
         if above < k <= above + inside:
             cand = abs_flat if band is None else abs_flat[band]
-            value = torch.kthvalue(cand, inside - (k - above) + 1).values
+            value = _kth_smallest(cand, inside - (k - above) + 1)
             # every entry equal to v lies inside the bracket
             return (value, above + int(torch.count_nonzero(cand > value)),
                     int(torch.count_nonzero(cand == value)))
-    value = torch.kthvalue(abs_flat, n - k + 1).values
+    value = _kth_smallest(abs_flat, n - k + 1)
     return value, int(torch.count_nonzero(abs_flat > value)), int(torch.count_nonzero(abs_flat == value))
 
 
@@ -168,7 +180,7 @@ def rank_range_mask(
 
 
 def apply_mask_(
-    delta: torch.Tensor, mask: torch.Tensor, rescale: RescaleMode, density: float
+    delta: torch.Tensor, mask: torch.Tensor, rescale: RescaleMode, density: float, exact: bool = False
 ) -> torch.Tensor:
     """delta *= mask, rescaled as asked; in place, returns delta.
 
@@ -176,8 +188,13 @@ def apply_mask_(
     skipped when either norm is below 1e-7. "inverse_density" is the DARE paper's 1/density.
     The element operations are mergekit's (multiply by the 0/1 mask, then by before/after),
     so the values are the same bit for bit whenever the two norms round alike (mergekit's
-    `.sum()` depends on the thread count; ours is a fixed-order sum, see `l1_norm`).
+    `.sum()` depends on the thread count; ours is a fixed-order sum, see `l1_norm`). With
+    `exact` (the counter stream) the norms are `draws.exact_l1`'s fixed-point sums, computed on
+    the device with no host sync: the same bits on every device and thread count.
     """
+    if exact and rescale == "l1":
+        factor = rescale_factor(exact_l1(delta), mask, _RESCALE_EPS)
+        return delta.mul_(mask).mul_(factor)
     before = l1_norm(delta) if rescale == "l1" else None
     delta.mul_(mask)
     if rescale == "none":
@@ -188,12 +205,6 @@ def apply_mask_(
     if before < _RESCALE_EPS or after < _RESCALE_EPS:
         return delta
     return delta.mul_(before / after)
-
-
-def _uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    # Drawn on the CPU so the numbers do not depend on the device; `rand(...) < p` consumes the
-    # generator exactly like torch.bernoulli(p) on the CPU and gives the same mask.
-    return torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
 
 
 def magnitude_(
@@ -232,20 +243,22 @@ def breadcrumbs_(
 
 
 def bernoulli_(
-    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: RescaleMode = "l1"
+    delta: torch.Tensor, density: float, draws, rescale: RescaleMode = "l1"
 ) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`."""
+    """DARE: keep each entry with probability `density`. `draws`: a `draws` stream, or a
+    torch.Generator (mergekit's stream)."""
     if density >= 1:
         return delta
-    mask = _uniform(delta.shape, generator, delta.device) < density
-    return apply_mask_(delta, mask, rescale, density)
+    stream = as_stream(draws)
+    mask = stream.keep_mask(delta.shape, density, delta.device)
+    return apply_mask_(delta, mask, rescale, density, exact=stream.exact_sums)
 
 
 def della_(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    draws,
     rescale: RescaleMode = "l1",
 ) -> torch.Tensor:
     """DELLA's MagPrune: along dim 1 (rows; a 1-D tensor is one row) rank entries by magnitude
@@ -272,6 +285,7 @@ def della_(
         rank_norm = torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     del order, ranks, rank_norm
-    mask = _uniform(probs.shape, generator, probs.device) < probs
-    apply_mask_(work, mask, rescale, density)
+    stream = as_stream(draws)
+    mask = stream.uniform(probs.shape, probs.device) < probs
+    apply_mask_(work, mask, rescale, density, exact=stream.exact_sums)
     return delta

@@ -12,8 +12,9 @@ from typing import Any, Callable, Literal
 import torch
 
 from . import sparsify as _sp
-from .base import MergeInputs, OperatorSpec, ParamSpec, register
+from .base import KernelSpec, MergeInputs, OperatorSpec, ParamSpec, register
 from .checks import add_check, raise_if_invalid
+from .draws import CounterStream
 
 Sparsification = Literal["none", "magnitude", "bernoulli", "breadcrumbs", "della"]
 
@@ -41,7 +42,7 @@ def _sparsify_(
     delta: torch.Tensor,
     mp: dict[str, Any],
     params: dict[str, Any],
-    generator: torch.Generator | None,
+    draws,
     sorted_abs: torch.Tensor | None,
 ) -> torch.Tensor:
     kind = method.sparsification
@@ -55,9 +56,9 @@ def _sparsify_(
     if kind == "breadcrumbs":
         return _sp.breadcrumbs_(delta, density, float(mp["gamma"]), rescale, sorted_abs)
     if kind == "bernoulli":
-        return _sp.bernoulli_(delta, density, generator, rescale)
+        return _sp.bernoulli_(delta, density, draws, rescale)
     if kind == "della":
-        return _sp.della_(delta, density, float(mp["epsilon"]), generator, rescale)
+        return _sp.della_(delta, density, float(mp["epsilon"]), draws, rescale)
     return delta
 
 
@@ -76,16 +77,18 @@ def generalized_task_arithmetic(method: TaskVectorMethod, inp: MergeInputs) -> t
     if not others:
         return base.clone()
     params = inp.params
-    generator = inp.generator() if method.sparsification in ("bernoulli", "della") else None
+    draws = inp.stream() if method.sparsification in ("bernoulli", "della") else None
 
     # One stacked buffer, as mergekit does, so the sums over models reduce in the same order;
     # each task vector is computed and sparsified in its row, in place, to bound memory.
     deltas = base.new_empty((len(others), *base.shape))
     for row, i in enumerate(others):
         sorted_abs = inp.sorted_abs[i] if inp.sorted_abs is not None else None
+        if isinstance(draws, CounterStream):  # row r draws stretch r of the stream, whatever came before
+            draws.position = row * base.numel()
         _sparsify_(
             method, _task_vector_into(deltas[row], inp, base, i), inp.model_params[i], params,
-            generator, sorted_abs,
+            draws, sorted_abs,
         )
     weights = task_weights(inp.model_params, others, deltas)
     return combine_(method, deltas, weights, base, params)
@@ -289,6 +292,26 @@ def _summary(m: TaskVectorMethod) -> str:
     return f"τᵢ = θᵢ − base; {_SPARSIFY_TEXT[m.sparsification]}{mix}; θ = base + λ·mix"
 
 
+def _dare16_applies(model_params: list[dict[str, Any]], params: dict[str, Any], rng: str | None) -> bool:
+    """mergekit's stream with L1 rescale, every density below 1 (the base's entry has none)."""
+    return rng == "mergekit" and bool(params["rescale"]) and not params.get("rescale_inverse_density", False) \
+        and all(float(mp.get("density", 0.0)) < 1 for mp in model_params if "density" in mp)
+
+
+def _kernels(m: TaskVectorMethod) -> tuple[KernelSpec, ...]:
+    """The compiled/chunked kernels serve the methods without DELLA/breadcrumbs ranking."""
+    if m.sparsification not in ("none", "magnitude", "bernoulli"):
+        return ()
+    dare16 = ()
+    if m.sparsification == "bernoulli":
+        # mergekit's draws kept as 1-byte keys, over the 16-bit sources as stored
+        dare16 = (KernelSpec("dare16", "mergelab.kernels.memory:dare16", "memory", applies=_dare16_applies),)
+    return dare16 + (
+        KernelSpec("chunked", "mergelab.kernels.memory:chunked", "memory"),
+        KernelSpec("chunked", "mergelab.kernels.disk:chunked", "disk"),
+    )
+
+
 def _spec(m: TaskVectorMethod, paper: str) -> OperatorSpec:
     params = [
         _weight(),
@@ -315,6 +338,7 @@ def _spec(m: TaskVectorMethod, paper: str) -> OperatorSpec:
         uses_random=m.sparsification in ("bernoulli", "della"),
         uses_deltas=True,
         uses_sorted_abs=m.sparsification in ("magnitude", "breadcrumbs"),
+        kernels=_kernels(m),
     )
 
 

@@ -244,3 +244,65 @@ def test_mergekit_slices_form_accepted(tiny_family, tmp_path):
     torch.testing.assert_close(out[name0], A[name0], rtol=0, atol=1e-6)
     name1 = "model.layers.1.self_attn.q_proj.weight"  # t = 1 -> model b
     torch.testing.assert_close(out[name1], B[name1], rtol=0, atol=1e-6)
+
+
+def _overflow_recipe(fam, method="linear"):
+    # a float16 output of weights 3e5 overflows: inf in every merged tensor
+    models = [{"model": str(fam["a"]), "parameters": {"weight": 3e5}},
+              {"model": str(fam["b"]), "parameters": {"weight": 3e5}}]
+    return {"merge_method": method, "models": models, "parameters": {"normalize": False}, "dtype": "float16"}
+
+
+def test_non_finite_merge_stops_and_names_the_tensor(tiny_family, tmp_path, capsys):
+    from mergelab.engine import merge_to_dir
+    from mergelab.errors import NonFiniteMergeError
+
+    with pytest.raises(NonFiniteMergeError) as e:
+        merge_to_dir(_overflow_recipe(tiny_family), tmp_path / "out")
+    first = "lm_head.weight"  # the plan's first tensor
+    assert e.value.tensor == first and e.value.count > 0
+    assert f"`{first}`" in str(e.value) and "300000.0" in str(e.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # nothing left behind
+    r = write_recipe(tmp_path / "r.yml", _overflow_recipe(tiny_family))
+    assert run_cli("merge", r, tmp_path / "out", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "inf/NaN" in err and first in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_finite_guard_defers_device_flags_and_reports_the_first_bad_tensor():
+    from mergelab.errors import NonFiniteMergeError
+    from mergelab.kernels.finite import FiniteGuard
+
+    g = FiniteGuard("here", every=3)
+    # the deferred (device) path, exercised with CPU tensors posing as another device's
+    g._pending = [("a", {}, torch.tensor(0)), ("b", {"w": 1}, torch.tensor(2)), ("c", {}, torch.tensor(1))]
+    with pytest.raises(NonFiniteMergeError) as e:
+        g.flush()
+    assert e.value.tensor == "b" and e.value.count == 2 and g._pending == []
+    g.add("ok", torch.ones(3), {})
+    g.add("ints", torch.tensor([1, 2]), {})  # not floating point: nothing to check
+    with pytest.raises(NonFiniteMergeError, match="`nan`"):
+        g.add("nan", torch.tensor([1.0, float("nan")]), {})
+
+
+def test_verbose_merge_logs_the_kernel_of_each_tensor(tiny_family, tmp_path, caplog):
+    from mergelab.engine import merge_to_dir
+
+    r = {"merge_method": "dare_ties", "base_model": str(tiny_family["base"]), "seed": 1,
+         "models": [{"model": str(tiny_family[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in ("a", "b")]}
+    rep = merge_to_dir(r, tmp_path / "out")
+    n = len(load_dir(tmp_path / "out"))
+    assert rep.kernels == {"chunked": n}  # every tensor of the tiny family through the chunked kernel
+    path = write_recipe(tmp_path / "r.yml", {"merge_method": "slerp", "base_model": str(tiny_family["base"]),
+                                             "parameters": {"t": 0.3}, "models": [{"model": str(tiny_family["a"])},
+                                                                                  {"model": str(tiny_family["base"])}]})
+    import logging
+
+    try:
+        assert run_cli("merge", path, tmp_path / "out2", "--quiet", "--verbose") == 0
+    finally:
+        logging.getLogger("mergelab").setLevel(logging.NOTSET)
+    err = caplog.text
+    assert "model.layers.0.self_attn.q_proj.weight: kernel reference" in err  # slerp has no fast kernel
+    assert err.count(": kernel ") == n

@@ -72,8 +72,22 @@ def _merge(fam, recipe, jit: bool, monkeypatch) -> tuple[dict[str, torch.Tensor]
         # small slices and spans, so boundaries fall inside every tensor
         m.setattr(fast, "CHUNK", 640)
         m.setattr(fast, "_JIT_SPAN", 4 * 640)
-        tm = TrialMerger(str(fam[0]), [str(p) for p in fam[1:]])
+        tm = TrialMerger(str(fam[0]), [str(p) for p in fam[1:]], cache="fast")
         return tm.state_dict(recipe), len(calls)
+
+
+@pytest.mark.parametrize("method,weights,densities,params", CASES)
+def test_compact_cache_equals_fast_cache_bit_for_bit(wide_family, monkeypatch, method, weights, densities,
+                                                     params):
+    # the compact cache (sources as stored, derivations per candidate) gives the fast tier's values
+    r = _recipe(wide_family, method, weights, densities, params)
+    fast_out, _ = _merge(wide_family, r, True, monkeypatch)
+    monkeypatch.setattr(fast, "CHUNK", 640)
+    tm = TrialMerger(str(wide_family[0]), [str(p) for p in wide_family[1:]], cache="compact")
+    got = tm.state_dict(r)
+    assert set(tm._tiers.values()) == {"stored"} and not tm._deltas and not tm._order
+    for k in fast_out:
+        assert torch.equal(got[k].view(torch.int32), fast_out[k].view(torch.int32)), k
 
 
 @pytest.mark.parametrize("method,weights,densities,params", CASES)
@@ -397,6 +411,7 @@ def test_disk_dare_with_and_without_compiled_loops_bit_for_bit(wide_family, tmp_
 
     r = _recipe(wide_family, method, (0.6, -0.4, 1.3), (0.2, 0.9, 0.45), params)
     r["dtype"] = "float16"
+    r["rng"] = "mergekit"  # the compiled mt19937 draws serve mergekit's stream
     out = {}
     streams = []
     real = _jit.MTStream
@@ -490,7 +505,8 @@ def test_mt_stream_copy_draws_the_same_numbers_independently():
     assert torch.equal(a, torch.empty(2000).uniform_(generator=g))
 
 
-def test_disk_dare_holds_no_whole_tensor_mask_or_task_vector(wide_family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rng", ["mergekit", None])
+def test_disk_dare_holds_no_whole_tensor_mask_or_task_vector(wide_family, tmp_path, monkeypatch, rng):
     # DARE with L1 rescale from disk: τ and the masks go slice by slice (norms streamed, masks
     # redrawn), so the workspace holds slices only, whatever the tensor size
     from mergelab import engine
@@ -506,6 +522,8 @@ def test_disk_dare_holds_no_whole_tensor_mask_or_task_vector(wide_family, tmp_pa
     monkeypatch.setattr(fast, "Workspace", Watched)
     monkeypatch.setattr(fast, "CHUNK", 640)
     r = _recipe(wide_family, "dare_ties", (0.6, 0.4, 0.9), (0.5, 0.7, 0.3), {})
+    if rng:
+        r["rng"] = rng  # either stream: norms streamed, masks redrawn slice by slice
     engine.merge_to_dir(r, tmp_path / "out")
     bufs = seen[0]._bufs
     assert bufs and all(k == ("result", torch.float32) or t.numel() <= 3 * 640 for k, t in bufs.items()), \
@@ -617,3 +635,26 @@ def test_cut16_pass_equals_float32_cut_pass(dtype, n):
             _jit.cut16_pass(tuple(_jit.bits16(m) for m in m16), _jit.bits16(b16), thr, cut, rmode=rmode, out=got,
                             **common)
             assert np.array_equal(got.view(np.int32), want.view(np.int32)), (k_frac, rmode)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_disk_counter_dare_streamed_equals_torch_and_trial(wide_family, tmp_path, monkeypatch, method):
+    # the counter stream from disk: compiled, slice by slice (grid from a first pass, masks redrawn)
+    # against the torch kernels (whole mask, exact_l1) and against the trial merger
+    from mergelab.engine import merge_to_dir
+
+    from conftest import load_dir
+
+    r = _recipe(wide_family, method, (0.6, -0.4, 1.3), (0.2, 0.9, 0.45), {"lambda": 1.1})
+    r["dtype"] = "float16"
+    out = {}
+    for jit in (False, True):
+        with monkeypatch.context() as m:
+            m.setattr(_jit, "AVAILABLE", jit)
+            m.setattr(fast, "CHUNK", 640)
+            merge_to_dir(r, tmp_path / f"out{jit}")
+        out[jit] = load_dir(tmp_path / f"out{jit}")
+    mem = TrialMerger(str(wide_family[0]), [str(p) for p in wide_family[1:]]).state_dict(r)
+    for k in out[False]:
+        assert torch.equal(out[True][k].view(torch.int16), out[False][k].view(torch.int16)), k
+        assert torch.equal(mem[k].view(torch.int16), out[False][k].view(torch.int16)), k

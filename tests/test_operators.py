@@ -16,7 +16,8 @@ from operators.table import operator_table_markdown
 T = torch.tensor
 
 
-def run(op, base, models, model_params, params=None, *, base_index=None, seed=0, name="w", pre=False):
+def run(op, base, models, model_params, params=None, *, base_index=None, seed=0, name="w", pre=False,
+        rng=None):
     """Call operator `op` the way the engine does: defaults filled, optional precompute."""
     spec = get_operator(op)
     g = {p.name: p.default for p in spec.params if p.scope == "global"}
@@ -29,7 +30,7 @@ def run(op, base, models, model_params, params=None, *, base_index=None, seed=0,
         sorted_abs = [None if d is None else sorted_magnitudes(d) for d in deltas]
     inp = MergeInputs(
         name=name, base=base, models=list(models), model_params=mps, params=g, seed=seed,
-        base_index=base_index, deltas=deltas, sorted_abs=sorted_abs,
+        base_index=base_index, deltas=deltas, sorted_abs=sorted_abs, rng=rng,
     )
     out = spec.fn(inp)
     assert out.dtype == torch.float32 and out.shape == models[0].shape
@@ -251,6 +252,111 @@ def test_dare_is_deterministic_per_seed_and_tensor_name():
     assert not torch.equal(a, c)
 
 
+# ---- the counter-based stream (default) and mergekit's stream ------------------------------
+
+def _lowbias32(x: int) -> int:
+    """An independent, pure-Python lowbias32 (unsigned 32-bit arithmetic)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_counter_stream_is_the_keyed_hash_of_the_element_index():
+    from operators.draws import counter_bits
+
+    key = 0x1234_5678_9ABC_DEF1
+    k0, k1 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
+    want = [_lowbias32(_lowbias32(i ^ k0) ^ k1) >> 8 for i in range(0, 300)]
+    assert counter_bits(key, 0, 300).tolist() == want
+    # any slice alone gives the stream's numbers at those positions
+    assert counter_bits(key, 123, 300).tolist() == want[123:]
+    # positions past 2**32 use another word of the key, so they do not repeat the first ones
+    far = counter_bits(key, 1 << 32, (1 << 32) + 300)
+    assert far.tolist() != want and int(far.min()) >= 0 and int(far.max()) < 1 << 24
+    edge = counter_bits(key, (1 << 32) - 5, (1 << 32) + 5)  # a stretch across 2**32
+    assert torch.equal(edge, torch.cat([counter_bits(key, (1 << 32) - 5, 1 << 32), far[:5]]))
+
+
+def test_counter_stream_keep_fraction_and_threshold():
+    from operators.draws import CounterStream, keep_threshold
+
+    assert keep_threshold(0.5) == 1 << 23 and keep_threshold(1.0) == 1 << 24 and keep_threshold(0.0) == 0
+    mask = CounterStream(7).keep_mask(torch.Size([400_000]), 0.3, "cpu")
+    assert abs(mask.float().mean().item() - 0.3) < 0.003  # std 0.0007
+    u = CounterStream(7).uniform(torch.Size([400_000]), "cpu")
+    assert torch.equal(u < 0.3, mask)  # the same numbers as k / 2**24
+    assert abs(u.mean().item() - 0.5) < 0.003
+
+
+def test_exact_l1_is_independent_of_order_and_matches_the_integer_sum():
+    from operators.draws import exact_l1
+
+    t = rand(1000, 37, seed=21) * torch.logspace(-6, 2, 37)
+    perm = torch.randperm(t.numel(), generator=torch.Generator().manual_seed(0))
+    a, b = exact_l1(t), exact_l1(t.reshape(-1)[perm])
+    assert torch.equal(a.total, b.total) and torch.equal(a.scale, b.scale)
+    scale = int(a.scale)
+    # the definition: each |x| truncated to the 2**-scale grid, summed as integers
+    want = sum(math.floor(abs(float(x)) * 2.0 ** scale) for x in t.reshape(-1).tolist())
+    assert int(a.total) == want
+    assert abs(float(a.value()) / float(t.abs().double().sum()) - 1) < 1e-12
+    z = exact_l1(torch.zeros(10))
+    assert int(z.total) == 0 and float(z.value()) == 0.0
+
+
+def test_dare_counter_stream_is_thread_count_independent_and_rescales():
+    base = rand(300, 301, seed=1)
+    models = [base + 0.01 * rand(300, 301, seed=2), base + 0.01 * rand(300, 301, seed=3)]
+    mps = [{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 0.6}]
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(run("dare_ties", base, models, mps, seed=5, name="x"))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
+    # one task vector, L1 rescale: the survivors' L1 norm equals the task vector's
+    tau = models[0] - base
+    out = run("dare_linear", torch.zeros_like(base), [tau], [{"weight": 1.0, "density": 0.3}], seed=5, name="x").double()
+    assert abs((out != 0).double().mean().item() - 0.3) < 0.01
+    assert abs(out.abs().sum().item() / tau.double().abs().sum().item() - 1) < 1e-6
+
+
+def test_rng_option_selects_the_stream():
+    base = rand(64, 64, seed=13)
+    models = [rand(64, 64, seed=14), rand(64, 64, seed=15)]
+    mps = [{"weight": 0.5, "density": 0.4}, {"weight": 0.5, "density": 0.6}]
+    counter = run("dare_ties", base, models, mps, seed=3, name="q")
+    assert torch.equal(counter, run("dare_ties", base, models, mps, seed=3, name="q", rng="counter"))
+    mk = run("dare_ties", base, models, mps, seed=3, name="q", rng="mergekit")
+    assert not torch.equal(counter, mk)
+    # mergekit's stream: torch's CPU generator seeded per tensor, rows drawn in order
+    from operators import tensor_seed
+    from operators.sparsify import bernoulli_
+
+    g = torch.Generator().manual_seed(tensor_seed(3, "q"))
+    rows = [bernoulli_(m - base, mp["density"], g) for m, mp in zip(models, mps)]
+    g2 = torch.Generator().manual_seed(tensor_seed(3, "q"))
+    masks = [torch.rand(base.shape, generator=g2) < mp["density"] for mp in mps]
+    assert all(torch.equal(r != 0, m & ((mo - base) != 0)) for r, m, mo in zip(rows, masks, models))
+
+
+@pytest.mark.parametrize("op", ["dare_ties", "dare_linear", "della"])
+def test_counter_stream_same_bits_on_cuda_and_cpu(op):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: the CPU-vs-CUDA equality runs where a GPU is present")
+    base = rand(257, 129, seed=1)
+    models = [base + 0.01 * rand(257, 129, seed=2), base + 0.01 * rand(257, 129, seed=3)]
+    mps = [{"weight": 0.7, "density": 0.3, "epsilon": 0.1}, {"weight": 0.5, "density": 0.6, "epsilon": 0.1}]
+    cpu = run(op, base, models, mps, seed=5, name="x")
+    gpu = run(op, base.cuda(), [m.cuda() for m in models], mps, seed=5, name="x")
+    assert torch.equal(cpu, gpu.cpu())
+
+
 # ---- breadcrumbs and DELLA ------------------------------------------------------------------
 
 def test_breadcrumbs_drops_outliers_then_smallest():
@@ -372,3 +478,23 @@ def test_precomputed_path_is_bit_identical(op):
         assert torch.equal(plain, pre)
         # operators work in their own buffers: the inputs are untouched
         assert all(torch.equal(a, b) for a, b in zip(snapshot, [base] + ms))
+
+
+@pytest.mark.parametrize("n,start", [(1, 0), (5000, 0), (70_001, 123_457), (300, (1 << 32) - 100)])
+def test_compiled_counter_mask_and_sums_equal_the_torch_stream(n, start):
+    from mergelab import _jit
+    from mergelab.kernels import counter_jit
+    from operators.draws import CounterStream, exact_l1, fixed_scale
+
+    if not _jit.AVAILABLE:
+        pytest.skip("numba (the `fast` extra) is not installed: the compiled pass is optional")
+    a = (rand(n, seed=n) * torch.logspace(-5, 1, n)).abs()
+    stream = CounterStream(0xDEADBEEF_12345678, position=start)
+    want = stream.keep_mask(torch.Size([n]), 0.37, "cpu")
+    norms = exact_l1(a)
+    mask = torch.empty(n, dtype=torch.bool)
+    total, after = counter_jit.mask_l1(a, stream.key, start, 0.37, fixed_scale(a.amax(), n), mask)
+    assert torch.equal(mask, want)
+    assert total == int(norms.total) and after == int(norms.masked(want))
+    empty = torch.empty(0)
+    assert counter_jit.mask_l1(empty, stream.key, start, 0.37, None, mask) == (0, 0) and torch.equal(mask, want)

@@ -12,7 +12,7 @@ from mergelab.trial import TrialMerger
 from conftest import load_dir
 
 
-def recipe(fam, method, w=(0.6, 0.4), d=(0.5, 0.7), lam=1.0, seed=0):
+def recipe(fam, method, w=(0.6, 0.4), d=(0.5, 0.7), lam=1.0, seed=0, rng=None):
     models = [{"model": str(fam["a"]), "parameters": {"weight": w[0], "density": d[0]}},
               {"model": str(fam["b"]), "parameters": {"weight": w[1], "density": d[1]}}]
     if method in ("linear",):
@@ -20,6 +20,8 @@ def recipe(fam, method, w=(0.6, 0.4), d=(0.5, 0.7), lam=1.0, seed=0):
         return {"merge_method": method, "models": models, "dtype": "float16"}
     out = {"merge_method": method, "base_model": str(fam["base"]), "models": models, "seed": seed,
            "parameters": {"lambda": lam}, "dtype": "float16"}
+    if rng is not None:
+        out["rng"] = rng
     if method == "task_arithmetic":
         for m in models:
             m["parameters"].pop("density")
@@ -50,15 +52,15 @@ def test_only_changed_tensors_recomputed(tiny_family):
     n = len(load_dir(tiny_family["base"]))
     r1 = recipe(tiny_family, "ties")
     tm.apply(r1)
-    assert tm.last_stats["changed_tensors"] == n
+    assert tm.last_stats.changed_tensors == n
     tm.apply(r1)
-    assert tm.last_stats["changed_tensors"] == 0
+    assert tm.last_stats.changed_tensors == 0
     # a gradient that changes only layer 1's weight for model a
     r2 = recipe(tiny_family, "ties")
     r2["models"][0]["parameters"]["weight"] = [0.6, 0.9]
     tm.apply(r2)
     per_layer = sum(1 for k in load_dir(tiny_family["base"]) if ".layers.1." in k)
-    assert tm.last_stats["changed_tensors"] == per_layer
+    assert tm.last_stats.changed_tensors == per_layer
     # and the result still equals a fresh merge
     fresh = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])]).apply(r2)
     for (k, p), (_, q) in zip(tm.model.named_parameters(), fresh.named_parameters()):
@@ -77,19 +79,19 @@ def test_streaming_fallback_same_result_and_says_so(tiny_family, caplog):
 
 
 def test_dare_draws_are_drawn_once_per_seed_and_still_equal_disk(tiny_family, tmp_path):
-    tm = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])])
-    tm.state_dict(recipe(tiny_family, "dare_ties", seed=3))
+    tm = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])], cache="fast")
+    tm.state_dict(recipe(tiny_family, "dare_ties", seed=3, rng="mergekit"))
     cached = {k: [id(u) for u in v if u is not None] for k, v in tm._draws.items()}
     assert cached and all(k[0] == 3 and len(v) == 2 for k, v in cached.items())
     # another candidate with the search's seed: masks come from the same cached numbers
-    r2 = recipe(tiny_family, "dare_ties", w=(0.3, 0.9), d=(0.2, 0.8), seed=3)
+    r2 = recipe(tiny_family, "dare_ties", w=(0.3, 0.9), d=(0.2, 0.8), seed=3, rng="mergekit")
     mem = tm.state_dict(r2)
     assert {k: [id(u) for u in v if u is not None] for k, v in tm._draws.items()} == cached
     merge_to_dir(r2, tmp_path / "out")
     disk = load_dir(tmp_path / "out")
     assert all(torch.equal(mem[k], disk[k]) for k in disk)
     # a new seed replaces the draws (and still merges what the disk path merges)
-    r3 = recipe(tiny_family, "dare_ties", seed=4)
+    r3 = recipe(tiny_family, "dare_ties", seed=4, rng="mergekit")
     mem3 = tm.state_dict(r3)
     assert tm._draws and {k[0] for k in tm._draws} == {4}
     merge_to_dir(r3, tmp_path / "out3")
@@ -97,15 +99,31 @@ def test_dare_draws_are_drawn_once_per_seed_and_still_equal_disk(tiny_family, tm
     assert all(torch.equal(mem3[k], disk3[k]) for k in disk3)
 
 
-def test_dare_draws_not_cached_past_max_memory(tiny_family):
+def test_cache_tiers_fall_back_per_tensor_under_max_memory(tiny_family, caplog):
     models = [str(tiny_family["a"]), str(tiny_family["b"])]
-    probe = TrialMerger(str(tiny_family["base"]), models)
-    plan = probe.plan(recipe(tiny_family, "dare_ties"))
-    budget = probe._cache_bytes(plan) + 1  # the cache fits, the draws on top of it do not
-    tm = TrialMerger(str(tiny_family["base"]), models, max_memory=budget)
-    ref = probe.state_dict(recipe(tiny_family, "dare_ties"))
-    got = tm.state_dict(recipe(tiny_family, "dare_ties"))
-    assert not tm._streaming and tm._draws == {} and probe._draws
+    r = recipe(tiny_family, "ties")
+    probe = TrialMerger(str(tiny_family["base"]), models, cache="fast")
+    plan = probe.plan(r)
+    stored, fast = probe.cache_bytes(plan, "stored"), probe.cache_bytes(plan, "fast")
+    assert fast > 3 * stored  # float32 copies, task vectors and orders on top of the sources
+    ref = probe.state_dict(r)
+    assert set(probe._tiers.values()) == {"fast"}
+    # the fast tier does not fit, the stored one does: every tensor stays in memory, as stored
+    tm = TrialMerger(str(tiny_family["base"]), models, cache="fast", max_memory=stored)
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        got = tm.state_dict(r)
+    assert "stream from disk" not in caplog.text and "stored" in set(tm._tiers.values())
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    # half the stored tier fits: the other tensors stream from disk, said once, same values
+    tm = TrialMerger(str(tiny_family["base"]), models, max_memory=stored // 2)
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        got = tm.state_dict(r)
+        tm.state_dict(r)
+    tiers = list(tm._tiers.values())
+    assert 0 < tiers.count("disk") < len(tiers) and tiers.count("fast") == 0
+    assert sum("stream from disk" in m for m in caplog.messages) == 1
+    assert f"{tiers.count('disk')} of {len(tiers)} tensors" in caplog.text
+    assert sum(t.numel() * t.element_size() for t in tm._stored.values()) <= stored // 2
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
@@ -136,10 +154,10 @@ def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
     real = _fast.dare16_into
     monkeypatch.setattr(_fast, "dare16_into", lambda *a: calls.append(real(*a)) or calls[-1])
     base, *fts = (str(p) for p in family16)
-    tm = TrialMerger(base, fts)
+    tm = TrialMerger(base, fts, cache="fast")
     for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)),
                                 ((0.2, 0.2, 0.6), (0.5, 0.5, 0.5)))):
-        r = {"merge_method": method, "base_model": base, "seed": 11, "dtype": "float16",
+        r = {"merge_method": method, "base_model": base, "seed": 11, "dtype": "float16", "rng": "mergekit",
              "parameters": {"lambda": 1.0 + 0.1 * i, "normalize": i != 1},
              "models": [{"model": m, "parameters": {"weight": w[k], "density": d[k]}} for k, m in enumerate(fts)]}
         model = tm.apply(r)
@@ -177,7 +195,7 @@ def test_ties_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
     real = _jit.cut16_pass
     monkeypatch.setattr(_jit, "cut16_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     base, *fts = (str(p) for p in family16)
-    tm = TrialMerger(base, fts)
+    tm = TrialMerger(base, fts, cache="fast")
     for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)))):
         r = {"merge_method": "ties", "base_model": base, "dtype": "float16",
              "parameters": {"lambda": 1.0 + 0.1 * i, "normalize": i != 1},
@@ -191,3 +209,35 @@ def test_ties_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
         monkeypatch.setattr(_jit, "AVAILABLE", True)
         assert all(torch.equal(ref[k], disk[k]) for k in disk)
     assert len(calls) == 2 * len(disk)  # every tensor of both candidates
+
+
+def test_non_finite_candidate_raises_a_typed_error(tiny_family):
+    from mergelab.errors import NonFiniteMergeError
+
+    tm = TrialMerger(None, [str(tiny_family["a"]), str(tiny_family["b"])])
+    bad = {"merge_method": "linear", "dtype": "float16", "parameters": {"normalize": False},
+           "models": [{"model": str(tiny_family[k]), "parameters": {"weight": 3e5}} for k in ("a", "b")]}
+    with pytest.raises(NonFiniteMergeError) as e:
+        tm.apply(bad)
+    assert e.value.tensor == "lm_head.weight" and e.value.count > 0  # the plan's first tensor
+    good = recipe(tiny_family, "linear")
+    tm.apply(good)  # the next candidate merges normally
+    assert all(torch.isfinite(p).all() for p in tm.model.parameters())
+
+
+def test_auto_cache_takes_the_fast_tier_only_while_it_fits_half_the_free_memory(tiny_family, monkeypatch):
+    from mergelab import trial
+
+    models = [str(tiny_family["a"]), str(tiny_family["b"])]
+    r = recipe(tiny_family, "ties")
+    roomy = TrialMerger(str(tiny_family["base"]), models)
+    ref = roomy.state_dict(r)
+    assert set(roomy._tiers.values()) == {"fast"}
+    fast = roomy.cache_bytes(roomy.plan(r), "fast")
+    monkeypatch.setattr(trial, "_available_memory", lambda: 2 * fast - 2)  # half of it is just too little
+    tight = TrialMerger(str(tiny_family["base"]), models)
+    got = tight.state_dict(r)
+    assert set(tight._tiers.values()) == {"stored"} and not tight._deltas
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="auto, compact or fast"):
+        TrialMerger(str(tiny_family["base"]), models, cache="small")

@@ -28,12 +28,15 @@ def _human(n: float) -> str:
 @click.option("--dry-run", is_flag=True, help="Validate everything and print the plan; merge nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, overwrite, quiet):
+@click.option("--verbose", is_flag=True, help="Log the kernel that merged each tensor.")
+def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, overwrite, quiet, verbose):
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR, one tensor at a time."""
     from ..engine import merge_to_dir, prepare, resolve_device
     from ..writer import parse_size, shard_layout
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    if verbose:
+        logging.getLogger("mergelab").setLevel(logging.DEBUG)
     size = parse_size(shard_size)
     dev = resolve_device(device)
     plan, sources = prepare(recipe, seed)
