@@ -190,3 +190,135 @@ def build_stack_plan(recipe: Recipe, sources: dict[str, ModelSource], *, seed: i
     return MergePlan(recipe=recipe, jobs=jobs, reference=reference, num_layers=len(layers), notes=notes,
                      seed=seed, config_updates=updates)
 
+
+
+class StackBuilder:
+    """Layer-stacked candidates in memory (the data-flow search's merger): the model's parameters
+    are references to the source models' tensors, read once and kept on the device; only a scaled
+    tensor (passthrough `scale` other than 1) gets a copy. It follows the stack plan, so a
+    candidate equals what `mergelab merge` writes for the same recipe (same dtype rounding)."""
+
+    def __init__(self, refs: list[str], *, device="auto", model_dtype=None, sources: dict[str, ModelSource] | None = None):
+        import torch
+
+        from .engine import resolve_device
+        from .sources import open_sources
+
+        self.refs = list(refs)
+        self.sources = sources or open_sources(self.refs)
+        self.device = resolve_device(device)
+        self.model_dtype = model_dtype or torch.float32
+        self._tensors: dict[tuple[str, str], object] = {}
+        self._rotary: dict[tuple[str, str], object] = {}
+        self._tokenizer = None
+        self.last_stats: dict[str, float] = {}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            first = self.refs[0] if self.refs else next(iter(self.sources))
+            self._tokenizer = AutoTokenizer.from_pretrained(self.sources[first].path, trust_remote_code=False)
+        return self._tokenizer
+
+    def plan(self, recipe) -> MergePlan:
+        from .recipe import load_recipe
+
+        from .sources import open_sources
+
+        r = load_recipe(recipe)
+        new = [k for k in r.all_refs() if k not in self.sources]
+        if new:  # a model first used by this candidate (e.g. a parameter-space merge's output)
+            self.sources.update(open_sources(new))
+        return build_stack_plan(r, {k: self.sources[k] for k in r.all_refs()})
+
+    def _source(self, ref: str, name: str):
+        key = (ref, name)
+        t = self._tensors.get(key)
+        if t is None:
+            t = self.sources[ref].get(name).to(device=self.device, dtype=self.model_dtype)
+            self._tensors[key] = t
+        return t
+
+    def _value(self, job: TensorJob, plan: MergePlan):
+        """The job's tensor as the model holds it: the cached source itself, or (scaled, or cut
+        to another vocabulary) the disk merge's arithmetic: float32, rounded to the output dtype."""
+        import torch
+
+        read = job.models[0]
+        src = self._source(read.ref, read.tensor)
+        scale = job.model_params[0].get("scale") if plan.recipe.merge_method == "passthrough" else None
+        exact = scale is None and (job.rows is None or src.shape[0] == job.rows)
+        if exact and src.dtype == self.model_dtype and job.out_dtype == self.sources[read.ref].tensors[read.tensor].dtype:
+            return src
+        from .engine import fit_rows
+
+        x = fit_rows(src, job.rows, None).to(torch.float32)
+        if scale is not None:
+            x = x * float(scale)
+        return x.to(job.out_dtype).to(self.model_dtype)
+
+    def _rotary_for(self, module, config, reference: str):
+        key = (type(module).__name__, reference)  # the rotary tables depend on the config only
+        if key not in self._rotary:
+            import torch
+
+            with torch.device(self.device):
+                self._rotary[key] = type(module)(config=config)
+        return self._rotary[key]
+
+    def build(self, recipe):
+        """The candidate model (transformers, eval mode) for a passthrough stack recipe."""
+        import time
+
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        t0 = time.perf_counter()
+        plan = self.plan(recipe)
+        if plan.recipe.merge_method != "passthrough":
+            raise MergelabError(
+                f"The stack builder builds passthrough stacks; this recipe merges with "
+                f"`{plan.recipe.merge_method}`. Merge it with the trial merger or `mergelab merge`."
+            )
+        config = AutoConfig.from_pretrained(self.sources[plan.reference].path, trust_remote_code=False)
+        text = getattr(config, "text_config", None) or config
+        for k, v in plan.config_updates.items():
+            if k != "text_config":
+                setattr(text, k, v)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.model_dtype)
+        params = dict(model.named_parameters())
+        for job in plan.jobs:
+            if job.name not in params:
+                continue  # an lm_head the config ties to the embeddings
+            owner, leaf = _owner(model, job.name)
+            owner._parameters[leaf] = torch.nn.Parameter(self._value(job, plan), requires_grad=False)
+        if getattr(text, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+            model.lm_head._parameters["weight"] = model.get_input_embeddings().weight
+        for name, mod in model.named_modules():
+            if any(b is not None and b.is_meta for b in mod._buffers.values()):
+                if "Rotary" not in type(mod).__name__:
+                    raise MergelabError(f"The stacked model's module {name} ({type(mod).__name__}) has buffers "
+                                        "the stack builder cannot rebuild; merge the recipe to disk instead.")
+                parent, leaf = _owner(model, name)
+                parent._modules[leaf] = self._rotary_for(mod, text, plan.reference)
+        left = [n for n, p in model.named_parameters() if p.is_meta]
+        if left:
+            raise MergelabError(f"The stack plan leaves {len(left)} parameter(s) unset ({left[:3]}); "
+                                "the model's checkpoint and config disagree.")
+        model.eval()
+        self.last_stats = {"build_seconds": time.perf_counter() - t0, "layers": float(plan.num_layers or 0)}
+        return model
+
+    apply = build
+
+
+def _owner(model, name: str):
+    """(module holding the dotted `name`'s last part, that part)."""
+    parts = name.split(".")
+    mod = model
+    for p in parts[:-1]:
+        mod = getattr(mod, p)
+    return mod, parts[-1]

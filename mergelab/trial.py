@@ -362,7 +362,12 @@ class TrialMerger:
             yield job, key, out
 
     def apply(self, recipe, seed: int | None = None):
-        """Write the candidate's merged weights into the in-memory model and return the model."""
+        """Write the candidate's merged weights into the in-memory model and return the model.
+        A layer stack (mergekit slices: the data-flow search's candidates) is built instead from
+        the cached layers of its sources, as references (mergelab.stack.StackBuilder)."""
+        r = load_recipe(recipe)
+        if r.is_stack:
+            return self._stack_builder().build(r)
         model = self.model
         t0 = time.perf_counter()
         changed = 0
@@ -387,6 +392,13 @@ class TrialMerger:
                 changed += 1
         self.last_stats = {"changed_tensors": changed, "merge_seconds": time.perf_counter() - t0}
         return model
+
+    def _stack_builder(self):
+        if getattr(self, "_stacks", None) is None:
+            from .stack import StackBuilder
+
+            self._stacks = StackBuilder([], device=self.device, model_dtype=self.model_dtype, sources=dict(self.sources))
+        return self._stacks
 
     def state_dict(self, recipe, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The candidate's merged tensors in the output dtype (what `mergelab merge` writes)."""
