@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-scales", action="store_true", help="dataflow.scales: false (no scaling at jumps)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/mergelab_dataflow_bench"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -65,9 +66,9 @@ def main() -> None:
               "space": {"weight": [0.0, 1.0], "density": [0.1, 1.0], "lambda": [0.5, 2.0]}}
     ps, ps_s = _search("ps", ps_cfg, work)
     (work / "ps_best.yml").write_text(yaml.safe_dump(ps["recipe"], sort_keys=False))
-    dfs, dfs_s = _search("dfs", {**common, "dataflow": {"repeats": args.repeats}}, work)
+    dfs, dfs_s = _search("dfs", {**common, "dataflow": {"repeats": args.repeats, "scales": not args.no_scales}}, work)
     both, both_s = _search("ps_dfs", {**common, "dataflow": {
-        "repeats": args.repeats, "ps_recipe": str(work / "ps_best.yml"), "ps_model": str(work / "ps_model")}}, work)
+        "repeats": args.repeats, "scales": not args.no_scales, "ps_recipe": str(work / "ps_best.yml"), "ps_model": str(work / "ps_model")}}, work)
 
     tm = TrialMerger(base, fts, device="cpu")
     ev = Evaluator(EvalSpec.load(DATA / "eval_test.yml"), tm.tokenizer, tm.device)
@@ -80,7 +81,8 @@ def main() -> None:
             res = ev.evaluate(HFLogitModel(model, tok))
         return res.to_dict()
 
-    print(f"bundled family, {args.trials} trials per search, seed {args.seed}, repeats {args.repeats}, CPU 1 thread "
+    print(f"bundled family, {args.trials} trials per search, seed {args.seed}, repeats {args.repeats}, "
+          f"scales {'off' if args.no_scales else 'on'}, CPU 1 thread "
           "(shared machine)\n")
     print(f"| model | addition | sort | reverse | combined (test) | combined (val) | layers | search time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

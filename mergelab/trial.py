@@ -365,9 +365,9 @@ class TrialMerger:
         """Write the candidate's merged weights into the in-memory model and return the model.
         A layer stack (mergekit slices: the data-flow search's candidates) is built instead from
         the cached layers of its sources, as references (mergelab.stack.StackBuilder)."""
-        r = load_recipe(recipe)
-        if r.is_stack:
-            return self._stack_builder().build(r)
+        slices = recipe.get("slices") if isinstance(recipe, dict) else getattr(recipe, "slices", ())
+        if slices is not None and load_recipe(recipe).is_stack:  # validated twice only for stacks
+            return self._stack_builder().build(recipe)
         model = self.model
         t0 = time.perf_counter()
         changed = 0
