@@ -302,9 +302,10 @@ def validate_recipe(r: Recipe, where: str = "recipe", *, in_slice: bool = False)
         lo, hi = op.min_models + extra, (op.max_models + extra if op.max_models is not None else None)
         want = f"exactly {lo}" if hi == lo else f"at least {lo}" + (f" and at most {hi}" if hi else "")
         scope = " in all, base_model included," if skip_base else ""
+        fix = "the slice's `sources`" if in_slice else "the `models` list"
         raise MergelabError(
             f"{where}: merge_method `{op.name}` needs {want} models{scope} but the recipe has "
-            f"{n_models + extra}. Fix the `models` list."
+            f"{n_models + extra}. Fix {fix}."
         )
     known_model = {p.name for p in op.params if p.scope == "model"}
     known_global = {p.name for p in op.params}  # a model parameter in `parameters` applies to all
