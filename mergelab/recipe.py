@@ -111,7 +111,13 @@ class Recipe(BaseModel):
         for m in d.get("models", []):
             if not m.get("parameters"):
                 m.pop("parameters", None)
-        if self.is_stack:
+        layer_range = getattr(self, "_layer_range", None)
+        if layer_range is not None and not self.is_stack:
+            # written back in mergekit's slices form, so the layer range is not lost
+            d["slices"] = [{"sources": [{"model": m["model"], "layer_range": list(layer_range),
+                                         **({"parameters": m["parameters"]} if m.get("parameters") else {})}
+                                        for m in d.pop("models")]}]
+        elif self.is_stack:
             d.pop("models", None)
             for sl in d["slices"]:
                 if not sl.get("parameters"):
@@ -198,7 +204,6 @@ def _slices_to_models(r: Recipe, where: str) -> Recipe:
     models = [ModelEntry(model=src.model, parameters=src.parameters) for src in s.sources]
     out = r.model_copy(update={"models": models, "slices": None, "parameters": merged_global})
     out._layer_range = tuple(s.sources[0].layer_range)  # type: ignore[attr-defined]
-    out._slices = r.slices  # type: ignore[attr-defined]
     return out
 
 

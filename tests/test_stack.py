@@ -116,6 +116,10 @@ def test_single_partial_slice_keeps_only_its_layers(deep, tmp_path):
     assert json.loads((tmp_path / "p" / "config.json").read_text())["num_hidden_layers"] == 2
     for n, v in _layer(out, 0).items():
         assert torch.allclose(v, (_layer(sa, 1)[n] + _layer(sb, 1)[n]) / 2, atol=1e-7)
+    # written back in the slices form: rerunning it keeps the range
+    merge_to_dir(tmp_path / "p" / "mergelab_recipe.yaml", tmp_path / "again", device="cpu")
+    again = load_dir(tmp_path / "again")
+    assert again.keys() == out.keys() and all(torch.equal(again[k], out[k]) for k in out)
 
 
 def test_tied_embeddings_stack(tied_family, tmp_path):
