@@ -1,6 +1,8 @@
-"""Compares mergelab's operators with mergekit's own merge-method implementations on random tensors.
+"""Compares mergelab's operators with mergekit's own merge-method implementations on random tensors,
+and (with --recipes) whole recipes: `mergelab merge` against `mergekit-yaml` on a tiny bfloat16
+Llama family (layer stacking, per-slice merges, the spherical methods, sce, written recipes).
 
-Run with the mergekit environment: /opt/mk/bin/python benchmarks/mergekit_equivalence.py
+Run with the mergekit environment: /opt/mk/bin/python benchmarks/mergekit_equivalence.py [--recipes]
 """
 from __future__ import annotations
 
@@ -147,15 +149,128 @@ CASES = [
     ("slerp t=0.3", "slerp", [{}], {"t": 0.3}),
     ("model_stock", "model_stock", [{}, {}, {}], {}),
     ("model_stock filter_wise", "model_stock", [{}, {}, {}], {"filter_wise": True}),
+    ("sce", "sce", [{}, {}, {}], {}),
+    ("sce select_topk=0.3", "sce", [{}, {}, {}], {"select_topk": 0.3}),
+    ("nuslerp (task vectors)", "nuslerp", [{"weight": 0.3}, {"weight": 0.9}], {}),
+    ("nuslerp row_wise", "nuslerp", [{"weight": 0.6}, {"weight": 0.4}],
+     {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("nuslerp per row", "nuslerp", [{"weight": 0.6}, {"weight": 0.4}], {"nuslerp_flatten": False}),
+    ("multislerp", "multislerp", [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {}),
+    ("multislerp unnormalized", "multislerp", [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.4}],
+     {"normalize_weights": False}),
+    ("karcher", "karcher", [{}, {}, {}], {}),
+    ("karcher max_iter=3", "karcher", [{}, {}, {}], {"max_iter": 3}),
 ]
+
+
+def _recipes(fam: Path) -> list[tuple[str, dict]]:
+    base, a, b, c = (str(fam / n) for n in ("base", "a", "b", "c"))
+    scale = [{"filter": "o_proj", "value": 0.5}, {"filter": "down_proj", "value": 0.5}, {"value": 1.0}]
+    return [
+        ("passthrough, 2 slices", {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 3]}]},
+            {"sources": [{"model": b, "layer_range": [1, 4]}]}]}),
+        ("passthrough, repeats + scale", {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]},
+            {"sources": [{"model": a, "layer_range": [1, 3]}], "parameters": {"scale": scale}},
+            {"sources": [{"model": c, "layer_range": [2, 4]}]}]}),
+        ("per-slice ties", {"merge_method": "ties", "base_model": base, "slices": [
+            {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": a, "layer_range": [0, 2]},
+                         {"model": b, "layer_range": [0, 2]}], "parameters": {"density": 0.5}},
+            {"sources": [{"model": base, "layer_range": [1, 4]}, {"model": b, "layer_range": [1, 4]},
+                         {"model": c, "layer_range": [1, 4]}], "parameters": {"density": [0.3, 0.9]}}],
+            "parameters": {"weight": 0.5}}),
+        ("per-slice linear gradient", {"merge_method": "linear", "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 4]}, {"model": b, "layer_range": [0, 4]}],
+             "parameters": {"weight": [0.2, 0.8]}}]}),
+        ("sce", {"merge_method": "sce", "base_model": base, "models": [{"model": a}, {"model": b}, {"model": c}],
+                 "parameters": {"select_topk": 0.5}}),
+        ("nuslerp with base", {"merge_method": "nuslerp", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.3}}, {"model": b, "parameters": {"weight": 0.7}}]}),
+        ("nuslerp no base, row-wise", {"merge_method": "nuslerp", "models": [
+            {"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.5}}],
+            "parameters": {"nuslerp_flatten": False}}),
+        ("multislerp", {"merge_method": "multislerp", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.5}}, {"model": b, "parameters": {"weight": 0.3}},
+            {"model": c, "parameters": {"weight": 0.2}}]}),
+        ("karcher", {"merge_method": "karcher", "base_model": base, "models": [{"model": a}, {"model": b}]}),
+        ("task_arithmetic", {"merge_method": "task_arithmetic", "base_model": base, "models": [
+            {"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": 0.4}}]}),
+    ]
+
+
+def _load(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _compare(x: dict, y: dict) -> tuple[str, float, int]:
+    if set(x) != set(y):
+        return f"names differ: {sorted(set(x) ^ set(y))[:3]}", float("nan"), -1
+    if any(x[k].dtype != y[k].dtype or x[k].shape != y[k].shape for k in x):
+        return "dtype/shape differ", float("nan"), -1
+    worst = max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+    return "", worst, sum(int((x[k] != y[k]).sum()) for k in x)
+
+
+def recipes_main(work: Path) -> None:
+    """mergelab merge vs mergekit-yaml for each recipe. Two mergekit runs: the recipe as given
+    (mergekit computes in the models' bfloat16; mergelab in float32) and the recipe mergelab
+    wrote beside its output (dtype: float32, out_dtype: bfloat16 pinned)."""
+    import json
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    fam = work / "family"
+    if not (fam / "c").is_dir():
+        subprocess.run(["python3", "-c", (
+            "import sys, torch; sys.path[:0] = [%r, %r]\n"
+            "from conftest import make_llama\nfrom pathlib import Path\nr = Path(%r)\n"
+            "b = make_llama(r / 'base', 0, layers=4, dtype=torch.bfloat16)\n"
+            "for i, n in enumerate('abc'): make_llama(r / n, i + 1, layers=4, base=b, dtype=torch.bfloat16)\n"
+        ) % (str(root), str(root / "tests"), str(fam))], check=True)
+    mk = Path(sys.executable).parent / "mergekit-yaml"
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    print(f"{'recipe':30} {'as given: max|d|':>17} {'differ':>7} {'written: max|d|':>16} {'differ':>7} {'names/layers':>12}")
+    for label, recipe in _recipes(fam):
+        d = work / label.replace(" ", "_").replace(",", "").replace("+", "p")
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        (d / "r.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        subprocess.run(["python3", "-m", "mergelab", "merge", str(d / "r.yml"), str(d / "lab"), "--quiet",
+                        "--device", "cpu"], check=True, env=env)
+        cols = []
+        for name, rec in (("given", d / "r.yml"), ("written", d / "lab" / "mergelab_recipe.yaml")):
+            subprocess.run([str(mk), str(rec), str(d / name), "--no-copy-tokenizer"], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cols.append(_compare(_load(d / "lab"), _load(d / name)))
+        lab_cfg = json.loads((d / "lab" / "config.json").read_text())
+        mk_cfg = json.loads((d / "written" / "config.json").read_text())
+        same_layers = lab_cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
+        cells = []
+        for why, worst, n in cols:
+            cells += [f"{why or f'{worst:.3g}':>17}", f"{n:7d}"]
+        print(f"{label:30} {cells[0]} {cells[1]} {cells[2]:>16} {cells[3]} {'same' if same_layers else 'DIFF':>12}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", default="512x768,4096,1536x1024", help="comma-separated, e.g. 512x768,4096")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--recipes", action="store_true", help="compare whole recipes with mergekit-yaml instead")
+    parser.add_argument("--work", default="/tmp/mergelab_mk_equivalence", help="work directory for --recipes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.recipes:
+        recipes_main(Path(args.work))
+        return
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     total = sum(math.prod(s) for s in shapes)
 

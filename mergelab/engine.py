@@ -286,10 +286,10 @@ def merge_to_dir(
         if vocab is not None and vocab == ref_src.vocab_size:
             vocab = None
         files = {
-            "config.json": _json(output_config(ref_src.config, out_dtype, vocab)),
-            RECIPE_FILE: written_recipe(plan).to_yaml(),
+            "config.json": _json(output_config({**ref_src.config, **plan.config_updates}, out_dtype, vocab)),
+            RECIPE_FILE: written_recipe(plan, compute_dtype).to_yaml(),
         }
-        files["README.md"] = _card(plan, extra_files, Path(out_dir))
+        files["README.md"] = _card(plan, extra_files, Path(out_dir), compute_dtype)
         files.update(extra_files or {})
         copy = list(ref_src.tokenizer_files())
         gen = ref_src.path / "generation_config.json"
@@ -300,11 +300,15 @@ def merge_to_dir(
                        kernels.counts)
 
 
-def written_recipe(plan: MergePlan) -> Recipe:
-    """The recipe as it ran: a random operator's seed is recorded so it reproduces."""
-    if get_operator(plan.recipe.merge_method).uses_random and plan.recipe.seed != plan.seed:
-        return plan.recipe.model_copy(update={"seed": plan.seed})
-    return plan.recipe
+def written_recipe(plan: MergePlan, compute_dtype: torch.dtype = torch.float32) -> Recipe:
+    """The recipe as it ran: a random operator's seed is recorded so it reproduces, and the
+    compute and output dtypes are written in, so mergekit (which computes in the models' dtype
+    when `dtype` is absent) gives the same tensors from it."""
+    r = plan.recipe
+    if get_operator(r.merge_method).uses_random and r.seed != plan.seed:
+        r = r.model_copy(update={"seed": plan.seed})
+    out = next((j.out_dtype for j in plan.jobs if not j.copy), None)
+    return r.pinned_dtypes(str(compute_dtype).removeprefix("torch."), None if out is None else str(out).removeprefix("torch."))
 
 
 def _json(d: dict) -> str:
@@ -313,7 +317,7 @@ def _json(d: dict) -> str:
     return json.dumps(d, indent=2) + "\n"
 
 
-def _card(plan: MergePlan, extra_files, out_dir: Path) -> str:
+def _card(plan: MergePlan, extra_files, out_dir: Path, compute_dtype: torch.dtype = torch.float32) -> str:
     """The model card, when the card module is available (it records provenance)."""
     import json
 
@@ -322,5 +326,5 @@ def _card(plan: MergePlan, extra_files, out_dir: Path) -> str:
     search = None
     if extra_files and "mergelab_search.json" in extra_files:
         search = json.loads(extra_files["mergelab_search.json"])
-    recipe = written_recipe(plan).to_dict()
+    recipe = written_recipe(plan, compute_dtype).to_dict()
     return render_model_card(out_dir, recipe, search=search, sources_info=sources_info_from_local(recipe))

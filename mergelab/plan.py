@@ -72,6 +72,8 @@ class MergePlan:
     num_layers: int | None
     notes: list[str] = field(default_factory=list)
     seed: int = 0
+    # keys of the reference's config.json that the output changes (a stack's layer count)
+    config_updates: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -109,10 +111,28 @@ def _check_architecture(ref_src: ModelSource, sources: dict[str, ModelSource]) -
         )
 
 
+def check_tokenizer_source(recipe: Recipe) -> None:
+    if recipe.tokenizer_source not in (None, "base"):
+        raise MergelabError(
+            f"tokenizer_source `{recipe.tokenizer_source}` is not supported by mergelab; use "
+            "`tokenizer_source: base` (embedding rows are cut or padded to the base model's vocabulary)."
+        )
+
+
 def build_plan(recipe: Recipe, sources: dict[str, ModelSource], *, seed: int | None = None) -> MergePlan:
     from operators import get_operator
     from operators.checks import raise_if_invalid
 
+    layer_range = getattr(recipe, "_layer_range", None)
+    if recipe.is_stack:
+        from .stack import build_stack_plan
+
+        return build_stack_plan(recipe, sources, seed=seed)
+    if layer_range is not None and tuple(layer_range) != (0, sources[recipe.models[0].model].num_layers):
+        # a single slice over part of the models: mergekit's output has only those layers
+        from .stack import build_stack_plan, single_slice_as_stack
+
+        return build_stack_plan(single_slice_as_stack(recipe), sources, seed=seed)
     op = get_operator(recipe.merge_method)
     reference = recipe.base_model or recipe.models[0].model
     ref_src = sources[reference]
@@ -124,11 +144,7 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], *, seed: int | N
     missing: list[str] = []
     mismatched: list[str] = []
     vocab_fix: set[str] = set()
-    if recipe.tokenizer_source not in (None, "base"):
-        raise MergelabError(
-            f"tokenizer_source `{recipe.tokenizer_source}` is not supported by mergelab; use "
-            "`tokenizer_source: base` (embedding rows are cut or padded to the base model's vocabulary)."
-        )
+    check_tokenizer_source(recipe)
 
     def locate(ref: str, name: str, shape) -> Read | None:
         src = sources[ref]
@@ -164,10 +180,10 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], *, seed: int | N
             for spec in op.params:
                 if spec.scope != "model":
                     continue
-                mp[spec.name] = _resolve(spec, [m.parameters, recipe.parameters], name, t)
+                mp[spec.name] = resolve_param(spec, [m.parameters, recipe.parameters], name, t)
             model_params.append(mp)
         params = {
-            spec.name: _resolve(spec, [recipe.parameters], name, t)
+            spec.name: resolve_param(spec, [recipe.parameters], name, t)
             for spec in op.params
             if spec.scope == "global"
         }
@@ -211,7 +227,7 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], *, seed: int | N
     return MergePlan(recipe=recipe, jobs=jobs, reference=reference, num_layers=L, notes=notes, seed=seed)
 
 
-def _resolve(spec, layers: list[dict], tensor_name: str, t: float):
+def resolve_param(spec, layers: list[dict], tensor_name: str, t: float):
     for params in layers:
         if spec.name in params:
             v = resolve_value(params[spec.name], tensor_name, t)

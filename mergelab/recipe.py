@@ -77,13 +77,24 @@ class Recipe(BaseModel):
 
     # -- derived -----------------------------------------------------------------------------
     @property
+    def is_stack(self) -> bool:
+        """A layer-stacking recipe (mergekit's `slices` with layer ranges laid end to end)."""
+        return self.slices is not None
+
+    @property
     def model_refs(self) -> list[str]:
+        if self.is_stack:
+            return list(dict.fromkeys(src.model for s in self.slices for src in s.sources))
         return [m.model for m in self.models]
 
     @property
     def base_index(self) -> int | None:
+        """Where base_model sits in each merge's model list (for a stack recipe: in every
+        slice's sources, the validator makes it the same position)."""
         if self.base_model is None:
             return None
+        if self.is_stack:
+            return next((i for i, src in enumerate(self.slices[0].sources) if src.model == self.base_model), None)
         for i, m in enumerate(self.models):
             if m.model == self.base_model:
                 return i
@@ -103,8 +114,34 @@ class Recipe(BaseModel):
         for m in d.get("models", []):
             if not m.get("parameters"):
                 m.pop("parameters", None)
-        d.pop("slices", None)
+        layer_range = getattr(self, "_layer_range", None)
+        if layer_range is not None and not self.is_stack:
+            # written back in mergekit's slices form, so the layer range is not lost
+            d["slices"] = [{"sources": [{"model": m["model"], "layer_range": list(layer_range),
+                                         **({"parameters": m["parameters"]} if m.get("parameters") else {})}
+                                        for m in d.pop("models")]}]
+        elif self.is_stack:
+            d.pop("models", None)
+            for sl in d["slices"]:
+                if not sl.get("parameters"):
+                    sl.pop("parameters", None)
+                for src in sl["sources"]:
+                    src["layer_range"] = list(src["layer_range"])
+                    if not src.get("parameters"):
+                        src.pop("parameters", None)
+        else:
+            d.pop("slices", None)
         return d
+
+    def pinned_dtypes(self, compute: str, out: str | None) -> "Recipe":
+        """This recipe with the dtypes mergelab used written in: `dtype` is the compute dtype
+        (mergekit computes in `dtype`, or in the models' own dtype when it is absent, while
+        mergelab computes in float32), `out_dtype` the dtype of the written tensors, so the
+        recipe gives the same tensors when rerun by mergelab or by mergekit."""
+        update: dict[str, Any] = {"dtype": compute}
+        if out is not None and (self.out_dtype is not None or out != compute):
+            update["out_dtype"] = out
+        return self.model_copy(update=update)
 
     def to_yaml(self) -> str:
         return dump_yaml(self.to_dict())
@@ -161,40 +198,81 @@ def _values_of(value: Any) -> list[Any]:
 
 
 def _slices_to_models(r: Recipe, where: str) -> Recipe:
-    """mergekit's `slices:` form where every slice takes the same layers from every source is
-    the same merge as the `models:` form; anything else (layer stacking) is a passthrough
-    recipe that this operator set does not run."""
-    if r.models:
-        raise MergelabError(
-            f"{where} has both `models` and `slices`. Use one of them: `models` for a whole-model "
-            "merge, `slices` (mergekit's form) only when all sources cover the same layers."
-        )
-    if len(r.slices) != 1:
-        raise MergelabError(
-            f"{where} uses {len(r.slices)} `slices`; mergelab runs recipes whose single slice takes "
-            "the same layer range from every source. Rewrite it with `models:` (one entry per "
-            "source, parameters per model), or merge with mergekit's passthrough for layer stacking."
-        )
+    """mergekit's `slices:` form where a single slice takes the same layers from every source
+    is the same merge as the `models:` form (the plan checks that the range is the whole model
+    and otherwise stacks it)."""
     s = r.slices[0]
-    ranges = {tuple(src.layer_range) for src in s.sources}
-    if len(ranges) != 1:
-        raise MergelabError(
-            f"{where}: the slice's sources take different layer ranges ({sorted(ranges)}). mergelab "
-            "merges layer i of every source into layer i; use the same `layer_range` for all sources."
-        )
     params = dict(s.parameters)
     merged_global = {**r.parameters, **params}
     models = [ModelEntry(model=src.model, parameters=src.parameters) for src in s.sources]
     out = r.model_copy(update={"models": models, "slices": None, "parameters": merged_global})
-    out._layer_range = next(iter(ranges))  # type: ignore[attr-defined]
+    out._layer_range = tuple(s.sources[0].layer_range)  # type: ignore[attr-defined]
     return out
 
 
-def validate_recipe(r: Recipe, where: str = "recipe") -> Recipe:
+def _validate_stack(r: Recipe, where: str) -> Recipe:
+    """Each slice is one merge (any operator) of equally long layer ranges; the slices' layers
+    are laid end to end. Every slice is validated as a `models:` recipe of its own."""
+    if not r.slices:
+        raise MergelabError(f"{where}: `slices` is empty. List at least one slice with `sources`.")
+    position = None
+    for i, sl in enumerate(r.slices):
+        at = f"{where} slices[{i}]"
+        if not sl.sources:
+            raise MergelabError(f"{at} has no `sources`. Give each slice at least one source.")
+        for j, src in enumerate(sl.sources):
+            a, b = src.layer_range
+            if a < 0 or b <= a:
+                raise MergelabError(
+                    f"{at}.sources[{j}] ({src.model}): layer_range {[a, b]} is empty or negative. "
+                    "Use [first, end) with 0 <= first < end (end is exclusive, as in mergekit)."
+                )
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in sl.sources}
+        if len(lengths) != 1:
+            raise MergelabError(
+                f"{at}: its sources take layer ranges of different lengths "
+                f"({[list(src.layer_range) for src in sl.sources]}); every source of a slice must "
+                "give the same number of layers (layer k of each is merged into one output layer)."
+            )
+        sub = Recipe(
+            merge_method=r.merge_method, base_model=r.base_model,
+            models=[ModelEntry(model=src.model, parameters=src.parameters) for src in sl.sources],
+            parameters={**r.parameters, **sl.parameters}, seed=r.seed,
+        )
+        sub = validate_recipe(sub, at, in_slice=True)
+        if sub.base_index is not None:
+            if position is not None and position != sub.base_index:
+                raise MergelabError(
+                    f"{at} lists base_model {r.base_model} at position {sub.base_index} of its sources, "
+                    f"an earlier slice at position {position}. List the base at the same position in "
+                    "every slice."
+                )
+            position = sub.base_index
+    return r
+
+
+def validate_recipe(r: Recipe, where: str = "recipe", *, in_slice: bool = False) -> Recipe:
     """Check the recipe against the operator registry. Reads nothing from disk."""
     from operators import get_operator, operator_names
 
+    if r.tokenizer_source == "union":
+        raise MergelabError(
+            f"{where}: `tokenizer_source: union` (a merged vocabulary) is not supported by weight "
+            "merging in mergelab. For models with different tokenizers use cross-tokenizer logit "
+            "fusion instead (`merge_method: logit_fusion`, run with `mergelab fuse` / `mergelab eval`), "
+            "or use `tokenizer_source: base` to keep the base model's vocabulary."
+        )
     if r.slices is not None:
+        if r.models:
+            raise MergelabError(
+                f"{where} has both `models` and `slices`. Use one of them: `models` for a whole-model "
+                "merge, `slices` (mergekit's form) for layer ranges."
+            )
+        uniform = len(r.slices) == 1 and len({tuple(s.layer_range) for s in r.slices[0].sources}) == 1
+        if not (uniform and r.merge_method != "passthrough"):
+            if r.merge_method not in operator_names():
+                validate_recipe(r.model_copy(update={"slices": None}), where)  # the unknown-method message
+            return _validate_stack(r, where)
         r = _slices_to_models(r, where)
     try:
         op = get_operator(r.merge_method)
@@ -211,7 +289,7 @@ def validate_recipe(r: Recipe, where: str = "recipe") -> Recipe:
         ) from None
     if not r.models:
         raise MergelabError(f"{where}: `models` is empty. List at least one model to merge.")
-    if op.name == "linear" and r.base_model is not None and r.base_index is None:
+    if op.name in ("linear", "karcher") and r.base_model is not None and r.base_index is None and not in_slice:
         # mergekit averages an unlisted base_model in too (with the global weight)
         r = r.model_copy(update={"models": [*r.models, ModelEntry(model=r.base_model)]})
     if op.needs_base and r.base_model is None:
@@ -219,15 +297,23 @@ def validate_recipe(r: Recipe, where: str = "recipe") -> Recipe:
             f"{where}: merge_method `{op.name}` needs `base_model` (the model the task vectors are "
             "measured from). Add `base_model: <path or org/name>`."
         )
-    n_models = len([m for i, m in enumerate(r.models) if not (op.needs_base and m.model == r.base_model)])
+    if in_slice and op.needs_base and r.base_index is None:
+        raise MergelabError(
+            f"{where}: merge_method `{op.name}` takes the base from the slice's sources (mergekit's "
+            f"slices form), but base_model {r.base_model} is not among them. Add it to the slice's "
+            "`sources` with the same layer_range length."
+        )
+    skip_base = op.needs_base or (op.base_optional and r.base_model is not None)
+    n_models = len([m for i, m in enumerate(r.models) if not (skip_base and m.model == r.base_model)])
     if n_models < op.min_models or (op.max_models is not None and n_models > op.max_models):
-        extra = 1 if op.needs_base else 0
+        extra = 1 if skip_base else 0
         lo, hi = op.min_models + extra, (op.max_models + extra if op.max_models is not None else None)
         want = f"exactly {lo}" if hi == lo else f"at least {lo}" + (f" and at most {hi}" if hi else "")
-        scope = " in all, base_model included," if op.needs_base else ""
+        scope = " in all, base_model included," if skip_base else ""
+        fix = "the slice's `sources`" if in_slice else "the `models` list"
         raise MergelabError(
             f"{where}: merge_method `{op.name}` needs {want} models{scope} but the recipe has "
-            f"{n_models + extra}. Fix the `models` list."
+            f"{n_models + extra}. Fix {fix}."
         )
     known_model = {p.name for p in op.params if p.scope == "model"}
     known_global = {p.name for p in op.params}  # a model parameter in `parameters` applies to all
@@ -255,7 +341,7 @@ def validate_recipe(r: Recipe, where: str = "recipe") -> Recipe:
         if spec.name in r.parameters:
             continue
         for i, m in enumerate(r.models):
-            if op.needs_base and i == r.base_index:
+            if skip_base and i == r.base_index:
                 continue
             if spec.scope == "global" or spec.name not in m.parameters:
                 raise MergelabError(

@@ -384,7 +384,18 @@ class TrialMerger:
 
     def apply(self, recipe, seed: int | None = None):
         """Write the candidate's merged weights into the in-memory model and return the model.
+        A layer stack (mergekit slices: the data-flow search's candidates) is built instead from
+        the cached layers of its sources, as references (mergelab.stack.StackBuilder).
         Raises NonFiniteMergeError when a merged tensor holds inf/NaN."""
+        slices = recipe.get("slices") if isinstance(recipe, dict) else getattr(recipe, "slices", ())
+        if slices is not None and load_recipe(recipe).is_stack:  # validated twice only for stacks
+            builder = self._stack_builder()
+            model = builder.build(recipe)
+            self.last_stats = TrialStats(changed_tensors=int(builder.last_stats.get("tensors", 0)),
+                                         merge_seconds=builder.last_stats["build_seconds"],
+                                         kernels={"stack": int(builder.last_stats.get("tensors", 0))},
+                                         device=str(self.device))
+            return model
         model = self.model
         t0 = time.perf_counter()
         stats = TrialStats(device=str(self.device))
@@ -418,6 +429,13 @@ class TrialMerger:
         stats.merge_seconds = time.perf_counter() - t0
         self.last_stats = stats
         return model
+
+    def _stack_builder(self):
+        if getattr(self, "_stacks", None) is None:
+            from .stack import StackBuilder
+
+            self._stacks = StackBuilder([], device=self.device, model_dtype=self.model_dtype, sources=dict(self.sources))
+        return self._stacks
 
     def state_dict(self, recipe, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The candidate's merged tensors in the output dtype (what `mergelab merge` writes)."""

@@ -130,6 +130,9 @@ class OperatorSpec:
     summary: str  # what it computes, one line (README table)
     paper: str  # reference, "Title (arXiv id)" or a URL
     needs_base: bool = False
+    # mergekit's optional base (nuslerp, multislerp): when the recipe names a base_model it is
+    # the origin of the interpolation and does not count towards min_models / max_models
+    base_optional: bool = False
     min_models: int = 1
     max_models: int | None = None
     uses_random: bool = False  # draws from MergeInputs.stream()

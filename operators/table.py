@@ -23,6 +23,8 @@ def _param_text(p: ParamSpec) -> str:
     scope = "per model" if p.scope == "model" else "global"
     if p.required:
         default = "required"
+    elif p.default is None:
+        default = "optional"
     elif p.kind == "bool":
         default = f"default {str(p.default).lower()}"
     else:

@@ -56,6 +56,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergelab.errors import MergelabError, pydantic_problems
 
+from .dataflow_config import DataflowConfig
+
 OPTIMIZERS = ("cmaes", "tpe", "random", "nsga2", "pycma")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband")
 FUSION_WEIGHTINGS = ("sim", "opt", "uniform", "top1")  # as mergelab.fusion.WEIGHTINGS
@@ -126,6 +128,7 @@ class SearchConfig(BaseModel):
     pruner: PrunerConfig | None = None
     recipe: dict[str, Any] = Field(default_factory=dict)
     fusion: FusionSearchConfig | None = None
+    dataflow: DataflowConfig | None = None  # the data-flow search (search/dataflow.py)
 
     @field_validator("fusion", mode="before")
     @classmethod

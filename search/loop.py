@@ -612,6 +612,12 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
         if clipped:
             logline(f"warm start: {', '.join(clipped)} outside the searched ranges, clipped", "WARNING")
         study.enqueue_trial(values, user_attrs={"warm_start": True})
+    if cfg.dataflow is not None:  # trial 0: the identity path; PS + DFS: the PS merge, made once
+        from .dataflow import ensure_ps_model
+
+        ensure_ps_model(cfg, logline)
+        if not study.get_trials(deepcopy=False) and opt != "pycma":
+            study.enqueue_trial(space.identity_values(), user_attrs={"identity_path": True})
     if objective is None:
         objective = real_objective(rd, cfg)
     if not worker:
@@ -846,6 +852,8 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         "device": cfg.device,
         "worker": wid,
     }
+    if hasattr(space, "path_record"):
+        rec["path"] = space.path_record(values)  # data flow: [[model, layer, scale], ...]
     if fusion is not None:
         rec["fusion"] = fusion  # a hybrid: the recipe's merge, fused at inference time (see rundir)
     # the record goes into the study first, so a kill before the jsonl append is repaired on resume

@@ -354,6 +354,10 @@ def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
     """
     from operators import get_operator, operator_names
 
+    if cfg.dataflow is not None:  # layer paths instead of coefficients
+        from .dataflow import build_dataflow_space
+
+        return build_dataflow_space(cfg, base_path)
     ops = []
     for name in cfg.methods:
         try:

@@ -43,7 +43,7 @@ def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, ove
     if dry_run:
         layout = shard_layout([j.nbytes for j in plan.jobs], size)
         n_shards = layout[-1][0] + 1 if layout else 1
-        click.echo(f"recipe: {recipe} ({plan.recipe.merge_method}, {len(plan.recipe.models)} models, "
+        click.echo(f"recipe: {recipe} ({plan.recipe.merge_method}, {len(plan.recipe.model_refs)} models, "
                    f"base {plan.recipe.base_model or '-'})")
         for ref, s in sources.items():
             click.echo(f"  source {ref}: {s.path} ({len(s.tensors)} tensors)")
