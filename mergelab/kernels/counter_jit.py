@@ -51,7 +51,6 @@ def _compiled():
     import numba
 
     mix = numba.njit(inline="always")(_mix)
-    globals()["_mix_c"] = mix
     src = _mask_l1_py
     g = dict(src.__globals__, _mix=mix)
     fn = type(src)(src.__code__, g, src.__name__)
