@@ -49,6 +49,7 @@ def test_splits_disjoint_distinct_and_seeded():
         val, test = [p for p, _ in a[s]["val"]], [p for p, _ in a[s]["test"]]
         assert len(val) == len(set(val)) == 30 and len(test) == len(set(test)) == 50
         assert not set(val) & set(test)
+        assert set(val) | set(test) <= a[s]["held_out"] and len(a[s]["held_out"]) == 140
     other = RealFamilyConfig(val_size=30, test_size=50, seed=1)
     assert make_splits(other, make_generators(other, WORDS))["mul"] != a["mul"]
 
