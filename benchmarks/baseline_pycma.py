@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.real_family import DEFAULT_OUT, SKILLS  # noqa: E402
+from benchmarks.real_family import DEFAULT_OUT, skill_spec  # noqa: E402
 
 
 @dataclass
@@ -94,7 +94,7 @@ def run(args, seed: int, ta: TaskArithmetic, val, test) -> BaselineResult:
             w = [list(x[i * n_values:(i + 1) * n_values]) for i in range(n_models)]
             ta.set(w)
             r = val.evaluate(HFLogitModel(ta.model, ta.tokenizer))
-            fit = sum(r.scores[s] for s in SKILLS) / len(SKILLS)
+            fit = sum(r.scores.values()) / len(r.scores)
             losses.append(-fit)
             if fit > best[0]:
                 best = (fit, w, n)
@@ -105,15 +105,16 @@ def run(args, seed: int, ta: TaskArithmetic, val, test) -> BaselineResult:
     secs = time.perf_counter() - t0
     ta.set(best[1])
     r = test.evaluate(HFLogitModel(ta.model, ta.tokenizer))
-    skills = {s: r.scores[s] for s in SKILLS}
-    return BaselineResult(seed, args.trials, best[2], best[0], sum(skills.values()) / len(SKILLS), skills,
+    skills = dict(r.scores)
+    return BaselineResult(seed, args.trials, best[2], best[0], sum(skills.values()) / len(skills), skills,
                           [[round(v, 4) for v in row] for row in best[1]], secs)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--models", nargs="+", default=list(SKILLS))
+    ap.add_argument("--models", nargs="+", default=["mul", "rev", "time"],
+                    help="the fine-tunes merged; fitness and test score their skills only")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--trials", type=int, default=32)
     ap.add_argument("--groups", type=int, default=3, help="layer groups (plus one for embeddings/norm)")
@@ -134,9 +135,11 @@ def main(argv=None) -> int:
     from mergelab.eval.spec import EvalSpec
 
     ta = TaskArithmetic(args.family, args.models, args.groups)
-    data = args.family / "data"
-    val = Evaluator(EvalSpec.load(data / "eval_val.yml"), ta.tokenizer, "cpu")
-    test = Evaluator(EvalSpec.load(data / "eval_test.yml"), ta.tokenizer, "cpu")
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="baseline_pycma-"))
+    val = Evaluator(EvalSpec.load(skill_spec(args.family, "val", args.models, tmp / "val.yml")), ta.tokenizer, "cpu")
+    test = Evaluator(EvalSpec.load(skill_spec(args.family, "test", args.models, tmp / "test.yml")), ta.tokenizer, "cpu")
     results = []
     for seed in args.seeds:
         r = run(args, seed, ta, val, test)

@@ -66,10 +66,10 @@ class RealFamilyConfig:
     # drawn from them), so the split sizes can change without retraining or touching training data.
     reserve: int = 140
     eval_batch: int = 20  # the eval specs' batch size (one generate call per skill on val)
-    steps: int = 120
+    steps: int = 60
     batch: int = 16
-    lr: float = 5e-5
-    warmup: int = 10
+    lr: float = 2e-4
+    warmup: int = 5
     rev_min: int = 3
     rev_max: int = 5
     dtype: str = "float32"
@@ -243,6 +243,18 @@ def write_data(out: Path, splits, cfg: RealFamilyConfig) -> None:
         (data / f"eval_{split}.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
+def skill_spec(out: Path, split: str, skills, dest: Path) -> Path:
+    """The family's eval spec for `split` restricted to `skills` (a search over some of the
+    fine-tunes is scored on their skills only), written to dest with absolute data paths."""
+    import yaml
+
+    spec = yaml.safe_load((out / "data" / f"eval_{split}.yml").read_text())
+    spec["scorers"] = [dict(s, data=str(out / "data" / s["data"])) for s in spec["scorers"] if s["name"] in skills]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return dest
+
+
 def score(model_dir: Path, spec: Path) -> dict[str, float]:
     """Per-skill exact match of a model directory through mergelab's evaluator."""
     from mergelab.eval.evaluator import Evaluator
@@ -276,11 +288,14 @@ def build(out: Path, cfg: RealFamilyConfig, only: list[str] | None, log) -> None
         timings[skill] = finetune(base_state, model, tok, skill, gens[skill], held, cfg, log)
         save(model, tok, out / skill)
         log(f"{skill}: trained in {timings[skill]:.0f}s")
+    # Each fine-tune records the settings it was trained with (they may differ per skill: easy
+    # skills need fewer steps, and the shared 2-core build machine makes every step count).
     build_file = out / "BUILD.json"
     prev = json.loads(build_file.read_text()) if build_file.is_file() else {}
-    prev.update({"config": dataclasses.asdict(cfg), "words": words,
-                 "train_seconds": {**prev.get("train_seconds", {}), **timings},
-                 "gguf": GGUF_NAME, "torch": torch.__version__})
+    prev.setdefault("fine_tunes", {})
+    for skill, secs in timings.items():
+        prev["fine_tunes"][skill] = {"config": dataclasses.asdict(cfg), "train_seconds": round(secs, 1)}
+    prev.update({"words": words, "gguf": GGUF_NAME, "torch": torch.__version__})
     build_file.write_text(json.dumps(prev, indent=2))
 
 

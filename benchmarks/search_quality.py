@@ -38,6 +38,7 @@ def _scorer(ev, tm, recipe: dict | None = None, model_dir: Path | None = None):
 
 def _search(name: str, optimizer: str, trials: int, args, work: Path) -> tuple[dict, float, dict]:
     """Run one search on the VAL spec; (best trial record, seconds, config written)."""
+    from benchmarks.real_family import skill_spec
     from search.loop import prepare_run, run_search
 
     fam = args.family
@@ -74,16 +75,16 @@ def _fingerprint(fam: Path) -> dict:
 REAL_SKILLS = ("mul", "rev", "time")
 
 
-def real_config(fam: Path, seed: int, trials: int, extra: dict) -> dict:
+def real_config(fam: Path, seed: int, trials: int, extra: dict, models, val_spec: Path) -> dict:
     """The search a user writes for this family: ties over the three fine-tunes, weight, density and
     lambda searched in the registry's ranges, 3 layer groups; `extra` overrides (a variant)."""
     cfg = {
         "base_model": str(fam / "base"),
-        "models": [str(fam / s) for s in REAL_SKILLS],
+        "models": [str(fam / s) for s in models],
         "method": "ties",
         "space": {"weight": None, "density": None, "lambda": None},
         "layer_groups": 3,
-        "eval": str(fam / "data" / "eval_val.yml"),
+        "eval": str(val_spec),
         "budget": {"trials": trials},
         "seed": seed,
         "device": "cpu",
@@ -99,19 +100,22 @@ def real_main(args) -> int:
     from mergelab.eval.models import HFLogitModel
     from mergelab.eval.spec import EvalSpec
     from mergelab.trial import TrialMerger
+    from benchmarks.real_family import skill_spec
     from search.loop import prepare_run, run_search
 
     fam = args.family
-    for d in ["base", *REAL_SKILLS]:
+    for d in ["base", *args.models]:
         if not (fam / d / "config.json").is_file():
             raise SystemExit(f"{fam / d} is not a model directory; build the family first "
                              "(python benchmarks/real_family.py) or pass --family.")
     extra = yaml.safe_load(args.extra) if args.extra else {}
     work = args.work or Path(tempfile.mkdtemp(prefix="search_quality_real-"))
     work.mkdir(parents=True, exist_ok=True)
+    val_spec = skill_spec(fam, "val", args.models, work / "eval_val.yml")
+    test_spec = skill_spec(fam, "test", args.models, work / "eval_test.yml")
     rows = []
     for seed in args.seeds:
-        cfg = real_config(fam, seed, args.trials, extra)
+        cfg = real_config(fam, seed, args.trials, extra, args.models, val_spec)
         name = f"{args.label}-s{seed}"
         path = work / f"{name}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -121,12 +125,12 @@ def real_main(args) -> int:
         secs = time.perf_counter() - t0
         best = json.loads((rd.path / "best" / "trial.json").read_text())
         tm = TrialMerger(cfg["base_model"], cfg["models"], device="cpu")
-        test = Evaluator(EvalSpec.load(fam / "data" / "eval_test.yml"), tm.tokenizer, "cpu")
+        test = Evaluator(EvalSpec.load(test_spec), tm.tokenizer, "cpu")
         r = test.evaluate(HFLogitModel(tm.apply(best["recipe"]), tm.tokenizer))
-        skills = {s: r.scores[s] for s in REAL_SKILLS}
+        skills = {s: r.scores[s] for s in args.models}
         del tm
         row = {"label": args.label, "seed": seed, "trials": args.trials, "best_trial": best["number"],
-               "val": best["value"] / len(REAL_SKILLS), "test": sum(skills.values()) / len(REAL_SKILLS),
+               "val": best["value"] / len(skills), "test": sum(skills.values()) / len(skills),
                "test_skills": skills, "seconds": secs, "config": cfg}
         rows.append(row)
         print(f"{args.label} seed {seed}: best trial {row['best_trial']} val {row['val']:.3f} "
@@ -146,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=32, help="--real: trials per search")
     ap.add_argument("--extra", default=None, help="--real: YAML mapping merged into the search config")
     ap.add_argument("--label", default="default", help="--real: the variant's name in the output")
+    ap.add_argument("--models", nargs="+", default=list(REAL_SKILLS), help="--real: the fine-tunes merged")
     ap.add_argument("--family", type=Path, default=REPO / "mergelab/demo/family")
     ap.add_argument("--val", type=Path, default=REPO / "mergelab/demo/data/eval_val.yml")
     ap.add_argument("--test", type=Path, default=REPO / "mergelab/demo/data/eval_test.yml")
