@@ -323,8 +323,8 @@ def hand_set_recipe(out: Path, spec: dict) -> dict:
     return recipe
 
 
-def table(out: Path, log) -> list[dict]:
-    """Base, each fine-tune and the hand-set merges on val and test (mean over the skills)."""
+def table(out: Path, log, splits=("val", "test")) -> list[dict]:
+    """Base, each fine-tune and the hand-set merges on `splits` (mean over the skills)."""
     import subprocess
     import tempfile
 
@@ -334,11 +334,11 @@ def table(out: Path, log) -> list[dict]:
 
     def add(label, model_dir):
         row = {"model": label}
-        for split in ("val", "test"):
+        for split in splits:
             row[split] = score(model_dir, out / "data" / f"eval_{split}.yml")
         rows.append(row)
         log(f"{label}: " + " | ".join(f"{sp} " + " ".join(f"{k} {v:.2f}" for k, v in row[sp].items())
-                                      for sp in ("val", "test")))
+                                      for sp in splits))
 
     for name in ("base", *SKILLS):
         add(name if name == "base" else f"fine-tune `{name}`", out / name)
@@ -354,12 +354,13 @@ def table(out: Path, log) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| model | " + " | ".join(f"{s} (test)" for s in SKILLS) + " | mean (test) | mean (val) |")
-    print("|---|" + "---:|" * (len(SKILLS) + 2))
+    has_val = all("val" in r for r in rows)
+    print("| model | " + " | ".join(f"{s} (test)" for s in SKILLS) + " | mean (test) |" + (" mean (val) |" if has_val else ""))
+    print("|---|" + "---:|" * (len(SKILLS) + 1 + has_val))
     for r in rows:
         mt = sum(r["test"].values()) / len(SKILLS)
-        mv = sum(r["val"].values()) / len(SKILLS)
-        print(f"| {r['model']} | " + " | ".join(f"{r['test'][s]:.2f}" for s in SKILLS) + f" | **{mt:.3f}** | {mv:.3f} |")
+        mv = f" {sum(r['val'].values()) / len(SKILLS):.3f} |" if has_val else ""
+        print(f"| {r['model']} | " + " | ".join(f"{r['test'][s]:.2f}" for s in SKILLS) + f" | **{mt:.3f}** |" + mv)
 
 
 def main(argv=None) -> int:
@@ -370,6 +371,7 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--score", nargs="+", help="score these model directories (names under --out) on val and test")
     ap.add_argument("--table", action="store_true", help="score base, fine-tunes and hand-set merges")
+    ap.add_argument("--table-splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     args = ap.parse_args(argv)
     cfg = RealFamilyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RealFamilyConfig)})
     torch.set_num_threads(cfg.threads)
@@ -380,9 +382,10 @@ def main(argv=None) -> int:
 
     if args.table:
         t0 = time.time()
-        rows = table(args.out, log)
+        rows = table(args.out, log, tuple(args.table_splits))
         print_table(rows)
-        print(f"\n({time.time() - t0:.0f} s; `python benchmarks/real_family.py --table`)")
+        print(f"\n({time.time() - t0:.0f} s; `python benchmarks/real_family.py --table "
+              f"--table-splits {' '.join(args.table_splits)}`)")
         (args.out / "TABLE.json").write_text(json.dumps(rows, indent=2))
         return 0
     if not args.score:
