@@ -1,7 +1,12 @@
-"""Search quality on the bundled family: does a searched merge beat the equal-weight ties merge?
+"""Search quality: the bundled family (does a searched merge beat the equal-weight ties merge?) and,
+with --real, the real-weights family of benchmarks/real_family.py (mergelab's search over seeds, the
+same family and splits as benchmarks/baseline_pycma.py).
 
-Fitness is the VAL split's combined score; every number in the table is the TEST split (items the
-search never scored). Usage: python benchmarks/search_quality.py [--family DIR] [--cmaes 20 100]
+Fitness is the VAL split's score; every number in the tables is the TEST split (items the search
+never scored). Usage:
+    python benchmarks/search_quality.py [--family DIR] [--cmaes 20 100]
+    nice -n 10 python benchmarks/search_quality.py --real [--seeds 0 1 2] [--trials 32]
+        [--extra '{optimizer: {popsize: 8}}'] [--json out.json]
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ def _scorer(ev, tm, recipe: dict | None = None, model_dir: Path | None = None):
 
 def _search(name: str, optimizer: str, trials: int, args, work: Path) -> tuple[dict, float, dict]:
     """Run one search on the VAL spec; (best trial record, seconds, config written)."""
+    from benchmarks.real_family import skill_spec
     from search.loop import prepare_run, run_search
 
     fam = args.family
@@ -66,8 +72,85 @@ def _fingerprint(fam: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(fam.glob("*/*.safetensors"))}
 
 
+REAL_SKILLS = ("mul", "rev", "time")
+
+
+def real_config(fam: Path, seed: int, trials: int, extra: dict, models, val_spec: Path) -> dict:
+    """The search a user writes for this family: ties over the three fine-tunes, weight, density and
+    lambda searched in the registry's ranges, 3 layer groups; `extra` overrides (a variant)."""
+    cfg = {
+        "base_model": str(fam / "base"),
+        "models": [str(fam / s) for s in models],
+        "method": "ties",
+        "space": {"weight": None, "density": None, "lambda": None},
+        "layer_groups": 3,
+        "eval": str(val_spec),
+        "budget": {"trials": trials},
+        "seed": seed,
+        "device": "cpu",
+    }
+    for k, v in extra.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def real_main(args) -> int:
+    """mergelab's search on the real family, one run per seed; best-by-val scored on test."""
+    from mergelab.eval.evaluator import Evaluator
+    from mergelab.eval.models import HFLogitModel
+    from mergelab.eval.spec import EvalSpec
+    from mergelab.trial import TrialMerger
+    from benchmarks.real_family import skill_spec
+    from search.loop import prepare_run, run_search
+
+    fam = args.family
+    for d in ["base", *args.models]:
+        if not (fam / d / "config.json").is_file():
+            raise SystemExit(f"{fam / d} is not a model directory; build the family first "
+                             "(python benchmarks/real_family.py) or pass --family.")
+    extra = yaml.safe_load(args.extra) if args.extra else {}
+    work = args.work or Path(tempfile.mkdtemp(prefix="search_quality_real-"))
+    work.mkdir(parents=True, exist_ok=True)
+    val_spec = skill_spec(fam, "val", args.models, work / "eval_val.yml")
+    test_spec = skill_spec(fam, "test", args.models, work / "eval_test.yml")
+    rows = []
+    for seed in args.seeds:
+        cfg = real_config(fam, seed, args.trials, extra, args.models, val_spec)
+        name = f"{args.label}-s{seed}"
+        path = work / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        rd = prepare_run(path, work / "runs" / name)
+        t0 = time.perf_counter()
+        run_search(rd, install_signals=False)
+        secs = time.perf_counter() - t0
+        best = json.loads((rd.path / "best" / "trial.json").read_text())
+        tm = TrialMerger(cfg["base_model"], cfg["models"], device="cpu")
+        test = Evaluator(EvalSpec.load(test_spec), tm.tokenizer, "cpu")
+        r = test.evaluate(HFLogitModel(tm.apply(best["recipe"]), tm.tokenizer))
+        skills = {s: r.scores[s] for s in args.models}
+        del tm
+        row = {"label": args.label, "seed": seed, "trials": args.trials, "best_trial": best["number"],
+               "val": best["value"] / len(skills), "test": sum(skills.values()) / len(skills),
+               "test_skills": skills, "seconds": secs, "config": cfg}
+        rows.append(row)
+        print(f"{args.label} seed {seed}: best trial {row['best_trial']} val {row['val']:.3f} "
+              f"test {row['test']:.3f} ({' '.join(f'{k} {v:.2f}' for k, v in skills.items())}) "
+              f"{secs / args.trials:.1f} s/trial", flush=True)
+    print(f"{args.label}: mean test over seeds {args.seeds}: "
+          f"{sum(r['test'] for r in rows) / len(rows):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--real", action="store_true", help="the real-weights family (benchmarks/real_family.py)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--real: one search per seed")
+    ap.add_argument("--trials", type=int, default=32, help="--real: trials per search")
+    ap.add_argument("--extra", default=None, help="--real: YAML mapping merged into the search config")
+    ap.add_argument("--label", default="default", help="--real: the variant's name in the output")
+    ap.add_argument("--models", nargs="+", default=list(REAL_SKILLS), help="--real: the fine-tunes merged")
     ap.add_argument("--family", type=Path, default=REPO / "mergelab/demo/family")
     ap.add_argument("--val", type=Path, default=REPO / "mergelab/demo/data/eval_val.yml")
     ap.add_argument("--test", type=Path, default=REPO / "mergelab/demo/data/eval_test.yml")
@@ -86,6 +169,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.real:
+        if args.family == REPO / "mergelab/demo/family":
+            from benchmarks.real_family import DEFAULT_OUT
+            args.family = DEFAULT_OUT
+        return real_main(args)
 
     from mergelab.eval.evaluator import Evaluator
     from mergelab.eval.spec import EvalSpec
