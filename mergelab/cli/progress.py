@@ -1,0 +1,26 @@
+"""The one progress display of the command line: a rich bar with bytes (or items), rate and ETA
+on stderr. Commands own their bars; library bars (transformers, huggingface_hub) are switched off
+in `mergelab.cli.main`, so nothing else draws on the terminal."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: float, *, unit: str = "bytes", quiet: bool = False
+                 ) -> Iterator[Callable[[float], None]]:
+    """Yield `advance(n)`. `unit` "bytes" shows done/total bytes and bytes/s; anything else counts
+    items ("3/10 trials"). Quiet, or a zero total, draws nothing."""
+    if quiet or total <= 0:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+
+    counts = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn(), TextColumn(unit)]
+    columns = [TextColumn("{task.description}"), BarColumn(), *counts, TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
