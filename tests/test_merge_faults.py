@@ -237,3 +237,35 @@ def test_overwrite_killed_mid_swap_leaves_old_or_new_model(tmp_path, pair, mode)
     assert _first_value(out) == expected
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
     assert len(load_dir(out)) == N_TENSORS
+
+
+# ---------------------------------------------------------------------------- recipe values
+@pytest.mark.parametrize("change,needle", [
+    ({"out_dtype": ["float16"]}, "`out_dtype`: Input should be 'float32', 'float16' or 'bfloat16'"),
+    ({"weight": []}, "`models[0].parameters.weight` is an empty list"),
+    ({"weight": [{"filter": "self_attn", "value": 0.3}]},
+     "`models[0].parameters.weight` has no catch-all entry, so tensors whose names contain none of `self_attn`"),
+    ({"weight": [{"filter": "mlp", "value": []}, {"value": 1}]}, "`models[0].parameters.weight[0].value` is an empty list"),
+])
+def test_bad_values_are_refused_by_the_dry_run_and_the_merge(tmp_path, pair, capsys, change, needle):
+    r = {"merge_method": "linear", "models": [{"model": str(pair[0]), "parameters": {"weight": 0.5}},
+                                              {"model": str(pair[1]), "parameters": {"weight": 0.5}}]}
+    if "weight" in change:
+        r["models"][0]["parameters"]["weight"] = change["weight"]
+    else:
+        r.update(change)
+    path = write_recipe(tmp_path / "r.yml", r)
+    for extra in (["--dry-run"], []):
+        assert main(["merge", str(path), str(tmp_path / "out"), "--quiet", *extra]) == 2
+        assert needle in _one_paragraph(capsys.readouterr().err)
+        assert not (tmp_path / "out").exists() and [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_filter_list_with_catch_all_merges(tmp_path, pair):
+    r = write_recipe(tmp_path / "r.yml", {"merge_method": "linear", "models": [
+        {"model": str(pair[0]), "parameters": {"weight": [{"filter": "layers.0.", "value": 1.0}, {"value": 0.0}]}},
+        {"model": str(pair[1]), "parameters": {"weight": [{"filter": "layers.0.", "value": 0.0}, {"value": 1.0}]}}]})
+    assert main(["merge", str(r), str(tmp_path / "out"), "--quiet"]) == 0
+    got, a, b = load_dir(tmp_path / "out"), load_dir(pair[0]), load_dir(pair[1])
+    assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
