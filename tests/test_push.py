@@ -371,3 +371,56 @@ def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
     assert opened == [run]
     (commit,) = fakehub.commits
     assert commit.files == folder_bytes(exported)
+
+
+# ---------------------------------------------------------------------------- push RUN --dry-run
+FIXTURE_RUNS = Path(__file__).parent / "fixtures" / "runs"
+
+
+def _run_copy(tmp_path: Path, hub_source: bool) -> Path:
+    """The finished-cmaes fixture run, its model paths pointing at this checkout's fixture models
+    (with hub_source, the base model named by a Hub id instead)."""
+    import shutil
+
+    run = tmp_path / "runs" / "finished-cmaes"
+    shutil.copytree(FIXTURE_RUNS / "finished-cmaes", run)
+    models = str(FIXTURE_RUNS / "models")
+    for name in ("trials.jsonl", "resolved.json", "summary.json", "config.yaml"):
+        p = run / name
+        text = p.read_text().replace("/work/main/tests/fixtures/runs/models", models)
+        if hub_source:
+            text = text.replace(f"{models}/base", "acme/base-1b")
+        p.write_text(text)
+    return run
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("hub_source", [False, True])
+def test_dry_run_of_a_run_writes_nothing_and_opens_no_connection(tmp_path, fakehub, capsys, monkeypatch,
+                                                                 hub_source):
+    run = _run_copy(tmp_path, hub_source)
+    before = _tree(tmp_path)
+    opened = []
+    real_create = socket.create_connection
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: opened.append(a) or real_create(*a, **k))
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: opened.append(addr) or (_ for _ in ()).throw(
+        OSError("a dry run must not connect")))
+    assert main(["push", str(run), "--repo", "alice/merged", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert _tree(tmp_path) == before and not (run / "best" / "model").exists()
+    assert opened == [] and fakehub.requests == []
+    assert "The best trial (7) is not exported yet" in out and "Dry run: nothing was uploaded or written." in out
+    assert "README.md" in out and "mergelab_recipe.yaml" in out and "# finished-cmaes" in out
+    if hub_source:
+        assert "Weight sizes unknown without the network" in out and "acme/base-1b" in out
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(FIXTURE_RUNS / "models" / "base" / "model.safetensors"), "pt") as f:
+            nbytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+        line = next(l for l in out.splitlines() if l.strip().startswith("model.safetensors"))
+        assert hub_mod._human(nbytes) in line
