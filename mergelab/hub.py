@@ -4,6 +4,7 @@ Checks the folder and the login before any request, retries transient failures, 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -327,6 +328,32 @@ def _with_retries(step: str, fn: Callable[[], Any], *, attempts: int, backoff: f
 
 
 # ---------------------------------------------------------------------------- push
+class _CountingReader(io.BufferedReader):
+    """A file huggingface_hub reads to upload (a BufferedIOBase, as it requires), reporting the
+    bytes read once `on_bytes` is set: after the client hashed it, so only the upload counts."""
+
+    on_bytes: Callable[[int], None] | None = None
+
+    def _seen(self, n: int) -> None:
+        if self.on_bytes is not None and n:
+            self.on_bytes(n)
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self._seen(len(data))
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        data = super().read1(size)
+        self._seen(len(data))
+        return data
+
+    def readinto(self, b) -> int:
+        n = super().readinto(b)
+        self._seen(n or 0)
+        return n
+
+
 def _card_for(model_dir: Path) -> tuple[str, bool]:
     """(card text, True when it must still be written). Fails early on an unusable card."""
     readme = model_dir / CARD_FILE
@@ -362,13 +389,15 @@ def push_folder(
     endpoint: str | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    on_bytes: Callable[[int], None] | None = None,
     attempts: int = 4,
     backoff: float = 2.0,
 ) -> PushResult:
     """Upload MODEL_DIR to the Hub repo REPO_ID in one commit; create the repo if missing.
 
     Everything that can be checked locally is checked before any request. A dry run makes no
-    request and writes nothing. Transient failures (connection errors, 408/429/5xx) are retried
+    request and writes nothing. `on_bytes(n)` is told each chunk of file bytes sent (a retried
+    commit sends them again). Transient failures (connection errors, 408/429/5xx) are retried
     `attempts` times per step with delays backoff, 2*backoff, 4*backoff... seconds.
     """
     model_dir = Path(model_dir)
@@ -447,10 +476,17 @@ def push_folder(
 
     def commit():
         # Fresh operations each attempt: the client marks them as uploaded/committed in place.
-        ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(model_dir / rel)) for rel, _ in files]
-        return api.create_commit(
-            repo_id, ops, commit_message=summary, repo_type="model", revision=revision,
-        )
+        readers = [_CountingReader(io.FileIO(model_dir / rel, "rb")) for rel, _ in files]
+        try:
+            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=r) for (rel, _), r in zip(files, readers)]
+            for r in readers:
+                r.on_bytes = on_bytes
+            return api.create_commit(
+                repo_id, ops, commit_message=summary, repo_type="model", revision=revision,
+            )
+        finally:
+            for r in readers:
+                r.close()
 
     info = _with_retries("commit", commit, **retry)
     result.commit_url = info.commit_url

@@ -139,11 +139,16 @@ def push(model_dir: Path, repo_id: str, private: bool, revision: str | None, mes
     else:
         folder = current_export(model_dir) if dry_run and is_run_dir(model_dir) else resolve_model_dir(model_dir)
 
+        from ..hub import list_upload_files
+        from .progress import progress_bar
+
         def progress(stage: str, msg: str) -> None:
             click.echo(f"[{stage}] {msg}", err=True)
 
-        result = push_folder(folder, repo_id, private=private, revision=revision, message=message,
-                             dry_run=dry_run, progress=progress)
+        total = sum(size for _, size in list_upload_files(folder)) if folder.is_dir() else 0
+        with progress_bar("push", total, quiet=dry_run) as advance:
+            result = push_folder(folder, repo_id, private=private, revision=revision, message=message,
+                                 dry_run=dry_run, progress=progress, on_bytes=advance)
     if dry_run:
         click.echo(describe_upload(result))
         for note in notes:
