@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .card import CARD_FILE, RECIPE_FILE, read_provenance, render_model_card, sources_info_from_local
+from .card import CARD_FILE, RECIPE_FILE, model_card_files, read_provenance, sources_info_from_local
 from .errors import MergelabError, name_list
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -330,13 +331,19 @@ def _with_retries(step: str, fn: Callable[[], Any], *, attempts: int, backoff: f
 # ---------------------------------------------------------------------------- push
 class _CountingReader(io.BufferedReader):
     """A file huggingface_hub reads to upload (a BufferedIOBase, as it requires), reporting the
-    bytes read once `on_bytes` is set: after the client hashed it, so only the upload counts."""
+    bytes read once `on_bytes` is set, i.e. after the client hashed it. Only reads past the
+    furthest point reached count, so the 512-byte sample preupload reads is not counted twice."""
 
     on_bytes: Callable[[int], None] | None = None
+    _reached = 0
 
     def _seen(self, n: int) -> None:
-        if self.on_bytes is not None and n:
-            self.on_bytes(n)
+        if self.on_bytes is None or not n:
+            return
+        pos = self.tell()
+        if pos > self._reached:
+            self.on_bytes(pos - self._reached)
+            self._reached = pos
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
@@ -354,8 +361,20 @@ class _CountingReader(io.BufferedReader):
         return n
 
 
-def _card_for(model_dir: Path) -> tuple[str, bool]:
-    """(card text, True when it must still be written). Fails early on an unusable card."""
+class _NoXetFallbackNote(logging.Filter):
+    """huggingface_hub notes that file objects cannot go through Xet storage: mergelab uploads
+    file objects on purpose (to count the bytes sent), so the LFS path they take is the expected one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not supported by Xet Storage" not in record.getMessage()
+
+
+logging.getLogger("huggingface_hub._commit_api").addFilter(_NoXetFallbackNote())
+
+
+def _card_for(model_dir: Path) -> tuple[str, dict[str, bytes]]:
+    """(card text, files still to write beside it: its pictures, empty when the folder has a
+    README.md). Fails early on an unusable card."""
     readme = model_dir / CARD_FILE
     if readme.is_file():
         text = readme.read_text(encoding="utf-8")
@@ -368,14 +387,16 @@ def _card_for(model_dir: Path) -> tuple[str, bool]:
                 f"{readme}: its front matter (between the --- lines) is not valid YAML ({e}). "
                 "Fix it, or delete README.md to have mergelab write the card again."
             ) from None
-        return text, False
+        return text, {}
     recipe, search = read_provenance(model_dir)
     if recipe is None:
         raise MergelabError(
             f"{model_dir} has neither a README.md nor {RECIPE_FILE}, so no model card can be "
             "written. Push the folder written by `mergelab merge` / `mergelab export`, or add a README.md."
         )
-    return render_model_card(model_dir, recipe, search, sources_info_from_local(recipe)), True
+    files = model_card_files(model_dir, recipe, search, sources_info_from_local(recipe))
+    card = files.pop(CARD_FILE)
+    return card, {name: data for name, data in files.items() if not (model_dir / name).is_file()}
 
 
 def push_folder(
@@ -410,10 +431,13 @@ def push_folder(
         raise MergelabError("--revision is empty: give a branch name, or omit it to push to main.")
     branch = revision or "main"
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    card, card_missing = _card_for(model_dir)
+    readme = model_dir / CARD_FILE
+    card_missing = not readme.is_file()
+    card, pictures = _card_for(model_dir)
     files = list_upload_files(model_dir)
     if card_missing:
-        files = sorted(files + [(CARD_FILE, len(card.encode("utf-8")))])
+        files = sorted(files + [(CARD_FILE, len(card.encode("utf-8")))]
+                       + [(name, len(data)) for name, data in pictures.items()])
     token_value, token_source = resolve_token(token)
     result = PushResult(
         repo_id=repo_id, revision=branch, endpoint=endpoint, files=files, card=card,
@@ -430,9 +454,10 @@ def push_folder(
     _scan_for_token(model_dir, [f for f in files if (model_dir / f[0]).is_file()], token_value, card)
 
     if card_missing:  # the folder then holds exactly what the Hub will hold
-        tmp = model_dir / f".{CARD_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(card, encoding="utf-8")
-        os.replace(tmp, model_dir / CARD_FILE)
+        for name, data in [*pictures.items(), (CARD_FILE, card.encode("utf-8"))]:
+            tmp = model_dir / f".{name}.tmp-{os.getpid()}"
+            tmp.write_bytes(data)
+            os.replace(tmp, model_dir / name)
         result.card_written = True
         say("card", f"wrote {model_dir / CARD_FILE}")
 
