@@ -69,7 +69,7 @@ def planned_run_push(run_path: Path, repo_id: str, revision: str | None):
     offline) and the card it would carry. Returns (PushResult, notes)."""
     from search.rundir import RunDir
 
-    from ..card import CARD_FILE, RECIPE_FILE, SEARCH_FILE, render_model_card, sources_info_from_local
+    from ..card import CARD_FILE, RECIPE_FILE, SEARCH_FILE, model_card_files, sources_info_from_local
     from ..hub import DEFAULT_ENDPOINT, PushResult, check_repo_id, resolve_token
 
     check_repo_id(repo_id)
@@ -84,7 +84,9 @@ def planned_run_push(run_path: Path, repo_id: str, revision: str | None):
     notes = [f"The best trial ({best['number']}) is not exported yet; a real push exports it to {target} first."]
     files: list[tuple[str, int]] = []
     with _offline():
-        card = render_model_card(target, recipe, search, sources_info_from_local(recipe))
+        card_files = model_card_files(target, recipe, search, sources_info_from_local(recipe))
+        card = card_files.pop(CARD_FILE)
+        files += [(name, len(data)) for name, data in card_files.items()]
         try:
             from ..engine import prepare
             from ..writer import shard_layout
