@@ -41,3 +41,29 @@ def test_library_bars_and_notes_are_silenced():
     assert all(r.returncode == 0 for r in runs.values()), runs
     assert "Loading weights" in runs["loud"].stderr  # what a user saw before
     assert runs["quiet"].stderr.strip() == ""
+
+
+def test_demo_replaces_an_export_a_failed_push_left(tmp_path, capsys, monkeypatch):
+    """`u` in the dashboard exports runs/NAME/best/model before pushing; when the push fails that
+    export stays, and the demo must still export its best and print its table."""
+    import json
+
+    import search.loop
+
+    real = search.loop.run_search
+
+    def search_then_failed_push(rd, **kw):
+        result = real(rd, **kw)
+        stale = rd.path / "best" / "model"
+        stale.mkdir(parents=True)
+        (stale / "model.safetensors").write_bytes(b"left by a push that failed")
+        return result
+
+    monkeypatch.setattr(search.loop, "run_search", search_then_failed_push)
+    run = tmp_path / "runs" / "demo-u"
+    assert main(["demo", "--headless", "--trials", "1", "--layer-groups", "1", "--val-limit", "2",
+                 "--limit", "2", "--run", str(run), "--json", str(tmp_path / "d.json")]) == 0
+    assert "searched merge" in capsys.readouterr().out
+    best = run / "best" / "model"
+    meta = json.loads((best / "mergelab_search.json").read_text())
+    assert meta["best_trial"] == 0 and (best / "model.safetensors").stat().st_size > 1000
