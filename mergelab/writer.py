@@ -214,8 +214,11 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  shard_size: int = 5 * 10**9, overwrite: bool = False):
         self.out_dir = Path(out_dir)
-        for note in recover_leftovers(self.out_dir):
-            log.info(note)
+        try:
+            for note in recover_leftovers(self.out_dir):
+                log.info(note)
+        except OSError as e:  # cleaning up is best effort; check_output below names a real problem
+            log.warning(f"could not clean up earlier merges to {self.out_dir}: {e}")
         self.overwrite = overwrite
         self.tmp = self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"
         self._entries: list[_Entry] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import socket
 import sys
 import types
@@ -388,7 +389,7 @@ def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
             opened.append(Path(path))
             return cls()
 
-        def export_best(self):
+        def export_best(self, on_tensor=None):
             return exported
 
         is_run_dir = staticmethod(lambda p: True)
@@ -476,3 +477,21 @@ def test_lfs_upload_refused_by_storage_is_one_message(tmp_path, fakehub, monkeyp
     with pytest.raises(MergelabError, match=r"no write access to 'alice'.*storage quota"):
         push_folder(make_model(tmp_path), "alice/full", attempts=2)
     assert fakehub.commits == [] and fakehub.lfs_objects == {}
+
+
+def test_push_of_a_run_exports_then_uploads_with_progress(tmp_path, fakehub, capsys):
+    run = _run_copy(tmp_path, hub_source=False)
+    assert main(["push", str(run), "--repo", "alice/from-run"]) == 0
+    err = capsys.readouterr().err
+    best = run / "best" / "model"
+    (commit,) = fakehub.commits
+    assert commit.files == folder_bytes(best)
+    assert "model.safetensors" in {f["path"] for f in commit.lfs_files}
+    # the export counts tensors, the upload bytes; both end complete
+    from safetensors import safe_open
+
+    with safe_open(str(best / "model.safetensors"), "pt") as f:
+        n = len(list(f.keys()))
+    assert re.search(rf"export .* {n}/{n} tensors", err), err
+    total = sum(len(b) for b in commit.files.values())
+    assert re.search(r"push .* ([\d.]+)/\1 kB", err) and f"{total / 1000:.1f}" in err, err

@@ -39,8 +39,11 @@ def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, ove
     dev = resolve_device(device)
     plan, sources = prepare(recipe, seed)
     if not dry_run:  # a killed earlier merge to OUT: put its old model back, drop its partial files
-        for note in recover_leftovers(out_dir):
-            click.echo(note, err=True)
+        try:
+            for note in recover_leftovers(out_dir):
+                click.echo(note, err=True)
+        except OSError as e:  # best effort: check_output names a real problem with OUT
+            click.echo(f"could not clean up earlier merges to {out_dir}: {e}", err=True)
     check_output(out_dir, plan.total_bytes, overwrite)  # the dry run refuses what the merge would
     if dry_run:
         layout = shard_layout([j.nbytes for j in plan.jobs], size)

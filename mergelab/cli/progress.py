@@ -24,3 +24,32 @@ def progress_bar(description: str, total: float, *, unit: str = "bytes", quiet: 
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+@contextlib.contextmanager
+def count_bar(description: str, unit: str = "tensors", *, quiet: bool = False
+              ) -> Iterator[Callable[[int, int], None]]:
+    """Yield `update(done, total)` for work whose total is known only once it starts (an export
+    reports (tensor i, of n)); the bar appears at the first update."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn(unit), TextColumn("ETA"), TimeRemainingColumn(),
+                                    console=Console(stderr=True))
+            state["bar"].start()
+            state["task"] = state["bar"].add_task(description, total=total)
+        state["bar"].update(state["task"], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if "bar" in state:
+            state["bar"].stop()

@@ -28,7 +28,10 @@ def resolve_model_dir(path: Path) -> Path:
         return path
     from search.rundir import RunDir
 
-    return Path(RunDir.open(path).export_best())
+    from .progress import count_bar
+
+    with count_bar("export") as on_tensor:
+        return Path(RunDir.open(path).export_best(on_tensor=on_tensor))
 
 
 @contextlib.contextmanager
