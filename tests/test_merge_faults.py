@@ -269,3 +269,24 @@ def test_filter_list_with_catch_all_merges(tmp_path, pair):
     got, a, b = load_dir(tmp_path / "out"), load_dir(pair[0]), load_dir(pair[1])
     assert torch.equal(got["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(got["model.layers.1.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_an_error_mid_merge_is_one_paragraph_without_a_half_bar(tmp_path, pair, capsys, monkeypatch):
+    """What the merge command shows when the engine stops part-way (e.g. the non-finite check of a
+    merged tensor): the error's paragraph alone on stderr, exit 2, nothing at OUT or beside it."""
+    from mergelab import engine
+    from mergelab.errors import MergelabError
+
+    real = engine.iter_merged
+
+    def stop_at_third(*a, **k):
+        for i, item in enumerate(real(*a, **k)):
+            if i == 2:
+                raise MergelabError("The merged tensor `model.layers.2.mlp.up_proj.weight` holds inf or NaN values.")
+            yield item
+
+    monkeypatch.setattr(engine, "iter_merged", stop_at_third)
+    assert main(["merge", str(_recipe(tmp_path, pair, 0.5)), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: The merged tensor `model.layers.2.mlp.up_proj.weight` holds inf or NaN values."
+    assert [p.name for p in tmp_path.iterdir()] == ["r.yml"]

@@ -23,7 +23,11 @@ def progress_bar(description: str, total: float, *, unit: str = "bytes", quiet: 
     columns = [TextColumn("{task.description}"), BarColumn(), *counts, TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        try:
+            yield lambda n: bar.advance(task, n)
+        except BaseException:
+            bar.live.transient = True  # an error's paragraph stands alone, without a half bar above it
+            raise
 
 
 @contextlib.contextmanager
