@@ -4,6 +4,7 @@ Checks the folder and the login before any request, retries transient failures, 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -456,8 +457,18 @@ def push_folder(
     if card_missing:  # the folder then holds exactly what the Hub will hold
         for name, data in [*pictures.items(), (CARD_FILE, card.encode("utf-8"))]:
             tmp = model_dir / f".{name}.tmp-{os.getpid()}"
-            tmp.write_bytes(data)
-            os.replace(tmp, model_dir / name)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, model_dir / name)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise MergelabError(
+                    f"Cannot write the model card {name} into {model_dir} ({e.strerror}); nothing was "
+                    "uploaded. The folder has no README.md, and mergelab writes the card into it before "
+                    "the upload so the folder holds what the Hub will. Copy the folder somewhere "
+                    "writable, or add a README.md, and push again."
+                ) from None
         result.card_written = True
         say("card", f"wrote {model_dir / CARD_FILE}")
 

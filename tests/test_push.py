@@ -495,3 +495,18 @@ def test_push_of_a_run_exports_then_uploads_with_progress(tmp_path, fakehub, cap
     assert re.search(rf"export .* {n}/{n} tensors", err), err
     total = sum(len(b) for b in commit.files.values())
     assert re.search(r"push .* ([\d.]+)/\1 kB", err) and f"{total / 1000:.1f}" in err, err
+
+
+def test_read_only_folder_without_a_card_is_one_message(tmp_path, fakehub, monkeypatch):
+    import errno
+
+    d = make_model(tmp_path)
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(MergelabError, match=r"Cannot write the model card .* into .*merged \(Read-only file system\); "
+                                            r"nothing was uploaded"):
+        push_folder(d, "alice/ro")
+    assert fakehub.requests == [] and not (d / "README.md").exists()
