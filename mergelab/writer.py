@@ -155,7 +155,10 @@ def check_output(out_dir: str | Path, total_bytes: int, overwrite: bool) -> None
             f"Cannot write the merged model to {out}: {where} {why}. Nothing was written. "
             "Choose an output directory you can write to."
         )
-    free = shutil.disk_usage(where).free
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:  # a filesystem that cannot say: the write itself will tell
+        return
     if total_bytes > free:
         raise MergelabError(
             f"Not enough disk space for the merged model at {out}: it needs {total_bytes / 1e6:,.1f} MB, "
