@@ -209,7 +209,8 @@ def score_chart(history: list[float | None], *, width: int = 60, height: int = 4
 
     Columns cover consecutive trials (the value at the end of each column's range, since the
     series is a running best); each line holds 8 levels, so the chart resolves height*8 steps.
-    Lines are prefixed by the value they reach; the last line names the trial range.
+    Lines are prefixed by the value they reach; the last line names the trial range, numbered
+    from 0 like trials everywhere else in mergelab (Optuna, the run directory, the dashboard).
     """
     n = len(history)
     if n == 0:
@@ -242,7 +243,7 @@ def score_chart(history: list[float | None], *, width: int = 60, height: int = 4
             cells.append(" " if fill <= 0 else _SPARK[min(fill, 8) - 1])
         label = _fmt(hi) if row == height - 1 else (_fmt(lo) if row == 0 else "")
         lines.append(f"{label:>{label_w}} ┤{''.join(cells).rstrip()}")
-    left, right = "trial 1", f"trial {n}"
+    left, right = "trial 0", f"trial {n - 1}"
     axis = " " * label_w + " └" + "─" * cols
     gap = max(1, cols + 2 - len(left) - len(right))
     lines.append(axis)
@@ -319,8 +320,12 @@ def render_model_card(
     recipe: dict,
     search: dict | None = None,
     sources_info: dict | None = None,
+    images: dict[str, str] | None = None,
 ) -> str:
-    """The README.md text: YAML front matter for the Hub, then how the model was made."""
+    """The README.md text: YAML front matter for the Hub (huggingface_hub's ModelCardData), then
+    how the model was made. `images` (kind -> file name, from `card_images`) are shown where
+    they help a Hub visitor: the recipe's heat map under Recipe, the score plot under Search."""
+    images = images or {}
     model_dir = Path(model_dir)
     recipe = _redact(recipe)
     search = _redact(search) if search else None
@@ -330,19 +335,18 @@ def render_model_card(
     base_models = list(dict.fromkeys(r for r in hub_ids.values() if r))
     license_, license_note = _agreed_license(sources, sources_info)
 
-    meta: dict[str, Any] = {}
-    if base_models:
-        meta["base_model"] = base_models
-        meta["base_model_relation"] = "merge"
-    if license_:
-        meta["license"] = license_
-    meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["merge", "mergelab"] + ([method] if method not in ("merge", "mergelab") else [])
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    from huggingface_hub import ModelCardData
 
+    data = ModelCardData(
+        base_model=base_models or None,
+        base_model_relation="merge" if base_models else None,
+        license=license_,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["merge", "mergelab"] + ([method] if method not in ("merge", "mergelab") else []),
+    )
     name = (search or {}).get("run_name") or model_dir.name or "merged model"
-    out: list[str] = ["---", front.rstrip(), "---", "", f"# {name}", ""]
+    out: list[str] = ["---", data.to_yaml(), "---", "", f"# {name}", ""]
 
     paper = method_paper(method)
     how = f"the **{method}** method"
@@ -367,7 +371,10 @@ def render_model_card(
                 "sources that are Hub repositories."]
     out += ["", f"**License.** {license_note}", "", "## Recipe", "",
             f"Saved as `{RECIPE_FILE}` next to the weights; `mergelab merge {RECIPE_FILE} OUT` "
-            "rebuilds this model from the same sources.", "", _yaml_block(recipe)]
+            "rebuilds this model from the same sources.", ""]
+    if "recipe" in images:
+        out += [f"![The recipe's parameters per model and layer group]({images['recipe']})", ""]
+    out += [_yaml_block(recipe)]
 
     if search:
         out += ["", "## Search", ""]
@@ -408,14 +415,16 @@ def render_model_card(
                         "eval (`test_eval`) was set.", "", table]
         history = [h for h in (search.get("history") or [])]
         chart = score_chart(history)
+        if "scores" in images:
+            out += ["", f"![Score of each trial and the best so far]({images['scores']})"]
         if chart:
             first = next((h for h in history if h is not None), None)
             out += [
                 "",
                 "### Best score over trials",
                 "",
-                f"Best combined score after each trial: {_fmt(first)} after trial 1, "
-                f"{_fmt(history[-1])} after trial {len(history)}.",
+                f"Best combined score after each trial: {_fmt(first)} after trial 0, "
+                f"{_fmt(history[-1])} after trial {len(history) - 1}.",
                 "",
                 "```text",
                 chart,
@@ -424,20 +433,34 @@ def render_model_card(
     return "\n".join(out).rstrip() + "\n"
 
 
+def model_card_files(
+    model_dir: Path,
+    recipe: dict,
+    search: dict | None = None,
+    sources_info: dict | None = None,
+) -> dict[str, str | bytes]:
+    """README.md and the pictures it shows (when matplotlib is installed), by file name."""
+    from .card_plots import IMAGE_FILES, card_images
+
+    images = card_images(_redact(recipe), _redact(search) if search else None)
+    shown = {kind: name for kind, name in IMAGE_FILES.items() if name in images}
+    return {CARD_FILE: render_model_card(model_dir, recipe, search, sources_info, images=shown), **images}
+
+
 def write_model_card(
     model_dir: Path,
     recipe: dict,
     search: dict | None = None,
     sources_info: dict | None = None,
 ) -> Path:
-    """Render the card and write it to MODEL_DIR/README.md (atomically). Returns the path."""
+    """Render the card (and its pictures) into MODEL_DIR, each file atomically. Returns the card's path."""
     model_dir = Path(model_dir)
-    text = render_model_card(model_dir, recipe, search, sources_info)
-    path = model_dir / CARD_FILE
-    tmp = model_dir / f".{CARD_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    files = model_card_files(model_dir, recipe, search, sources_info)
+    for name, content in files.items():
+        tmp = model_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, model_dir / name)
+    return model_dir / CARD_FILE
 
 
 def read_provenance(model_dir: Path) -> tuple[dict | None, dict | None]:

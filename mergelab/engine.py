@@ -289,7 +289,7 @@ def merge_to_dir(
             "config.json": _json(output_config({**ref_src.config, **plan.config_updates}, out_dtype, vocab)),
             RECIPE_FILE: written_recipe(plan, compute_dtype).to_yaml(),
         }
-        files["README.md"] = _card(plan, extra_files, Path(out_dir), compute_dtype)
+        files.update(_card(plan, extra_files, Path(out_dir), compute_dtype))  # README.md and its pictures
         files.update(extra_files or {})
         copy = list(ref_src.tokenizer_files())
         gen = ref_src.path / "generation_config.json"
@@ -317,14 +317,13 @@ def _json(d: dict) -> str:
     return json.dumps(d, indent=2) + "\n"
 
 
-def _card(plan: MergePlan, extra_files, out_dir: Path, compute_dtype: torch.dtype = torch.float32) -> str:
-    """The model card, when the card module is available (it records provenance)."""
+        files.update(_card(plan, extra_files, Path(out_dir), compute_dtype))  # README.md and its pictures
     import json
 
-    from .card import render_model_card, sources_info_from_local
+    from .card import model_card_files, sources_info_from_local
 
     search = None
     if extra_files and "mergelab_search.json" in extra_files:
         search = json.loads(extra_files["mergelab_search.json"])
     recipe = written_recipe(plan, compute_dtype).to_dict()
-    return render_model_card(out_dir, recipe, search=search, sources_info=sources_info_from_local(recipe))
+    return model_card_files(out_dir, recipe, search=search, sources_info=sources_info_from_local(recipe))

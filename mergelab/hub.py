@@ -4,7 +4,10 @@ Checks the folder and the login before any request, retries transient failures, 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import time
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .card import CARD_FILE, RECIPE_FILE, read_provenance, render_model_card, sources_info_from_local
+from .card import CARD_FILE, RECIPE_FILE, model_card_files, read_provenance, sources_info_from_local
 from .errors import MergelabError, name_list
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -327,8 +330,52 @@ def _with_retries(step: str, fn: Callable[[], Any], *, attempts: int, backoff: f
 
 
 # ---------------------------------------------------------------------------- push
-def _card_for(model_dir: Path) -> tuple[str, bool]:
-    """(card text, True when it must still be written). Fails early on an unusable card."""
+class _CountingReader(io.BufferedReader):
+    """A file huggingface_hub reads to upload (a BufferedIOBase, as it requires), reporting the
+    bytes read once `on_bytes` is set, i.e. after the client hashed it. Only reads past the
+    furthest point reached count, so the 512-byte sample preupload reads is not counted twice."""
+
+    on_bytes: Callable[[int], None] | None = None
+    _reached = 0
+
+    def _seen(self, n: int) -> None:
+        if self.on_bytes is None or not n:
+            return
+        pos = self.tell()
+        if pos > self._reached:
+            self.on_bytes(pos - self._reached)
+            self._reached = pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        self._seen(len(data))
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        data = super().read1(size)
+        self._seen(len(data))
+        return data
+
+    def readinto(self, b) -> int:
+        n = super().readinto(b)
+        self._seen(n or 0)
+        return n
+
+
+class _NoXetFallbackNote(logging.Filter):
+    """huggingface_hub notes that file objects cannot go through Xet storage: mergelab uploads
+    file objects on purpose (to count the bytes sent), so the LFS path they take is the expected one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not supported by Xet Storage" not in record.getMessage()
+
+
+logging.getLogger("huggingface_hub._commit_api").addFilter(_NoXetFallbackNote())
+
+
+def _card_for(model_dir: Path) -> tuple[str, dict[str, bytes]]:
+    """(card text, files still to write beside it: its pictures, empty when the folder has a
+    README.md). Fails early on an unusable card."""
     readme = model_dir / CARD_FILE
     if readme.is_file():
         text = readme.read_text(encoding="utf-8")
@@ -341,14 +388,16 @@ def _card_for(model_dir: Path) -> tuple[str, bool]:
                 f"{readme}: its front matter (between the --- lines) is not valid YAML ({e}). "
                 "Fix it, or delete README.md to have mergelab write the card again."
             ) from None
-        return text, False
+        return text, {}
     recipe, search = read_provenance(model_dir)
     if recipe is None:
         raise MergelabError(
             f"{model_dir} has neither a README.md nor {RECIPE_FILE}, so no model card can be "
             "written. Push the folder written by `mergelab merge` / `mergelab export`, or add a README.md."
         )
-    return render_model_card(model_dir, recipe, search, sources_info_from_local(recipe)), True
+    files = model_card_files(model_dir, recipe, search, sources_info_from_local(recipe))
+    card = files.pop(CARD_FILE)
+    return card, {name: data for name, data in files.items() if not (model_dir / name).is_file()}
 
 
 def push_folder(
@@ -362,13 +411,15 @@ def push_folder(
     endpoint: str | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    on_bytes: Callable[[int], None] | None = None,
     attempts: int = 4,
     backoff: float = 2.0,
 ) -> PushResult:
     """Upload MODEL_DIR to the Hub repo REPO_ID in one commit; create the repo if missing.
 
     Everything that can be checked locally is checked before any request. A dry run makes no
-    request and writes nothing. Transient failures (connection errors, 408/429/5xx) are retried
+    request and writes nothing. `on_bytes(n)` is told each chunk of file bytes sent (a retried
+    commit sends them again). Transient failures (connection errors, 408/429/5xx) are retried
     `attempts` times per step with delays backoff, 2*backoff, 4*backoff... seconds.
     """
     model_dir = Path(model_dir)
@@ -381,10 +432,13 @@ def push_folder(
         raise MergelabError("--revision is empty: give a branch name, or omit it to push to main.")
     branch = revision or "main"
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    card, card_missing = _card_for(model_dir)
+    readme = model_dir / CARD_FILE
+    card_missing = not readme.is_file()
+    card, pictures = _card_for(model_dir)
     files = list_upload_files(model_dir)
     if card_missing:
-        files = sorted(files + [(CARD_FILE, len(card.encode("utf-8")))])
+        files = sorted(files + [(CARD_FILE, len(card.encode("utf-8")))]
+                       + [(name, len(data)) for name, data in pictures.items()])
     token_value, token_source = resolve_token(token)
     result = PushResult(
         repo_id=repo_id, revision=branch, endpoint=endpoint, files=files, card=card,
@@ -401,9 +455,20 @@ def push_folder(
     _scan_for_token(model_dir, [f for f in files if (model_dir / f[0]).is_file()], token_value, card)
 
     if card_missing:  # the folder then holds exactly what the Hub will hold
-        tmp = model_dir / f".{CARD_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(card, encoding="utf-8")
-        os.replace(tmp, model_dir / CARD_FILE)
+        for name, data in [*pictures.items(), (CARD_FILE, card.encode("utf-8"))]:
+            tmp = model_dir / f".{name}.tmp-{os.getpid()}"
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, model_dir / name)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                raise MergelabError(
+                    f"Cannot write the model card {name} into {model_dir} ({e.strerror}); nothing was "
+                    "uploaded. The folder has no README.md, and mergelab writes the card into it before "
+                    "the upload so the folder holds what the Hub will. Copy the folder somewhere "
+                    "writable, or add a README.md, and push again."
+                ) from None
         result.card_written = True
         say("card", f"wrote {model_dir / CARD_FILE}")
 
@@ -447,10 +512,17 @@ def push_folder(
 
     def commit():
         # Fresh operations each attempt: the client marks them as uploaded/committed in place.
-        ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(model_dir / rel)) for rel, _ in files]
-        return api.create_commit(
-            repo_id, ops, commit_message=summary, repo_type="model", revision=revision,
-        )
+        readers = [_CountingReader(io.FileIO(model_dir / rel, "rb")) for rel, _ in files]
+        try:
+            ops = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=r) for (rel, _), r in zip(files, readers)]
+            for r in readers:
+                r.on_bytes = on_bytes
+            return api.create_commit(
+                repo_id, ops, commit_message=summary, repo_type="model", revision=revision,
+            )
+        finally:
+            for r in readers:
+                r.close()
 
     info = _with_retries("commit", commit, **retry)
     result.commit_url = info.commit_url

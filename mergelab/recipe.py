@@ -73,7 +73,7 @@ class Recipe(BaseModel):
     @classmethod
     def _dtype_alias(cls, v):
         aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
-        return aliases.get(v, v)
+        return aliases.get(v, v) if isinstance(v, str) else v  # a list etc. fails as a wrong type
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -325,6 +325,7 @@ def validate_recipe(r: Recipe, where: str = "recipe", *, in_slice: bool = False)
                 f"{where}: unknown parameter `{field}` for merge_method `{op.name}`. Allowed here: "
                 f"{', '.join(sorted(allowed)) or 'none'}."
             )
+        check_value_form(value, field, where)
         for v in _values_of(value):
             why = spec.check(v)
             if why is not None:
@@ -391,3 +392,31 @@ def resolve_value(value: Any, tensor_name: str, t: float) -> Any:
         frac = scaled - i0
         return (1 - frac) * value[i0] + frac * value[i1]
     return value
+
+
+def check_value_form(value: Any, field: str, where: str) -> None:
+    """A parameter value must give every tensor a value: no empty list (gradient or filter list),
+    and a filter list ends with a catch-all entry (no `filter`, or `*`), as mergekit's examples do;
+    without one, tensors that match no filter would get no value and the merge would stop half-way."""
+    if isinstance(value, FilterEntry):
+        value = [value]
+    if not isinstance(value, list):
+        return
+    if not value:
+        raise MergelabError(
+            f"{where}: `{field}` is an empty list. Give a number, a gradient of numbers "
+            "(e.g. [0.2, 0.8]), or filter entries ending with a catch-all `- value: X`."
+        )
+    entries = [e for e in value if isinstance(e, FilterEntry)]
+    if not entries:
+        return
+    for i, e in enumerate(entries):
+        if isinstance(e.value, list):
+            check_value_form(e.value, f"{field}[{i}].value", where)
+    if entries[-1].filter not in (None, "*"):
+        named = ", ".join(f"`{e.filter}`" for e in entries if e.filter not in (None, "*"))
+        raise MergelabError(
+            f"{where}: `{field}` has no catch-all entry, so tensors whose names contain none of "
+            f"{named} get no value. Add a last entry without `filter` (e.g. `- value: 0.5`) "
+            "for all other tensors."
+        )

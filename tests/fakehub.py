@@ -10,11 +10,14 @@ Usage:
         hub.requests                              # every request: method, path, headers, body
         hub.unknown                               # requests no route matched (answered 404)
 
-Endpoints (the ones huggingface_hub 2.4 calls for create_repo, create_branch and create_commit with
-regular uploads), by the name `fail()` takes:
+Endpoints (the ones huggingface_hub 2.4 calls for create_repo, create_branch and create_commit,
+with regular and LFS uploads), by the name `fail()` takes:
     create_repo    POST /api/repos/create
     validate_yaml  POST /api/validate-yaml
     preupload      POST /api/models/{owner}/{name}/preupload/{revision}
+    lfs_batch      POST /{owner}/{name}.git/info/lfs/objects/batch
+    lfs_put        PUT  /fakehub-lfs/{oid}                  (the "upload" href the batch answers)
+    lfs_verify     POST /{owner}/{name}.git/info/lfs/objects/verify
     commit         POST /api/models/{owner}/{name}/commit/{revision}
     repo_info      GET  /api/models/{owner}/{name}[/revision/{revision}]
     create_branch  POST /api/models/{owner}/{name}/branch/{branch}
@@ -22,13 +25,19 @@ regular uploads), by the name `fail()` takes:
     whoami         GET  /api/whoami-v2
 Behaviour without scripted failures: tokens outside `valid_tokens` get 401 "Invalid credentials in
 Authorization header"; owners in `readonly_owners` get 403 on create/preupload/commit/branch; a
-branch passed to `protect()` gets 403 on commit with a protected-branch message; files are always
-answered uploadMode "regular", so their contents travel base64 inside the commit.
+branch passed to `protect()` gets 403 on commit with a protected-branch message. Preupload answers
+"lfs" for the files the Hub keeps in LFS (names matching `lfs_patterns`, e.g. *.safetensors and
+*.png, or larger than 10 MB) and "regular" for the rest, whose contents travel base64 inside the
+commit. LFS objects go through the batch endpoint (basic transfer, with a verify action), a PUT of
+the bytes (checked against the announced sha256 and size, as the storage does) and an `lfsFile`
+line in the commit, which must name an object that was uploaded; an object stored before gets no
+upload action. `lfs_objects` holds what was stored, by sha256.
 """
 from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import json
 import re
@@ -50,6 +59,9 @@ ENDPOINTS = (
     "create_repo",
     "validate_yaml",
     "preupload",
+    "lfs_batch",
+    "lfs_put",
+    "lfs_verify",
     "commit",
     "repo_info",
     "create_branch",
@@ -81,7 +93,7 @@ class FakeCommit:
     description: str
     files: dict[str, bytes]  # path -> decoded content
     deleted: list[str]
-    lfs_files: list[dict]  # lfsFile entries (never expected: preupload answers "regular")
+    lfs_files: list[dict]  # lfsFile entries as sent: {path, algo, oid, size}
     oid: str
 
 
@@ -108,6 +120,9 @@ _ROUTES: list[tuple[str, str, re.Pattern]] = [
     ("POST", "create_repo", re.compile(r"^/api/repos/create$")),
     ("POST", "validate_yaml", re.compile(r"^/api/validate-yaml$")),
     ("POST", "preupload", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>.+)$")),
+    ("POST", "lfs_batch", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$")),
+    ("PUT", "lfs_put", re.compile(r"^/fakehub-lfs/(?P<rev>[0-9a-f]{64})$")),
+    ("POST", "lfs_verify", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/verify$")),
     ("POST", "commit", re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>.+)$")),
     ("POST", "create_branch", re.compile(rf"^/api/models/{_REPO}/branch/(?P<rev>.+)$")),
     ("GET", "refs", re.compile(rf"^/api/models/{_REPO}/refs$")),
@@ -127,6 +142,8 @@ class FakeHub:
         self.requests: list[RecordedRequest] = []
         self.unknown: list[RecordedRequest] = []
         self.commits: list[FakeCommit] = []
+        self.lfs_patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.pt", "*.png", "*.jpg", "*.gguf")
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content
         self._scripts: dict[str, list[_Script]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -241,7 +258,8 @@ class FakeHub:
 
         auth = req.headers.get("authorization", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
-        if token not in self.valid_tokens:
+        # the object PUT goes to storage with a pre-signed URL, without the Hub token
+        if token not in self.valid_tokens and ep != "lfs_put":
             msg = "Invalid credentials in Authorization header"
             return 401, {"X-Error-Message": msg}, {"error": msg}
 
@@ -294,11 +312,47 @@ class FakeHub:
         files = req.json()["files"]
         return 200, {}, {
             "files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                {"path": f["path"], "uploadMode": "lfs" if self._is_lfs(f) else "regular",
+                 "shouldIgnore": False, "oid": None}
                 for f in files
             ],
             "commitOid": repo.branches.get(rev, [None])[-1] if repo.branches.get(rev) else None,
         }
+
+    def _is_lfs(self, f: dict) -> bool:
+        name = f["path"].rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatch(name, p) for p in self.lfs_patterns) or int(f.get("size") or 0) > 10 * 10**6
+
+    def _ep_lfs_batch(self, req, repo_id, _rev):
+        if repo_id not in self.repos:
+            return self._not_found(repo_id)
+        payload = req.json()
+        if payload.get("operation") != "upload" or "basic" not in (payload.get("transfers") or ["basic"]):
+            return 422, {}, {"message": "fakehub: only basic uploads are implemented"}
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.lfs_objects:  # already stored: no actions, nothing to send
+                entry["actions"] = {
+                    "upload": {"href": f"{self.url}/fakehub-lfs/{obj['oid']}", "header": {}},
+                    "verify": {"href": f"{self.url}/{repo_id}.git/info/lfs/objects/verify", "header": {}},
+                }
+            objects.append(entry)
+        return 200, {}, {"transfer": "basic", "objects": objects}
+
+    def _ep_lfs_put(self, req, _repo, oid):
+        if hashlib.sha256(req.body).hexdigest() != oid:
+            return 400, {}, {"error": "fakehub: the uploaded bytes do not match the object id"}
+        with self._lock:
+            self.lfs_objects[oid] = req.body
+        return 200, {}, {}
+
+    def _ep_lfs_verify(self, req, repo_id, _rev):
+        obj = req.json()
+        stored = self.lfs_objects.get(obj.get("oid"))
+        if stored is None or len(stored) != obj.get("size"):
+            return 404, {}, {"message": f"fakehub: object {obj.get('oid')} not stored with size {obj.get('size')}"}
+        return 200, {}, {}
 
     def _ep_commit(self, req, repo_id, rev):
         repo = self.repos.get(repo_id)
@@ -330,7 +384,12 @@ class FakeHub:
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
             elif key == "lfsFile":
+                stored = self.lfs_objects.get(value.get("oid"))
+                if stored is None or len(stored) != value.get("size"):
+                    msg = f"Your push was rejected because an LFS pointer pointed to a file that does not exist: {value.get('path')}"
+                    return 422, {"X-Error-Message": msg}, {"error": msg}
                 lfs.append(value)
+                files[value["path"]] = stored
             else:
                 return 400, {}, {"error": f"unknown commit operation {key!r}"}
         oid = _oid(repo_id + rev + str(len(self.commits)) + req.body.decode("utf-8", "replace"))

@@ -5,6 +5,7 @@ Metadata is parsed back with huggingface_hub's own ModelCard / metadata_load.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,8 @@ def meta_of(text: str) -> dict:
     return ModelCard(text).data.to_dict()
 
 
-def test_front_matter_parses_with_huggingface_hub(tmp_path):
+def test_front_matter_parses_with_huggingface_hub(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # without the `plots` extra: text only
     path = write_model_card(tmp_path, RECIPE, sources_info=MIT_ALL)
     assert path == tmp_path / "README.md"
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no temp file left behind
@@ -150,7 +152,7 @@ def test_searched_merge_section(tmp_path):
     assert table in text
     chart = score_chart([1, 2, 3, 4, 5])
     assert "```text\n" + chart + "\n```" in text
-    assert "Best combined score after each trial: 1 after trial 1, 5 after trial 5." in text
+    assert "Best combined score after each trial: 1 after trial 0, 5 after trial 4." in text
     meta = meta_of(text)  # the body never breaks the front matter
     assert meta["tags"] == ["merge", "mergelab", "ties"]
 
@@ -161,7 +163,7 @@ def test_score_chart_hand_computed():
         "5 ┤  ▁▄█\n"
         "1 ┤▁▅███\n"
         "  └─────\n"
-        "  trial 1 trial 5"
+        "  trial 0 trial 4"
     )
     # 10 trials on 5 columns: each column shows the running best at its last trial (1,3,5,7,9)
     assert score_chart(list(range(10)), width=5, height=1).splitlines()[0] == "9 ┤▁▃▅▆█"
@@ -244,3 +246,68 @@ def test_card_marks_a_fusion_hybrids_metrics(tmp_path):
                               search={"optimizer": "cmaes", "n_trials": 3, "best_trial": 1,
                                       "best_metrics": {"combined": 1.5}, "history": [1.0, 1.5]})
     assert "hybrid" not in plain
+
+
+# ---------------------------------------------------------------------------- ModelCardData, pictures
+def test_front_matter_is_what_model_card_data_writes(tmp_path):
+    from huggingface_hub import ModelCardData
+
+    text = render_model_card(tmp_path, RECIPE, sources_info=MIT_ALL)
+    front = text.split("---\n")[1]
+    assert front == ModelCardData(
+        base_model=["acme/base-1b", "acme/math-1b", "acme/code-1b"], base_model_relation="merge",
+        license="mit", library_name="transformers", pipeline_tag="text-generation",
+        tags=["merge", "mergelab", "ties"]).to_yaml() + "\n"
+    # no license agreed, no Hub source: those keys are absent rather than null
+    local = render_model_card(tmp_path, {"merge_method": "linear", "models": [{"model": str(tmp_path)}]})
+    assert meta_of(local) == {"library_name": "transformers", "pipeline_tag": "text-generation",
+                              "tags": ["merge", "mergelab", "linear"]}
+
+
+def test_recipe_rows_spread_gradients_and_filters():
+    from mergelab.card_plots import recipe_rows
+
+    rows = recipe_rows({
+        "merge_method": "ties", "parameters": {"lambda": 1.5, "normalize": True},
+        "models": [
+            {"model": "/x/ft_a", "parameters": {"weight": [0.0, 1.0], "density": 0.5}},
+            {"model": "org/ft_b@v1", "parameters": {"weight": [{"filter": "self_attn", "value": [0, 0.3, 0.6]},
+                                                               {"value": 2}]}},
+        ]})
+    assert [(r.label, r.values) for r in rows] == [
+        ("all · lambda", [1.5, 1.5, 1.5]),  # a bool (normalize) is not a number to colour
+        ("ft_a · weight", [0.0, 0.5, 1.0]),
+        ("ft_a · density", [0.5, 0.5, 0.5]),
+        ("ft_b · weight · self_attn", [0.0, 0.3, 0.6]),
+        ("ft_b · weight · other", [2.0, 2.0, 2.0]),
+    ]
+
+
+SEARCHED = {"optimizer": "cmaes", "n_trials": 3, "best_trial": 2, "history": [None, 0.5, 0.7],
+            "scores": [None, 0.5, 0.7], "run_name": "pics"}
+
+
+def test_without_matplotlib_the_card_is_text_only(tmp_path, monkeypatch):
+    from mergelab.card import model_card_files
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    files = model_card_files(tmp_path, RECIPE, SEARCHED, MIT_ALL)
+    assert list(files) == ["README.md"]
+    assert "![" not in files["README.md"] and "trial 0 trial 2" in files["README.md"]
+
+
+def test_with_matplotlib_the_card_shows_two_pictures(tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional `plots` extra (pip install mergelab[plots])")
+    from mergelab.card import model_card_files
+
+    files = model_card_files(tmp_path, RECIPE, SEARCHED, MIT_ALL)
+    assert sorted(files) == ["README.md", "mergelab_recipe.png", "mergelab_scores.png"]
+    card = files["README.md"]
+    assert "![The recipe's parameters per model and layer group](mergelab_recipe.png)" in card
+    assert "![Score of each trial and the best so far](mergelab_scores.png)" in card
+    assert card.index("mergelab_recipe.png") < card.index("## Search") < card.index("mergelab_scores.png")
+    for name in ("mergelab_recipe.png", "mergelab_scores.png"):
+        assert files[name][:8] == b"\x89PNG\r\n\x1a\n" and len(files[name]) > 2000
+    # a merge writes them beside the weights, and push uploads them with the card
+    write_model_card(tmp_path, RECIPE, SEARCHED, MIT_ALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "mergelab_recipe.png", "mergelab_scores.png"]

@@ -4,7 +4,10 @@ Checks what the server received (files byte for byte, one commit, token only in 
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import re
 import socket
 import sys
 import types
@@ -20,6 +23,9 @@ from fakehub import DEFAULT_TOKEN, fakehub  # noqa: F401 - fixture
 from mergelab.cli import main
 from mergelab.errors import MergelabError
 from mergelab.hub import push_folder
+
+# the card's pictures, written and pushed when the optional `plots` extra (matplotlib) is installed
+PICTURES = (["mergelab_recipe.png", "mergelab_scores.png"] if importlib.util.find_spec("matplotlib") else [])
 
 RECIPE = {
     "merge_method": "ties",
@@ -69,6 +75,17 @@ def make_model(root: Path, *, sharded: bool = False, card: bool = False) -> Path
     return d
 
 
+def endpoints_in_order(hub) -> list[str]:
+    """The endpoints called, each object's PUT directly followed by its verify (the client
+    uploads objects from several threads, so across objects the two may interleave)."""
+    names = [r.endpoint for r in hub.requests]
+    puts = names.count("lfs_put")
+    assert puts == names.count("lfs_verify")
+    rest = [n for n in names if n not in ("lfs_put", "lfs_verify")]
+    i = rest.index("lfs_batch") + 1 if puts else len(rest)
+    return rest[:i] + ["lfs_put", "lfs_verify"] * puts + rest[i:]
+
+
 def folder_bytes(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
@@ -88,17 +105,25 @@ def test_push_uploads_exactly_the_folder_in_one_commit(tmp_path, fakehub):
     result = push_folder(d, "alice/tiny-merge", progress=lambda s, m: stages.append(s))
 
     assert (d / "README.md").is_file() and result.card_written and result.card_rendered
-    assert [r.endpoint for r in fakehub.requests] == ["create_repo", "validate_yaml", "preupload", "commit"]
+    # the weights (and the card's pictures, with the `plots` extra) take the LFS path, as on the Hub
+    # (objects go up in parallel threads: their PUTs and verifies interleave)
+    assert endpoints_in_order(fakehub) == ["create_repo", "validate_yaml", "preupload", "lfs_batch",
+                                           *["lfs_put", "lfs_verify"] * len(PICTURES + ["w"]), "commit"]
     assert fakehub.unknown == []
     assert len(fakehub.commits) == 1
     commit = fakehub.commits[0]
     assert commit.repo_id == "alice/tiny-merge" and commit.revision == "main"
-    assert commit.files == folder_bytes(d)  # every file, byte for byte, card included
-    assert sorted(commit.files) == [
+    assert commit.files == folder_bytes(d)  # every file, byte for byte, card and LFS objects included
+    assert sorted(commit.files) == sorted([
         "README.md", "config.json", "generation_config.json", "mergelab_recipe.yaml",
-        "mergelab_search.json", "model.safetensors", "tokenizer.json",
-    ]
-    assert commit.lfs_files == [] and commit.deleted == []
+        "mergelab_search.json", "model.safetensors", "tokenizer.json", *PICTURES,
+    ])
+    weights = (d / "model.safetensors").read_bytes()
+    assert sorted(commit.lfs_files, key=lambda f: f["path"]) == sorted([
+        {"path": p, "algo": "sha256", "oid": hashlib.sha256((d / p).read_bytes()).hexdigest(),
+         "size": (d / p).stat().st_size} for p in ["model.safetensors", *PICTURES]], key=lambda f: f["path"])
+    assert fakehub.lfs_objects[hashlib.sha256(weights).hexdigest()] == weights
+    assert commit.deleted == []
     assert commit.summary == "Upload ties merge (searched, 4 trials) with mergelab"
     assert result.commit_url == f"{fakehub.url}/alice/tiny-merge/commit/{commit.oid}"
     assert result.commit_oid == commit.oid
@@ -106,8 +131,8 @@ def test_push_uploads_exactly_the_folder_in_one_commit(tmp_path, fakehub):
     assert result.attempts == {"create_repo": 1, "commit": 1}
     assert stages == ["card", "create_repo", "upload", "done"]
     # The token travels in the Authorization header of every request and nowhere else.
-    for r in fakehub.requests:
-        assert r.headers["authorization"] == f"Bearer {DEFAULT_TOKEN}"
+    for r in fakehub.requests:  # ... and never to the object storage the LFS PUT goes to
+        assert r.headers.get("authorization") == (None if r.endpoint == "lfs_put" else f"Bearer {DEFAULT_TOKEN}")
         assert DEFAULT_TOKEN.encode() not in r.body
     for content in commit.files.values():
         assert DEFAULT_TOKEN.encode() not in content
@@ -138,8 +163,9 @@ def test_push_to_existing_repo_and_new_branch(tmp_path, fakehub):
     fakehub.add_repo("alice/old")
     d = make_model(tmp_path)
     result = push_folder(d, "alice/old", revision="try-1")
-    assert [r.endpoint for r in fakehub.requests] == [
-        "create_repo", "create_branch", "validate_yaml", "preupload", "commit"]
+    assert endpoints_in_order(fakehub) == [
+        "create_repo", "create_branch", "validate_yaml", "preupload", "lfs_batch",
+        *["lfs_put", "lfs_verify"] * len(PICTURES + ["w"]), "commit"]
     assert fakehub.requests[0].endpoint == "create_repo"  # answered 409, accepted as "exists"
     (commit,) = fakehub.commits
     assert commit.revision == "try-1"
@@ -168,10 +194,12 @@ def test_dry_run_makes_no_request_and_writes_nothing(tmp_path, fakehub, capsys):
     sizes = {p: len(b) for p, b in before.items()}
     for path, size in sizes.items():
         assert any(line.split()[:1] == [path] and f"{size} B" in line for line in out.splitlines()), path
-    card_size = len(hub_mod.push_folder(d, "alice/dry", dry_run=True).card.encode())
-    total = sum(sizes.values()) + card_size
+    planned = hub_mod.push_folder(d, "alice/dry", dry_run=True)
+    card_size = len(planned.card.encode())
+    pictures = sum(size for path, size in planned.files if path in PICTURES)
+    total = sum(sizes.values()) + card_size + pictures
     assert f"README.md" in out and "(model card, rendered now)" in out
-    assert f"({len(sizes) + 1} files)" in out
+    assert f"({len(sizes) + 1 + len(PICTURES)} files)" in out
     assert f"{total / 1024:.1f} KB" in out
     assert "tags:\n- merge\n- mergelab\n- ties\n" in out  # the card is printed
     assert "Token: found (HF_TOKEN)." in out
@@ -361,7 +389,7 @@ def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
             opened.append(Path(path))
             return cls()
 
-        def export_best(self):
+        def export_best(self, on_tensor=None):
             return exported
 
         is_run_dir = staticmethod(lambda p: True)
@@ -371,3 +399,114 @@ def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
     assert opened == [run]
     (commit,) = fakehub.commits
     assert commit.files == folder_bytes(exported)
+
+
+# ---------------------------------------------------------------------------- push RUN --dry-run
+FIXTURE_RUNS = Path(__file__).parent / "fixtures" / "runs"
+
+
+def _run_copy(tmp_path: Path, hub_source: bool) -> Path:
+    """The finished-cmaes fixture run, its model paths pointing at this checkout's fixture models
+    (with hub_source, the base model named by a Hub id instead)."""
+    import shutil
+
+    run = tmp_path / "runs" / "finished-cmaes"
+    shutil.copytree(FIXTURE_RUNS / "finished-cmaes", run)
+    models = str(FIXTURE_RUNS / "models")
+    for name in ("trials.jsonl", "resolved.json", "summary.json", "config.yaml"):
+        p = run / name
+        text = p.read_text().replace("/work/main/tests/fixtures/runs/models", models)
+        if hub_source:
+            text = text.replace(f"{models}/base", "acme/base-1b")
+        p.write_text(text)
+    return run
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("hub_source", [False, True])
+def test_dry_run_of_a_run_writes_nothing_and_opens_no_connection(tmp_path, fakehub, capsys, monkeypatch,
+                                                                 hub_source):
+    run = _run_copy(tmp_path, hub_source)
+    before = _tree(tmp_path)
+    opened = []
+    real_create = socket.create_connection
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: opened.append(a) or real_create(*a, **k))
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: opened.append(addr) or (_ for _ in ()).throw(
+        OSError("a dry run must not connect")))
+    assert main(["push", str(run), "--repo", "alice/merged", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert _tree(tmp_path) == before and not (run / "best" / "model").exists()
+    assert opened == [] and fakehub.requests == []
+    assert "The best trial (7) is not exported yet" in out and "Dry run: nothing was uploaded or written." in out
+    assert "README.md" in out and "mergelab_recipe.yaml" in out and "# finished-cmaes" in out
+    if hub_source:
+        assert "Weight sizes unknown without the network" in out and "acme/base-1b" in out
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(FIXTURE_RUNS / "models" / "base" / "model.safetensors"), "pt") as f:
+            nbytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+        line = next(l for l in out.splitlines() if l.strip().startswith("model.safetensors"))
+        assert hub_mod._human(nbytes) in line
+
+
+# ---------------------------------------------------------------------------- LFS
+def test_lfs_objects_already_stored_are_not_sent_again_and_progress_counts_bytes(tmp_path, fakehub):
+    d = make_model(tmp_path, sharded=True, card=True)
+    sent = []
+    push_folder(d, "alice/first", on_bytes=sent.append)
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert len(fakehub.calls("lfs_put")) == 2
+    # every byte of every file is read once for the upload (regular files for the commit body)
+    assert sum(sent) == sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+    before = len(fakehub.requests)
+    push_folder(d, "alice/second")  # same objects: the batch answers without upload actions
+    later = [r.endpoint for r in fakehub.requests[before:]]
+    assert "lfs_batch" in later and "lfs_put" not in later
+    assert sorted(f["path"] for f in fakehub.commits[-1].lfs_files) == shards
+    assert fakehub.repos["alice/second"].files["main"] == folder_bytes(d)
+
+
+def test_lfs_upload_refused_by_storage_is_one_message(tmp_path, fakehub, monkeypatch):
+    monkeypatch.setattr(hub_mod, "_sleep", lambda s: None)
+    fakehub.fail("lfs_batch", 403, message="You have exceeded your storage quota")
+    with pytest.raises(MergelabError, match=r"no write access to 'alice'.*storage quota"):
+        push_folder(make_model(tmp_path), "alice/full", attempts=2)
+    assert fakehub.commits == [] and fakehub.lfs_objects == {}
+
+
+def test_push_of_a_run_exports_then_uploads_with_progress(tmp_path, fakehub, capsys):
+    run = _run_copy(tmp_path, hub_source=False)
+    assert main(["push", str(run), "--repo", "alice/from-run"]) == 0
+    err = capsys.readouterr().err
+    best = run / "best" / "model"
+    (commit,) = fakehub.commits
+    assert commit.files == folder_bytes(best)
+    assert "model.safetensors" in {f["path"] for f in commit.lfs_files}
+    # the export counts tensors, the upload bytes; both end complete
+    from safetensors import safe_open
+
+    with safe_open(str(best / "model.safetensors"), "pt") as f:
+        n = len(list(f.keys()))
+    assert re.search(rf"export .* {n}/{n} tensors", err), err
+    total = sum(len(b) for b in commit.files.values())
+    assert re.search(r"push .* ([\d.]+)/\1 kB", err) and f"{total / 1000:.1f}" in err, err
+
+
+def test_read_only_folder_without_a_card_is_one_message(tmp_path, fakehub, monkeypatch):
+    import errno
+
+    d = make_model(tmp_path)
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    with pytest.raises(MergelabError, match=r"Cannot write the model card .* into .*merged \(Read-only file system\); "
+                                            r"nothing was uploaded"):
+        push_folder(d, "alice/ro")
+    assert fakehub.requests == [] and not (d / "README.md").exists()

@@ -2,12 +2,16 @@
 
 Subcommands are imported lazily (start-up stays fast) and each module owns its command.
 A user error (MergelabError) prints one paragraph and exits non-zero; --debug shows tracebacks.
+mergelab draws its own progress bars (cli/progress.py); the bars of libraries it calls
+(transformers' "Loading weights", huggingface_hub's downloads) and cma's note that matplotlib
+is missing are switched off here, before those libraries are imported.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+import warnings
 
 import click
 
@@ -49,7 +53,26 @@ class _LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
 
-@click.group(cls=_LazyGroup, invoke_without_command=True)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def quiet_libraries() -> None:
+    """No progress bars or import-time notes from libraries mergelab does not own. A user who set
+    HF_HUB_DISABLE_PROGRESS_BARS keeps their choice."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' tqdm follows this flag
+    if "huggingface_hub" in sys.modules:  # imported already (tests): the constant was read at import
+        from huggingface_hub.utils import disable_progress_bars
+
+        if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+            disable_progress_bars()
+    if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="Could not import matplotlib.pyplot", category=UserWarning)
+
+
+@click.group(cls=_LazyGroup, invoke_without_command=True, context_settings=CONTEXT)
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.version_option(package_name="mergelab")
 @click.pass_context
@@ -68,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or bool(
         os.environ.get("MERGELAB_DEBUG")
     )
+    quiet_libraries()
     try:
         cli.main(args=argv, prog_name="mergelab", standalone_mode=False)
     except MergelabError as e:

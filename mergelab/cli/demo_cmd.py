@@ -141,7 +141,8 @@ def demo(headless, trials, layer_groups, seed, device, run_path, val_limit, limi
     if not result.best:
         raise MergelabError(f"The demo search in {rd.path} finished no trial; see {rd.path / 'log.txt'}.")
     best_dir = rd.path / "best" / "model"
-    # the demo's own folder: an export left by a dashboard push (u) that failed is replaced
+    # the demo owns runs/NAME/best/model: an export left there by a push from the dashboard
+    # (`u`, failed or not) is replaced, never a reason to stop before the table
     export_trial(rd, best_dir, device=device, overwrite=True)
     click.echo(f"best merge (trial {result.best['number']}) exported to {best_dir}")
     rows, metrics = evaluate_all(best_dir, device, limit)

@@ -98,7 +98,11 @@ def eval_cmd(target: Path, eval_path: Path, device: str, json_path: Path | None,
     model, tokenizer = load_for_eval(target, dev, scoring)
     load_s = time.perf_counter() - t0
     evaluator = Evaluator(spec, tokenizer, device=model.device, batch_size=batch_size, data=data)
-    result = evaluator.evaluate(model)
+    from .progress import progress_bar
+
+    steps = sum(len(getattr(s, "batches", None) or [None]) for s in evaluator.scorers)  # lm-eval: one step
+    with progress_bar("eval", steps, unit="batches") as advance:
+        result = evaluator.evaluate(model, report=lambda name, step, score: advance(1))
     result.timings["load"] = load_s
     click.echo(render_table(result))
     click.echo(f"({sum(result.counts.values())} items on {dev}; load {load_s:.1f}s, scoring {result.timings['total']:.1f}s)")

@@ -32,7 +32,8 @@ def _human(n: float) -> str:
 def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, overwrite, quiet, verbose):
     """Merge the models of RECIPE (mergekit-style YAML) into OUT_DIR, one tensor at a time."""
     from ..engine import merge_to_dir, prepare, resolve_device
-    from ..writer import parse_size, shard_layout
+    from ..writer import check_output, parse_size, recover_leftovers, shard_layout
+    from .progress import progress_bar
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     if verbose:
@@ -40,6 +41,13 @@ def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, ove
     size = parse_size(shard_size)
     dev = resolve_device(device)
     plan, sources = prepare(recipe, seed)
+    if not dry_run:  # a killed earlier merge to OUT: put its old model back, drop its partial files
+        try:
+            for note in recover_leftovers(out_dir):
+                click.echo(note, err=True)
+        except OSError as e:  # best effort: check_output names a real problem with OUT
+            click.echo(f"could not clean up earlier merges to {out_dir}: {e}", err=True)
+    check_output(out_dir, plan.total_bytes, overwrite)  # the dry run refuses what the merge would
     if dry_run:
         layout = shard_layout([j.nbytes for j in plan.jobs], size)
         n_shards = layout[-1][0] + 1 if layout else 1
@@ -54,7 +62,10 @@ def merge(recipe, out_dir, device, compute_dtype, shard_size, seed, dry_run, ove
                    f"{_human(plan.peak_memory_estimate())}  device: {dev}")
         click.echo("dry run: nothing written")
         return
-    rep = merge_to_dir(plan.recipe, out_dir, device=dev, compute_dtype=_COMPUTE[compute_dtype], shard_size=size,
-                       seed=seed, quiet=quiet, overwrite=overwrite, plan_and_sources=(plan, sources))
+    sizes = [j.nbytes for j in plan.jobs]
+    with progress_bar("merge", plan.total_bytes, quiet=quiet) as advance:
+        rep = merge_to_dir(plan.recipe, out_dir, device=dev, compute_dtype=_COMPUTE[compute_dtype],
+                           shard_size=size, seed=seed, quiet=True, overwrite=overwrite,
+                           on_tensor=lambda i, n: advance(sizes[i - 1]), plan_and_sources=(plan, sources))
     click.echo(f"wrote {rep.out_dir} ({rep.tensors} tensors, {_human(rep.bytes)}, {rep.shards} shard(s)) "
                f"in {rep.seconds:.1f}s")

@@ -1,9 +1,14 @@
 """`mergelab push`: upload a merged model (or a run's best trial) to the Hugging Face Hub.
 
-The work is in mergelab.hub.push_folder; this module parses options and prints.
+The work is in mergelab.hub.push_folder; this module parses options and prints. A dry run of a
+run directory whose best trial is not exported yet plans the export instead of running it: it
+writes nothing and makes no request (Hub-id sources are looked up in the local cache only).
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 
 import click
@@ -23,7 +28,95 @@ def resolve_model_dir(path: Path) -> Path:
         return path
     from search.rundir import RunDir
 
-    return Path(RunDir.open(path).export_best())
+    from .progress import count_bar
+
+    with count_bar("export") as on_tensor:
+        return Path(RunDir.open(path).export_best(on_tensor=on_tensor))
+
+
+@contextlib.contextmanager
+def _offline():
+    """huggingface_hub makes no request inside (it reads the flag from its constants module)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def current_export(run_path: Path) -> Path | None:
+    """runs/NAME/best/model when it holds an export of the run's current best trial, else None."""
+    from search.rundir import RunDir
+
+    rd = RunDir.open(run_path)
+    best = rd.summary().get("best")
+    if not best:
+        raise MergelabError(f"Run {run_path} has no finished trial yet; nothing to export.")
+    target = rd.path / "best" / "model"
+    meta = target / "mergelab_search.json"
+    if not target.is_symlink() and meta.is_file() and any(target.glob("*.safetensors")):
+        try:
+            if json.loads(meta.read_text(encoding="utf-8")).get("best_trial") == best["number"]:
+                return target
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
+
+
+def planned_run_push(run_path: Path, repo_id: str, revision: str | None):
+    """What `push RUN` would upload when the best trial is not exported yet, without exporting:
+    the files of the planned export (weights sized from the plan, when the sources can be read
+    offline) and the card it would carry. Returns (PushResult, notes)."""
+    from search.rundir import RunDir
+
+    from ..card import CARD_FILE, RECIPE_FILE, SEARCH_FILE, model_card_files, sources_info_from_local
+    from ..hub import DEFAULT_ENDPOINT, PushResult, check_repo_id, resolve_token
+
+    check_repo_id(repo_id)
+    rd = RunDir.open(run_path)
+    best = rd.summary()["best"]
+    rec = next((r for r in rd.trials() if r.get("number") == best["number"] and r.get("recipe")), None)
+    if rec is None:
+        raise MergelabError(f"Run {run_path}: trials.jsonl has no recipe for the best trial {best['number']}.")
+    target = rd.path / "best" / "model"
+    search = rd.search_metadata(rec)
+    recipe = rec["recipe"]
+    notes = [f"The best trial ({best['number']}) is not exported yet; a real push exports it to {target} first."]
+    files: list[tuple[str, int]] = []
+    with _offline():
+        card_files = model_card_files(target, recipe, search, sources_info_from_local(recipe))
+        card = card_files.pop(CARD_FILE)
+        files += [(name, len(data)) for name, data in card_files.items()]
+        try:
+            from ..engine import prepare
+            from ..writer import shard_layout
+
+            plan, sources = prepare(recipe)
+            layout = shard_layout([j.nbytes for j in plan.jobs], 5 * 10**9)
+            n = layout[-1][0] + 1 if layout else 1
+            sizes = [0] * n
+            for job, (shard, _) in zip(plan.jobs, layout):
+                sizes[shard] += job.nbytes
+            names = (["model.safetensors"] if n == 1 else
+                     [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+            files += list(zip(names, sizes))
+            ref = sources[plan.reference]
+            files += [(f.name, f.stat().st_size) for f in ref.tokenizer_files()]
+        except MergelabError as e:
+            notes.append(f"Weight sizes unknown without the network ({e})")
+    files += [("config.json", 0), (RECIPE_FILE, 0), (SEARCH_FILE, 0), (CARD_FILE, len(card.encode()))]
+    notes.append("config.json, the recipe and the search record are small; their sizes show as 0 B until exported.")
+    _, token_source = resolve_token(None)
+    result = PushResult(
+        repo_id=repo_id, revision=revision or "main",
+        endpoint=(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+        files=sorted(files), card=card, card_rendered=True, card_written=False, dry_run=True,
+        token_source=token_source,
+    )
+    return result, notes
 
 
 @click.command("push")
@@ -45,15 +138,26 @@ def push(model_dir: Path, repo_id: str, private: bool, revision: str | None, mes
     """
     from ..hub import describe_upload, push_folder
 
-    folder = resolve_model_dir(model_dir)
+    notes: list[str] = []
+    if dry_run and is_run_dir(model_dir) and current_export(model_dir) is None:
+        result, notes = planned_run_push(model_dir, repo_id, revision)
+    else:
+        folder = current_export(model_dir) if dry_run and is_run_dir(model_dir) else resolve_model_dir(model_dir)
 
-    def progress(stage: str, msg: str) -> None:
-        click.echo(f"[{stage}] {msg}", err=True)
+        from ..hub import list_upload_files
+        from .progress import progress_bar
 
-    result = push_folder(folder, repo_id, private=private, revision=revision, message=message,
-                         dry_run=dry_run, progress=progress)
+        def progress(stage: str, msg: str) -> None:
+            click.echo(f"[{stage}] {msg}", err=True)
+
+        total = sum(size for _, size in list_upload_files(folder)) if folder.is_dir() else 0
+        with progress_bar("push", total, quiet=dry_run) as advance:
+            result = push_folder(folder, repo_id, private=private, revision=revision, message=message,
+                                 dry_run=dry_run, progress=progress, on_bytes=advance)
     if dry_run:
         click.echo(describe_upload(result))
+        for note in notes:
+            click.echo(note)
         click.echo("")
         click.echo("Model card (README.md):" + (" rendered, not yet written" if result.card_rendered else ""))
         click.echo("-" * 72)
