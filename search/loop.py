@@ -29,8 +29,6 @@ from .optimizers import (
     ABANDONED_ATTR,
     INTERRUPTED_ATTR,
     RETRY_ATTR,
-    FixedSampler,
-    PycmaDriver,
     counted,
     make_sampler,
     n_counted,
@@ -47,6 +45,7 @@ from .rundir import (
     fusion_recipe,
     worker_id,
 )
+from .pycma_sampler import SLOT_ATTR, PycmaSampler
 from .space import Space, build_space
 
 STUDY_NAME = "mergelab"
@@ -567,8 +566,8 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     opt = cfg.optimizer.name
     if opt == "pycma" and (worker or (res.get("storage") and live)):
         raise MergelabError(
-            "The pycma optimizer runs in a single process (its state lives in pycma.pkl in the run "
-            "directory); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
+            "The pycma optimizer runs in a single process (it hands out the points of one generation "
+            "at a time); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
         )
     storage = _open_storage(rd.storage_url(), heartbeat=True)
     sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump(), shared=worker)
@@ -602,9 +601,6 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
 
     recover()
     _reconcile_jsonl(study, rd, logline)
-    driver = PycmaDriver(rd.path, space, cfg.seed, cfg.optimizer.popsize, cfg.optimizer.sigma0) if opt == "pycma" else None
-    if driver is not None:
-        _recover_pycma(driver, study)
     if cfg.warm_start and not study.get_trials(deepcopy=False) and opt != "pycma":
         from mergelab.recipe import load_recipe
 
@@ -696,7 +692,7 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
                         recover()
                         last_recover = time.time()
                     continue
-            _one_trial(study, rd, space, objective, driver, cfg, wid, multi, objective_names, current,
+            _one_trial(study, rd, space, objective, cfg, wid, multi, objective_names, current,
                        logline, progress, budget_trials if worker else None)
             session_trials += 1
             # live viewers compute elapsed as elapsed_s + (now - updated): keep both current
@@ -747,26 +743,8 @@ def _make_pruner(cfg: SearchConfig):
     return optuna.pruners.HyperbandPruner()
 
 
-def _recover_pycma(driver: PycmaDriver, study: optuna.Study) -> None:
-    """A slot whose trial finished in the study but whose value never reached pycma.pkl."""
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for slot, number in list(driver.state["trials"].items()):
-        if slot in driver.state["values"]:
-            continue
-        t = by_number.get(number)
-        if t is not None and t.state == TrialState.COMPLETE:
-            driver.tell(slot, t.value)
-        elif t is not None and t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR):
-            driver.tell(slot, None)
-
-
-def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: PycmaDriver | None,
-               cfg: SearchConfig, wid: str, multi: bool, objective_names: list[str], current: dict,
+def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: SearchConfig, wid: str, multi: bool, objective_names: list[str], current: dict,
                logline, progress, shared_budget: int | None = None) -> None:
-    slot = None
-    if driver is not None:
-        slot, values = driver.next_slot()
-        study.sampler.next_values = values
     trial = study.ask()
     trial.set_user_attr("worker", wid)  # first: a worker starting now must see who runs it
     if shared_budget is not None and _over_budget(study, trial.number, shared_budget):
@@ -778,16 +756,15 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         study.tell(trial, state=TrialState.FAIL)
         logline(f"trial {trial.number} given up: the budget is taken by other workers' trials")
         return
-    if driver is None:
-        # Optuna samples relative params lazily and skips it when every param is fixed (an
-        # enqueued re-try or warm start); CMA-ES must still see the trial (it tags it with its
-        # generation and may tell a finished generation), or a resumed run diverges.
-        _ = trial.relative_params
+    # Optuna samples relative params lazily and skips it when every param is fixed (an
+    # enqueued re-try or warm start); CMA-ES must still see the trial (it tags it with its
+    # generation and may tell a finished generation), or a resumed run diverges.
+    _ = trial.relative_params
+    if isinstance(study.sampler, PycmaSampler):
+        # the trial's place in pycma's evolution: the sampler re-derives its state from these
+        trial.set_user_attr(SLOT_ATTR, study.sampler.slot_of(trial.number))
     values = {p.name: trial.suggest_float(p.name, p.low, p.high) for p in space.params}
     trial.set_user_attr("device", cfg.device)
-    if driver is not None:
-        driver.started(slot, trial.number)
-        trial.set_user_attr("pycma_slot", [driver.generation, slot])
     current["trial"] = trial.number
     current["trial_id"] = trial._trial_id
     retry_of = trial.user_attrs.get(RETRY_ATTR)
@@ -856,8 +833,6 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)
-    if driver is not None:
-        driver.tell(slot, out.combined if state == "COMPLETE" else None)
     rd.append_trial(rec)
     current["trial"] = None
     current["trial_id"] = None

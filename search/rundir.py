@@ -11,9 +11,9 @@ Layout of ``runs/NAME/``::
                        versions of mergelab / torch / transformers / optuna / python, created time
     study.db           the Optuna study (SQLite) unless --storage named another storage; the run
                        is a normal Optuna study: ``optuna-dashboard sqlite:///runs/NAME/study.db``
-    pycma.pkl          pycma optimizer only: the pickled cma.CMAEvolutionStrategy and the pending
-                       generation (asked solutions, values told so far), rewritten after every
-                       ask and every finished trial
+    (no pickle)        the pycma optimizer keeps no state file: each trial's user attribute
+                       pycma_slot [generation, slot] lets it replay the evolution from the study
+                       (search/pycma_sampler.py); nothing in a run directory is unpickled
     trials.jsonl       append-only, one JSON object per line, one line per finished or failed
                        trial (see TRIAL RECORD below); each line is written with one write() on
                        an O_APPEND descriptor under an flock, then fsync'ed, so a reader never
@@ -86,7 +86,6 @@ from mergelab.errors import MergelabError
 CONFIG_FILE = "config.yaml"
 RESOLVED_FILE = "resolved.json"
 STUDY_FILE = "study.db"
-PYCMA_FILE = "pycma.pkl"
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_DIR = "best"
