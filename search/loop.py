@@ -411,7 +411,7 @@ class _Signals:
 
 
 def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[optuna.trial.FrozenTrial], bool],
-                      log: Callable[[str], None], retry: bool) -> None:
+                      log: Callable[[str], None], retry: bool, n_params: int) -> None:
     """RUNNING trials whose process is gone -> FAIL (interrupted); then make sure every
     interrupted trial has a re-try queued (idempotent, so a crash here is harmless)."""
     storage = study._storage
@@ -435,7 +435,12 @@ def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried and t.params:
+        # Only a trial that had drawn every parameter is re-tried with them: one killed inside
+        # suggest_* holds some of them, and fixing those would shift the sampler's random draws
+        # for the rest. The samplers are reseeded from the count of finished trials, so the next
+        # ask draws the same point again anyway.
+        if (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried
+                and t.params and len(t.params) == n_params):
             study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
 
 
@@ -597,7 +602,7 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     def recover() -> None:
         if worker:
             _fail_stale(study, logline)
-        _mark_interrupted(study, rd, alive, logline, retry=opt != "pycma")
+        _mark_interrupted(study, rd, alive, logline, retry=opt != "pycma", n_params=len(space.params))
 
     recover()
     _reconcile_jsonl(study, rd, logline)
