@@ -553,6 +553,20 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     stops after that many trials (tests use it to simulate interruptions).
     """
     rd = run if isinstance(run, RunDir) else RunDir.open(run)
+    # One process searches a run (workers of a shared storage coordinate through the storage):
+    # taken before anything is read, so two `resume` started together cannot both recover it.
+    claim = None if worker else rd.claim()
+    try:
+        return _run_search(rd, objective, worker=worker, controller=controller, log=log, progress=progress,
+                           install_signals=install_signals, max_trials_this_session=max_trials_this_session)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, controller: SearchController | None,
+                log: Callable[[str], None] | None, progress: Callable[[dict], None] | None,
+                install_signals: bool, max_trials_this_session: int | None) -> SearchResult:
     cfg, space = config_of(rd)
     res = rd.resolved()
     wid = worker_id()

@@ -95,6 +95,7 @@ LOG_FILE = "log.txt"
 WORKERS_DIR = "workers"
 CONTROL_FILE = "control.json"
 LOCK_FILE = ".lock"
+SESSION_LOCK_FILE = ".session.lock"  # flock'ed exclusively by the one process that runs the search
 
 FUSION_RECIPE_FILE = "fusion_recipe.yaml"  # beside a hybrid's merge (best/ and exports)
 BEST_MERGE_REF = "./recipe.yaml"  # how best/fusion_recipe.yaml names the merge (beside it)
@@ -241,6 +242,18 @@ class TrialTail:
         return out
 
 
+class RunClaim:
+    """An exclusive flock on a run's .session.lock (RunDir.claim)."""
+
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 class RunDir:
     """One run directory. Safe to read from any process while a search writes it."""
 
@@ -352,6 +365,22 @@ class RunDir:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def claim(self) -> "RunClaim":
+        """The exclusive right to search this run (not as a --worker), held until release() or
+        the process ends (the kernel drops an flock with its process, so a killed search never
+        leaves the run locked). Raises MergelabError when another process holds it."""
+        fd = os.open(self.path / SESSION_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MergelabError(
+                f"Run {self.path} is being searched right now by another process (it holds "
+                f"{SESSION_LOCK_FILE}). Watch it with `mergelab show {self.path}`, stop it first, or "
+                f"join a shared-storage run as another worker with `mergelab resume {self.path} --worker`."
+            ) from None
+        return RunClaim(fd)
 
     # -- trials.jsonl -----------------------------------------------------------------------
     def append_trial(self, record: dict) -> None:
