@@ -5,6 +5,7 @@ or joins as a worker) until the budget is met; `SearchController` steers it from
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -13,10 +14,13 @@ import socket
 import sys
 import threading
 import time
+import shutil
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import optuna
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
@@ -49,6 +53,9 @@ from .pycma_sampler import SLOT_ATTR, PycmaSampler
 from .space import Space, build_space
 
 STUDY_NAME = "mergelab"
+FAIL_FAST = 3  # a session whose first this-many trials fail for one reason stops with that reason
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the run cannot be written: stop, keep it
+STORAGE_ENV = "MERGELAB_STORAGE"  # the full storage URL (with password) for resume / workers
 RECORD_ATTR = "mergelab_record"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -92,6 +99,8 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     merge_s: float | None = None
     eval_s: float | None = None
+    device: str | None = None  # where the trial merged (TrialMerger.last_stats), else the config's
+    kernels: dict[str, int] | None = None  # merge kernels used, by name -> tensors (last_stats)
 
 
 def _outcome(res: Any) -> Outcome:
@@ -227,7 +236,7 @@ def resolved_config(cfg: SearchConfig, space: Space, storage: str | None, object
         storage=storage,
         # in a shared storage the study is named after the run, so that every worker (they all
         # pass the same --run NAME) finds it and other runs in the same database stay apart
-        study_name=STUDY_NAME if storage is None else f"{STUDY_NAME}-{run_name}",
+        study_name=(run_name or STUDY_NAME) if storage is None else f"{STUDY_NAME}-{run_name}",
         num_layers=space.num_layers,
         params=space.describe(),
         objective_names=objective_names if multi else ["combined"],
@@ -261,6 +270,75 @@ def _open_storage(url: str, heartbeat: bool):
     )
 
 
+def public_url(url: str | None) -> str | None:
+    """A storage URL without its password: what the run directory keeps (it is shared and read
+    by anyone; the password comes from --storage or MERGELAB_STORAGE on resume)."""
+    if url is None or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))
+
+
+def storage_of(rd: RunDir, given: str | None = None) -> str:
+    """The URL to open a run's storage with: `given` (--storage) or $MERGELAB_STORAGE when they
+    name the run's storage (with a password the run directory does not keep), else the run's."""
+    stored = rd.storage_url()
+    given = given or os.environ.get(STORAGE_ENV)
+    if given and given.startswith("journal:"):
+        given = "journal:" + str(Path(given[len("journal:"):]).resolve())
+    if not given or given == stored:
+        return stored
+    if public_url(given) != stored:
+        raise MergelabError(
+            f"The storage given ({public_url(given)}, from --storage or ${STORAGE_ENV}) is not the "
+            f"storage of run {rd.path} ({stored}). Give that run's URL (with its password), or unset "
+            f"${STORAGE_ENV}."
+        )
+    return given
+
+
+def check_device(device: str) -> None:
+    """The config's device exists here (before a run directory is created for it)."""
+    import torch
+
+    from mergelab.engine import resolve_device
+
+    try:
+        d = resolve_device(device)
+    except MergelabError as e:
+        raise MergelabError(f"search config `device`: {e}") from None
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise MergelabError(
+            f"search config `device`: {device} is not here: torch sees {torch.cuda.device_count()} "
+            "CUDA device(s). Use cuda, cuda:N with a smaller N, cpu or auto."
+        )
+
+
+def describe_study(study: optuna.Study, rd: RunDir, space: Space) -> None:
+    """What an Optuna user (optuna-dashboard, optuna.load_study) needs to read the study without
+    mergelab: its metric names, the run it belongs to, and each parameter's meaning."""
+    from .labels import layer_span, param_labels
+
+    res = rd.resolved()
+    with warnings.catch_warnings():  # experimental in Optuna 3.2-5.x, and the API optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(res["objective_names"]))
+    labels = param_labels(space)
+    study.set_user_attr("mergelab_run", rd.name)
+    study.set_user_attr("mergelab_base_model", res["base_model"])
+    study.set_user_attr("mergelab_models", list(res["models"]))
+    study.set_user_attr("mergelab_params", {
+        p.name: {"label": labels.get(p.name, p.name), "kind": p.kind, "parameter": p.param,
+                 "model": (space.models[p.model] if p.model is not None else None),
+                 "layers": (list(layer_span(p.group, space.num_layers, space.layer_groups) or []) or None
+                            if p.group is not None else None),
+                 "filter": p.filter, "low": p.low, "high": p.high}
+        for p in space.params})
+
+
 def prepare_run(config_path: str | Path, run: str | Path | None = None, *, storage: str | None = None,
                 device: str | None = None, runs_dir: str | Path = "runs",
                 objective_names: list[str] | None = None) -> RunDir:
@@ -270,6 +348,7 @@ def prepare_run(config_path: str | Path, run: str | Path | None = None, *, stora
         cfg.device = device
     base_dir = Path(config_path).parent.resolve()
     cfg, space = validate_config(cfg, base_dir=base_dir)
+    check_device(cfg.device)
     if objective_names is None:
         objective_names = _scorer_names(cfg.eval, base_dir) if cfg.optimizer.name == "nsga2" else ["combined"]
     if run is None:
@@ -280,12 +359,23 @@ def prepare_run(config_path: str | Path, run: str | Path | None = None, *, stora
     if storage is not None and RunDir.is_run_dir(run):
         # a worker joining a run created by another process on this machine (shared storage)
         return RunDir.open(run)
-    resolved = resolved_config(cfg, space, storage, objective_names, run.name)
+    # everything that can be refused is refused before the run directory exists, so a refused
+    # search leaves nothing behind that blocks its --run name
+    st = _open_storage(storage, heartbeat=False) if storage is not None else None
+    RunDir.check_new(run)
+    resolved = resolved_config(cfg, space, public_url(storage), objective_names, run.name)
     resolved["eval_base_dir"] = str(base_dir)
     rd = RunDir.create(run, text, resolved)
-    st = _open_storage(rd.storage_url(), heartbeat=False)
-    directions = ["maximize"] * len(rd.resolved()["directions"])
-    optuna.create_study(storage=st, study_name=rd.study_name(), directions=directions, load_if_exists=True)
+    try:
+        if st is None:
+            st = _open_storage(rd.storage_url(), heartbeat=False)
+        directions = ["maximize"] * len(resolved["directions"])
+        study = optuna.create_study(storage=st, study_name=rd.study_name(), directions=directions,
+                                    load_if_exists=True)
+        describe_study(study, rd, space)
+    except BaseException:
+        shutil.rmtree(rd.path, ignore_errors=True)
+        raise
     rd.log(f"created run {rd.path} ({cfg.optimizer.name}, {space.size_text()}, storage {rd.storage_url().split('@')[-1]})")
     return rd
 
@@ -381,6 +471,11 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
         t2 = time.perf_counter()
         out = _outcome(res)
         out.merge_s, out.eval_s = t1 - t0, t2 - t1
+        # read with getattr: older TrialMergers have no last_stats / no kernels in it
+        stats = getattr(tm, "last_stats", None)
+        out.device = str(getattr(stats, "device", None) or tm.device)
+        kernels = getattr(stats, "kernels", None)
+        out.kernels = dict(kernels) if kernels else None
         return out
 
     return objective
@@ -714,6 +809,8 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
             _one_trial(study, rd, space, objective, cfg, wid, multi, objective_names, current,
                        logline, progress, budget_trials if worker else None)
             session_trials += 1
+            if session_trials == min(FAIL_FAST, budget_trials or FAIL_FAST):
+                _stop_if_hopeless(rd, session_start, session_trials)
             # live viewers compute elapsed as elapsed_s + (now - updated): keep both current
             rd.update_summary(lambda s: s.update(elapsed_s=elapsed_before + (time.time() - session_start)))
     except KeyboardInterrupt:
@@ -723,6 +820,14 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
         logline(f"search failed: {e}", "ERROR")
         raise
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            status, detail = "stopped", f"cannot write the run: {e.strerror} ({e.filename or rd.path})"
+            raise MergelabError(
+                f"Search of run {rd.path} stopped: {e.strerror} while writing "
+                f"{e.filename or 'the run directory'}. The trials finished so far are kept and the run "
+                f"is marked stopped; free some space (or make it writable) and continue with "
+                f"`mergelab resume {rd.path}`."
+            ) from None
         status, detail = "failed", f"{type(e).__name__}: {e}"
         logline(f"search failed: {detail}\n{traceback.format_exc()}", "ERROR")
         raise
@@ -810,10 +915,13 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
         state, error = "PRUNED", str(e) or "pruned"
     except KeyboardInterrupt:
         raise
-    except MergelabError:
-        raise
     except Exception as e:
-        state, error = "FAIL", f"{type(e).__name__}: {e}"
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            raise  # the run's disk, not the candidate: the search stops (run_search)
+        # any other exception is this candidate's failure (e.g. NonFiniteMergeError: a merge
+        # whose values overflowed), recorded with its reason; a cause every candidate shares
+        # stops the search after its first trials (FAIL_FAST)
+        state, error = "FAIL", str(e) if isinstance(e, MergelabError) else f"{type(e).__name__}: {e}"
         logline(f"trial {trial.number} failed: {error}", "WARNING")
     total = time.perf_counter() - t0
     vals = None
@@ -839,13 +947,21 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
                     "total_s": total},
         "started": started,
         "finished": time.time(),
-        "device": cfg.device,
+        "device": (out.device if out is not None and out.device else cfg.device),
+        "kernels": out.kernels if out is not None else None,
         "worker": wid,
     }
     if fusion is not None:
         rec["fusion"] = fusion  # a hybrid: the recipe's merge, fused at inference time (see rundir)
     # the record goes into the study first, so a kill before the jsonl append is repaired on resume
     trial.set_user_attr(RECORD_ATTR, dumps(rec))
+    # each number its own attribute, so optuna-dashboard and load_study users see them unparsed
+    for name, v in {**{f"score/{k}": v for k, v in rec["scores"].items()},
+                    **{f"metric/{k}": v for k, v in rec["metrics"].items()}}.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            trial.set_user_attr(name, float(v))
+    if error:
+        trial.set_user_attr("error", error)
     if state == "COMPLETE":
         study.tell(trial, vals if multi else out.combined)
     elif state == "PRUNED":
@@ -860,6 +976,18 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
     logline(f"trial {trial.number} {state.lower()}: score {score} ({total:.2f} s)")
     if progress:
         progress({"event": "trial_end", "number": trial.number, "record": rec})
+
+
+def _stop_if_hopeless(rd: RunDir, session_start: float, n: int) -> None:
+    """Raise when this session's first n trials all failed with one and the same error."""
+    recs = [r for r in rd.trials() if not r.get("interrupted") and (r.get("started") or 0) >= session_start - 1]
+    errors = {r.get("error") for r in recs[-n:]}
+    if len(recs) >= n and all(r["state"] == "FAIL" for r in recs[-n:]) and len(errors) == 1:
+        raise MergelabError(
+            f"The first {n} trials of run {rd.path} all failed with the same error: {errors.pop()} "
+            f"The search stops here rather than spend its budget on it; fix the cause (the config, "
+            f"the eval spec, the device) and continue with `mergelab resume {rd.path}`."
+        )
 
 
 def _over_budget(study: optuna.Study, number: int, budget: int) -> bool:

@@ -70,6 +70,7 @@ worker heartbeat is fresh: the process died without a chance to say so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -116,11 +117,42 @@ def _atomic_write(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a concurrent reader sees old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of a killed process with our pid (or a planted link): never followed
+    # O_EXCL | O_NOFOLLOW: the write goes into a new file inside the run, never through a link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # rename replaces a link at `path` itself, never its target
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _overwrite_in_place(path: Path, text: str) -> bool:
+    """Rewrite an existing file within its current size (padded with spaces, which JSON allows);
+    False when the text does not fit."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        data = text.rstrip("\n").encode("utf-8")
+        if len(data) + 1 > size:
+            return False
+        os.write(fd, data + b" " * (size - len(data) - 1) + b"\n")
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _json_default(o: Any) -> Any:
@@ -261,15 +293,23 @@ class RunDir:
         self.path = Path(path)
 
     # -- creation / opening -------------------------------------------------------------
-    @classmethod
-    def create(cls, path: str | os.PathLike, config_text: str, resolved: dict) -> "RunDir":
-        """A new run directory with the frozen config, the resolved config and a summary."""
+    @staticmethod
+    def check_new(path: str | os.PathLike) -> None:
+        """Raise unless a new run can be created at path (absent, or an empty directory)."""
         p = Path(path)
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise MergelabError(f"--run {p} is a link or a file, not a directory; pick another --run name.")
         if p.exists() and any(p.iterdir()):
             raise MergelabError(
                 f"Run directory {p} already exists and is not empty. Resume it with "
                 f"`mergelab resume {p}`, pick another --run name, or delete it first."
             )
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config_text: str, resolved: dict) -> "RunDir":
+        """A new run directory with the frozen config, the resolved config and a summary."""
+        p = Path(path)
+        cls.check_new(p)
         p.mkdir(parents=True, exist_ok=True)
         (p / WORKERS_DIR).mkdir(exist_ok=True)
         (p / BEST_DIR).mkdir(exist_ok=True)
@@ -359,12 +399,12 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialize writers across processes (summary read-modify-write, jsonl appends)."""
-        with open(self.path / LOCK_FILE, "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # drops the flock
 
     def claim(self) -> "RunClaim":
         """The exclusive right to search this run (not as a --worker), held until release() or
@@ -386,7 +426,7 @@ class RunDir:
     def append_trial(self, record: dict) -> None:
         line = (dumps(record) + "\n").encode("utf-8")
         with self.locked():
-            fd = os.open(self.path / TRIALS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path / TRIALS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 os.write(fd, line)
                 os.fsync(fd)
@@ -410,7 +450,14 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         summary["updated"] = time.time()
-        _atomic_write(self.path / SUMMARY_FILE, dumps(summary, indent=2) + "\n")
+        text = dumps(summary, indent=2) + "\n"
+        try:
+            _atomic_write(self.path / SUMMARY_FILE, text)
+        except OSError as e:
+            # a full disk has no room for the new file of an atomic write; the old file's blocks
+            # can still take the new state (e.g. "stopped" after a disk-full crash) when it fits
+            if e.errno != errno.ENOSPC or not _overwrite_in_place(self.path / SUMMARY_FILE, text):
+                raise
 
     def update_summary(self, fn: Callable[[dict], None]) -> dict:
         """Read-modify-write of summary.json under the lock (several workers may share it)."""
@@ -437,8 +484,14 @@ class RunDir:
     # -- log ---------------------------------------------------------------------------------
     def log(self, message: str, level: str = "INFO") -> str:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {message}"
-        with open(self.path / LOG_FILE, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        try:
+            fd = os.open(self.path / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the log is a convenience: a full disk must not hide the error being logged
         return line
 
     def log_lines(self, last: int | None = None) -> list[str]:
