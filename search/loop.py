@@ -51,6 +51,15 @@ from .rundir import (
 )
 from .pycma_sampler import SLOT_ATTR, PycmaSampler
 from .space import Space, build_space
+from .recovery import (
+    check_identity,
+    check_storage_present,
+    config_hash,
+    load_study_checked,
+    repair_trials,
+    stamp_study,
+)
+from .summary import rebuild_summary, update_summary
 
 STUDY_NAME = "mergelab"
 FAIL_FAST = 3  # a session whose first this-many trials fail for one reason stops with that reason
@@ -339,11 +348,36 @@ def describe_study(study: optuna.Study, rd: RunDir, space: Space) -> None:
         for p in space.params})
 
 
+def worker_devices(device: str, workers: int, gpus: int, share: bool = False) -> list[str]:
+    """The device of each of `workers` local worker processes: with a CUDA device, GPU i for
+    worker i (at most one worker per GPU unless `share`: then round-robin); otherwise the
+    config's device for all of them."""
+    if not device.startswith("cuda") and not (device == "auto" and gpus > 0):
+        return [device] * workers
+    if gpus == 0:
+        raise MergelabError(f"--workers {workers} with device {device}: torch sees no CUDA device here. "
+                            "Use device cpu, or run on a machine with GPUs.")
+    if ":" in device:  # one named GPU: every worker shares it
+        if not share:
+            raise MergelabError(
+                f"--workers {workers} with device {device}: one GPU for {workers} workers. Give device "
+                "cuda (each worker its own GPU), or add --share-gpus to run them all on it."
+            )
+        return [device] * workers
+    if workers > gpus and not share:
+        raise MergelabError(
+            f"--workers {workers} with device {device}: torch sees {gpus} GPU(s), one per worker. Use "
+            f"--workers {gpus}, or add --share-gpus to place the workers round-robin on the GPUs."
+        )
+    return [f"cuda:{i % gpus}" for i in range(workers)]
+
+
 def prepare_run(config_path: str | Path, run: str | Path | None = None, *, storage: str | None = None,
                 device: str | None = None, runs_dir: str | Path = "runs",
                 objective_names: list[str] | None = None) -> RunDir:
     """Validate a search config and create its run directory (no trial runs here)."""
     cfg, text = load_search_config(config_path)
+    given = cfg.model_dump(mode="json")  # the config as written (recovery compares edits with it)
     if device:
         cfg.device = device
     base_dir = Path(config_path).parent.resolve()
@@ -365,6 +399,8 @@ def prepare_run(config_path: str | Path, run: str | Path | None = None, *, stora
     RunDir.check_new(run)
     resolved = resolved_config(cfg, space, public_url(storage), objective_names, run.name)
     resolved["eval_base_dir"] = str(base_dir)
+    resolved["config_sha256"] = config_hash(text)
+    resolved["given"] = given
     rd = RunDir.create(run, text, resolved)
     try:
         if st is None:
@@ -373,6 +409,7 @@ def prepare_run(config_path: str | Path, run: str | Path | None = None, *, stora
         study = optuna.create_study(storage=st, study_name=rd.study_name(), directions=directions,
                                     load_if_exists=True)
         describe_study(study, rd, space)
+        stamp_study(study, resolved)
     except BaseException:
         shutil.rmtree(rd.path, ignore_errors=True)
         raise
@@ -553,6 +590,10 @@ def _fail_stale(study: optuna.Study, log) -> None:
         log(f"trial id {tid}: its worker's storage heartbeat stopped")
 
 
+def _n_counted_records(rd: RunDir) -> int:
+    return sum(1 for r in rd.trials() if not r.get("interrupted"))
+
+
 def _reconcile_jsonl(study: optuna.Study, rd: RunDir, log) -> None:
     """A trial told to the storage whose line never reached trials.jsonl (killed in between)."""
     have = {r.get("number") for r in rd.trials()}
@@ -564,68 +605,8 @@ def _reconcile_jsonl(study: optuna.Study, rd: RunDir, log) -> None:
             continue
         rec = json.loads(rec)
         rd.append_trial(rec)
-        _update_summary(rd, rec, log)
+        update_summary(rd, rec, log)
         log(f"trial {t.number}: restored its trials.jsonl line from the study")
-
-
-def _is_better(rec: dict, best: dict | None) -> bool:
-    v = rec.get("value")
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return False
-    if best is None or best.get("value") is None:
-        return True
-    return v > best["value"]
-
-
-def _pareto(points: list[dict]) -> list[dict]:
-    front = []
-    for p in points:
-        dominated = False
-        for q in points:
-            if q is p:
-                continue
-            if all(a >= b for a, b in zip(q["values"], p["values"])) and any(
-                a > b for a, b in zip(q["values"], p["values"])
-            ):
-                dominated = True
-                break
-        if not dominated:
-            front.append(p)
-    return sorted(front, key=lambda p: p["number"])
-
-
-def _update_summary(rd: RunDir, rec: dict, log) -> None:
-    from mergelab.recipe import dump_yaml
-
-    improved = {}
-
-    def fn(s: dict) -> None:
-        if rec["state"] == "COMPLETE":
-            s["trials_complete"] = s.get("trials_complete", 0) + 1
-        elif rec["state"] == "PRUNED":
-            s["trials_pruned"] = s.get("trials_pruned", 0) + 1
-        else:
-            s["trials_failed"] = s.get("trials_failed", 0) + 1
-        if not rec.get("interrupted"):
-            s["trials_done"] = s.get("trials_done", 0) + 1
-        if rec["state"] == "COMPLETE" and _is_better(rec, s.get("best")):
-            s["best"] = {k: rec.get(k) for k in ("number", "value", "values", "metrics", "scores", "params")}
-            if rec.get("fusion"):
-                s["best"]["fusion"] = rec["fusion"]
-            improved["yes"] = True
-        if rec.get("values") and rec["state"] == "COMPLETE":
-            pts = list(s.get("pareto") or []) + [{"number": rec["number"], "values": rec["values"], "params": rec["params"]}]
-            s["pareto"] = _pareto(pts)
-
-    with rd.locked():
-        s = rd.summary()
-        fn(s)
-        if improved:
-            fusion = dump_yaml(fusion_recipe(rec["fusion"], BEST_MERGE_REF)) if rec.get("fusion") else None
-            rd.write_best(dump_yaml(rec["recipe"]), rec, fusion)
-        rd.write_summary(s)
-    if improved:
-        log(f"new best: trial {rec['number']} score {rec['value']:.6g}")
 
 
 @dataclass
@@ -639,13 +620,16 @@ class SearchResult:
 def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, worker: bool = False,
                controller: SearchController | None = None, log: Callable[[str], None] | None = None,
                progress: Callable[[dict], None] | None = None, install_signals: bool = True,
-               max_trials_this_session: int | None = None) -> SearchResult:
+               max_trials_this_session: int | None = None, storage: str | None = None,
+               device: str | None = None) -> SearchResult:
     """Run (or resume) the search of a run directory until its budget is met.
 
     worker=True joins a search other processes run on the same shared storage (no exclusive
     claim; stale trials of dead workers are failed and re-tried). `progress` receives events
     ({"event": "trial_start"|"trial_end"|"stage", ...}) for a UI. `max_trials_this_session`
-    stops after that many trials (tests use it to simulate interruptions).
+    stops after that many trials (tests use it to simulate interruptions). `storage`: the run's
+    storage URL with its password (else $MERGELAB_STORAGE, else the password-free one it keeps);
+    `device`: this process's device instead of the run's (a --workers N worker's own GPU).
     """
     rd = run if isinstance(run, RunDir) else RunDir.open(run)
     # One process searches a run (workers of a shared storage coordinate through the storage):
@@ -653,7 +637,8 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     claim = None if worker else rd.claim()
     try:
         return _run_search(rd, objective, worker=worker, controller=controller, log=log, progress=progress,
-                           install_signals=install_signals, max_trials_this_session=max_trials_this_session)
+                           install_signals=install_signals, max_trials_this_session=max_trials_this_session,
+                           storage_url=storage_of(rd, storage), device=device)
     finally:
         if claim is not None:
             claim.release()
@@ -661,9 +646,8 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
 
 def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, controller: SearchController | None,
                 log: Callable[[str], None] | None, progress: Callable[[dict], None] | None,
-                install_signals: bool, max_trials_this_session: int | None) -> SearchResult:
-    cfg, space = config_of(rd)
-    res = rd.resolved()
+                install_signals: bool, max_trials_this_session: int | None, storage_url: str,
+                device: str | None) -> SearchResult:
     wid = worker_id()
     say = log or (lambda m: None)
 
@@ -671,6 +655,16 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
         line = rd.log(f"[{wid}] {msg}", level)
         say(line)
 
+    # the run's files against each other, before anything is written or any trial runs
+    check_storage_present(rd)
+    storage = _open_storage(storage_url, heartbeat=True)
+    check_identity(rd, load_study_checked(rd, storage), logline)
+    repaired = False if worker else repair_trials(rd, logline)
+    cfg, space = config_of(rd)
+    if device:
+        check_device(device)
+        cfg.device = device
+    res = rd.resolved()
     live = [w for w in rd.workers() if w["alive"] and w["worker"] != wid]
     if live and not worker:
         raise MergelabError(
@@ -683,10 +677,9 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
             "The pycma optimizer runs in a single process (it hands out the points of one generation "
             "at a time); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
         )
-    storage = _open_storage(rd.storage_url(), heartbeat=True)
     sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump(), shared=worker)
     pruner = _make_pruner(cfg)
-    study = optuna.load_study(study_name=rd.study_name(), storage=storage, sampler=sampler, pruner=pruner)
+    study = load_study_checked(rd, storage, sampler=sampler, pruner=pruner)
     multi = len(res["directions"]) > 1
     objective_names = res["objective_names"]
     rd.heartbeat(wid, {"trial": None, "paused": False, "started": time.time()})
@@ -715,6 +708,8 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
 
     recover()
     _reconcile_jsonl(study, rd, logline)
+    if repaired or (not worker and int(rd.summary().get("trials_done", 0)) != _n_counted_records(rd)):
+        rebuild_summary(rd, logline)  # counts from the (repaired) lines, not from increments
     if cfg.warm_start and not study.get_trials(deepcopy=False) and opt != "pycma":
         from mergelab.recipe import load_recipe
 
@@ -971,7 +966,7 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
     rd.append_trial(rec)
     current["trial"] = None
     current["trial_id"] = None
-    _update_summary(rd, rec, logline)
+    update_summary(rd, rec, logline)
     score = f"{rec['value']:.6g}" if rec["value"] is not None else state
     logline(f"trial {trial.number} {state.lower()}: score {score} ({total:.2f} s)")
     if progress:
