@@ -488,10 +488,15 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     def scored(model, fusion: dict | None):
         return candidate_model(model, tm.tokenizer, fusion, members, tm.device)
 
+    first = [True]
+
     def objective(recipe: dict, ctx: TrialContext) -> Outcome:
         t0 = time.perf_counter()
         if ctx.progress:
-            ctx.progress("merge", 0.0)
+            # the first trial of a process reads every source onto the device: say so, it is the
+            # long one
+            ctx.progress("caching sources" if first[0] else "merge", 0.0)
+        first[0] = False
         model = tm.apply(recipe)
         t1 = time.perf_counter()
         done: dict[str, float] = {}  # scorer -> weighted running score (the last one is final)
@@ -894,9 +899,20 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
         progress({"event": "trial_start", "number": trial.number, "params": values, "recipe": recipe,
                   **({"fusion": fusion} if fusion is not None else {})})
 
+    done_stages: list[str] = []
+    last_write = [0.0]
+
     def stage(name: str, frac: float) -> None:
         if progress:
             progress({"event": "stage", "number": trial.number, "stage": name, "fraction": frac})
+        new = not done_stages or done_stages[-1] != name
+        if new:
+            done_stages.append(name)
+        # progress.json for viewers in other processes: every stage change, else at most 5 per s
+        if new or frac >= 1.0 or time.time() - last_write[0] > 0.2:
+            last_write[0] = time.time()
+            rd.write_progress({"trial": trial.number, "stage": name, "frac": float(frac),
+                               "stages_done": done_stages[:-1]})
 
     ctx = TrialContext(number=trial.number, params=values, device=cfg.device, run_dir=rd, trial=trial,
                        pruning=cfg.pruner is not None, log=logline, progress=stage, fusion=fusion)
@@ -964,6 +980,7 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
     else:
         study.tell(trial, state=TrialState.FAIL)
     rd.append_trial(rec)
+    rd.write_progress({"trial": trial.number, "stage": "done", "frac": 1.0, "stages_done": done_stages})
     current["trial"] = None
     current["trial_id"] = None
     update_summary(rd, rec, logline)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import optuna
 
@@ -41,7 +42,18 @@ def stamp_study(study: optuna.Study, resolved: dict) -> None:
 def check_storage_present(rd: RunDir) -> None:
     """The run's own study.db must exist: opening a missing one would create an empty study and
     the run would start over beside its own trials."""
-    if rd.resolved().get("storage"):
+    stored = rd.resolved().get("storage")
+    if stored:
+        # a shared file storage the run names must exist already: opening it would create a
+        # database wherever resolved.json points
+        path = stored[len("journal:"):] if stored.startswith("journal:") else (
+            stored[len("sqlite:///"):] if stored.startswith("sqlite:///") else None)
+        if path is not None and not Path(path).is_file():
+            raise MergelabError(
+                f"Run {rd.path} names the storage {stored}, which does not exist. mergelab does not "
+                f"create a database where a run directory points; check {RESOLVED_FILE} (`storage`), "
+                f"or restore that file."
+            )
         return
     if not (rd.path / STUDY_FILE).is_file():
         n = len(rd.trials())

@@ -96,6 +96,7 @@ LOG_FILE = "log.txt"
 WORKERS_DIR = "workers"
 CONTROL_FILE = "control.json"
 LOCK_FILE = ".lock"
+PROGRESS_FILE = "progress.json"
 SESSION_LOCK_FILE = ".session.lock"  # flock'ed exclusively by the one process that runs the search
 
 FUSION_RECIPE_FILE = "fusion_recipe.yaml"  # beside a hybrid's merge (best/ and exports)
@@ -467,8 +468,35 @@ class RunDir:
             self.write_summary(s)
             return s
 
+    def inside(self, *parts: str) -> Path:
+        """self.path / parts, refused when any step below the run directory is a link: what
+        mergelab writes into a run stays in it (a planted `best -> /elsewhere` is not followed)."""
+        p = self.path
+        for part in parts:
+            p = p / part
+            if p.is_symlink():
+                raise MergelabError(
+                    f"Run {self.path}: {p} is a link (to {os.readlink(p)}). mergelab writes into a run "
+                    f"directory only, never through a link out of it; remove the link (`rm {p}`) and "
+                    "run the command again."
+                )
+        return p
+
+    def write_progress(self, progress: dict) -> None:
+        """progress.json: the running trial's stage, for viewers in other processes (best effort)."""
+        try:
+            _atomic_write(self.inside(PROGRESS_FILE), dumps({**progress, "time": time.time()}) + "\n")
+        except (OSError, MergelabError):
+            pass  # a viewer's convenience; the search goes on without it
+
+    def progress(self) -> dict | None:
+        try:
+            return json.loads((self.path / PROGRESS_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def write_best(self, recipe_yaml: str, record: dict, fusion_yaml: str | None = None) -> None:
-        (self.path / BEST_DIR).mkdir(exist_ok=True)
+        self.inside(BEST_DIR).mkdir(exist_ok=True)
         _atomic_write(self.path / BEST_DIR / "recipe.yaml", recipe_yaml)
         _atomic_write(self.path / BEST_DIR / "trial.json", dumps(record, indent=2) + "\n")
         fusion_path = self.path / BEST_DIR / FUSION_RECIPE_FILE
@@ -503,7 +531,7 @@ class RunDir:
 
     # -- workers / heartbeat -------------------------------------------------------------
     def heartbeat(self, worker: str, info: dict) -> None:
-        (self.path / WORKERS_DIR).mkdir(exist_ok=True)
+        self.inside(WORKERS_DIR).mkdir(exist_ok=True)
         data = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), **info,
                 "heartbeat": time.time()}
         _atomic_write(self.path / WORKERS_DIR / f"{worker}.json", dumps(data) + "\n")
@@ -618,13 +646,18 @@ class RunDir:
         if not best:
             raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
         def spec_doc(ref):
-            """An eval spec as the card shows it: the mapping, read from its file if need be."""
+            """An eval spec as the card shows it: the mapping, read from its file if need be.
+            Only a file that is an eval spec is copied into the card: resolved.json may name any
+            file (e.g. /etc/passwd), and the card is published."""
+            from mergelab.eval.spec import EvalSpec
+
             if not isinstance(ref, str):
                 return ref
             try:
+                EvalSpec.load(ref)
                 return yaml.safe_load(Path(ref).read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError):
-                return {"path": ref}  # moved since: keep at least where it was
+            except (OSError, yaml.YAMLError, MergelabError):
+                return {"path": ref}  # moved since, or not a spec: where it was, nothing of it
 
         metrics = dict(best.get("metrics") or {})
         metrics["combined"] = best.get("value")
@@ -666,7 +699,7 @@ class RunDir:
         dev = device if device != "auto" else (self.resolved().get("device") or "auto")
         held_out(self, best["number"], device=dev)  # before anything is written; cached
         meta = self.search_metadata()
-        target = Path(out_dir) if out_dir is not None else self.path / BEST_DIR / BEST_MODEL_DIR
+        target = Path(out_dir) if out_dir is not None else self.inside(BEST_DIR, BEST_MODEL_DIR)
         old = target / SEARCH_META_FILE
         if old.is_file() and any(target.glob("*.safetensors")):
             try:
