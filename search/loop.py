@@ -821,7 +821,7 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
         raise
     except Exception as e:
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
-            status, detail = "stopped", f"cannot write the run: {e.strerror} ({e.filename or rd.path})"
+            status, detail = "stopped", f"cannot write the run: {e.strerror}"
             raise MergelabError(
                 f"Search of run {rd.path} stopped: {e.strerror} while writing "
                 f"{e.filename or 'the run directory'}. The trials finished so far are kept and the run "
@@ -842,7 +842,10 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
             final = "running"  # other workers still search this run
         # "finished" (budget met) holds for the run whatever other workers are doing: two workers
         # ending together each see the other alive, and neither may write "running" last
-        set_status(final, detail)
+        try:
+            set_status(final, detail)
+        except OSError as e:  # the disk is full past even an in-place summary: say it, keep the error
+            logline(f"could not record the status {final!r} in summary.json: {e}", "ERROR")
         if status in ("finished", "stopped") and not others:
             rd.clear_control()
         rd.remove_worker(wid)

@@ -457,7 +457,7 @@ class RunDir:
         except OSError as e:
             # a full disk has no room for the new file of an atomic write; the old file's blocks
             # can still take the new state (e.g. "stopped" after a disk-full crash) when it fits
-            if e.errno != errno.ENOSPC or not _overwrite_in_place(self.path / SUMMARY_FILE, text):
+            if e.errno != errno.ENOSPC or not _overwrite_in_place(self.path / SUMMARY_FILE, dumps(summary)):
                 raise
 
     def update_summary(self, fn: Callable[[dict], None]) -> dict:
