@@ -151,3 +151,124 @@ def test_disk_full_stops_the_search_keeps_trials_and_resumes(world, tmp_path, mo
     assert run_search(rd, sphere).status == "finished"
     assert [r["number"] for r in rd.trials()] == [0, 1, 2, 3, 4]  # trial 2 restored from the study
     assert [r["params"] for r in rd.trials()] == [r["params"] for r in ref.trials()]
+
+
+# -- item 6: a damaged or edited run ---------------------------------------------------------------
+def test_truncated_trials_line_is_repaired_from_the_study(world, tmp_path):
+    rd = _run(world, tmp_path, budget={"trials": 4})
+    run_search(rd, sphere, max_trials_this_session=3)
+    p = rd.path / "trials.jsonl"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) - 40])  # the last line cut short (a crash or a full disk)
+    run_search(rd, sphere)
+    recs = rd.trials()
+    assert [r["number"] for r in recs] == [0, 1, 2, 3] and all(r["state"] == "COMPLETE" for r in recs)
+    s = rd.summary()
+    assert s["trials_done"] == 4 and s["status"] == "finished"  # 4/4, not 5/4
+    assert list(rd.path.glob("trials.jsonl.damaged-*"))  # the original kept beside it
+    assert "trials.jsonl was damaged" in (rd.path / "log.txt").read_text()
+
+
+def test_deleted_study_db_is_refused_and_not_recreated(world, tmp_path):
+    rd = _run(world, tmp_path)
+    run_search(rd, sphere, max_trials_this_session=2)
+    (rd.path / "study.db").unlink()
+    with pytest.raises(MergelabError, match="has no study.db .* lists 2 trial"):
+        run_search(rd, sphere)
+    assert not (rd.path / "study.db").exists()
+
+
+def test_foreign_resolved_json_is_refused(world, tmp_path):
+    a = _run(world, tmp_path, "a")
+    b = _run(world, tmp_path, "b", seed=8)
+    run_search(a, sphere, max_trials_this_session=1)
+    (a.path / "resolved.json").write_text((b.path / "resolved.json").read_text())
+    (a.path / "config.yaml").write_text((b.path / "config.yaml").read_text())
+    with pytest.raises(MergelabError, match="its storage holds no study named 'b'.*belongs to another run"):
+        run_search(a, sphere)
+    res = b.resolved()
+    res["study_name"] = "a"  # the same study name: the identity stamps still tell them apart
+    a.write_resolved(res)
+    with pytest.raises(MergelabError, match="resolved.json does not belong to this run's study"):
+        run_search(a, sphere)
+    assert [r["number"] for r in a.trials()] == [0]
+
+
+def test_edited_config_budget_is_honoured_and_space_refused(world, tmp_path):
+    import yaml
+
+    rd = _run(world, tmp_path, budget={"trials": 2})
+    run_search(rd, sphere)
+    cfg = yaml.safe_load(rd.config_text())
+    cfg["budget"] = {"trials": 3}
+    (rd.path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_search(rd, sphere).trials_done == 3  # honoured
+    assert "budget now {'trials': 3" in (rd.path / "log.txt").read_text()
+    cfg["space"]["weight"] = [0, 3.0]
+    (rd.path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(MergelabError, match=r"config.yaml was edited after the run was created \(space changed\)"):
+        run_search(rd, sphere)
+
+
+def test_resume_trials_gives_a_finished_run_more_budget(world, tmp_path):
+    from mergelab.cli import main
+
+    rd = _run(world, tmp_path, budget={"trials": 2})
+    run_search(rd, sphere)
+    from search.recovery import set_budget_trials
+    with pytest.raises(MergelabError, match="already counted 2 trials"):
+        set_budget_trials(rd, 2)
+    set_budget_trials(rd, 4)
+    assert run_search(rd, sphere).trials_done == 4 and rd.status().budget_trials == 4
+    assert main(["resume", str(rd.path), "--trials", "1", "--no-tui"]) == 2
+
+
+# -- item 2: what a run directory names stays inside it ------------------------------------------
+def test_run_pointing_outside_reads_and_writes_nothing_there(world, tmp_path):
+    rd = _run(world, tmp_path)
+    run_search(rd, sphere)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:SECRET\n")
+    res = rd.resolved()
+    res["eval"] = str(secret)
+    rd.write_resolved(res)
+    meta = rd.search_metadata()
+    assert "SECRET" not in json.dumps(meta) and meta["eval_spec"] == {"path": str(secret)}
+    # a `best` link out of the run: the next best is not written through it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    import shutil
+    shutil.rmtree(rd.path / "best")
+    (rd.path / "best").symlink_to(outside)
+    with pytest.raises(MergelabError, match="is a link"):
+        rd.inside("best", "model")
+    from search.summary import rebuild_summary
+    with pytest.raises(MergelabError, match="never through a link"):
+        rebuild_summary(rd, lambda m: None)
+    assert list(outside.iterdir()) == []
+    # a storage elsewhere is not created
+    other = tmp_path / "elsewhere.db"
+    res = rd.resolved()
+    res["storage"] = f"sqlite:///{other}"
+    rd.write_resolved(res)
+    with pytest.raises(MergelabError, match="does not exist. mergelab does not create a database"):
+        run_search(rd, sphere)
+    assert not other.exists()
+
+
+# -- item 3: no password in the run directory -----------------------------------------------------
+def test_storage_password_is_kept_out_of_the_run(world, tmp_path, monkeypatch):
+    from search.loop import public_url, storage_of
+
+    url = "postgresql+psycopg2://ml:s3cr%40t@db.example:5432/runs"
+    assert public_url(url) == "postgresql+psycopg2://ml@db.example:5432/runs"
+    assert public_url("journal:/x/y.log") == "journal:/x/y.log"
+    rd = _run(world, tmp_path)
+    res = rd.resolved()
+    res["storage"] = public_url(url)
+    rd.write_resolved(res)
+    assert storage_of(rd) == public_url(url)  # nothing given: .pgpass / trust may still work
+    monkeypatch.setenv("MERGELAB_STORAGE", url)
+    assert storage_of(rd) == url
+    with pytest.raises(MergelabError, match="is not the storage of run"):
+        storage_of(rd, "postgresql+psycopg2://ml:pw@other:5432/runs")
