@@ -272,3 +272,86 @@ def test_storage_password_is_kept_out_of_the_run(world, tmp_path, monkeypatch):
     assert storage_of(rd) == url
     with pytest.raises(MergelabError, match="is not the storage of run"):
         storage_of(rd, "postgresql+psycopg2://ml:pw@other:5432/runs")
+
+
+# -- issue 18: the study readable without mergelab; progress for viewers -------------------------
+def test_study_is_described_for_optuna_users(world, tmp_path):
+    import optuna
+
+    rd = _run(world, tmp_path, budget={"trials": 2})
+    run_search(rd, sphere)
+    study = optuna.load_study(study_name="run", storage=f"sqlite:///{rd.path / 'study.db'}")
+    assert study.study_name == rd.name and study.metric_names == ["combined"]
+    params = study.user_attrs["mergelab_params"]
+    assert set(params) == {p["name"] for p in rd.resolved()["params"]}
+    some = next(v for v in params.values() if v["kind"] == "model" and v["parameter"] == "weight")
+    assert some["model"] in rd.resolved()["models"]
+    assert " · weight" in some["label"]
+    t = study.trials[0]
+    rec = rd.trials()[0]
+    assert t.user_attrs["score/a"] == rec["scores"]["a"] and t.user_attrs["metric/b/dist2"] == rec["metrics"]["b/dist2"]
+
+
+def test_progress_json_follows_the_trial_stages(world, tmp_path):
+    rd = _run(world, tmp_path, budget={"trials": 2})
+    seen = []
+
+    def objective(recipe, ctx):
+        ctx.progress("merge", 0.0)
+        seen.append(rd.progress())
+        ctx.progress("eval a", 0.5)
+        seen.append(rd.progress())
+        return sphere(recipe, ctx)
+
+    run_search(rd, objective)
+    assert {k: seen[0][k] for k in ("trial", "stage", "frac", "stages_done")} == \
+        {"trial": 0, "stage": "merge", "frac": 0.0, "stages_done": []}
+    assert {k: seen[3][k] for k in ("trial", "stage", "frac", "stages_done")} == \
+        {"trial": 1, "stage": "eval a", "frac": 0.5, "stages_done": ["merge"]}
+    end = rd.progress()
+    assert end["trial"] == 1 and end["stage"] == "done" and end["stages_done"] == ["merge", "eval a"]
+    assert abs(end["time"] - time.time()) < 60
+
+
+# -- issue 14 item 4: --workers N on GPUs ---------------------------------------------------------
+def test_each_local_worker_gets_its_own_gpu():
+    from search.loop import worker_devices
+
+    assert worker_devices("cuda", 2, 2) == ["cuda:0", "cuda:1"]
+    assert worker_devices("auto", 2, 2) == ["cuda:0", "cuda:1"]
+    assert worker_devices("cpu", 3, 2) == ["cpu", "cpu", "cpu"]
+    assert worker_devices("cuda", 3, 2, share=True) == ["cuda:0", "cuda:1", "cuda:0"]
+    with pytest.raises(MergelabError, match="torch sees 2 GPU.*--share-gpus"):
+        worker_devices("cuda", 3, 2)
+    with pytest.raises(MergelabError, match="one GPU for 2 workers"):
+        worker_devices("cuda:1", 2, 2)
+    with pytest.raises(MergelabError, match="no CUDA device"):
+        worker_devices("cuda", 2, 0)
+
+
+def test_workers_cli_starts_each_worker_on_its_gpu(world, tmp_path, monkeypatch):
+    """`search --workers 2` with device cuda: worker i is started with --device cuda:i (the GPU
+    count and the processes are mocked: this runs on CPU)."""
+    import torch
+
+    from mergelab.cli import main
+    from mergelab.cli import search_cmd
+
+    started = []
+
+    class FakeProc:
+        def __init__(self, cmd, env):
+            started.append((cmd, env))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(search_cmd.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr("search.loop.check_device", lambda d: None)
+    cfg = _config(world, tmp_path, device="cuda")
+    journal = tmp_path / "j.log"
+    assert main(["search", str(cfg), "--run", str(tmp_path / "run"), "--workers", "2", "--storage",
+                 f"journal:{journal}"]) == 0
+    assert [c[c.index("--device") + 1] for c, _ in started] == ["cuda:0", "cuda:1"]
+    assert all("--storage" not in c and e["MERGELAB_STORAGE"] == f"journal:{journal}" for c, e in started)
