@@ -355,3 +355,12 @@ def test_workers_cli_starts_each_worker_on_its_gpu(world, tmp_path, monkeypatch)
                  f"journal:{journal}"]) == 0
     assert [c[c.index("--device") + 1] for c, _ in started] == ["cuda:0", "cuda:1"]
     assert all("--storage" not in c and e["MERGELAB_STORAGE"] == f"journal:{journal}" for c, e in started)
+
+
+# -- item 13: the PostgreSQL test on a machine without PostgreSQL -----------------------------------
+def test_postgres_skip_names_its_reason(monkeypatch):
+    import pg_server
+
+    monkeypatch.setattr(pg_server.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(pg_server.shutil, "which", lambda name: None)
+    assert "no PostgreSQL server binaries (initdb, pg_ctl)" in pg_server.unavailable()
