@@ -9,12 +9,12 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
-import shutil
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +23,6 @@ from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from mergelab.errors import MergelabError
@@ -38,7 +37,6 @@ from .optimizers import (
     n_counted,
 )
 from .rundir import (
-    BEST_MERGE_REF,
     EXPORT_MERGE_REF,
     FUSION_RECIPE_FILE,
     SEARCH_META_FILE,
@@ -581,11 +579,18 @@ def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[
             study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
 
 
+def _heartbeat_on(storage) -> bool:
+    """Does this storage keep trial heartbeats (an RDB storage opened with heartbeat_interval)?
+    Asked through the storage's own methods, not Optuna's private heartbeat module."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(getattr(storage, "record_heartbeat", None)) and callable(interval) and interval() is not None
+
+
 def _fail_stale(study: optuna.Study, log) -> None:
     """RUNNING trials whose storage heartbeat stopped (a worker on any machine died) -> marked
     interrupted, so _mark_interrupted records them and queues their re-try."""
     storage = study._storage
-    if not is_heartbeat_enabled(storage):
+    if not _heartbeat_on(storage):
         return
     for tid in storage._get_stale_trial_ids(study._study_id):
         try:
@@ -737,7 +742,7 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
     stop_hb = threading.Event()
     current = {"trial": None, "paused": False}
 
-    beat = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+    beat = _heartbeat_on(storage)
 
     def heartbeat_loop():
         while not stop_hb.wait(HEARTBEAT_S):
@@ -879,7 +884,7 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
         # with lower numbers fill the budget, so this one is given up before any work (not
         # counted, not re-tried, no trials.jsonl line). The lowest numbers win, so two racing
         # workers never both give up.
-        study._storage.set_trial_user_attr(trial._trial_id, ABANDONED_ATTR, True)
+        trial.set_user_attr(ABANDONED_ATTR, True)
         study.tell(trial, state=TrialState.FAIL)
         logline(f"trial {trial.number} given up: the budget is taken by other workers' trials")
         return

@@ -63,19 +63,19 @@ class ReseededSampler(BaseSampler):
         self._inner: dict[int, tuple[BaseSampler, int]] = {}
 
     def _get(self, study, trial: FrozenTrial) -> tuple[BaseSampler, int]:
-        got = self._inner.get(trial._trial_id)
+        got = self._inner.get(trial.number)
         if got is None:
             k = n_counted(study)
             salt = f"t{trial.number}" if self._shared else ""
             got = (self._factory(derive_seed(self._seed, k, salt)), k)
-            self._inner = {trial._trial_id: got}  # one trial at a time per process
+            self._inner = {trial.number: got}  # one trial at a time per process
         return got
 
     def _as_k(self, trial: FrozenTrial, k: int) -> FrozenTrial:
         if not self._renumber:
             return trial
         t = copy.copy(trial)
-        t._number = k
+        t.number = k  # FrozenTrial's public setter, on a copy
         return t
 
     def infer_relative_search_space(self, study, trial):
@@ -99,7 +99,7 @@ class ReseededSampler(BaseSampler):
     def after_trial(self, study, trial, state, values):
         inner, _ = self._get(study, trial)
         inner.after_trial(study, trial, state, values)
-        self._inner.pop(trial._trial_id, None)
+        self._inner.pop(trial.number, None)
 
     def reseed_rng(self) -> None:  # the seed is derived per trial; nothing to reseed
         pass
