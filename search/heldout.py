@@ -135,7 +135,7 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
         say = log or (lambda _m: None)
 
         def save() -> None:
-            atomic_write_bytes(rd.path / HELDOUT_FILE, (json.dumps(cache, indent=2) + "\n").encode())
+            atomic_write_bytes(rd.inside(HELDOUT_FILE), (json.dumps(cache, indent=2) + "\n").encode())
 
         # the tokenizer and dtype the search scored with (the merge's reference model's)
         tm = TrialMerger(res["base_model"], res["models"], device=dev)

@@ -5,21 +5,24 @@ or joins as a worker) until the budget is met; `SearchController` steers it from
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from mergelab.errors import MergelabError
@@ -29,14 +32,11 @@ from .optimizers import (
     ABANDONED_ATTR,
     INTERRUPTED_ATTR,
     RETRY_ATTR,
-    FixedSampler,
-    PycmaDriver,
     counted,
     make_sampler,
     n_counted,
 )
 from .rundir import (
-    BEST_MERGE_REF,
     EXPORT_MERGE_REF,
     FUSION_RECIPE_FILE,
     SEARCH_META_FILE,
@@ -47,9 +47,22 @@ from .rundir import (
     fusion_recipe,
     worker_id,
 )
+from .pycma_sampler import SLOT_ATTR, PycmaSampler
 from .space import Space, build_space
+from .recovery import (
+    check_identity,
+    check_storage_present,
+    config_hash,
+    load_study_checked,
+    repair_trials,
+    stamp_study,
+)
+from .summary import rebuild_summary, update_summary
 
 STUDY_NAME = "mergelab"
+FAIL_FAST = 3  # a session whose first this-many trials fail for one reason stops with that reason
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the run cannot be written: stop, keep it
+STORAGE_ENV = "MERGELAB_STORAGE"  # the full storage URL (with password) for resume / workers
 RECORD_ATTR = "mergelab_record"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -93,6 +106,8 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     merge_s: float | None = None
     eval_s: float | None = None
+    device: str | None = None  # where the trial merged (TrialMerger.last_stats), else the config's
+    kernels: dict[str, int] | None = None  # merge kernels used, by name -> tensors (last_stats)
 
 
 def _outcome(res: Any) -> Outcome:
@@ -228,7 +243,7 @@ def resolved_config(cfg: SearchConfig, space: Space, storage: str | None, object
         storage=storage,
         # in a shared storage the study is named after the run, so that every worker (they all
         # pass the same --run NAME) finds it and other runs in the same database stay apart
-        study_name=STUDY_NAME if storage is None else f"{STUDY_NAME}-{run_name}",
+        study_name=(run_name or STUDY_NAME) if storage is None else f"{STUDY_NAME}-{run_name}",
         num_layers=space.num_layers,
         params=space.describe(),
         objective_names=objective_names if multi else ["combined"],
@@ -262,15 +277,110 @@ def _open_storage(url: str, heartbeat: bool):
     )
 
 
+def public_url(url: str | None) -> str | None:
+    """A storage URL without its password: what the run directory keeps (it is shared and read
+    by anyone; the password comes from --storage or MERGELAB_STORAGE on resume)."""
+    if url is None or "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))
+
+
+def storage_of(rd: RunDir, given: str | None = None) -> str:
+    """The URL to open a run's storage with: `given` (--storage) or $MERGELAB_STORAGE when they
+    name the run's storage (with a password the run directory does not keep), else the run's."""
+    stored = rd.storage_url()
+    given = given or os.environ.get(STORAGE_ENV)
+    if given and given.startswith("journal:"):
+        given = "journal:" + str(Path(given[len("journal:"):]).resolve())
+    if not given or given == stored:
+        return stored
+    if public_url(given) != stored:
+        raise MergelabError(
+            f"The storage given ({public_url(given)}, from --storage or ${STORAGE_ENV}) is not the "
+            f"storage of run {rd.path} ({stored}). Give that run's URL (with its password), or unset "
+            f"${STORAGE_ENV}."
+        )
+    return given
+
+
+def check_device(device: str) -> None:
+    """The config's device exists here (before a run directory is created for it)."""
+    import torch
+
+    from mergelab.engine import resolve_device
+
+    try:
+        d = resolve_device(device)
+    except MergelabError as e:
+        raise MergelabError(f"search config `device`: {e}") from None
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise MergelabError(
+            f"search config `device`: {device} is not here: torch sees {torch.cuda.device_count()} "
+            "CUDA device(s). Use cuda, cuda:N with a smaller N, cpu or auto."
+        )
+
+
+def describe_study(study: optuna.Study, rd: RunDir, space: Space) -> None:
+    """What an Optuna user (optuna-dashboard, optuna.load_study) needs to read the study without
+    mergelab: its metric names, the run it belongs to, and each parameter's meaning."""
+    from .labels import layer_span, param_labels
+
+    res = rd.resolved()
+    with warnings.catch_warnings():  # experimental in Optuna 3.2-5.x, and the API optuna-dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(res["objective_names"]))
+    labels = param_labels(space)
+    study.set_user_attr("mergelab_run", rd.name)
+    study.set_user_attr("mergelab_base_model", res["base_model"])
+    study.set_user_attr("mergelab_models", list(res["models"]))
+    study.set_user_attr("mergelab_params", {
+        p.name: {"label": labels.get(p.name, p.name), "kind": p.kind, "parameter": p.param,
+                 "model": (space.models[p.model] if p.model is not None else None),
+                 "layers": (list(layer_span(p.group, space.num_layers, space.layer_groups) or []) or None
+                            if p.group is not None else None),
+                 "filter": p.filter, "low": p.low, "high": p.high}
+        for p in space.params})
+
+
+def worker_devices(device: str, workers: int, gpus: int, share: bool = False) -> list[str]:
+    """The device of each of `workers` local worker processes: with a CUDA device, GPU i for
+    worker i (at most one worker per GPU unless `share`: then round-robin); otherwise the
+    config's device for all of them."""
+    if not device.startswith("cuda") and not (device == "auto" and gpus > 0):
+        return [device] * workers
+    if gpus == 0:
+        raise MergelabError(f"--workers {workers} with device {device}: torch sees no CUDA device here. "
+                            "Use device cpu, or run on a machine with GPUs.")
+    if ":" in device:  # one named GPU: every worker shares it
+        if not share:
+            raise MergelabError(
+                f"--workers {workers} with device {device}: one GPU for {workers} workers. Give device "
+                "cuda (each worker its own GPU), or add --share-gpus to run them all on it."
+            )
+        return [device] * workers
+    if workers > gpus and not share:
+        raise MergelabError(
+            f"--workers {workers} with device {device}: torch sees {gpus} GPU(s), one per worker. Use "
+            f"--workers {gpus}, or add --share-gpus to place the workers round-robin on the GPUs."
+        )
+    return [f"cuda:{i % gpus}" for i in range(workers)]
+
+
 def prepare_run(config_path: str | Path, run: str | Path | None = None, *, storage: str | None = None,
                 device: str | None = None, runs_dir: str | Path = "runs",
                 objective_names: list[str] | None = None) -> RunDir:
     """Validate a search config and create its run directory (no trial runs here)."""
     cfg, text = load_search_config(config_path)
+    given = cfg.model_dump(mode="json")  # the config as written (recovery compares edits with it)
     if device:
         cfg.device = device
     base_dir = Path(config_path).parent.resolve()
     cfg, space = validate_config(cfg, base_dir=base_dir)
+    check_device(cfg.device)
     if objective_names is None:
         objective_names = _scorer_names(cfg.eval, base_dir) if cfg.optimizer.name == "nsga2" else ["combined"]
     if run is None:
@@ -281,12 +391,26 @@ def prepare_run(config_path: str | Path, run: str | Path | None = None, *, stora
     if storage is not None and RunDir.is_run_dir(run):
         # a worker joining a run created by another process on this machine (shared storage)
         return RunDir.open(run)
-    resolved = resolved_config(cfg, space, storage, objective_names, run.name)
+    # everything that can be refused is refused before the run directory exists, so a refused
+    # search leaves nothing behind that blocks its --run name
+    st = _open_storage(storage, heartbeat=False) if storage is not None else None
+    RunDir.check_new(run)
+    resolved = resolved_config(cfg, space, public_url(storage), objective_names, run.name)
     resolved["eval_base_dir"] = str(base_dir)
+    resolved["config_sha256"] = config_hash(text)
+    resolved["given"] = given
     rd = RunDir.create(run, text, resolved)
-    st = _open_storage(rd.storage_url(), heartbeat=False)
-    directions = ["maximize"] * len(rd.resolved()["directions"])
-    optuna.create_study(storage=st, study_name=rd.study_name(), directions=directions, load_if_exists=True)
+    try:
+        if st is None:
+            st = _open_storage(rd.storage_url(), heartbeat=False)
+        directions = ["maximize"] * len(resolved["directions"])
+        study = optuna.create_study(storage=st, study_name=rd.study_name(), directions=directions,
+                                    load_if_exists=True)
+        describe_study(study, rd, space)
+        stamp_study(study, resolved)
+    except BaseException:
+        shutil.rmtree(rd.path, ignore_errors=True)
+        raise
     rd.log(f"created run {rd.path} ({cfg.optimizer.name}, {space.size_text()}, storage {rd.storage_url().split('@')[-1]})")
     return rd
 
@@ -362,10 +486,15 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     def scored(model, fusion: dict | None):
         return candidate_model(model, tm.tokenizer, fusion, members, tm.device)
 
+    first = [True]
+
     def objective(recipe: dict, ctx: TrialContext) -> Outcome:
         t0 = time.perf_counter()
         if ctx.progress:
-            ctx.progress("merge", 0.0)
+            # the first trial of a process reads every source onto the device: say so, it is the
+            # long one
+            ctx.progress("caching sources" if first[0] else "merge", 0.0)
+        first[0] = False
         model = tm.apply(recipe)
         t1 = time.perf_counter()
         done: dict[str, float] = {}  # scorer -> weighted running score (the last one is final)
@@ -382,6 +511,11 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
         t2 = time.perf_counter()
         out = _outcome(res)
         out.merge_s, out.eval_s = t1 - t0, t2 - t1
+        # read with getattr: older TrialMergers have no last_stats / no kernels in it
+        stats = getattr(tm, "last_stats", None)
+        out.device = str(getattr(stats, "device", None) or tm.device)
+        kernels = getattr(stats, "kernels", None)
+        out.kernels = dict(kernels) if kernels else None
         return out
 
     return objective
@@ -412,7 +546,7 @@ class _Signals:
 
 
 def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[optuna.trial.FrozenTrial], bool],
-                      log: Callable[[str], None], retry: bool) -> None:
+                      log: Callable[[str], None], retry: bool, n_params: int) -> None:
     """RUNNING trials whose process is gone -> FAIL (interrupted); then make sure every
     interrupted trial has a re-try queued (idempotent, so a crash here is harmless)."""
     storage = study._storage
@@ -436,15 +570,27 @@ def _mark_interrupted(study: optuna.Study, rd: RunDir, numbers_alive: Callable[[
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried and t.params:
+        # Only a trial that had drawn every parameter is re-tried with them: one killed inside
+        # suggest_* holds some of them, and fixing those would shift the sampler's random draws
+        # for the rest. The samplers are reseeded from the count of finished trials, so the next
+        # ask draws the same point again anyway.
+        if (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR) and t.number not in retried
+                and t.params and len(t.params) == n_params):
             study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
+
+
+def _heartbeat_on(storage) -> bool:
+    """Does this storage keep trial heartbeats (an RDB storage opened with heartbeat_interval)?
+    Asked through the storage's own methods, not Optuna's private heartbeat module."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(getattr(storage, "record_heartbeat", None)) and callable(interval) and interval() is not None
 
 
 def _fail_stale(study: optuna.Study, log) -> None:
     """RUNNING trials whose storage heartbeat stopped (a worker on any machine died) -> marked
     interrupted, so _mark_interrupted records them and queues their re-try."""
     storage = study._storage
-    if not is_heartbeat_enabled(storage):
+    if not _heartbeat_on(storage):
         return
     for tid in storage._get_stale_trial_ids(study._study_id):
         try:
@@ -452,6 +598,10 @@ def _fail_stale(study: optuna.Study, log) -> None:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # finished (or failed by another worker) meanwhile
         log(f"trial id {tid}: its worker's storage heartbeat stopped")
+
+
+def _n_counted_records(rd: RunDir) -> int:
+    return sum(1 for r in rd.trials() if not r.get("interrupted"))
 
 
 def _reconcile_jsonl(study: optuna.Study, rd: RunDir, log) -> None:
@@ -465,68 +615,8 @@ def _reconcile_jsonl(study: optuna.Study, rd: RunDir, log) -> None:
             continue
         rec = json.loads(rec)
         rd.append_trial(rec)
-        _update_summary(rd, rec, log)
+        update_summary(rd, rec, log)
         log(f"trial {t.number}: restored its trials.jsonl line from the study")
-
-
-def _is_better(rec: dict, best: dict | None) -> bool:
-    v = rec.get("value")
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return False
-    if best is None or best.get("value") is None:
-        return True
-    return v > best["value"]
-
-
-def _pareto(points: list[dict]) -> list[dict]:
-    front = []
-    for p in points:
-        dominated = False
-        for q in points:
-            if q is p:
-                continue
-            if all(a >= b for a, b in zip(q["values"], p["values"])) and any(
-                a > b for a, b in zip(q["values"], p["values"])
-            ):
-                dominated = True
-                break
-        if not dominated:
-            front.append(p)
-    return sorted(front, key=lambda p: p["number"])
-
-
-def _update_summary(rd: RunDir, rec: dict, log) -> None:
-    from mergelab.recipe import dump_yaml
-
-    improved = {}
-
-    def fn(s: dict) -> None:
-        if rec["state"] == "COMPLETE":
-            s["trials_complete"] = s.get("trials_complete", 0) + 1
-        elif rec["state"] == "PRUNED":
-            s["trials_pruned"] = s.get("trials_pruned", 0) + 1
-        else:
-            s["trials_failed"] = s.get("trials_failed", 0) + 1
-        if not rec.get("interrupted"):
-            s["trials_done"] = s.get("trials_done", 0) + 1
-        if rec["state"] == "COMPLETE" and _is_better(rec, s.get("best")):
-            s["best"] = {k: rec.get(k) for k in ("number", "value", "values", "metrics", "scores", "params")}
-            if rec.get("fusion"):
-                s["best"]["fusion"] = rec["fusion"]
-            improved["yes"] = True
-        if rec.get("values") and rec["state"] == "COMPLETE":
-            pts = list(s.get("pareto") or []) + [{"number": rec["number"], "values": rec["values"], "params": rec["params"]}]
-            s["pareto"] = _pareto(pts)
-
-    with rd.locked():
-        s = rd.summary()
-        fn(s)
-        if improved:
-            fusion = dump_yaml(fusion_recipe(rec["fusion"], BEST_MERGE_REF)) if rec.get("fusion") else None
-            rd.write_best(dump_yaml(rec["recipe"]), rec, fusion)
-        rd.write_summary(s)
-    if improved:
-        log(f"new best: trial {rec['number']} score {rec['value']:.6g}")
 
 
 @dataclass
@@ -540,17 +630,34 @@ class SearchResult:
 def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, worker: bool = False,
                controller: SearchController | None = None, log: Callable[[str], None] | None = None,
                progress: Callable[[dict], None] | None = None, install_signals: bool = True,
-               max_trials_this_session: int | None = None) -> SearchResult:
+               max_trials_this_session: int | None = None, storage: str | None = None,
+               device: str | None = None) -> SearchResult:
     """Run (or resume) the search of a run directory until its budget is met.
 
     worker=True joins a search other processes run on the same shared storage (no exclusive
     claim; stale trials of dead workers are failed and re-tried). `progress` receives events
     ({"event": "trial_start"|"trial_end"|"stage", ...}) for a UI. `max_trials_this_session`
-    stops after that many trials (tests use it to simulate interruptions).
+    stops after that many trials (tests use it to simulate interruptions). `storage`: the run's
+    storage URL with its password (else $MERGELAB_STORAGE, else the password-free one it keeps);
+    `device`: this process's device instead of the run's (a --workers N worker's own GPU).
     """
     rd = run if isinstance(run, RunDir) else RunDir.open(run)
-    cfg, space = config_of(rd)
-    res = rd.resolved()
+    # One process searches a run (workers of a shared storage coordinate through the storage):
+    # taken before anything is read, so two `resume` started together cannot both recover it.
+    claim = None if worker else rd.claim()
+    try:
+        return _run_search(rd, objective, worker=worker, controller=controller, log=log, progress=progress,
+                           install_signals=install_signals, max_trials_this_session=max_trials_this_session,
+                           storage_url=storage_of(rd, storage), device=device)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, controller: SearchController | None,
+                log: Callable[[str], None] | None, progress: Callable[[dict], None] | None,
+                install_signals: bool, max_trials_this_session: int | None, storage_url: str,
+                device: str | None) -> SearchResult:
     wid = worker_id()
     say = log or (lambda m: None)
 
@@ -558,6 +665,16 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
         line = rd.log(f"[{wid}] {msg}", level)
         say(line)
 
+    # the run's files against each other, before anything is written or any trial runs
+    check_storage_present(rd)
+    storage = _open_storage(storage_url, heartbeat=True)
+    check_identity(rd, load_study_checked(rd, storage), logline)
+    repaired = False if worker else repair_trials(rd, logline)
+    cfg, space = config_of(rd)
+    if device:
+        check_device(device)
+        cfg.device = device
+    res = rd.resolved()
     live = [w for w in rd.workers() if w["alive"] and w["worker"] != wid]
     if live and not worker:
         raise MergelabError(
@@ -567,13 +684,12 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     opt = cfg.optimizer.name
     if opt == "pycma" and (worker or (res.get("storage") and live)):
         raise MergelabError(
-            "The pycma optimizer runs in a single process (its state lives in pycma.pkl in the run "
-            "directory); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
+            "The pycma optimizer runs in a single process (it hands out the points of one generation "
+            "at a time); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
         )
-    storage = _open_storage(rd.storage_url(), heartbeat=True)
     sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump(), shared=worker)
     pruner = _make_pruner(cfg)
-    study = optuna.load_study(study_name=rd.study_name(), storage=storage, sampler=sampler, pruner=pruner)
+    study = load_study_checked(rd, storage, sampler=sampler, pruner=pruner)
     multi = len(res["directions"]) > 1
     objective_names = res["objective_names"]
     rd.heartbeat(wid, {"trial": None, "paused": False, "started": time.time()})
@@ -598,13 +714,12 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     def recover() -> None:
         if worker:
             _fail_stale(study, logline)
-        _mark_interrupted(study, rd, alive, logline, retry=opt != "pycma")
+        _mark_interrupted(study, rd, alive, logline, retry=opt != "pycma", n_params=len(space.params))
 
     recover()
     _reconcile_jsonl(study, rd, logline)
-    driver = PycmaDriver(rd.path, space, cfg.seed, cfg.optimizer.popsize, cfg.optimizer.sigma0) if opt == "pycma" else None
-    if driver is not None:
-        _recover_pycma(driver, study)
+    if repaired or (not worker and int(rd.summary().get("trials_done", 0)) != _n_counted_records(rd)):
+        rebuild_summary(rd, logline)  # counts from the (repaired) lines, not from increments
     if cfg.warm_start and not study.get_trials(deepcopy=False) and opt != "pycma":
         from mergelab.recipe import load_recipe
 
@@ -633,7 +748,7 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
     stop_hb = threading.Event()
     current = {"trial": None, "paused": False}
 
-    beat = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
+    beat = _heartbeat_on(storage)
 
     def heartbeat_loop():
         while not stop_hb.wait(HEARTBEAT_S):
@@ -702,9 +817,11 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
                         recover()
                         last_recover = time.time()
                     continue
-            _one_trial(study, rd, space, objective, driver, cfg, wid, multi, objective_names, current,
+            _one_trial(study, rd, space, objective, cfg, wid, multi, objective_names, current,
                        logline, progress, budget_trials if worker else None)
             session_trials += 1
+            if session_trials == min(FAIL_FAST, budget_trials or FAIL_FAST):
+                _stop_if_hopeless(rd, session_start, session_trials)
             # live viewers compute elapsed as elapsed_s + (now - updated): keep both current
             rd.update_summary(lambda s: s.update(elapsed_s=elapsed_before + (time.time() - session_start)))
     except KeyboardInterrupt:
@@ -714,6 +831,14 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
         logline(f"search failed: {e}", "ERROR")
         raise
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            status, detail = "stopped", f"cannot write the run: {e.strerror}"
+            raise MergelabError(
+                f"Search of run {rd.path} stopped: {e.strerror} while writing "
+                f"{e.filename or 'the run directory'}. The trials finished so far are kept and the run "
+                f"is marked stopped; free some space (or make it writable) and continue with "
+                f"`mergelab resume {rd.path}`."
+            ) from None
         status, detail = "failed", f"{type(e).__name__}: {e}"
         logline(f"search failed: {detail}\n{traceback.format_exc()}", "ERROR")
         raise
@@ -728,7 +853,10 @@ def run_search(run: str | Path | RunDir, objective: Objective | None = None, *, 
             final = "running"  # other workers still search this run
         # "finished" (budget met) holds for the run whatever other workers are doing: two workers
         # ending together each see the other alive, and neither may write "running" last
-        set_status(final, detail)
+        try:
+            set_status(final, detail)
+        except OSError as e:  # the disk is full past even an in-place summary: say it, keep the error
+            logline(f"could not record the status {final!r} in summary.json: {e}", "ERROR")
         if status in ("finished", "stopped") and not others:
             rd.clear_control()
         rd.remove_worker(wid)
@@ -753,26 +881,8 @@ def _make_pruner(cfg: SearchConfig):
     return optuna.pruners.HyperbandPruner()
 
 
-def _recover_pycma(driver: PycmaDriver, study: optuna.Study) -> None:
-    """A slot whose trial finished in the study but whose value never reached pycma.pkl."""
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for slot, number in list(driver.state["trials"].items()):
-        if slot in driver.state["values"]:
-            continue
-        t = by_number.get(number)
-        if t is not None and t.state == TrialState.COMPLETE:
-            driver.tell(slot, t.value)
-        elif t is not None and t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR):
-            driver.tell(slot, None)
-
-
-def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: PycmaDriver | None,
-               cfg: SearchConfig, wid: str, multi: bool, objective_names: list[str], current: dict,
+def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: SearchConfig, wid: str, multi: bool, objective_names: list[str], current: dict,
                logline, progress, shared_budget: int | None = None) -> None:
-    slot = None
-    if driver is not None:
-        slot, values = driver.next_slot()
-        study.sampler.next_values = values
     trial = study.ask()
     trial.set_user_attr("worker", wid)  # first: a worker starting now must see who runs it
     if shared_budget is not None and _over_budget(study, trial.number, shared_budget):
@@ -780,20 +890,19 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         # with lower numbers fill the budget, so this one is given up before any work (not
         # counted, not re-tried, no trials.jsonl line). The lowest numbers win, so two racing
         # workers never both give up.
-        study._storage.set_trial_user_attr(trial._trial_id, ABANDONED_ATTR, True)
+        trial.set_user_attr(ABANDONED_ATTR, True)
         study.tell(trial, state=TrialState.FAIL)
         logline(f"trial {trial.number} given up: the budget is taken by other workers' trials")
         return
-    if driver is None:
-        # Optuna samples relative params lazily and skips it when every param is fixed (an
-        # enqueued re-try or warm start); CMA-ES must still see the trial (it tags it with its
-        # generation and may tell a finished generation), or a resumed run diverges.
-        _ = trial.relative_params
+    # Optuna samples relative params lazily and skips it when every param is fixed (an
+    # enqueued re-try or warm start); CMA-ES must still see the trial (it tags it with its
+    # generation and may tell a finished generation), or a resumed run diverges.
+    _ = trial.relative_params
+    if isinstance(study.sampler, PycmaSampler):
+        # the trial's place in pycma's evolution: the sampler re-derives its state from these
+        trial.set_user_attr(SLOT_ATTR, study.sampler.slot_of(trial.number))
     values = {p.name: trial.suggest_float(p.name, p.low, p.high) for p in space.params}
     trial.set_user_attr("device", cfg.device)
-    if driver is not None:
-        driver.started(slot, trial.number)
-        trial.set_user_attr("pycma_slot", [driver.generation, slot])
     current["trial"] = trial.number
     current["trial_id"] = trial._trial_id
     retry_of = trial.user_attrs.get(RETRY_ATTR)
@@ -804,9 +913,20 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         progress({"event": "trial_start", "number": trial.number, "params": values, "recipe": recipe,
                   **({"fusion": fusion} if fusion is not None else {})})
 
+    done_stages: list[str] = []
+    last_write = [0.0]
+
     def stage(name: str, frac: float) -> None:
         if progress:
             progress({"event": "stage", "number": trial.number, "stage": name, "fraction": frac})
+        new = not done_stages or done_stages[-1] != name
+        if new:
+            done_stages.append(name)
+        # progress.json for viewers in other processes: every stage change, else at most 5 per s
+        if new or frac >= 1.0 or time.time() - last_write[0] > 0.2:
+            last_write[0] = time.time()
+            rd.write_progress({"trial": trial.number, "stage": name, "frac": float(frac),
+                               "stages_done": done_stages[:-1]})
 
     ctx = TrialContext(number=trial.number, params=values, device=cfg.device, run_dir=rd, trial=trial,
                        pruning=cfg.pruner is not None, log=logline, progress=stage, fusion=fusion)
@@ -820,10 +940,13 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         state, error = "PRUNED", str(e) or "pruned"
     except KeyboardInterrupt:
         raise
-    except MergelabError:
-        raise
     except Exception as e:
-        state, error = "FAIL", f"{type(e).__name__}: {e}"
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            raise  # the run's disk, not the candidate: the search stops (run_search)
+        # any other exception is this candidate's failure (e.g. NonFiniteMergeError: a merge
+        # whose values overflowed), recorded with its reason; a cause every candidate shares
+        # stops the search after its first trials (FAIL_FAST)
+        state, error = "FAIL", str(e) if isinstance(e, MergelabError) else f"{type(e).__name__}: {e}"
         logline(f"trial {trial.number} failed: {error}", "WARNING")
     total = time.perf_counter() - t0
     vals = None
@@ -849,7 +972,8 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
                     "total_s": total},
         "started": started,
         "finished": time.time(),
-        "device": cfg.device,
+        "device": (out.device if out is not None and out.device else cfg.device),
+        "kernels": out.kernels if out is not None else None,
         "worker": wid,
     }
     if hasattr(space, "path_record"):
@@ -858,22 +982,40 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, driver: Py
         rec["fusion"] = fusion  # a hybrid: the recipe's merge, fused at inference time (see rundir)
     # the record goes into the study first, so a kill before the jsonl append is repaired on resume
     trial.set_user_attr(RECORD_ATTR, dumps(rec))
+    # each number its own attribute, so optuna-dashboard and load_study users see them unparsed
+    for name, v in {**{f"score/{k}": v for k, v in rec["scores"].items()},
+                    **{f"metric/{k}": v for k, v in rec["metrics"].items()}}.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            trial.set_user_attr(name, float(v))
+    if error:
+        trial.set_user_attr("error", error)
     if state == "COMPLETE":
         study.tell(trial, vals if multi else out.combined)
     elif state == "PRUNED":
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)
-    if driver is not None:
-        driver.tell(slot, out.combined if state == "COMPLETE" else None)
     rd.append_trial(rec)
+    rd.write_progress({"trial": trial.number, "stage": "done", "frac": 1.0, "stages_done": done_stages})
     current["trial"] = None
     current["trial_id"] = None
-    _update_summary(rd, rec, logline)
+    update_summary(rd, rec, logline)
     score = f"{rec['value']:.6g}" if rec["value"] is not None else state
     logline(f"trial {trial.number} {state.lower()}: score {score} ({total:.2f} s)")
     if progress:
         progress({"event": "trial_end", "number": trial.number, "record": rec})
+
+
+def _stop_if_hopeless(rd: RunDir, session_start: float, n: int) -> None:
+    """Raise when this session's first n trials all failed with one and the same error."""
+    recs = [r for r in rd.trials() if not r.get("interrupted") and (r.get("started") or 0) >= session_start - 1]
+    errors = {r.get("error") for r in recs[-n:]}
+    if len(recs) >= n and all(r["state"] == "FAIL" for r in recs[-n:]) and len(errors) == 1:
+        raise MergelabError(
+            f"The first {n} trials of run {rd.path} all failed with the same error: {errors.pop()} "
+            f"The search stops here rather than spend its budget on it; fix the cause (the config, "
+            f"the eval spec, the device) and continue with `mergelab resume {rd.path}`."
+        )
 
 
 def _over_budget(study: optuna.Study, number: int, budget: int) -> bool:

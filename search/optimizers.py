@@ -1,4 +1,4 @@
-"""Optimizers: Optuna samplers made resumable bit for bit, and pycma's ask/tell driven directly.
+"""Optimizers: Optuna samplers made resumable bit for bit (pycma: search/pycma_sampler.py).
 
 Optuna does not store its samplers' random state; `ReseededSampler` rebuilds the sampler before
 every trial from (seed, number of finished trials), so a resumed run asks what an uninterrupted
@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import pickle
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import optuna
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from mergelab.errors import MergelabError
 
-from .rundir import PYCMA_FILE, atomic_write_bytes
+from .pycma_sampler import INTERRUPTED_ATTR, PycmaSampler, popsize_default
 from .space import Space
 
-INTERRUPTED_ATTR = "mergelab_interrupted"
 RETRY_ATTR = "mergelab_retry_of"
 # a worker's trial created after other workers had already taken the last budget slots: given
 # up before evaluation, never counted, never re-tried
@@ -46,11 +42,6 @@ def n_counted(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
 
 
-def popsize_default(n: int) -> int:
-    """The evolutionary-merging paper's population: 4 + floor(3 ln n)."""
-    return 4 + int(np.floor(3 * np.log(max(1, n))))
-
-
 class ReseededSampler(BaseSampler):
     """Delegates to a sampler rebuilt for each trial with a seed derived from (seed, k), where k
     is the number of finished trials when the trial starts, and (CMA-ES) shows the inner sampler
@@ -72,19 +63,19 @@ class ReseededSampler(BaseSampler):
         self._inner: dict[int, tuple[BaseSampler, int]] = {}
 
     def _get(self, study, trial: FrozenTrial) -> tuple[BaseSampler, int]:
-        got = self._inner.get(trial._trial_id)
+        got = self._inner.get(trial.number)
         if got is None:
             k = n_counted(study)
             salt = f"t{trial.number}" if self._shared else ""
             got = (self._factory(derive_seed(self._seed, k, salt)), k)
-            self._inner = {trial._trial_id: got}  # one trial at a time per process
+            self._inner = {trial.number: got}  # one trial at a time per process
         return got
 
     def _as_k(self, trial: FrozenTrial, k: int) -> FrozenTrial:
         if not self._renumber:
             return trial
         t = copy.copy(trial)
-        t._number = k
+        t.number = k  # FrozenTrial's public setter, on a copy
         return t
 
     def infer_relative_search_space(self, study, trial):
@@ -108,38 +99,22 @@ class ReseededSampler(BaseSampler):
     def after_trial(self, study, trial, state, values):
         inner, _ = self._get(study, trial)
         inner.after_trial(study, trial, state, values)
-        self._inner.pop(trial._trial_id, None)
+        self._inner.pop(trial.number, None)
 
     def reseed_rng(self) -> None:  # the seed is derived per trial; nothing to reseed
         pass
 
 
-class FixedSampler(BaseSampler):
-    """Returns the values set in `next_values` (pycma decides; Optuna only records)."""
-
-    def __init__(self):
-        self.next_values: dict[str, float] = {}
-
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.next_values[param_name]
-
-
 def make_sampler(name: str, space: Space, seed: int, options: dict | None = None,
                  shared: bool = False) -> BaseSampler:
-    """The study's sampler for optimizer `name` (pycma: a FixedSampler fed by PycmaDriver).
+    """The study's sampler for optimizer `name` (pycma: PycmaSampler, its state re-derived from the trials).
     shared: several workers ask from this study at once (seeds salted per trial)."""
     from optuna.samplers import CmaEsSampler, NSGAIISampler, RandomSampler, TPESampler
 
     options = options or {}
     n = len(space.params)
     if name == "pycma":
-        return FixedSampler()
+        return PycmaSampler(space, seed, options.get("popsize"), options.get("sigma0"))
     if name == "random":
         return ReseededSampler(lambda s: RandomSampler(seed=s), seed, shared=shared)
     if name == "tpe":
@@ -165,77 +140,3 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
 
         return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True, shared=shared)
     raise MergelabError(f"unknown optimizer `{name}`; use one of cmaes, tpe, random, nsga2, pycma.")
-
-
-class PycmaDriver:
-    """pycma's ask/tell over the normalized [0, 1] parameters, its state in the run directory.
-
-    State file (pycma.pkl, rewritten atomically after every ask and every result):
-    {"es": CMAEvolutionStrategy after the last ask, "generation": g, "solutions": [x, ...]
-    (the asked generation), "values": {slot: loss}, "trials": {slot: optuna number}}.
-    Optuna's study records each evaluation as a normal trial (FixedSampler), so the dashboard and
-    counters need nothing special; pycma.pkl is the optimizer's own truth. A slot whose trial
-    died has no value and is evaluated again on resume. np.random is reseeded from (seed,
-    generation) before every ask, so the asked points do not depend on process history.
-    """
-
-    def __init__(self, path: Path, space: Space, seed: int, popsize: int | None, sigma0: float | None):
-        self.path = Path(path) / PYCMA_FILE
-        self.space = space
-        self.seed = seed
-        self.popsize = popsize or popsize_default(len(space.params))
-        self.sigma0 = sigma0 or 1.0 / 6.0
-        self.state: dict[str, Any] = self._load() if self.path.is_file() else self._new()
-
-    def _new(self) -> dict:
-        import cma
-
-        n = len(self.space.params)
-        opts = {"popsize": self.popsize, "bounds": [0.0, 1.0], "seed": derive_seed(self.seed, 0, "pycma") + 1,
-                "verbose": -9, "verb_log": 0, "verb_disp": 0}
-        es = cma.CMAEvolutionStrategy([0.5] * n, self.sigma0, opts)
-        return {"es": es, "generation": -1, "solutions": [], "values": {}, "trials": {}}
-
-    def _load(self) -> dict:
-        with open(self.path, "rb") as f:
-            return pickle.load(f)  # our own file in the run directory (pycma objects need pickle)
-
-    def _save(self) -> None:
-        atomic_write_bytes(self.path, pickle.dumps(self.state))
-
-    def _ask_generation(self) -> None:
-        g = self.state["generation"] + 1
-        np.random.seed(derive_seed(self.seed, g, "pycma-ask"))
-        sols = self.state["es"].ask()
-        self.state.update(generation=g, solutions=[np.asarray(s, dtype=float) for s in sols],
-                          values={}, trials={})
-        self._save()
-
-    def next_slot(self) -> tuple[int, dict[str, float]]:
-        """The next point to evaluate (a slot of the current generation) and its values."""
-        if not self.state["solutions"] or len(self.state["values"]) == len(self.state["solutions"]):
-            self._ask_generation()
-        for i, x in enumerate(self.state["solutions"]):
-            if i not in self.state["values"]:
-                return i, self.space.from_unit(x)
-        raise AssertionError("no open slot")  # unreachable: a fresh generation has open slots
-
-    def started(self, slot: int, number: int) -> None:
-        self.state["trials"][slot] = number
-        self._save()
-
-    def tell(self, slot: int, score: float | None) -> None:
-        """Record a trial's combined score (higher is better; None = failed -> worst)."""
-        loss = -float(score) if score is not None and np.isfinite(score) else float("inf")
-        self.state["values"][slot] = loss
-        if len(self.state["values"]) == len(self.state["solutions"]):
-            vals = [self.state["values"][i] for i in range(len(self.state["solutions"]))]
-            finite = [v for v in vals if np.isfinite(v)]
-            worst = (max(finite) + 1.0) if finite else 1.0
-            vals = [v if np.isfinite(v) else worst for v in vals]
-            self.state["es"].tell(self.state["solutions"], vals)
-        self._save()
-
-    @property
-    def generation(self) -> int:
-        return self.state["generation"]

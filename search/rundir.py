@@ -11,9 +11,9 @@ Layout of ``runs/NAME/``::
                        versions of mergelab / torch / transformers / optuna / python, created time
     study.db           the Optuna study (SQLite) unless --storage named another storage; the run
                        is a normal Optuna study: ``optuna-dashboard sqlite:///runs/NAME/study.db``
-    pycma.pkl          pycma optimizer only: the pickled cma.CMAEvolutionStrategy and the pending
-                       generation (asked solutions, values told so far), rewritten after every
-                       ask and every finished trial
+    (no pickle)        the pycma optimizer keeps no state file: each trial's user attribute
+                       pycma_slot [generation, slot] lets it replay the evolution from the study
+                       (search/pycma_sampler.py); nothing in a run directory is unpickled
     trials.jsonl       append-only, one JSON object per line, one line per finished or failed
                        trial (see TRIAL RECORD below); each line is written with one write() on
                        an O_APPEND descriptor under an flock, then fsync'ed, so a reader never
@@ -70,6 +70,7 @@ worker heartbeat is fresh: the process died without a chance to say so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -86,7 +87,6 @@ from mergelab.errors import MergelabError
 CONFIG_FILE = "config.yaml"
 RESOLVED_FILE = "resolved.json"
 STUDY_FILE = "study.db"
-PYCMA_FILE = "pycma.pkl"
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_DIR = "best"
@@ -96,6 +96,8 @@ LOG_FILE = "log.txt"
 WORKERS_DIR = "workers"
 CONTROL_FILE = "control.json"
 LOCK_FILE = ".lock"
+PROGRESS_FILE = "progress.json"
+SESSION_LOCK_FILE = ".session.lock"  # flock'ed exclusively by the one process that runs the search
 
 FUSION_RECIPE_FILE = "fusion_recipe.yaml"  # beside a hybrid's merge (best/ and exports)
 BEST_MERGE_REF = "./recipe.yaml"  # how best/fusion_recipe.yaml names the merge (beside it)
@@ -116,11 +118,42 @@ def _atomic_write(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a concurrent reader sees old or new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of a killed process with our pid (or a planted link): never followed
+    # O_EXCL | O_NOFOLLOW: the write goes into a new file inside the run, never through a link
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # rename replaces a link at `path` itself, never its target
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _overwrite_in_place(path: Path, text: str) -> bool:
+    """Rewrite an existing file within its current size (padded with spaces, which JSON allows);
+    False when the text does not fit."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        data = text.rstrip("\n").encode("utf-8")
+        if len(data) + 1 > size:
+            return False
+        os.write(fd, data + b" " * (size - len(data) - 1) + b"\n")
+        os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _json_default(o: Any) -> Any:
@@ -242,6 +275,18 @@ class TrialTail:
         return out
 
 
+class RunClaim:
+    """An exclusive flock on a run's .session.lock (RunDir.claim)."""
+
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 class RunDir:
     """One run directory. Safe to read from any process while a search writes it."""
 
@@ -249,15 +294,23 @@ class RunDir:
         self.path = Path(path)
 
     # -- creation / opening -------------------------------------------------------------
-    @classmethod
-    def create(cls, path: str | os.PathLike, config_text: str, resolved: dict) -> "RunDir":
-        """A new run directory with the frozen config, the resolved config and a summary."""
+    @staticmethod
+    def check_new(path: str | os.PathLike) -> None:
+        """Raise unless a new run can be created at path (absent, or an empty directory)."""
         p = Path(path)
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise MergelabError(f"--run {p} is a link or a file, not a directory; pick another --run name.")
         if p.exists() and any(p.iterdir()):
             raise MergelabError(
                 f"Run directory {p} already exists and is not empty. Resume it with "
                 f"`mergelab resume {p}`, pick another --run name, or delete it first."
             )
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config_text: str, resolved: dict) -> "RunDir":
+        """A new run directory with the frozen config, the resolved config and a summary."""
+        p = Path(path)
+        cls.check_new(p)
         p.mkdir(parents=True, exist_ok=True)
         (p / WORKERS_DIR).mkdir(exist_ok=True)
         (p / BEST_DIR).mkdir(exist_ok=True)
@@ -347,18 +400,34 @@ class RunDir:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialize writers across processes (summary read-modify-write, jsonl appends)."""
-        with open(self.path / LOCK_FILE, "a+") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # drops the flock
+
+    def claim(self) -> "RunClaim":
+        """The exclusive right to search this run (not as a --worker), held until release() or
+        the process ends (the kernel drops an flock with its process, so a killed search never
+        leaves the run locked). Raises MergelabError when another process holds it."""
+        fd = os.open(self.path / SESSION_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MergelabError(
+                f"Run {self.path} is being searched right now by another process (it holds "
+                f"{SESSION_LOCK_FILE}). Watch it with `mergelab show {self.path}`, stop it first, or "
+                f"join a shared-storage run as another worker with `mergelab resume {self.path} --worker`."
+            ) from None
+        return RunClaim(fd)
 
     # -- trials.jsonl -----------------------------------------------------------------------
     def append_trial(self, record: dict) -> None:
         line = (dumps(record) + "\n").encode("utf-8")
         with self.locked():
-            fd = os.open(self.path / TRIALS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path / TRIALS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 os.write(fd, line)
                 os.fsync(fd)
@@ -382,7 +451,14 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         summary["updated"] = time.time()
-        _atomic_write(self.path / SUMMARY_FILE, dumps(summary, indent=2) + "\n")
+        text = dumps(summary, indent=2) + "\n"
+        try:
+            _atomic_write(self.path / SUMMARY_FILE, text)
+        except OSError as e:
+            # a full disk has no room for the new file of an atomic write; the old file's blocks
+            # can still take the new state (e.g. "stopped" after a disk-full crash) when it fits
+            if e.errno != errno.ENOSPC or not _overwrite_in_place(self.path / SUMMARY_FILE, dumps(summary)):
+                raise
 
     def update_summary(self, fn: Callable[[dict], None]) -> dict:
         """Read-modify-write of summary.json under the lock (several workers may share it)."""
@@ -392,8 +468,35 @@ class RunDir:
             self.write_summary(s)
             return s
 
+    def inside(self, *parts: str) -> Path:
+        """self.path / parts, refused when any step below the run directory is a link: what
+        mergelab writes into a run stays in it (a planted `best -> /elsewhere` is not followed)."""
+        p = self.path
+        for part in parts:
+            p = p / part
+            if p.is_symlink():
+                raise MergelabError(
+                    f"Run {self.path}: {p} is a link (to {os.readlink(p)}). mergelab writes into a run "
+                    f"directory only, never through a link out of it; remove the link (`rm {p}`) and "
+                    "run the command again."
+                )
+        return p
+
+    def write_progress(self, progress: dict) -> None:
+        """progress.json: the running trial's stage, for viewers in other processes (best effort)."""
+        try:
+            _atomic_write(self.inside(PROGRESS_FILE), dumps({**progress, "time": time.time()}) + "\n")
+        except (OSError, MergelabError):
+            pass  # a viewer's convenience; the search goes on without it
+
+    def progress(self) -> dict | None:
+        try:
+            return json.loads((self.path / PROGRESS_FILE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def write_best(self, recipe_yaml: str, record: dict, fusion_yaml: str | None = None) -> None:
-        (self.path / BEST_DIR).mkdir(exist_ok=True)
+        self.inside(BEST_DIR).mkdir(exist_ok=True)
         _atomic_write(self.path / BEST_DIR / "recipe.yaml", recipe_yaml)
         _atomic_write(self.path / BEST_DIR / "trial.json", dumps(record, indent=2) + "\n")
         fusion_path = self.path / BEST_DIR / FUSION_RECIPE_FILE
@@ -409,8 +512,14 @@ class RunDir:
     # -- log ---------------------------------------------------------------------------------
     def log(self, message: str, level: str = "INFO") -> str:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {message}"
-        with open(self.path / LOG_FILE, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        try:
+            fd = os.open(self.path / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the log is a convenience: a full disk must not hide the error being logged
         return line
 
     def log_lines(self, last: int | None = None) -> list[str]:
@@ -422,7 +531,7 @@ class RunDir:
 
     # -- workers / heartbeat -------------------------------------------------------------
     def heartbeat(self, worker: str, info: dict) -> None:
-        (self.path / WORKERS_DIR).mkdir(exist_ok=True)
+        self.inside(WORKERS_DIR).mkdir(exist_ok=True)
         data = {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(), **info,
                 "heartbeat": time.time()}
         _atomic_write(self.path / WORKERS_DIR / f"{worker}.json", dumps(data) + "\n")
@@ -537,13 +646,18 @@ class RunDir:
         if not best:
             raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
         def spec_doc(ref):
-            """An eval spec as the card shows it: the mapping, read from its file if need be."""
+            """An eval spec as the card shows it: the mapping, read from its file if need be.
+            Only a file that is an eval spec is copied into the card: resolved.json may name any
+            file (e.g. /etc/passwd), and the card is published."""
+            from mergelab.eval.spec import EvalSpec
+
             if not isinstance(ref, str):
                 return ref
             try:
+                EvalSpec.load(ref)
                 return yaml.safe_load(Path(ref).read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError):
-                return {"path": ref}  # moved since: keep at least where it was
+            except (OSError, yaml.YAMLError, MergelabError):
+                return {"path": ref}  # moved since, or not a spec: where it was, nothing of it
 
         metrics = dict(best.get("metrics") or {})
         metrics["combined"] = best.get("value")
@@ -585,7 +699,7 @@ class RunDir:
         dev = device if device != "auto" else (self.resolved().get("device") or "auto")
         held_out(self, best["number"], device=dev)  # before anything is written; cached
         meta = self.search_metadata()
-        target = Path(out_dir) if out_dir is not None else self.path / BEST_DIR / BEST_MODEL_DIR
+        target = Path(out_dir) if out_dir is not None else self.inside(BEST_DIR, BEST_MODEL_DIR)
         old = target / SEARCH_META_FILE
         if old.is_file() and any(target.glob("*.safetensors")):
             try:

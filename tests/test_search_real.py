@@ -170,7 +170,7 @@ def test_pruner_stops_a_hopeless_trial(world, tmp_path):
     # score (perplexity first here: a continuous value) with the finished trials' at that step.
     import optuna
 
-    from search.loop import STUDY_NAME, _open_storage
+    from search.loop import _open_storage
 
     spec = tmp_path / "eval.yaml"
     spec.write_text(yaml.safe_dump({"batch_size": 2, "scorers": [
@@ -180,7 +180,7 @@ def test_pruner_stops_a_hopeless_trial(world, tmp_path):
                   method="task_arithmetic", space={"weight": [0, 12.0]},
                   pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0})
     rd = prepare_run(cfg, tmp_path / "run")
-    study = optuna.load_study(study_name=STUDY_NAME, storage=_open_storage(rd.storage_url(), False))
+    study = optuna.load_study(study_name=rd.study_name(), storage=_open_storage(rd.storage_url(), False))
     sane = {"m0.weight.g0": 0.5, "m0.weight.g1": 0.5, "m1.weight.g0": 0.5, "m1.weight.g1": 0.5}
     wild = {k: 12.0 for k in sane}  # task vectors x 12 each: noise that swamps the base
     for p in (sane, sane, wild):
@@ -191,7 +191,7 @@ def test_pruner_stops_a_hopeless_trial(world, tmp_path):
     assert recs[2]["value"] is None and "pruned at step 0" in recs[2]["error"]
     s = rd.summary()
     assert s["trials_pruned"] == 1 and s["trials_done"] == 3 and s["status"] == "finished"
-    st = optuna.load_study(study_name=STUDY_NAME, storage=_open_storage(rd.storage_url(), False))
+    st = optuna.load_study(study_name=rd.study_name(), storage=_open_storage(rd.storage_url(), False))
     t2 = st.trials[2]
     assert t2.state == optuna.trial.TrialState.PRUNED
     # the intermediate values are running combined scores: step 0 = the first perplexity batch

@@ -4,6 +4,7 @@ The search itself lives in search.loop; these commands parse options and print p
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 import click
 
 from ..errors import MergelabError
+
+STORAGE_ENV = "MERGELAB_STORAGE"  # = search.loop.STORAGE_ENV (not imported: the CLI loads search lazily)
 
 
 @click.command()
@@ -23,10 +26,14 @@ from ..errors import MergelabError
 @click.option("--no-tui", is_flag=True, help="Plain log lines instead of the dashboard.")
 @click.option("--dry-run", is_flag=True, help="Validate the config and print the search space; run nothing.")
 @click.option("--device", default=None, help="Override the config's device (cpu, cuda, cuda:1, auto).")
-def search(config, run, storage, workers, worker, no_tui, dry_run, device):
+@click.option("--share-gpus", is_flag=True, help="With --workers N and a CUDA device: more workers than GPUs, round-robin.")
+def search(config, run, storage, workers, worker, no_tui, dry_run, device, share_gpus):
     """Search merge recipes for CONFIG (a search YAML); results go to a run directory."""
     from search.config import load_search_config
-    from search.loop import prepare_run, validate_config
+    from search.loop import prepare_run, validate_config, worker_devices
+
+    if worker and storage is None:
+        storage = os.environ.get(STORAGE_ENV)  # how `--workers N` hands its workers the URL
 
     if dry_run:
         cfg, _ = load_search_config(config)
@@ -45,23 +52,34 @@ def search(config, run, storage, workers, worker, no_tui, dry_run, device):
                 "--workers N needs a storage several processes can share: add --storage "
                 "journal:runs/NAME.journal (one machine) or a PostgreSQL/MySQL URL."
             )
+    if workers > 1:
+        import torch
+
+        cfg_device = device or load_search_config(config)[0].device
+        devices = worker_devices(cfg_device, workers, torch.cuda.device_count(), share_gpus)
     rd = prepare_run(config, run, storage=storage, device=device)
     click.echo(f"run directory: {rd.path}")
     if workers > 1:
-        cmd = [sys.executable, "-c", "from mergelab.cli import run; run()", "search", config, "--run", str(rd.path), "--storage", storage,
-               "--worker", "--no-tui"] + (["--device", device] if device else [])
-        procs = [subprocess.Popen(cmd) for _ in range(workers)]
+        # the URL (and its password) goes to the workers in their environment, not their
+        # command lines, which any user of the machine can list
+        cmd = [sys.executable, "-c", "from mergelab.cli import run; run()", "search", config, "--run", str(rd.path),
+               "--worker", "--no-tui"]
+        env = {**os.environ, STORAGE_ENV: storage}
+        procs = []
+        for dev in devices:  # each worker its own GPU (or the config's device when not CUDA)
+            click.echo(f"worker {len(procs)}: device {dev}")
+            procs.append(subprocess.Popen(cmd + ["--device", dev], env=env))
         codes = [p.wait() for p in procs]
         if any(codes):
             raise MergelabError(f"{sum(1 for c in codes if c)} of {workers} workers failed; see {rd.path / 'log.txt'}.")
         _print_result(rd)
         return
-    res = _run(rd, worker, no_tui)
+    res = _run(rd, worker, no_tui, storage, device)
     click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
     _print_result(rd, worker)
 
 
-def _run(rd, worker: bool, no_tui: bool):
+def _run(rd, worker: bool, no_tui: bool, storage: str | None = None, device: str | None = None):
     """The search in this process: under the live dashboard on a terminal, else log lines."""
     from search.loop import run_search
 
@@ -69,7 +87,7 @@ def _run(rd, worker: bool, no_tui: bool):
         from mergelab.tui import search_with_dashboard
 
         return search_with_dashboard(rd, worker=worker)
-    return run_search(rd, worker=worker, log=click.echo)
+    return run_search(rd, worker=worker, log=click.echo, storage=storage, device=device)
 
 
 def _print_result(rd, worker: bool = False) -> None:
@@ -89,12 +107,20 @@ def _print_result(rd, worker: bool = False) -> None:
 @click.argument("run", type=click.Path())
 @click.option("--worker", is_flag=True, help="Join as one more worker instead of taking the run over.")
 @click.option("--no-tui", is_flag=True, help="Plain log lines instead of the dashboard.")
-def resume(run, worker, no_tui):
+@click.option("--storage", default=None,
+              help="The run's storage URL with its password (the run keeps it without); or set MERGELAB_STORAGE.")
+@click.option("--trials", "trials", type=click.IntRange(min=1), default=None,
+              help="Give the run this trial budget (more than it has done), e.g. to continue a finished run.")
+def resume(run, worker, no_tui, storage, trials):
     """Continue the search of run directory RUN until its budget is met."""
+    from search.recovery import set_budget_trials
     from search.rundir import RunDir
 
     rd = RunDir.open(run)
-    res = _run(rd, worker, no_tui)
+    if trials is not None:
+        set_budget_trials(rd, trials)
+        click.echo(f"budget: {trials} trials")
+    res = _run(rd, worker, no_tui, storage)
     click.echo(f"{res.status}: {res.detail}; {res.trials_done} trials")
     _print_result(rd, worker)
 
