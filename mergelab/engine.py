@@ -317,7 +317,8 @@ def _json(d: dict) -> str:
     return json.dumps(d, indent=2) + "\n"
 
 
-        files.update(_card(plan, extra_files, Path(out_dir), compute_dtype))  # README.md and its pictures
+def _card(plan: MergePlan, extra_files, out_dir: Path, compute_dtype: torch.dtype = torch.float32) -> dict[str, str | bytes]:
+    """The model card (it records provenance) and the pictures it shows, by file name."""
     import json
 
     from .card import model_card_files, sources_info_from_local
