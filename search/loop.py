@@ -339,7 +339,8 @@ def describe_study(study: optuna.Study, rd: RunDir, space: Space) -> None:
     study.set_user_attr("mergelab_models", list(res["models"]))
     study.set_user_attr("mergelab_params", {
         p.name: {"label": labels.get(p.name, p.name), "kind": p.kind, "parameter": p.param,
-                 "model": (space.models[p.model] if p.model is not None else None),
+                 "model": (space.models[p.model] if p.model is not None and 0 <= p.model < len(space.models)
+                           else p.model),  # a data-flow slot may index the PS model, past the sources
                  "layers": (list(layer_span(p.group, space.num_layers, space.layer_groups) or []) or None
                             if p.group is not None else None),
                  "filter": p.filter, "low": p.low, "high": p.high}
