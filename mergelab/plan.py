@@ -96,14 +96,15 @@ class MergePlan:
         return raw + work + self.largest_bytes
 
 
+def config_mismatches(ref_src: ModelSource, sources: dict[str, ModelSource], keys: tuple[str, ...]) -> list[str]:
+    """One line per config key in which a source differs from the reference."""
+    return [f"{ref}: {k}={s.config.get(k)!r} but {ref_src.ref} has {ref_src.config.get(k)!r}"
+            for ref, s in sources.items() for k in keys if ref_src.config.get(k) != s.config.get(k)]
+
+
 def _check_architecture(ref_src: ModelSource, sources: dict[str, ModelSource]) -> None:
     keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
-    problems = []
-    for ref, s in sources.items():
-        for k in keys:
-            a, b = ref_src.config.get(k), s.config.get(k)
-            if a != b:
-                problems.append(f"{ref}: {k}={b!r} but {ref_src.ref} has {a!r}")
+    problems = config_mismatches(ref_src, sources, keys)
     if problems:
         raise MergelabError(
             "The models do not share one architecture, so their weights cannot be merged tensor by "

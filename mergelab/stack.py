@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .errors import MergelabError, name_list
 from .plan import (
     DTYPES,
+    config_mismatches,
     EMBED_NAMES,
     LAYER_RE,
     MergePlan,
@@ -70,12 +71,7 @@ def single_slice_as_stack(recipe: Recipe) -> Recipe:
 def _check_stackable(reference: ModelSource, sources: dict[str, ModelSource]) -> None:
     """Layers of different models can follow each other when their widths agree; the depth may differ."""
     keys = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-    problems = []
-    for ref, s in sources.items():
-        for k in keys:
-            a, b = reference.config.get(k), s.config.get(k)
-            if a != b:
-                problems.append(f"{ref}: {k}={b!r} but {reference.ref} has {a!r}")
+    problems = config_mismatches(reference, sources, keys)
     if problems:
         raise MergelabError(
             "The models' layers cannot be stacked: their shapes differ "
