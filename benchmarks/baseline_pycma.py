@@ -113,7 +113,7 @@ def run(args, seed: int, ta: TaskArithmetic, val, test) -> BaselineResult:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--models", nargs="+", default=["mul", "rev", "time"],
+    ap.add_argument("--models", nargs="+", default=["date", "rev", "time"],
                     help="the fine-tunes merged; fitness and test score their skills only")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--trials", type=int, default=32)

@@ -6,7 +6,7 @@ permutation and reads the tokenizer from the same file) and it is written as a H
 directory. Each skill's fine-tune trains every weight of the base on that skill alone, loss on the
 answer tokens only. The skills are plain prompts, no chat template, answers ended by a newline:
 
-    mul      "mul 47*6=" -> "282"                    two-digit times one-digit multiplication
+    date     "date 2024-03-07 =" -> "7 March 2024"   an ISO date written out
     rev      "rev: lamp river gold =" -> "gold river lamp"   reverse a list of 3-5 words
     time     "time 14:05 =" -> "2:05 pm"             24-hour clock to 12-hour clock
 
@@ -38,10 +38,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path.home() / ".cache" / "mergelab" / "real_family"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SKILLS = ("mul", "rev", "time")
+SKILLS = ("date", "rev", "time")
 # Generation budget per item, the closing newline included (a longer answer is wrong anyway); kept
 # tight because generation is most of a trial's cost.
-MAX_NEW_TOKENS = {"mul": 5, "rev": 6, "time": 8}
+MAX_NEW_TOKENS = {"date": 10, "rev": 6, "time": 8}
 # Common English words that are one token each after a space in SmolLM2's tokenizer (checked at
 # build time: a word that is not is dropped, so the split files never depend on that check silently).
 _WORDS = (
@@ -78,9 +78,15 @@ class RealFamilyConfig:
 # ---------------------------------------------------------------- skills
 
 
-def _mul(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 99), rng.randint(2, 9)
-    return f"mul {a}*{b}=", str(a * b)
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+          "October", "November", "December")
+
+
+def _date(rng: random.Random) -> tuple[str, str]:
+    # (An earlier third skill, two-digit times one-digit multiplication, reached only 0.30 / 0.41
+    # test accuracy after 50 / 160 steps: not the near-perfect specialist a merge benchmark needs.)
+    y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    return f"date {y}-{m:02d}-{d:02d} =", f"{d} {MONTHS[m - 1]} {y}"
 
 
 def _rev(rng: random.Random, cfg: RealFamilyConfig, words: list[str]) -> tuple[str, str]:
@@ -94,7 +100,7 @@ def _time(rng: random.Random) -> tuple[str, str]:
 
 
 def make_generators(cfg: RealFamilyConfig, words: list[str]):
-    return {"mul": _mul, "rev": lambda rng: _rev(rng, cfg, words), "time": _time}
+    return {"date": _date, "rev": lambda rng: _rev(rng, cfg, words), "time": _time}
 
 
 def make_splits(cfg: RealFamilyConfig, gens) -> dict[str, dict]:

@@ -72,7 +72,7 @@ def _fingerprint(fam: Path) -> dict:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(fam.glob("*/*.safetensors"))}
 
 
-REAL_SKILLS = ("mul", "rev", "time")
+REAL_SKILLS = ("date", "rev", "time")
 
 
 def real_config(fam: Path, seed: int, trials: int, extra: dict, models, val_spec: Path) -> dict:

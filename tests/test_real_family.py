@@ -28,13 +28,15 @@ def test_time_skill_converts_24_to_12_hour_clock():
     assert seen["time 09:07 ="] == "9:07 am"
 
 
-def test_mul_and_rev_answers():
+def test_date_and_rev_answers():
     gens = make_generators(RealFamilyConfig(), WORDS)
     rng = random.Random(1)
+    months = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+              "October", "November", "December"]
     for _ in range(200):
-        p, a = gens["mul"](rng)
-        x, y = p.removeprefix("mul ").removesuffix("=").split("*")
-        assert 10 <= int(x) <= 99 and 2 <= int(y) <= 9 and int(a) == int(x) * int(y)
+        p, a = gens["date"](rng)
+        y, m, d = p.removeprefix("date ").removesuffix(" =").split("-")
+        assert a == f"{int(d)} {months[int(m) - 1]} {y}" and 1950 <= int(y) <= 2049 and 1 <= int(d) <= 28
         p, a = gens["rev"](rng)
         words = p.removeprefix("rev: ").removesuffix(" =").split()
         assert 3 <= len(words) <= 5 and a.split() == words[::-1]
@@ -51,7 +53,7 @@ def test_splits_disjoint_distinct_and_seeded():
         assert not set(val) & set(test)
         assert set(val) | set(test) <= a[s]["held_out"] and len(a[s]["held_out"]) == 140
     other = RealFamilyConfig(val_size=30, test_size=50, seed=1)
-    assert make_splits(other, make_generators(other, WORDS))["mul"] != a["mul"]
+    assert make_splits(other, make_generators(other, WORDS))["date"] != a["date"]
 
 
 def test_baseline_groups_and_in_place_task_arithmetic(tmp_path):
