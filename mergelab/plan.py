@@ -208,16 +208,9 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], *, seed: int | N
         extra = [n for n in s.tensors if n not in ref_src.tensors and not ("lm_head" in n and ref_src.tie_word_embeddings)]
         if extra:
             missing.extend(f"{n} in {reference} (present in {ref})" for n in extra)
-    if missing or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {name_list(missing)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): {name_list(mismatched)}")
-        raise MergelabError(
-            "The models' tensors do not line up: " + "; ".join(parts) + ". All models must be "
-            "fine-tunes of the same base with the same architecture; check the model paths."
-        )
+    check_lined_up(missing, mismatched, "The models' tensors do not line up",
+                   "All models must be fine-tunes of the same base with the same architecture; "
+                   "check the model paths.")
     for ref in sorted(vocab_fix):
         notes.append(
             f"{ref} has a different vocabulary size; its embedding / lm_head rows are cut or padded "
@@ -237,3 +230,15 @@ def resolve_param(spec, layers: list[dict], tensor_name: str, t: float):
                     return float(v)
                 return v
     return spec.default
+
+
+def check_lined_up(missing: list[str], mismatched: list[str], what: str, fix: str) -> None:
+    """Raise one paragraph naming the missing tensors and shape mismatches, if there are any."""
+    if not (missing or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s): {name_list(missing)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch(es): {name_list(mismatched)}")
+    raise MergelabError(f"{what}: " + "; ".join(parts) + ". " + fix)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .errors import MergelabError, name_list
 from .plan import (
+    check_lined_up,
     DTYPES,
     config_mismatches,
     EMBED_NAMES,
@@ -161,16 +162,8 @@ def build_stack_plan(recipe: Recipe, sources: dict[str, ModelSource], *, seed: i
                 [with_layer(tmpl, src_layer) for _, src_layer in ol.sources], ol.t, ol.index)
     for name in (n for n in outside if not is_pre_weight(n)):
         add(name, ref_src.tensors[name], last, [name] * len(recipe.slices[last].sources), 0.0, None)
-    if missing or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s): {name_list(missing)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es): {name_list(mismatched)}")
-        raise MergelabError(
-            "The stacked layers do not line up with their sources: " + "; ".join(parts) + ". Every "
-            "layer of a stack must have the reference model's tensors and shapes; check the models."
-        )
+    check_lined_up(missing, mismatched, "The stacked layers do not line up with their sources",
+                   "Every layer of a stack must have the reference model's tensors and shapes; check the models.")
     notes = [
         f"{ref} has a different vocabulary size; its embedding / lm_head rows are cut or padded "
         f"(with {reference}'s rows) to {reference}'s vocabulary (tokenizer_source: base)."
