@@ -55,6 +55,17 @@ def test_show_labels_a_run_without_a_params_list_from_the_compact_names(tmp_path
     assert not COMPACT.search(out), out
 
 
+def test_search_dry_run_lists_the_space_by_labels(monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).parents[1])  # the example's paths are relative to the checkout
+    assert main(["search", "examples/search_nsga2.yml", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("config OK: ties over 3 models, 12 searched numbers")
+    assert lines[1:3] == ["  addition · weight · layers 0–1   [0, 1.5]",
+                          "  addition · weight · layers 2–3   [0, 1.5]"]
+    assert lines[-1] == "  reverse · density · layers 2–3   [0.1, 1]" and len(lines) == 13
+    assert not COMPACT.search("\n".join(lines))
+
+
 # ------------------------------------------------------------------------------- export progress
 def _fixture_run(tmp_path: Path) -> Path:
     """finished-cmaes with its model paths pointing at this checkout's fixture models."""

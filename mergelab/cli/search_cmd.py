@@ -43,8 +43,12 @@ def search(config, run, storage, workers, worker, no_tui, dry_run, device, share
         click.echo(f"config OK: {', '.join(space.methods)} over {len(space.models)} models, "
                    f"{space.size_text()}, optimizer {cfg.optimizer.name}, budget "
                    f"{cfg.budget.trials or '-'} trials / {cfg.budget.timeout or '-'} s")
+        from search.labels import param_labels
+
+        labels = param_labels(space)  # as the dashboard, `show` and the card name them
+        width = max((len(labels[p.name]) for p in space.params), default=0)
         for p in space.params:
-            click.echo(f"  {p.name}: [{p.low:g}, {p.high:g}]")
+            click.echo(f"  {labels[p.name]:<{width}}  [{p.low:g}, {p.high:g}]")
         return
     if workers > 1:
         if storage is None:
