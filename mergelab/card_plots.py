@@ -82,27 +82,60 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def scores_png(history: list[float | None], scores: list[float | None] | None = None) -> bytes | None:
-    """Best score so far as a step line over trial numbers 0..n-1, each trial's own score as a
-    point when the search recorded it."""
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def trial_points(scores: list | None) -> list[tuple[int, float]]:
+    """(trial number, score) of every trial that finished with a score. `scores` is
+    mergelab_search.json's list of {number, value, state} (failed and pruned trials have no
+    point); a plain list of numbers (None for no score) is read as trials 0, 1, 2, ..."""
+    pts = []
+    for i, s in enumerate(scores or []):
+        if isinstance(s, dict):
+            n, v = s.get("number"), s.get("value")
+            if s.get("state", "COMPLETE") != "COMPLETE" or not isinstance(n, int) or isinstance(n, bool):
+                continue
+        else:
+            n, v = i, s
+        if _finite(v):
+            pts.append((n, float(v)))
+    return pts
+
+
+def scores_figure(history: list[float | None], scores: list | None = None):
+    """The score plot as a matplotlib Figure, None when no trial has a score: each trial's own
+    score as a point (`scores`, see trial_points) and the best so far as a step line. history[i]
+    is the best after the i-th counted trial; with a `scores` list of the same trials, the line
+    is drawn at their trial numbers, else at 0..n-1."""
     from matplotlib.figure import Figure
 
-    xs = [i for i, v in enumerate(history) if v is not None and math.isfinite(v)]
-    if not xs:
+    numbers = list(range(len(history)))
+    if scores and len(scores) == len(history) and all(isinstance(s, dict) for s in scores):
+        numbers = [s.get("number") if isinstance(s.get("number"), int) else i for i, s in enumerate(scores)]
+    line = [(numbers[i], float(v)) for i, v in enumerate(history) if _finite(v)]
+    pts = trial_points(scores)
+    if not line and not pts:
         return None
     fig = Figure(figsize=(6.4, 3.2))
     ax = fig.add_subplot()
-    if scores:
-        pts = [(i, v) for i, v in enumerate(scores) if v is not None and math.isfinite(v)]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color="#8aa4c8", label="trial score", zorder=2)
-    ax.step(xs, [history[i] for i in xs], where="post", color="#1f4e8c", linewidth=2, label="best so far", zorder=3)
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color="#8aa4c8", label="trial score", zorder=2)
+    if line:
+        ax.step([p[0] for p in line], [p[1] for p in line], where="post", color="#1f4e8c", linewidth=2,
+                label="best so far", zorder=3)
     ax.set_xlabel("trial")
     ax.set_ylabel("combined score")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return fig
+
+
+def scores_png(history: list[float | None], scores: list | None = None) -> bytes | None:
+    """scores_figure as PNG bytes (None when there is nothing to plot)."""
+    fig = scores_figure(history, scores)
+    return None if fig is None else _png(fig)
 
 
 def recipe_png(rows: list[HeatRow]) -> bytes | None:

@@ -28,7 +28,8 @@ Layout of ``runs/NAME/``::
                        ./recipe.yaml; `mergelab eval runs/NAME/best/fusion_recipe.yaml` scores it
     best/model/        written on demand by RunDir.export_best() (`mergelab push runs/NAME`): the
                        best trial's merged model, its card and mergelab_search.json (optimizer,
-                       n_trials, eval_spec, best_trial, best_metrics, history, run_name, and
+                       n_trials, eval_spec, best_trial, best_metrics, history, scores (each
+                       trial's {number, value, state}), run_name, and
                        with `test_eval`: test_eval_spec, test_metrics, source_metrics); reused
                        while the best trial and its held-out scores are the same
     heldout.json       only with `test_eval` in the config (search/heldout.py): the held-out
@@ -43,6 +44,8 @@ Layout of ``runs/NAME/``::
                        "at": epoch}; the loop reads it between trials (and "stop" also while
                        paused), acts, and on stop/finish removes it
     .lock              flock target serializing writers of summary.json and trials.jsonl
+    warm_start.yml     optional: a warm-start recipe placed in the run before it was created
+                       (`mergelab demo` writes its equal-weight recipe here; config `warm_start`)
 
 TRIAL RECORD (trials.jsonl): number (Optuna trial number), state ("COMPLETE", "PRUNED" or
 "FAIL"), params (the optimizer's values by parameter name), recipe (the candidate recipe dict,
@@ -98,6 +101,7 @@ CONTROL_FILE = "control.json"
 LOCK_FILE = ".lock"
 PROGRESS_FILE = "progress.json"
 SESSION_LOCK_FILE = ".session.lock"  # flock'ed exclusively by the one process that runs the search
+WARM_START_FILE = "warm_start.yml"  # a warm-start recipe kept in its run (written before the run is created)
 
 FUSION_RECIPE_FILE = "fusion_recipe.yaml"  # beside a hybrid's merge (best/ and exports)
 BEST_MERGE_REF = "./recipe.yaml"  # how best/fusion_recipe.yaml names the merge (beside it)
@@ -296,11 +300,12 @@ class RunDir:
     # -- creation / opening -------------------------------------------------------------
     @staticmethod
     def check_new(path: str | os.PathLike) -> None:
-        """Raise unless a new run can be created at path (absent, or an empty directory)."""
+        """Raise unless a new run can be created at path (absent, an empty directory, or one that
+        holds only warm_start.yml: the recipe its config's `warm_start` names, kept in the run)."""
         p = Path(path)
         if p.is_symlink() or (p.exists() and not p.is_dir()):
             raise MergelabError(f"--run {p} is a link or a file, not a directory; pick another --run name.")
-        if p.exists() and any(p.iterdir()):
+        if p.exists() and any(c.name != WARM_START_FILE for c in p.iterdir()):
             raise MergelabError(
                 f"Run directory {p} already exists and is not empty. Resume it with "
                 f"`mergelab resume {p}`, pick another --run name, or delete it first."
@@ -669,6 +674,10 @@ class RunDir:
             "best_metrics": metrics,
             "source_metrics": {},  # filled from the held-out scores below, when there are any
             "history": self.history(),
+            # each counted trial's own score (the points of the card's plot), in history's order
+            "scores": [{"number": r["number"], "value": r.get("value"), "state": r.get("state")}
+                       for r in sorted((r for r in self.trials() if not r.get("interrupted")),
+                                       key=lambda r: r["number"])],
             "run_name": self.name,
         }
         if best.get("fusion"):

@@ -311,3 +311,73 @@ def test_with_matplotlib_the_card_shows_two_pictures(tmp_path):
     # a merge writes them beside the weights, and push uploads them with the card
     write_model_card(tmp_path, RECIPE, SEARCHED, MIT_ALL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "mergelab_recipe.png", "mergelab_scores.png"]
+
+
+# ---------------------------------------------------------------------------- the score plot's points
+SCORED = [  # counted trials as search_metadata lists them: 3 was interrupted (not counted), 2 failed, 5 pruned
+    {"number": 0, "value": 0.2, "state": "COMPLETE"},
+    {"number": 1, "value": 0.1, "state": "COMPLETE"},
+    {"number": 2, "value": None, "state": "FAIL"},
+    {"number": 4, "value": 0.6, "state": "COMPLETE"},
+    {"number": 5, "value": 0.05, "state": "PRUNED"},
+    {"number": 6, "value": 0.4, "state": "COMPLETE"},
+]
+
+
+def test_score_plot_has_a_point_per_scored_trial_and_the_best_line_at_trial_numbers():
+    pytest.importorskip("matplotlib", reason="the optional `plots` extra (pip install mergelab[plots])")
+    from mergelab.card_plots import scores_figure
+
+    fig = scores_figure([0.2, 0.2, 0.2, 0.6, 0.6, 0.6], SCORED)
+    (ax,) = fig.axes
+    (points,) = ax.collections
+    assert points.get_offsets().tolist() == [[0, 0.2], [1, 0.1], [4, 0.6], [6, 0.4]]  # completed trials only
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [0, 1, 2, 4, 5, 6] and list(line.get_ydata()) == [0.2, 0.2, 0.2, 0.6, 0.6, 0.6]
+    # a plain list of numbers (None: no score) is read as trials 0, 1, 2, ...
+    (points,) = scores_figure([None, 0.5, 0.7], [None, 0.5, 0.7]).axes[0].collections
+    assert points.get_offsets().tolist() == [[1, 0.5], [2, 0.7]]
+    # no score at all: no picture
+    assert scores_figure([None, None], [{"number": 0, "value": None, "state": "FAIL"}] * 2) is None
+
+
+def test_card_images_plot_the_scores_search_metadata_reads_from_trials_jsonl(tmp_path, monkeypatch):
+    """search_metadata lists every counted trial's score from trials.jsonl; the card's plot gets
+    them (one point per completed trial), and mergelab_search.json keeps them."""
+    import shutil
+
+    import mergelab.card_plots as plots
+    from search.rundir import RunDir
+
+    run = tmp_path / "ties-search"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "tui" / "ties-search", run)
+    with (run / "trials.jsonl").open("a") as f:  # a trial whose process died is no point and no step
+        f.write(json.dumps({"number": 30, "state": "FAIL", "value": None, "interrupted": True}) + "\n")
+    meta = RunDir(run).search_metadata()
+    records = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+    counted = [r for r in records if not r.get("interrupted")]
+    assert meta["scores"] == [{"number": r["number"], "value": r["value"], "state": r["state"]}
+                              for r in sorted(counted, key=lambda r: r["number"])]
+    assert len(meta["scores"]) == len(meta["history"]) == 30
+    complete = [r for r in counted if r["state"] == "COMPLETE"]
+    assert 0 < len(complete) < 30  # the fixture has a failed trial: it gets no point
+    pytest.importorskip("matplotlib", reason="the optional `plots` extra (pip install mergelab[plots])")
+    drawn = []
+    real = plots.scores_figure
+    monkeypatch.setattr(plots, "scores_figure", lambda h, s=None: drawn.append(real(h, s)) or drawn[-1])
+    images = plots.card_images({"merge_method": "ties", "models": []}, meta)
+    assert plots.IMAGE_FILES["scores"] in images
+    (fig,) = drawn
+    assert len(fig.axes[0].collections[0].get_offsets()) == len(complete)
+
+
+def test_without_matplotlib_a_card_with_trial_scores_is_text_only(tmp_path, monkeypatch):
+    from mergelab.card import model_card_files
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    search = {**SEARCHED, "history": [0.2, 0.2, 0.2, 0.6, 0.6, 0.6], "scores": SCORED}
+    files = model_card_files(tmp_path, RECIPE, search, MIT_ALL)
+    assert list(files) == ["README.md"]
+    card = files["README.md"]
+    assert "![" not in card and "### Best score over trials" in card
+    assert "```text\n" + score_chart(search["history"]) + "\n```" in card

@@ -2,6 +2,7 @@
 with per-layer groups, the best merge exported, and a table of every model on every skill."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -91,6 +92,22 @@ def evaluate_all(best_dir: Path, device: str, limit: int | None = None) -> tuple
     return rows, metrics
 
 
+def write_warm_start(run_path: Path, recipe: dict) -> Path:
+    """The warm-start recipe, written inside the run directory (runs/NAME/warm_start.yml) before
+    the run is created there, so deleting the run leaves nothing of it behind. Refused like the
+    run itself when RUN is a link, a file or a directory of another run; a planted link at the
+    file's name is replaced, never followed."""
+    import yaml
+
+    from search.rundir import WARM_START_FILE, RunDir, atomic_write_bytes
+
+    RunDir.check_new(run_path)
+    run_path.mkdir(parents=True, exist_ok=True)
+    warm = run_path / WARM_START_FILE
+    atomic_write_bytes(warm, yaml.safe_dump(recipe, sort_keys=False).encode("utf-8"))
+    return warm
+
+
 @click.command()
 @click.option("--headless", is_flag=True, help="No dashboard: plain log lines (CI, scripts).")
 @click.option("--trials", type=click.IntRange(min=1), default=100, show_default=True, help="Search budget in trials.")
@@ -119,15 +136,15 @@ def demo(headless, trials, layer_groups, seed, device, run_path, val_limit, limi
     torch.set_num_threads(1)
     cfg = demo_config(trials, layer_groups, seed, device, val_limit)
     run_path = run_path or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_path.parent.mkdir(parents=True, exist_ok=True)
     # trial 0 is the equal-weight merge, so the search starts from the hand recipe it must beat
-    warm = run_path.parent / f".{run_path.name}.warm_start.yml"
-    warm.write_text(yaml.safe_dump(equal_weight_recipe(), sort_keys=False))
+    warm = write_warm_start(run_path, equal_weight_recipe())
     cfg["warm_start"] = str(warm.resolve())
     try:
         rd = create_run(yaml.safe_dump(cfg, sort_keys=False), run_path)
     except BaseException:
         warm.unlink(missing_ok=True)  # no run refers to it
+        with contextlib.suppress(OSError):
+            run_path.rmdir()  # only when empty: the directory the demo made for it
         raise
     click.echo(f"run directory: {rd.path}")
     t0 = time.perf_counter()
@@ -143,7 +160,10 @@ def demo(headless, trials, layer_groups, seed, device, run_path, val_limit, limi
     best_dir = rd.path / "best" / "model"
     # the demo owns runs/NAME/best/model: an export left there by a push from the dashboard
     # (`u`, failed or not) is replaced, never a reason to stop before the table
-    export_trial(rd, best_dir, device=device, overwrite=True)
+    from .progress import count_bar
+
+    with count_bar("export") as on_tensor:
+        export_trial(rd, best_dir, device=device, overwrite=True, on_tensor=on_tensor)
     click.echo(f"best merge (trial {result.best['number']}) exported to {best_dir}")
     rows, metrics = evaluate_all(best_dir, device, limit)
     click.echo("\nTest split (held out: the search scored the validation split only):\n")

@@ -34,7 +34,9 @@ def progress_bar(description: str, total: float, *, unit: str = "bytes", quiet: 
 def count_bar(description: str, unit: str = "tensors", *, quiet: bool = False
               ) -> Iterator[Callable[[int, int], None]]:
     """Yield `update(done, total)` for work whose total is known only once it starts (an export
-    reports (tensor i, of n)); the bar appears at the first update."""
+    reports (tensor i, of n): pass it as the engine's `on_tensor`); the bar appears at the first
+    update. On a terminal it redraws with the count and ETA; elsewhere (a pipe, a log, a test's
+    capture) rich writes only its last state, one line on stderr without control codes."""
     if quiet:
         yield lambda done, total: None
         return
@@ -54,6 +56,10 @@ def count_bar(description: str, unit: str = "tensors", *, quiet: bool = False
 
     try:
         yield update
+    except BaseException:
+        if "bar" in state:
+            state["bar"].live.transient = True  # an error's paragraph stands alone, as in progress_bar
+        raise
     finally:
         if "bar" in state:
             state["bar"].stop()

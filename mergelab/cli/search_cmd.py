@@ -43,8 +43,12 @@ def search(config, run, storage, workers, worker, no_tui, dry_run, device, share
         click.echo(f"config OK: {', '.join(space.methods)} over {len(space.models)} models, "
                    f"{space.size_text()}, optimizer {cfg.optimizer.name}, budget "
                    f"{cfg.budget.trials or '-'} trials / {cfg.budget.timeout or '-'} s")
+        from search.labels import param_labels
+
+        labels = param_labels(space)  # as the dashboard, `show` and the card name them
+        width = max((len(labels[p.name]) for p in space.params), default=0)
         for p in space.params:
-            click.echo(f"  {p.name}: [{p.low:g}, {p.high:g}]")
+            click.echo(f"  {labels[p.name]:<{width}}  [{p.low:g}, {p.high:g}]")
         return
     if workers > 1:
         if storage is None:
@@ -166,10 +170,32 @@ def show(run, top):
     if h is not None:
         click.echo("held-out (test_eval, never scored by the search):")
         click.echo(held_out_table(h))
+    best = rd.summary().get("best") or {}
+    if best.get("params"):
+        click.echo(f"best trial {best.get('number')}, searched values:")
+        click.echo(searched_values_text(best["params"], rd.resolved()))
     text = rd.best_recipe_text()
     if text:
         click.echo("best recipe:")
         click.echo(text.rstrip())
+
+
+def searched_values_text(params: dict, resolved: dict) -> str:
+    """A trial's searched values under the labels the dashboard, compare and the card use
+    (`addition · weight · layers 0–1`), not the search space's compact names (`m0.weight.g0`):
+    one indented line each, the values in a column."""
+    from search.labels import label_of, param_labels
+
+    labels = param_labels(resolved)
+    rows = [(label_of(name, labels, resolved), value) for name, value in params.items()]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label:<{width}}  {_fmt_value(value)}" for label, value in rows)
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 @click.command()
@@ -177,11 +203,15 @@ def show(run, top):
 @click.argument("out_dir", type=click.Path())
 @click.option("--trial", "trial", type=int, default=None, help="Trial number (default: the best).")
 @click.option("--device", default=None, help="Device for the merge (default: the run's).")
-def export(run, out_dir, trial, device):
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(run, out_dir, trial, device, quiet):
     """Write the merged model of the best (or --trial N) trial of RUN to OUT_DIR."""
     from search.loop import export_trial
 
-    path, rec = export_trial(run, out_dir, trial=trial, device=device)
+    from .progress import count_bar
+
+    with count_bar("export", quiet=quiet) as on_tensor:
+        path, rec = export_trial(run, out_dir, trial=trial, device=device, on_tensor=on_tensor)
     click.echo(f"trial {rec['number']} (score {rec['value']:.6g}) written to {path}")
     if rec.get("fusion"):
         click.echo(f"that score is of a logit-fusion hybrid over this merge: `mergelab eval "

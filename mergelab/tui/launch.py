@@ -19,6 +19,7 @@ from ..errors import MergelabError
 # stdout/stderr of a search process started from the UI. Not log.txt: the command echoes every
 # line it logs, so sending its output there would write each line twice.
 PROCESS_LOG = "process.log"
+STAGING_SUFFIX = ".search.yml"  # create_run's config, beside the run for the moment prepare_run reads it
 
 
 def resume_command(run_path: str | Path, more_trials: int | None = None) -> list[str]:
@@ -70,11 +71,13 @@ def more_trials_in_background(rd: RunDir, n: int) -> subprocess.Popen:
 
 
 def legacy_side_files(run_path: str | Path) -> list[Path]:
-    """Files an older mergelab kept beside a run directory instead of inside it
-    (runs/.NAME.warm_start.yml): deleting the run deletes them too."""
+    """Files named after a run beside its directory instead of inside it: the warm start an older
+    `mergelab demo` kept there (runs/.NAME.warm_start.yml) and the config create_run stages for a
+    moment (runs/.NAME.search.yml, left only by a process killed in that moment). Deleting the run
+    deletes them too; a link of that name is left alone (it is no file of the run)."""
     p = Path(run_path)
-    side = p.parent / f".{p.name}.warm_start.yml"
-    return [side] if side.is_file() and not side.is_symlink() else []
+    sides = [p.parent / f".{p.name}.warm_start.yml", p.parent / f".{p.name}{STAGING_SUFFIX}"]
+    return [s for s in sides if s.is_file() and not s.is_symlink()]
 
 
 def create_run(config_text: str, run_path: str | Path) -> RunDir:
@@ -85,7 +88,7 @@ def create_run(config_text: str, run_path: str | Path) -> RunDir:
     run_path = Path(run_path)
     run_path.parent.mkdir(parents=True, exist_ok=True)
     # prepare_run reads a file and refuses a non-empty run directory, so the text is staged beside it
-    staging = run_path.parent / f".{run_path.name}.search.yml"
+    staging = run_path.parent / f".{run_path.name}{STAGING_SUFFIX}"
     staging.write_text(config_text, encoding="utf-8")
     try:
         return prepare_run(staging, run_path)
