@@ -289,7 +289,7 @@ def validate_recipe(r: Recipe, where: str = "recipe", *, in_slice: bool = False)
         ) from None
     if not r.models:
         raise MergelabError(f"{where}: `models` is empty. List at least one model to merge.")
-    if op.name in ("linear", "karcher") and r.base_model is not None and r.base_index is None and not in_slice:
+    if op.averages_unlisted_base and r.base_model is not None and r.base_index is None and not in_slice:
         # mergekit averages an unlisted base_model in too (with the global weight)
         r = r.model_copy(update={"models": [*r.models, ModelEntry(model=r.base_model)]})
     if op.needs_base and r.base_model is None:

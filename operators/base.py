@@ -140,6 +140,15 @@ class OperatorSpec:
     uses_sorted_abs: bool = False  # benefits from precomputed magnitude order
     aliases: tuple[str, ...] = field(default_factory=tuple)
     kernels: tuple[KernelSpec, ...] = ()  # fast kernels, tried in order before the reference `fn`
+    # What the chunked and compiled kernels (mergelab.kernels) compute for this operator, read by
+    # them instead of its name: a weighted sum of the models (linear), or the task-vector method
+    # (operators.task_vectors.TaskVectorMethod: its sparsification and mix). An operator that sets
+    # neither declares no such kernel.
+    weighted_sum: bool = False
+    task_vector: Any = None
+    # mergekit adds a base_model the recipe does not list among `models` to the average (with
+    # the global weight) for this operator (linear, karcher)
+    averages_unlisted_base: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

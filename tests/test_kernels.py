@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergelab import _fast
+from mergelab.kernels import inputs as kinputs
 from mergelab.engine import JobReader, prepare, run_operator
 from mergelab.kernels.select import REFERENCE, KernelCall, Merged, _impl, applicable, run_job
 from mergelab.trial import TrialMerger
@@ -79,7 +79,7 @@ def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, 
             base = reads[(job.base.ref, job.base.tensor)] if job.base is not None else None
             want = run_operator(job, plan, base, [reads[(r.ref, r.tensor)] for r in job.models]).to(job.out_dtype)
             dest = torch.empty(job.shape, dtype=torch.float32, device=dev)
-            source = tm if tm is not None else JobReader(job, sources, _fast.Workspace())
+            source = tm if tm is not None else JobReader(job, sources, kinputs.Workspace())
             got = impl(KernelCall(plan, job, where, dev, torch.float32, source, dest))
             assert got is not None, f"{kernel} declined {job.name}"  # this family suits every kernel
             got = dest.to(job.out_dtype) if got is True else got
@@ -103,5 +103,5 @@ def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16):
     assert [k.name for k in applicable(get_operator("dare_ties"), call2)] == ["chunked"]
     # float64 compute: no declared kernel suits it, the reference runs
     call3 = KernelCall(plan2, plan2.jobs[-1], "disk", torch.device("cpu"), torch.float64,
-                       JobReader(plan2.jobs[-1], sources, _fast.Workspace()))
+                       JobReader(plan2.jobs[-1], sources, kinputs.Workspace()))
     assert applicable(get_operator("dare_ties"), call3) == [] and run_job(call3).kernel == REFERENCE
