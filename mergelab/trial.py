@@ -285,7 +285,8 @@ class TrialMerger:
             keys, l1 = [], []
             u = torch.empty(n, dtype=torch.float32)
             for r, m in zip(rows, ms):  # the rows' draws in row order, as the operator takes them
-                keys.append(jit_dare16.DrawKeys(stream.uniform_into(u) if stream is not None else u.uniform_(generator=gen)))
+                drawn = stream.uniform_into(u) if stream is not None else u.uniform_(generator=gen)
+                keys.append(jit_dare16.DrawKeys(drawn))
                 k = (r.ref, r.tensor)
                 if k not in self._l1:  # the values of _l1_norm(τ), τ = θ − base in float32
                     self._l1[k] = l1_norm_of_abs(torch.abs(m.float() - b.float()))
@@ -334,14 +335,15 @@ class TrialMerger:
                 order.append(None)
         uniforms = l1 = None
         tv = op.task_vector
-        if tv is not None and tv.sparsification == "bernoulli" and plan.recipe.rng == "mergekit":  # mergekit's draws, kept
+        if tv is not None and tv.sparsification == "bernoulli" and plan.recipe.rng == "mergekit":
+            # DARE with mergekit's stream: its draws, kept
             uniforms = self._uniforms(job, plan, deltas)
             l1 = [self._l1_norm(r, d) if d is not None else None for r, d in zip(job.models, deltas)]
         got = kinputs.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
         if op.uses_sorted_abs and jit_core.AVAILABLE:  # TIES: its pass may read the 16-bit sources
             srcs = [self.stored(job, r).view(-1) for r in (base_read, *job.models)]
             if srcs[0].dtype in (torch.float16, torch.bfloat16) and all(t.dtype == srcs[0].dtype for t in srcs):
-                got.src16 = tuple(jit_core.bits16(t) for t in srcs)
+                got.src16 = kinputs.Sources16(jit_core.bits16(srcs[0]), tuple(jit_core.bits16(t) for t in srcs[1:]))
         return got
 
     def _l1_norm(self, r, delta: torch.Tensor) -> torch.Tensor:
@@ -404,7 +406,7 @@ class TrialMerger:
         guard = FiniteGuard("in the trial merger's candidate")
         with torch.no_grad():
             for job, key, merged in self.merged_tensors(recipe, seed, only_changed=True,
-                                                         target=lambda j: self._params.get(j.name)):
+                                                        target=lambda j: self._params.get(j.name)):
                 stats.kernels[merged.kernel] = stats.kernels.get(merged.kernel, 0) + 1
                 out = merged.out
                 if out is None:  # written in place by the kernel

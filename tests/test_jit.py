@@ -114,7 +114,7 @@ def test_direct_call_matches_hand_computed_ties():
     base = torch.tensor([10.0, 10.0, 10.0, 10.0])
     out = torch.empty(4)
     jit_taskvec.task_vector_pass(tau, [None] * 3, [0, 0, 0], [0.0] * 3, [0] * 3, [None] * 3, [None] * 3,
-                          [1.0, 2.0, 1.0], True, True, None, 1.0, base, 0, 4, out)
+                                 [1.0, 2.0, 1.0], True, True, None, 1.0, base, 0, 4, out)
     # entry 0: w·τ = 1, 4, -4 -> total 1 (+): rows 0, 1 agree -> (1 + 4) / (1 + 2)
     # entry 1: -1, 2, 1 -> +: rows 1, 2 -> (2 + 1) / (2 + 1) = 1
     # entry 2: 0.5, -2, -1 -> -: rows 1, 2 -> (-2 - 1) / 3 = -1
@@ -123,10 +123,10 @@ def test_direct_call_matches_hand_computed_ties():
     # the threshold rule: keep |τ| > 0.75, or == 0.75 up to flat index 1 (mode 1, cutoff 1)
     t = [torch.tensor([0.75, 0.75, 0.5, -2.0])]
     jit_taskvec.task_vector_pass(t, [None], [1], [0.75], [1], [None], [None], [1.0], False, False, None,
-                          1.0, torch.zeros(4), 0, 4, out)
+                                 1.0, torch.zeros(4), 0, 4, out)
     assert out.tolist() == [0.75, 0.75, 0.0, -2.0]
     jit_taskvec.task_vector_pass(t, [None], [1], [0.75], [0], [None], [None], [1.0], False, False, None,
-                          1.0, torch.zeros(4), 0, 4, out)
+                                 1.0, torch.zeros(4), 0, 4, out)
     assert out.tolist() == [0.75, 0.0, 0.0, -2.0]
 
 
@@ -238,20 +238,21 @@ def test_uniform_passes_equal_torch_kernels(method_name, out_dtype, monkeypatch)
     out = torch.empty(N_ODD)
     # whole tensor, and in two spans split at an odd place (indices relative to each span)
     jit_taskvec.uniform_pass(deltas, masks, thr, cut, fac, weights, method.consensus, params["normalize"], lin_div,
-                      params["lambda"], base, 0, N_ODD, jit_core.round_mode(out_dtype), out)
+                             params["lambda"], base, 0, N_ODD, jit_core.round_mode(out_dtype), out)
     assert torch.equal(_bits(out), _bits(ref))
     split = 65536 + 1001
     out2 = torch.empty(N_ODD)
     for s, e in ((0, split), (split, N_ODD)):
         jit_taskvec.uniform_pass(deltas, masks, thr, cut, fac, weights, method.consensus, params["normalize"],
-                          lin_div, params["lambda"], base, s, e, jit_core.round_mode(out_dtype), out2[s:e])
+                                 lin_div, params["lambda"], base, s, e, jit_core.round_mode(out_dtype), out2[s:e])
     assert torch.equal(_bits(out2), _bits(ref))
     if method_name == "ties":  # the whole-tensor pass: one call with the cutoffs inside, or pieces
         for limit in (N_ODD, 0):
             monkeypatch.setattr(jit_taskvec, "CUT_ONE_CALL", limit)
             out3 = torch.empty(N_ODD)
-            jit_taskvec.cut_pass(tuple(x.numpy() for x in deltas), thr, cut, weights, method.consensus, params["normalize"],
-                          lin_div, params["lambda"], base.numpy(), jit_core.round_mode(out_dtype), out3.numpy())
+            jit_taskvec.cut_pass(tuple(x.numpy() for x in deltas), thr, cut, weights, method.consensus,
+                                 params["normalize"], lin_div, params["lambda"], base.numpy(),
+                                 jit_core.round_mode(out_dtype), out3.numpy())
             assert torch.equal(_bits(out3), _bits(ref)), limit
 
 
@@ -406,7 +407,7 @@ def test_l1_pair_equals_torch_sums_of_abs_and_masked_abs(n):
     ("ties", {"rescale": True}),  # TIES with L1 rescale: full masks, the compiled masked loop
 ])
 def test_disk_dare_with_and_without_compiled_loops_bit_for_bit(wide_family, tmp_path, monkeypatch,
-                                                                method, params):
+                                                               method, params):
     from mergelab.engine import merge_to_dir
 
     from conftest import load_dir
@@ -461,12 +462,12 @@ def test_dare_pass_equals_masks_norms_then_uniform_pass(n, method_name):
         rmode = jit_core.round_mode(out_dtype)
         want = torch.empty(n)
         jit_taskvec.uniform_pass(deltas, masks, None, None, fac, weights, method.consensus, True, lin_div, 0.9, base,
-                          0, n, rmode, want)
+                                 0, n, rmode, want)
         got = torch.empty(n)
         ms = tuple(np.empty(n, np.uint8) for _ in deltas)
         ok = jit_dare.dare_pass(tuple(u.numpy() for u in us), tuple(x.numpy() for x in deltas), list(densities),
-                            tuple(np.float32(b.item()) for b in l1), ms, weights, method.consensus, True, lin_div,
-                            0.9, base.numpy(), rmode, got.numpy())
+                                tuple(np.float32(b.item()) for b in l1), ms, weights, method.consensus, True, lin_div,
+                                0.9, base.numpy(), rmode, got.numpy())
         if jit_dare.sum_lanes() is None:
             assert not ok
             return
@@ -551,9 +552,9 @@ def test_dare16_pass_equals_float32_dare_pass(dtype, n):
     # densities on either side of the draws' 2^-24 grid, tiny, zero, just below 1, repeated
     for dens, common in (
         ((0.5 + 0.3 / 2**24, 0.3, 0.9), dict(weights=[0.5, 0.7, 0.3], consensus=True, normalize=True,
-                                              lin_div=None, lam=1.1)),
+                                             lin_div=None, lam=1.1)),
         ((1e-3, 0.5 + 0.7 / 2**24, 1 - 2**-25), dict(weights=[0.5, -0.7, 0.3], consensus=False, normalize=True,
-                                                   lin_div=torch.tensor(0.1), lam=1.0)),
+                                                     lin_div=torch.tensor(0.1), lam=1.0)),
         ((1e-9, 0.0, 0.2), dict(weights=[1.0, 1.0, 1.0], consensus=True, normalize=False, lin_div=None, lam=0.5)),
         ((0.3, 0.3, 0.3), dict(weights=[0.2, 0.2, 0.6], consensus=True, normalize=True, lin_div=None, lam=1.0)),
     ):
@@ -561,9 +562,9 @@ def test_dare16_pass_equals_float32_dare_pass(dtype, n):
             want = np.empty(n, np.float32)
             got = np.empty(n, np.float32)
             assert jit_dare.dare_pass(tuple(u.numpy() for u in us), xs, list(dens), l1, masks, base=base.numpy(),
-                                  rmode=rmode, out=want, **common)
-            assert jit_dare16.dare16_pass(tuple(jit_core.bits16(m) for m in m16), jit_core.bits16(b16), keys, list(dens),
-                                    [float(v) for v in l1], rmode=rmode, out=got, **common)
+                                      rmode=rmode, out=want, **common)
+            assert jit_dare16.dare16_pass(tuple(jit_core.bits16(m) for m in m16), jit_core.bits16(b16), keys,
+                                          list(dens), [float(v) for v in l1], rmode=rmode, out=got, **common)
             assert np.array_equal(got.view(np.int32), want.view(np.int32)), (dens, rmode)
             for r, k in enumerate(keys):  # the fixed-up keys select exactly u < float32(density)
                 assert np.array_equal(k.key < k.fix(dens[r]), masks[r].astype(bool))
@@ -634,8 +635,8 @@ def test_cut16_pass_equals_float32_cut_pass(dtype, n):
             want = np.empty(n, np.float32)
             got = np.empty(n, np.float32)
             jit_taskvec.cut_pass(xs, thr, cut, base=base.numpy(), rmode=rmode, out=want, **common)
-            jit_taskvec.cut16_pass(tuple(jit_core.bits16(m) for m in m16), jit_core.bits16(b16), thr, cut, rmode=rmode, out=got,
-                            **common)
+            jit_taskvec.cut16_pass(tuple(jit_core.bits16(m) for m in m16), jit_core.bits16(b16), thr, cut,
+                                   rmode=rmode, out=got, **common)
             assert np.array_equal(got.view(np.int32), want.view(np.int32)), (k_frac, rmode)
 
 

@@ -50,7 +50,7 @@ class WholeOut(NamedTuple):
 
 
 def prepared(inputs: inp.Inputs, others: list[int]) -> Prepared | None:
-    """The numpy views the compiled whole-tensor passes take, built once per inp.CachedInputs (the
+    """The numpy views the compiled whole-tensor passes take, built once per `inputs.CachedInputs` (the
     trial merger keeps those for the whole search): None unless the task vectors and the base are
     flat contiguous float32 CPU tensors."""
     if not (jit_core.AVAILABLE and isinstance(inputs, inp.CachedInputs) and inputs._deltas is not None and others):
@@ -64,7 +64,8 @@ def prepared(inputs: inp.Inputs, others: list[int]) -> Prepared | None:
     got = None
 
     def ok(t):
-        return t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() == n
+        return (t is not None and t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                and t.numel() == n)
 
     if n > 0 and all(ok(t) for t in (*deltas, inputs._base)):
         got = Prepared(tuple(t.numpy() for t in deltas), inputs._base.numpy())
@@ -95,7 +96,7 @@ def sink_whole(buf: np.ndarray, n: int, sink: inp.Sink) -> None:
 
 
 def dare_cached(method: TaskVectorMethod, job: TensorJob, inputs: inp.Inputs, others: list[int], sink: inp.Sink,
-                 ws: inp.Workspace, dest: torch.Tensor | None) -> bool:
+                ws: inp.Workspace, dest: torch.Tensor | None) -> bool:
     """DARE with L1 rescale from the trial merger's cached draws and task vectors, by
     `jit_dare.dare_pass` (masks, norms and the merge in two compiled calls, no per-row Python): what
     `prepare_row` and `jit_merge` compute. False (nothing done) where it does not apply."""
@@ -111,7 +112,7 @@ def dare_cached(method: TaskVectorMethod, job: TensorJob, inputs: inp.Inputs, ot
     masks = ws.arrays("dare_masks", len(others), n)
     out, rmode, via_sink = whole_out(job, n, ws, dest)
     if not jit_dare.dare_pass(prep.us, prep.xs, densities, prep.l1, masks, base=prep.base, rmode=rmode,
-                          out=out, **compiled_args(method, job, others)):
+                              out=out, **compiled_args(method, job, others)):
         return False
     if via_sink:
         sink_whole(out, n, sink)
@@ -119,9 +120,9 @@ def dare_cached(method: TaskVectorMethod, job: TensorJob, inputs: inp.Inputs, ot
 
 
 def ties_cached(method: TaskVectorMethod, job: TensorJob, inputs: inp.Inputs, others: list[int], sink: inp.Sink,
-                 ws: inp.Workspace, dest: torch.Tensor | None) -> bool:
+                ws: inp.Workspace, dest: torch.Tensor | None) -> bool:
     """TIES (no rescale) from the trial merger's cached task vectors and magnitude orders: each
-    row's threshold and tie cutoff are two lookups (`inp.CachedInputs.top_k_rule`'s), then one
+    row's threshold and tie cutoff are two lookups (`inputs.CachedInputs.top_k_rule`'s), then one
     compiled pass (`jit_taskvec.cut_pass`). False (nothing done) where it does not apply."""
     if rescale_mode(job.params) != "none":
         return False
@@ -140,12 +141,12 @@ def ties_cached(method: TaskVectorMethod, job: TensorJob, inputs: inp.Inputs, ot
         cut.append(c)
     out, rmode, via_sink = whole_out(job, n, ws, dest)
     if inputs.src16 is not None:  # the same values from the 16-bit sources (a third of the bytes)
-        b16, m16 = inputs.src16[0], inputs.src16[1:]
+        b16, m16 = inputs.src16.base, inputs.src16.models
         jit_taskvec.cut16_pass(tuple(m16[i] for i in others), b16, thr, cut, rmode=rmode, out=out,
-                        **compiled_args(method, job, others))
+                               **compiled_args(method, job, others))
     else:
         jit_taskvec.cut_pass(prep.xs, thr, cut, base=prep.base, rmode=rmode, out=out,
-                      **compiled_args(method, job, others))
+                             **compiled_args(method, job, others))
     if via_sink:
         sink_whole(out, n, sink)
     return True
@@ -183,7 +184,7 @@ def compiled_args(method: TaskVectorMethod, job: TensorJob, rows: list[int]) -> 
 
 
 def jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: inp.CachedInputs, rows: "list[Row]",
-               sink: inp.Sink, ws: inp.Workspace, dest: torch.Tensor | None = None) -> None:
+              sink: inp.Sink, ws: inp.Workspace, dest: torch.Tensor | None = None) -> None:
     n = inputs.n
     common = compiled_args(method, job, [row.i for row in rows])
     deltas = [inputs._deltas[row.i] for row in rows]
@@ -203,7 +204,8 @@ def jit_merge(method: TaskVectorMethod, job: TensorJob, inputs: inp.CachedInputs
         buf = ws.get("jit_out", min(n, _JIT_SPAN))
         for s0 in range(0, n, _JIT_SPAN):
             e0 = min(n, s0 + _JIT_SPAN)
-            jit_taskvec.uniform_pass(deltas, **fast, **common, s=s0, e=e0, rmode=jit_core.ROUND_NONE, out=buf[: e0 - s0])
+            jit_taskvec.uniform_pass(deltas, **fast, **common, s=s0, e=e0, rmode=jit_core.ROUND_NONE,
+                                     out=buf[: e0 - s0])
             for s in range(s0, e0, inp.CHUNK):
                 e = min(e0, s + inp.CHUNK)
                 sink(s, e, buf[s - s0: e - s0])
@@ -290,11 +292,11 @@ def dare16_into(plan: MergePlan, job: TensorJob, src: Dare16Sources, dest: torch
     n = math.prod(job.shape)
     rmode = jit_core.round_mode(job.out_dtype)
     if rescale_mode(job.params) != "l1" or not others or len(others) != len(src.models) or rmode is None \
-            or dest.dtype != torch.float32 or dest.device.type != "cpu" or not dest.is_contiguous() or dest.numel() != n \
-            or n == 0:
+            or dest.dtype != torch.float32 or dest.device.type != "cpu" or not dest.is_contiguous() \
+            or dest.numel() != n or n == 0:
         return False
     densities = [float(job.model_params[i]["density"]) for i in others]
     if any(d >= 1 for d in densities):
         return False
     return jit_dare16.dare16_pass(src.models, src.base, src.keys, densities, src.l1, rmode=rmode,
-                            out=dest.view(-1).numpy(), **compiled_args(method, job, others))
+                                  out=dest.view(-1).numpy(), **compiled_args(method, job, others))

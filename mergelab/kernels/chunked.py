@@ -98,7 +98,7 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: inp.Inputs, sink: inp.Si
     stack = ws.get("stack", len(others) * inp.CHUNK)
     out = ws.get("out", inp.CHUNK)
     if jit_core.AVAILABLE and rows and all((r.mask is not None or r.stream is not None) and r.rule is None
-                                       and r.div is None for r in rows):
+                                           and r.div is None for r in rows):
         # DARE from disk (and TIES with L1 rescale): each slice through the compiled masked loop,
         # a streamed row's mask slice redrawn from its stream position
         common = cached.compiled_args(method, job, [r.i for r in rows])
@@ -111,11 +111,11 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: inp.Inputs, sink: inp.Si
                      else r.stream.mask_into(r.density, ws.get(("redraw", k), inp.CHUNK, torch.bool)[: e - s])
                      for k, r in enumerate(rows)]
             jit_taskvec.uniform_pass(deltas, masks, None, None, fac, base=inputs.base(s, e),
-                              s=0, e=e - s, rmode=jit_core.ROUND_NONE, out=out[: e - s], **common)
+                                     s=0, e=e - s, rmode=jit_core.ROUND_NONE, out=out[: e - s], **common)
             sink(s, e, out[: e - s])
         return
     if jit_core.AVAILABLE and rows and all(isinstance(r.rule, inp.CutRule) and r.div is None and r.factor is None
-                                       for r in rows):
+                                           for r in rows):
         # TIES from disk: each slice's task vectors go through the compiled element loop
         thr = [float(r.rule.threshold) for r in rows]
         cut = [r.rule.cutoff for r in rows]
@@ -125,7 +125,7 @@ def _merge_job(plan: MergePlan, job: TensorJob, inputs: inp.Inputs, sink: inp.Si
             d = stack[: len(rows) * (e - s)].view(len(rows), e - s)
             deltas = [inputs.delta_into(row.i, s, e, d[r]) for r, row in enumerate(rows)]
             jit_taskvec.uniform_pass(deltas, None, thr, [c - s for c in cut], [1.0] * len(rows), base=inputs.base(s, e),
-                              s=0, e=e - s, rmode=jit_core.ROUND_NONE, out=out[: e - s], **common)
+                                     s=0, e=e - s, rmode=jit_core.ROUND_NONE, out=out[: e - s], **common)
             sink(s, e, out[: e - s])
         return
     weights = task_weights(job.model_params, others, stack.view(len(others), -1))

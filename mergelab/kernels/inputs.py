@@ -117,6 +117,23 @@ class Inputs:
         return _sp.top_k_rule(a, k)
 
 
+class Slot(NamedTuple):
+    """One source tensor of a job as `DiskInputs` / `StoredInputs` read it: where it is (a
+    `sources.ModelSource`, or the trial merger's flat tensor as stored), its name, its stored dtype."""
+
+    source: object
+    name: str
+    dtype: torch.dtype
+
+
+class Sources16(NamedTuple):
+    """The trial merger's 16-bit sources of one tensor as stored (`jit_core.bits16` views, all of
+    one format): the base, then every model in the recipe's order."""
+
+    base: np.ndarray
+    models: tuple
+
+
 class DiskInputs(Inputs):
     """Reads slices straight from the safetensors files into reused buffers (pread): nothing
     is mapped, so the page cache holds the files and this process holds only the buffers."""
@@ -124,7 +141,7 @@ class DiskInputs(Inputs):
     def __init__(self, job: TensorJob, sources: dict, base_index: int | None, ws: Workspace):
         self.n = math.prod(job.shape)
         self.ws = ws
-        self._slots: list[tuple[object, str, torch.dtype]] = []
+        self._slots: list[Slot] = []
         index: dict[tuple[str, str], int] = {}
 
         def slot(r: Read) -> int:
@@ -132,7 +149,7 @@ class DiskInputs(Inputs):
             if key not in index:
                 src = sources[r.ref]
                 index[key] = len(self._slots)
-                self._slots.append((src, r.tensor, src.tensors[r.tensor].dtype))
+                self._slots.append(Slot(src, r.tensor, src.tensors[r.tensor].dtype))
             return index[key]
 
         self._model = [slot(r) for r in job.models]
@@ -144,7 +161,7 @@ class DiskInputs(Inputs):
         self._raw_at: dict[int, tuple[int, int]] = {}  # the same for the buffers as stored
         self._abs_of: int | None = None
         # τ straight from 16-bit slices by the compiled loop (widen and subtract in one pass)
-        dtypes = {d for _, _, d in self._slots}
+        dtypes = {s.dtype for s in self._slots}
         self._sub16 = (jit_core.AVAILABLE and self._base is not None and len(dtypes) == 1
                        and next(iter(dtypes)) in (torch.float16, torch.bfloat16))
 
@@ -207,7 +224,7 @@ class StoredInputs(DiskInputs):
             if key not in index:
                 index[key] = len(self._slots)
                 t = stored[key]
-                self._slots.append((t, r.tensor, t.dtype))
+                self._slots.append(Slot(t, r.tensor, t.dtype))
             return index[key]
 
         self._model = [slot(r) for r in job.models]
@@ -217,12 +234,12 @@ class StoredInputs(DiskInputs):
             self._base = self._model[base_index] if base_index is not None else None
         self._at, self._raw_at = {}, {}
         self._abs_of = None
-        dtypes = {d for _, _, d in self._slots}
+        dtypes = {s.dtype for s in self._slots}
         self._sub16 = (jit_core.AVAILABLE and self._base is not None and len(dtypes) == 1
                        and next(iter(dtypes)) in (torch.float16, torch.bfloat16))
 
     def _raw(self, slot: int, s: int, e: int) -> torch.Tensor:
-        return self._slots[slot][0][s:e]
+        return self._slots[slot].source[s:e]
 
     def _get(self, slot: int, s: int, e: int) -> torch.Tensor:
         t, _, dtype = self._slots[slot]
@@ -274,12 +291,13 @@ class CachedInputs(Inputs):
         self._uniforms = uniforms
         self._l1 = l1
         self.prep: dict = {}  # the compiled passes' numpy views, per row list (see `cached.prepared`)
-        # the trial merger's 16-bit sources as stored (`jit_core.bits16` views: base, then each model),
+        # the trial merger's 16-bit sources as stored (`Sources16`),
         # when every one is float16 or every one bfloat16: the TIES pass reads those instead
-        self.src16: tuple | None = None
+        self.src16: Sources16 | None = None
 
     def l1_norm(self, i: int) -> torch.Tensor | None:
-        """‖τᵢ‖₁ as `taskvec_torch.l1_factor` computes it (the fixed-order sum of |τᵢ|); given with the draws."""
+        """‖τᵢ‖₁ as `taskvec_torch.l1_factor` computes it (the fixed-order sum of |τᵢ|); given with the
+        draws."""
         return self._l1[i] if self._l1 is not None else None
 
     def uniform(self, i: int) -> torch.Tensor | None:

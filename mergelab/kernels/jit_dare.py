@@ -17,7 +17,7 @@ from . import jit_core, jit_taskvec
 
 
 def _dare_prepass(u, tau, density, mask, absm):
-    """mask = u < density; absm = |τ|·mask (what `_fast._l1_factor` sums), in one pass."""
+    """mask = u < density; absm = |τ|·mask (what `taskvec_torch.l1_factor` sums), in one pass."""
     one = np.float32(1.0)
     zero = np.float32(0.0)
     for j in range(u.shape[0]):
@@ -316,7 +316,7 @@ class L1Stream:
                 return None
             return l1_pair(torch.cat([t for t, _ in self._parts]), torch.cat([m for _, m in self._parts]))
         b, a = compiled().l1_stream(tau.numpy(), mask.view(torch.uint8).numpy(), int(s), self.n, self.lanes,
-                               self._accb, self._acca, self._st)
+                                    self._accb, self._acca, self._st)
         if e < self.n:
             return None
         return L1Norms(torch.tensor(b, dtype=torch.float32), torch.tensor(a, dtype=torch.float32))
@@ -328,9 +328,10 @@ def dare_pass(us: tuple, xs: tuple, densities: list[float], l1: tuple, masks: tu
     """A whole DARE merge with L1 rescale from cached draws, in two compiled calls, over the numpy
     views of flat float32 CPU tensors (`us` the rows' uniforms, `xs` their task vectors, `l1` their
     ‖τ‖₁ as float32, `masks` uint8 workspaces): every row's mask and ‖τ·mask‖₁, the factors
-    ‖τ‖₁ / ‖τ·mask‖₁ (no rescale where a norm is below sparsify's epsilon), then `_masked_kernel`
-    into `out` rounded through the output dtype: `dare_mask_l1` per row then `uniform_pass`, value
-    for value. False (nothing written) where the summation order cannot be reproduced."""
+    ‖τ‖₁ / ‖τ·mask‖₁ (no rescale where a norm is below sparsify's epsilon), then
+    `jit_taskvec._masked_kernel` into `out` rounded through the output dtype: `dare_mask_l1` per row
+    then `jit_taskvec.uniform_pass`, value for value. False (nothing written) where the summation
+    order cannot be reproduced."""
     n = out.shape[0]
     lanes = sum_lanes() if n <= L1_MAX else None
     if lanes is None:
@@ -342,6 +343,6 @@ def dare_pass(us: tuple, xs: tuple, densities: list[float], l1: tuple, masks: tu
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/inf -> nan, as torch's division gives, unwarned
         fac = tuple(f32(1.0) if b < eps or a < eps else b / a for b, a in zip(l1, after))  # float32 division
     jit_taskvec.compiled().masked(xs, masks, fac, tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
-         f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
-         base, int(rmode), out)
+                                  f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam),
+                                  bool(f32(lam) != f32(1.0)), base, int(rmode), out)
     return True

@@ -16,8 +16,8 @@ from . import jit_core, jit_dare
 
 
 def _cascade16_py(ms, b, ks, T, acc, start, size, W):
-    """`_cascade_py` for every row of a tensor at once, from the 16-bit sources as stored: row r's
-    τ = θᵣ − base (each widened exactly by `_wid`, whose float16 or bfloat16 form the arrays'
+    """`jit_dare._cascade_py` for every row of a tensor at once, from the 16-bit sources as stored:
+    row r's τ = θᵣ − base (each widened exactly by `_wid`, whose float16 or bfloat16 form the arrays'
     integer type fixes at compile time), kept where its draw's key byte ks[r] < T[r] (`DrawKeys`
     makes that exactly u < t), |τ|·keep summed into acc[r] in torch's order. Between two carry
     points the rows are taken one after the other over the same few groups (the base's slice
@@ -66,7 +66,7 @@ def _cascade16_py(ms, b, ks, T, acc, start, size, W):
 
 
 def _dare16_rows_py(ms, b, ks, T, L, after):
-    """`_dare_rows_py` from 16-bit sources and draw key bytes (`_cascade16_py`): after[r] =
+    """`jit_dare._dare_rows_py` from 16-bit sources and draw key bytes (`_cascade16_py`): after[r] =
     ‖τᵣ·maskᵣ‖₁ in torch's serial order (maskᵣ = ks[r] < T[r]), for every row in one pass."""
     _wide()
     one = np.float32(1.0)
@@ -149,7 +149,7 @@ def _keys_set_py(key, offs, pos, low, q, kl_from, kl_to):
 
 
 def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, has_lam, rmode, out):
-    """`_masked_kernel` from 16-bit sources as stored and draw key bytes: τᵣ = θᵣ − base and the
+    """`jit_taskvec._masked_kernel` from 16-bit sources as stored and draw key bytes: τᵣ = θᵣ − base and the
     base widened exactly in the loop (`_wid`), row r kept where ks[r] < T[r], the same float32
     operations after."""
     _wide()
@@ -158,7 +158,7 @@ def _masked16_kernel(ms, b, ks, T, fac, w, consensus, normalize, lin_div, lam, h
     for j in range(out.shape[0]):
         bj = _wid(b[j])
         total = zero
-        p_sum = zero  # as in _masked_kernel
+        p_sum = zero  # as in jit_taskvec._masked_kernel
         n_sum = zero
         p_w = zero
         n_w = zero
@@ -211,7 +211,7 @@ def compiled() -> Compiled:
 
 def key_limit(density: float) -> int:
     """K such that a draw u = k·2^-24 satisfies u < float32(density) exactly when k < K (the
-    comparison `dare_pass` makes in float32)."""
+    comparison `jit_dare.dare_pass` makes in float32)."""
     return math.ceil(float(np.float32(density)) * 2.0**24)  # exact: a float32 times a power of two
 
 
@@ -270,7 +270,7 @@ class DrawKeys:
 def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[float], l1: list[float],
                 weights: list[float], consensus: bool, normalize: bool, lin_div: torch.Tensor | None, lam: float,
                 rmode: int, out: np.ndarray) -> bool:
-    """`dare_pass` from the 16-bit sources as stored (`bits16` views of one format: `ms` the rows'
+    """`jit_dare.dare_pass` from the 16-bit sources as stored (`bits16` views of one format: `ms` the rows'
     models, `b` the base) and the rows' draws as `DrawKeys`: the same masks, norms, factors and
     merged values, reading about a third of the bytes (the base once for all rows, no mask
     written). `l1` holds each row's ‖τ‖₁ (float32 values). False (nothing written) where the
@@ -282,7 +282,7 @@ def dare16_pass(ms: tuple, b: np.ndarray, keys: list[DrawKeys], densities: list[
     f32 = np.float32
     T = tuple(np.int32(k.fix(d)) for k, d in zip(keys, densities))
     compiled().dare16(ms, b, tuple(k.key for k in keys), T, lanes, np.asarray(l1, f32), f32(jit_core.eps32()),
-                    tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
-                    f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
-                    int(rmode), out)
+                      tuple(f32(v) for v in weights), bool(consensus), bool(normalize),
+                      f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam), bool(f32(lam) != f32(1.0)),
+                      int(rmode), out)
     return True

@@ -98,5 +98,5 @@ def sub16(m: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = m.float() − b.float() for flat float16 (or bfloat16) CPU tensors of one dtype, into
     the flat float32 tensor `out`, in one compiled pass."""
     compiled().sub16(m.view(torch.int16).numpy().view(np.uint16), b.view(torch.int16).numpy().view(np.uint16),
-                    m.dtype == torch.float16, out.numpy())
+                     m.dtype == torch.float16, out.numpy())
     return out

@@ -330,5 +330,5 @@ def cut16_pass(ms: tuple, b: np.ndarray, thr: list, cut: list[int], weights: lis
     strict = tuple(f32(v) for v in thr)
     below = tuple(np.nextafter(v, f32(-np.inf)) for v in strict)
     compiled().cut16(ms, b, strict, below, tuple(int(c) for c in cut), tuple(f32(v) for v in weights),
-                    bool(consensus), bool(normalize), f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam),
-                    bool(f32(lam) != f32(1.0)), int(rmode), out)
+                     bool(consensus), bool(normalize), f32(1.0) if lin_div is None else f32(float(lin_div)), f32(lam),
+                     bool(f32(lam) != f32(1.0)), int(rmode), out)

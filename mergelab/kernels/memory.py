@@ -56,7 +56,7 @@ def chunked(call: KernelCall) -> torch.Tensor | bool | None:
     dest = _dest(call)
     if dest is not None:
         _chunked.merge_job(plan, job, inputs, inp.into_tensor(dest, job.out_dtype, tm.workspace), tm.workspace,
-                        dest if dest.dtype == torch.float32 else None)
+                           dest if dest.dtype == torch.float32 else None)
         return True
     full = inp.full_output(job)
     _chunked.merge_job(plan, job, inputs, full.sink, tm.workspace)

@@ -117,7 +117,7 @@ class MTStream:
     def mask_into(self, density: float, mask: torch.Tensor) -> torch.Tensor:
         """mask (flat bool) = the next mask.numel() uniforms < density, as torch.lt(u, density)."""
         self.pos = int(compiled().mt_draw(self.state, self.pos, np.float32(density), mask.view(torch.uint8).numpy(),
-                                       _EMPTY_F32, False))
+                                          _EMPTY_F32, False))
         return mask
 
     def copy(self) -> "MTStream":

@@ -82,7 +82,7 @@ _EPS32 = float(np.float32(_sp._RESCALE_EPS))
 
 
 def prepare_row(method: TaskVectorMethod, job: TensorJob, i: int, slot: int, inputs: inp.Inputs,
-                 ws: inp.Workspace, gen: torch.Generator | None) -> Row:
+                ws: inp.Workspace, gen: torch.Generator | None) -> Row:
     row = Row(i)
     n = inputs.n
     density = float(job.model_params[i]["density"])
