@@ -149,6 +149,9 @@ class OperatorSpec:
     # mergekit adds a base_model the recipe does not list among `models` to the average (with
     # the global weight) for this operator (linear, karcher)
     averages_unlisted_base: bool = False
+    # its merge equals model j exactly when model j has weight 1, every other model weight 0,
+    # density 1 and lambda 1: the layer-source search (search.space) overrides layers that way
+    layer_source: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

@@ -69,6 +69,7 @@ register(
         min_models=1,
         weighted_sum=True,
         averages_unlisted_base=True,
+        layer_source=True,
         kernels=(
             # the compiled weighted sum of the 16-bit sources as stored, into the model's parameter
             KernelSpec("linear16", "mergelab.kernels.memory:linear16", "memory"),

@@ -340,6 +340,7 @@ def _spec(m: TaskVectorMethod, paper: str) -> OperatorSpec:
         uses_sorted_abs=m.sparsification in ("magnitude", "breadcrumbs"),
         kernels=_kernels(m),
         task_vector=m,
+        layer_source=m.sparsification in ("none", "magnitude", "bernoulli"),
     )
 
 

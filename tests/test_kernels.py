@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergelab.kernels import inputs as kinputs
 from mergelab.engine import JobReader, prepare, run_operator
+from mergelab.kernels import inputs as kinputs
 from mergelab.kernels.select import REFERENCE, KernelCall, Merged, _impl, applicable, run_job
 from mergelab.trial import TrialMerger
 from operators import get_operator, operator_names
@@ -105,3 +105,22 @@ def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16):
     call3 = KernelCall(plan2, plan2.jobs[-1], "disk", torch.device("cpu"), torch.float64,
                        JobReader(plan2.jobs[-1], sources, kinputs.Workspace()))
     assert applicable(get_operator("dare_ties"), call3) == [] and run_job(call3).kernel == REFERENCE
+
+
+def test_chunked_kernels_serve_exactly_the_operators_that_declare_what_they_compute():
+    # the chunked/compiled kernels read `weighted_sum` / `task_vector` from the spec, never the name:
+    # every operator that declares them says what they compute, and no other operator declares them
+    chunked = {op for op in operator_names() if any(k.name == "chunked" for k in get_operator(op).kernels)}
+    assert chunked == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"}
+    for op in operator_names():
+        spec = get_operator(op)
+        assert not (spec.weighted_sum and spec.task_vector is not None), op
+        declares = spec.weighted_sum or (spec.task_vector is not None
+                                         and spec.task_vector.sparsification in ("none", "magnitude", "bernoulli"))
+        assert (op in chunked) == declares, op
+        if spec.task_vector is not None:
+            assert spec.task_vector.name == op
+    assert [op for op in operator_names() if get_operator(op).weighted_sum] == ["linear"]
+    assert [op for op in operator_names() if get_operator(op).averages_unlisted_base] == ["karcher", "linear"]
+    assert [op for op in operator_names() if get_operator(op).layer_source] == \
+        ["dare_linear", "dare_ties", "linear", "task_arithmetic", "ties"]
