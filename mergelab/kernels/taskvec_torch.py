@@ -58,6 +58,7 @@ class Row:
 
 
 def rescale_mode(params: dict) -> str:
+    """How a task-vector merge rescales its sparsified rows: "l1", "inverse_density" or "none"."""
     if params["rescale"]:
         return "inverse_density" if params.get("rescale_inverse_density", False) else "l1"
     return "none"
