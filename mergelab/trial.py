@@ -261,10 +261,11 @@ class TrialMerger:
     def dare16_sources(self, job: TensorJob, plan: MergePlan) -> cached.Dare16Sources | None:
         """mergekit's DARE: the 16-bit sources, draw keys and ‖τ‖₁ of a tensor, built once per seed;
         None (another kernel then) when a source is not float16 / bfloat16 as stored or not all of
-        one format, or the tensor is not in memory."""
+        one format, the tensor is not in memory, or the compiled loops are off (the keys are built by
+        one)."""
         bi = plan.recipe.base_index
         base_read = job.base if job.base is not None else (job.models[bi] if bi is not None else None)
-        if base_read is None or job.copy or self.tier(job) == "disk":
+        if base_read is None or job.copy or self.tier(job) == "disk" or not jit_core.AVAILABLE:
             return None
         rows = [r for i, r in enumerate(job.models) if i != bi]
         key = (plan.seed, job.name, (base_read.ref, base_read.tensor), tuple((r.ref, r.tensor) for r in rows))

@@ -3,11 +3,14 @@ function, tensor by tensor, on every device present: the seam's promise that whi
 never changes a value."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from mergelab.engine import JobReader, prepare, run_operator
 from mergelab.kernels import inputs as kinputs
+from mergelab.kernels import jit_core
 from mergelab.kernels.select import REFERENCE, KernelCall, Merged, _impl, applicable, run_job
 from mergelab.trial import TrialMerger
 from operators import get_operator, operator_names
@@ -55,9 +58,11 @@ def _cases():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,kernel,where,rng", list(_cases()))
-def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, where, rng):
+def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, where, rng, monkeypatch):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device here: the CUDA cases run where torch sees a GPU")
+    if importlib.util.find_spec("numba") is not None:  # the compiled kernels are under test, also with MERGELAB_JIT=0
+        monkeypatch.setattr(jit_core, "AVAILABLE", True)
     spec = get_operator(op)
     kspec = next(k for k in spec.kernels if k.name == kernel and k.where == where)
     if device not in kspec.devices:
@@ -88,8 +93,11 @@ def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, 
     assert merged > 0
 
 
-def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16):
+def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16, monkeypatch):
     # dare_ties with mergekit's stream in memory: dare16 first; with the counter stream: chunked
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba (the `fast` extra) is not installed: dare16 is compiled only")
+    monkeypatch.setattr(jit_core, "AVAILABLE", True)  # also when the suite runs with MERGELAB_JIT=0
     plan, sources = prepare(_recipe(fam16, "dare_ties", "mergekit"))
     job = next(j for j in plan.jobs if not j.copy)
     tm = TrialMerger(plan.recipe.base_model, plan.recipe.model_refs, cache="fast", sources=sources)
@@ -106,6 +114,20 @@ def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16):
                        JobReader(plan2.jobs[-1], sources, kinputs.Workspace()))
     assert applicable(get_operator("dare_ties"), call3) == [] and run_job(call3).kernel == REFERENCE
 
+
+
+def test_dare16_declines_when_the_compiled_loops_are_off(fam16, monkeypatch):
+    # MERGELAB_JIT=0 (or no numba): dare16 cannot build its draw keys, so it declines and the
+    # chunked kernel merges the tensor (before, building the keys raised)
+    monkeypatch.setattr(jit_core, "AVAILABLE", False)
+    plan, sources = prepare(_recipe(fam16, "dare_ties", "mergekit"))
+    job = next(j for j in plan.jobs if not j.copy)
+    tm = TrialMerger(plan.recipe.base_model, plan.recipe.model_refs, cache="fast", sources=sources)
+    tm._assign_tiers(plan)
+    assert tm.dare16_sources(job, plan) is None
+    call = KernelCall(plan, job, "memory", torch.device("cpu"), torch.float32, tm,
+                      torch.empty(job.shape, dtype=torch.float32))
+    assert run_job(call) == Merged("chunked", None)
 
 def test_chunked_kernels_serve_exactly_the_operators_that_declare_what_they_compute():
     # the chunked/compiled kernels read `weighted_sum` / `task_vector` from the spec, never the name:
