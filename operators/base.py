@@ -152,6 +152,10 @@ class OperatorSpec:
     # its merge equals model j exactly when model j has weight 1, every other model weight 0,
     # density 1 and lambda 1: the layer-source search (search.space) overrides layers that way
     layer_source: bool = False
+    # mergekit's passthrough: the merge is one model's tensor (times the optional per-model
+    # `scale`), and a recipe's slices always stack layer ranges (mergelab.stack, whose candidate
+    # builder serves only these operators), even one uniform slice group
+    layer_stacking: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

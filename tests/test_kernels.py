@@ -129,7 +129,7 @@ def test_dare16_declines_when_the_compiled_loops_are_off(fam16, monkeypatch):
                       torch.empty(job.shape, dtype=torch.float32))
     assert run_job(call) == Merged("chunked", None)
 
-def test_chunked_kernels_serve_exactly_the_operators_that_declare_what_they_compute():
+def test_operators_declare_what_the_kernels_recipes_and_search_read_instead_of_names():
     # the chunked/compiled kernels read `weighted_sum` / `task_vector` from the spec, never the name:
     # every operator that declares them says what they compute, and no other operator declares them
     chunked = {op for op in operator_names() if any(k.name == "chunked" for k in get_operator(op).kernels)}
@@ -146,3 +146,4 @@ def test_chunked_kernels_serve_exactly_the_operators_that_declare_what_they_comp
     assert [op for op in operator_names() if get_operator(op).averages_unlisted_base] == ["karcher", "linear"]
     assert [op for op in operator_names() if get_operator(op).layer_source] == \
         ["dare_linear", "dare_ties", "linear", "task_arithmetic", "ties"]
+    assert [op for op in operator_names() if get_operator(op).layer_stacking] == ["passthrough"]
