@@ -277,7 +277,7 @@ def step_equal() -> None:
     from safetensors import safe_open
 
     sys.path.insert(0, str(REPO))
-    from mergelab import _fast
+    from mergelab.kernels import inputs as kinputs
     from mergelab.engine import JobReader, compute_job, prepare
 
     RES.setdefault("equal", {})
@@ -290,7 +290,7 @@ def step_equal() -> None:
         if SIZE == "tiny":
             pick = plan.jobs
         worst, unequal, total = 0.0, 0, 0
-        ws = _fast.Workspace()
+        ws = kinputs.Workspace()
         with safe_open(str(out / "model.safetensors"), "pt") if (out / "model.safetensors").exists() else \
                 _open_sharded(out) as h:
             for job in pick:

@@ -277,11 +277,11 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # from_pretrained's per-load bar would bury the figures
     args.workdir.mkdir(parents=True, exist_ok=True)
-    from mergelab import _jit
+    from mergelab.kernels import jit_core
 
-    compiled = "numba (mergelab[fast])" if _jit.AVAILABLE else "off (torch kernels; numba missing or MERGELAB_JIT=0)"
+    compiled = "numba (mergelab[fast])" if jit_core.AVAILABLE else "off (torch kernels; numba missing or MERGELAB_JIT=0)"
     print(f"bench_trial: {machine_note()}, {args.threads} torch thread(s), compiled loops: {compiled}")
-    report: dict = {"machine": machine_note(), "threads": args.threads, "compiled_loops": _jit.AVAILABLE,
+    report: dict = {"machine": machine_note(), "threads": args.threads, "compiled_loops": jit_core.AVAILABLE,
                     "sets": {}}
 
     fam = find_family(args.family)

@@ -16,8 +16,8 @@ import torch
 
 from operators import MergeInputs, get_operator
 
-from . import _fast
 from .errors import MergelabError
+from .kernels import inputs as kinputs
 from .kernels.finite import FiniteGuard
 from .kernels.select import KernelCall, KernelCounts, Merged, run_job
 from .plan import MergePlan, TensorJob, build_plan
@@ -88,7 +88,7 @@ class JobReader:
     workspace's buffers; any other kernel reads the whole tensors (`read_all`), which a reader
     thread may have started already (`prefetched`)."""
 
-    def __init__(self, job: TensorJob, sources: dict[str, ModelSource], ws: _fast.Workspace,
+    def __init__(self, job: TensorJob, sources: dict[str, ModelSource], ws: kinputs.Workspace,
                  reuse_output: bool = False, prefetched: Future | None = None):
         self.job, self.sources, self.ws, self.reuse_output = job, sources, ws, reuse_output
         self._prefetched = prefetched
@@ -156,7 +156,7 @@ def iter_merged(
     ahead into the page cache by the kernel while this one is merged; the merge itself reads
     slices into reused buffers, so memory is a few slices plus the per-tensor statistics.
     With `reuse_output` each yielded tensor is valid only until the next one is asked for."""
-    ws = _fast.Workspace()
+    ws = kinputs.Workspace()
     jobs = plan.jobs
     # on a GPU the whole tensors are read by a thread while the previous one merges and writes
     pool = ThreadPoolExecutor(1, thread_name_prefix="mergelab-read") if device.type != "cpu" else None

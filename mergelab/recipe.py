@@ -269,7 +269,8 @@ def validate_recipe(r: Recipe, where: str = "recipe", *, in_slice: bool = False)
                 "merge, `slices` (mergekit's form) for layer ranges."
             )
         uniform = len(r.slices) == 1 and len({tuple(s.layer_range) for s in r.slices[0].sources}) == 1
-        if not (uniform and r.merge_method != "passthrough"):
+        stacking = r.merge_method in operator_names() and get_operator(r.merge_method).layer_stacking
+        if not (uniform and not stacking):
             if r.merge_method not in operator_names():
                 validate_recipe(r.model_copy(update={"slices": None}), where)  # the unknown-method message
             return _validate_stack(r, where)
@@ -289,7 +290,7 @@ def validate_recipe(r: Recipe, where: str = "recipe", *, in_slice: bool = False)
         ) from None
     if not r.models:
         raise MergelabError(f"{where}: `models` is empty. List at least one model to merge.")
-    if op.name in ("linear", "karcher") and r.base_model is not None and r.base_index is None and not in_slice:
+    if op.averages_unlisted_base and r.base_model is not None and r.base_index is None and not in_slice:
         # mergekit averages an unlisted base_model in too (with the global weight)
         r = r.model_copy(update={"models": [*r.models, ModelEntry(model=r.base_model)]})
     if op.needs_base and r.base_model is None:

@@ -237,7 +237,10 @@ class StackBuilder:
 
         read = job.models[0]
         src = self._source(read.ref, read.tensor)
-        scale = job.model_params[0].get("scale") if plan.recipe.merge_method == "passthrough" else None
+        from operators import get_operator
+
+        stacking = get_operator(plan.recipe.merge_method).layer_stacking
+        scale = job.model_params[0].get("scale") if stacking else None
         exact = scale is None and (job.rows is None or src.shape[0] == job.rows)
         if exact and src.dtype == self.model_dtype and job.out_dtype == self.sources[read.ref].tensors[read.tensor].dtype:
             return src
@@ -266,7 +269,9 @@ class StackBuilder:
 
         t0 = time.perf_counter()
         plan = self.plan(recipe)
-        if plan.recipe.merge_method != "passthrough":
+        from operators import get_operator
+
+        if not get_operator(plan.recipe.merge_method).layer_stacking:
             raise MergelabError(
                 f"The stack builder builds passthrough stacks; this recipe merges with "
                 f"`{plan.recipe.merge_method}`. Merge it with the trial merger or `mergelab merge`."

@@ -14,9 +14,10 @@ import torch
 from operators import get_operator, tensor_seed
 from operators.sparsify import l1_norm_of_abs
 
-from . import _fast, _jit
 from .engine import JobReader, compute_job, fit_rows, job_params, resolve_device
 from .errors import MergelabError
+from .kernels import cached, jit_core, jit_dare16, mt19937
+from .kernels import inputs as kinputs
 from .kernels.finite import FiniteGuard
 from .kernels.select import KernelCall, run_job
 from .plan import MergePlan, TensorJob, build_plan
@@ -103,12 +104,12 @@ class TrialMerger:
         # keeps one seed, so each candidate's masks are a comparison (same numbers, same order)
         self._draws: dict[tuple[int, str], list[torch.Tensor]] = {}
         self._l1: dict[tuple[str, str], torch.Tensor] = {}  # ‖τ‖₁ per task vector (mergekit's rescale)
-        self._fast_cache: dict[tuple, _fast.CachedInputs] = {}
+        self._fast_cache: dict[tuple, kinputs.CachedInputs] = {}
         self._fast_seed: int | None = None
         # mergekit's DARE from the 16-bit sources and 1-byte draw keys, per (seed, tensor, sources)
-        self._dare16: dict[tuple, _fast.Dare16Sources | None] = {}
+        self._dare16: dict[tuple, cached.Dare16Sources | None] = {}
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
-        self.workspace = _fast.Workspace()
+        self.workspace = kinputs.Workspace()
         self.model_dtype = model_dtype
         self.last_stats = TrialStats(device=str(self.device))
 
@@ -257,13 +258,14 @@ class TrialMerger:
             d = self._deltas[k] = m - base
         return d
 
-    def dare16_sources(self, job: TensorJob, plan: MergePlan) -> _fast.Dare16Sources | None:
+    def dare16_sources(self, job: TensorJob, plan: MergePlan) -> cached.Dare16Sources | None:
         """mergekit's DARE: the 16-bit sources, draw keys and ‖τ‖₁ of a tensor, built once per seed;
         None (another kernel then) when a source is not float16 / bfloat16 as stored or not all of
-        one format, or the tensor is not in memory."""
+        one format, the tensor is not in memory, or the compiled loops are off (the keys are built by
+        one)."""
         bi = plan.recipe.base_index
         base_read = job.base if job.base is not None else (job.models[bi] if bi is not None else None)
-        if base_read is None or job.copy or self.tier(job) == "disk":
+        if base_read is None or job.copy or self.tier(job) == "disk" or not jit_core.AVAILABLE:
             return None
         rows = [r for i, r in enumerate(job.models) if i != bi]
         key = (plan.seed, job.name, (base_read.ref, base_read.tensor), tuple((r.ref, r.tensor) for r in rows))
@@ -276,7 +278,7 @@ class TrialMerger:
         if rows and srcs[0].dtype in (torch.float16, torch.bfloat16) and all(t.dtype == srcs[0].dtype for t in srcs):
             b, ms = srcs[0], srcs[1:]
             n = b.numel()
-            stream = _jit.mt_stream(tensor_seed(plan.seed, job.name))
+            stream = mt19937.mt_stream(tensor_seed(plan.seed, job.name))
             gen = None
             if stream is None:
                 gen = torch.Generator(device="cpu")
@@ -284,16 +286,17 @@ class TrialMerger:
             keys, l1 = [], []
             u = torch.empty(n, dtype=torch.float32)
             for r, m in zip(rows, ms):  # the rows' draws in row order, as the operator takes them
-                keys.append(_jit.DrawKeys(stream.uniform_into(u) if stream is not None else u.uniform_(generator=gen)))
+                drawn = stream.uniform_into(u) if stream is not None else u.uniform_(generator=gen)
+                keys.append(jit_dare16.DrawKeys(drawn))
                 k = (r.ref, r.tensor)
                 if k not in self._l1:  # the values of _l1_norm(τ), τ = θ − base in float32
                     self._l1[k] = l1_norm_of_abs(torch.abs(m.float() - b.float()))
                 l1.append(self._l1[k].item())
-            got = _fast.Dare16Sources(_jit.bits16(b), tuple(_jit.bits16(m) for m in ms), keys, l1)
+            got = cached.Dare16Sources(jit_core.bits16(b), tuple(jit_core.bits16(m) for m in ms), keys, l1)
         self._dare16[key] = got
         return got
 
-    def fast_inputs(self, job: TensorJob, plan: MergePlan) -> _fast.CachedInputs:
+    def fast_inputs(self, job: TensorJob, plan: MergePlan) -> kinputs.CachedInputs:
         """The fast tier's inputs of the chunked kernels, built once per tensor, operator, stream
         and source list (they do not depend on the candidate's values)."""
         op = get_operator(plan.recipe.merge_method)
@@ -308,10 +311,10 @@ class TrialMerger:
             got = self._fast_cache[key] = self._build_fast_inputs(job, plan, op)
         return got
 
-    def _build_fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> _fast.CachedInputs:
+    def _build_fast_inputs(self, job: TensorJob, plan: MergePlan, op) -> kinputs.CachedInputs:
         n = math.prod(job.shape)
-        if op.name == "linear":
-            return _fast.CachedInputs(n, None, [self._input(job, r).view(-1) for r in job.models])
+        if op.weighted_sum:
+            return kinputs.CachedInputs(n, None, [self._input(job, r).view(-1) for r in job.models])
         bi = plan.recipe.base_index
         base_read = job.base if job.base is not None else job.models[bi]
         base = self._input(job, base_read)
@@ -327,19 +330,21 @@ class TrialMerger:
             if op.uses_sorted_abs:
                 k = (r.ref, r.tensor)
                 if k not in self._order:
-                    self._order[k] = _fast.magnitude_order(d)
+                    self._order[k] = kinputs.magnitude_order(d)
                 order.append(self._order[k])
             else:
                 order.append(None)
         uniforms = l1 = None
-        if op.name in _fast.BERNOULLI and plan.recipe.rng == "mergekit":  # mergekit's draws, kept
+        tv = op.task_vector
+        if tv is not None and tv.sparsification == "bernoulli" and plan.recipe.rng == "mergekit":
+            # DARE with mergekit's stream: its draws, kept
             uniforms = self._uniforms(job, plan, deltas)
             l1 = [self._l1_norm(r, d) if d is not None else None for r, d in zip(job.models, deltas)]
-        got = _fast.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
-        if op.uses_sorted_abs and _jit.AVAILABLE:  # TIES: its pass may read the 16-bit sources
+        got = kinputs.CachedInputs(n, base.view(-1), [None] * len(job.models), deltas, order, uniforms, l1)
+        if op.uses_sorted_abs and jit_core.AVAILABLE:  # TIES: its pass may read the 16-bit sources
             srcs = [self.stored(job, r).view(-1) for r in (base_read, *job.models)]
             if srcs[0].dtype in (torch.float16, torch.bfloat16) and all(t.dtype == srcs[0].dtype for t in srcs):
-                got.src16 = tuple(_jit.bits16(t) for t in srcs)
+                got.src16 = kinputs.Sources16(jit_core.bits16(srcs[0]), tuple(jit_core.bits16(t) for t in srcs[1:]))
         return got
 
     def _l1_norm(self, r, delta: torch.Tensor) -> torch.Tensor:
@@ -402,7 +407,7 @@ class TrialMerger:
         guard = FiniteGuard("in the trial merger's candidate")
         with torch.no_grad():
             for job, key, merged in self.merged_tensors(recipe, seed, only_changed=True,
-                                                         target=lambda j: self._params.get(j.name)):
+                                                        target=lambda j: self._params.get(j.name)):
                 stats.kernels[merged.kernel] = stats.kernels.get(merged.kernel, 0) + 1
                 out = merged.out
                 if out is None:  # written in place by the kernel

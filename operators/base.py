@@ -140,6 +140,22 @@ class OperatorSpec:
     uses_sorted_abs: bool = False  # benefits from precomputed magnitude order
     aliases: tuple[str, ...] = field(default_factory=tuple)
     kernels: tuple[KernelSpec, ...] = ()  # fast kernels, tried in order before the reference `fn`
+    # What the chunked and compiled kernels (mergelab.kernels) compute for this operator, read by
+    # them instead of its name: a weighted sum of the models (linear), or the task-vector method
+    # (operators.task_vectors.TaskVectorMethod: its sparsification and mix). An operator that sets
+    # neither declares no such kernel.
+    weighted_sum: bool = False
+    task_vector: Any = None
+    # mergekit adds a base_model the recipe does not list among `models` to the average (with
+    # the global weight) for this operator (linear, karcher)
+    averages_unlisted_base: bool = False
+    # its merge equals model j exactly when model j has weight 1, every other model weight 0,
+    # density 1 and lambda 1: the layer-source search (search.space) overrides layers that way
+    layer_source: bool = False
+    # mergekit's passthrough: the merge is one model's tensor (times the optional per-model
+    # `scale`), and a recipe's slices always stack layer ranges (mergelab.stack, whose candidate
+    # builder serves only these operators), even one uniform slice group
+    layer_stacking: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

@@ -67,6 +67,9 @@ register(
         ),
         needs_base=False,
         min_models=1,
+        weighted_sum=True,
+        averages_unlisted_base=True,
+        layer_source=True,
         kernels=(
             # the compiled weighted sum of the 16-bit sources as stored, into the model's parameter
             KernelSpec("linear16", "mergelab.kernels.memory:linear16", "memory"),

@@ -27,5 +27,6 @@ register(
         paper="mergekit's passthrough (https://github.com/arcee-ai/mergekit)",
         min_models=1,
         max_models=1,
+        layer_stacking=True,
     )
 )

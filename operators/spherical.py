@@ -203,5 +203,6 @@ register(
         ),
         paper="Karcher mean merging (arXiv 2603.04972)",
         min_models=1,
+        averages_unlisted_base=True,
     )
 )

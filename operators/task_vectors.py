@@ -339,6 +339,8 @@ def _spec(m: TaskVectorMethod, paper: str) -> OperatorSpec:
         uses_deltas=True,
         uses_sorted_abs=m.sparsification in ("magnitude", "breadcrumbs"),
         kernels=_kernels(m),
+        task_vector=m,
+        layer_source=m.sparsification in ("none", "magnitude", "bernoulli"),
     )
 
 

@@ -28,9 +28,6 @@ from mergelab.errors import MergelabError
 
 from .config import FUSION_MEMBERS, FUSION_WEIGHTINGS, FusionSearchConfig, SearchConfig, _range
 
-# Operators whose merge equals model j exactly when model j has weight 1, every other model
-# weight 0, density 1 and lambda 1: the layer-source search overrides those layers that way.
-LAYER_SOURCE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 _CHOICE_EPS = 1e-9
 
 
@@ -213,8 +210,9 @@ class Space:
                 gparams[spec.name] = copy.deepcopy(self.fixed_global[spec.name])
         if self.layer_sources:
             self._apply_layer_sources(values, op, models, gparams)
-        if method == "linear" and all(m["model"] != self.base_model for m in models):
-            # linear averages an unlisted base_model in (mergekit's rule): list it with weight 0
+        if op.averages_unlisted_base and op.param("weight") is not None \
+                and all(m["model"] != self.base_model for m in models):
+            # an unlisted base_model is averaged in (mergekit's rule for linear): list it with weight 0
             models.append({"model": self.base_model, "parameters": {"weight": 0.0}})
         recipe: dict[str, Any] = {"merge_method": method, "base_model": self.base_model, "models": models}
         if gparams:
@@ -378,10 +376,12 @@ def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
                 + f" models; `models` lists {n}."
             )
     if cfg.layer_sources:
-        bad = [o.name for o in ops if o.name not in LAYER_SOURCE_METHODS]
+        bad = [o.name for o in ops if not o.layer_source]
         if bad:
+            # the operators that declare it (OperatorSpec.layer_source)
+            able = [n for n in operator_names() if get_operator(n).layer_source]
             raise MergelabError(
-                f"search config `layer_sources: true` works with {', '.join(LAYER_SOURCE_METHODS)} "
+                f"search config `layer_sources: true` works with {', '.join(able)} "
                 f"(a layer taken from one model = weight 1 for it, 0 for the others); `method` has "
                 f"{', '.join(bad)}. Remove those methods or turn layer_sources off."
             )

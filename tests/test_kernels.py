@@ -3,11 +3,14 @@ function, tensor by tensor, on every device present: the seam's promise that whi
 never changes a value."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-from mergelab import _fast
 from mergelab.engine import JobReader, prepare, run_operator
+from mergelab.kernels import inputs as kinputs
+from mergelab.kernels import jit_core
 from mergelab.kernels.select import REFERENCE, KernelCall, Merged, _impl, applicable, run_job
 from mergelab.trial import TrialMerger
 from operators import get_operator, operator_names
@@ -55,9 +58,11 @@ def _cases():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op,kernel,where,rng", list(_cases()))
-def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, where, rng):
+def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, where, rng, monkeypatch):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device here: the CUDA cases run where torch sees a GPU")
+    if importlib.util.find_spec("numba") is not None:  # the compiled kernels are under test, also with MERGELAB_JIT=0
+        monkeypatch.setattr(jit_core, "AVAILABLE", True)
     spec = get_operator(op)
     kspec = next(k for k in spec.kernels if k.name == kernel and k.where == where)
     if device not in kspec.devices:
@@ -79,7 +84,7 @@ def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, 
             base = reads[(job.base.ref, job.base.tensor)] if job.base is not None else None
             want = run_operator(job, plan, base, [reads[(r.ref, r.tensor)] for r in job.models]).to(job.out_dtype)
             dest = torch.empty(job.shape, dtype=torch.float32, device=dev)
-            source = tm if tm is not None else JobReader(job, sources, _fast.Workspace())
+            source = tm if tm is not None else JobReader(job, sources, kinputs.Workspace())
             got = impl(KernelCall(plan, job, where, dev, torch.float32, source, dest))
             assert got is not None, f"{kernel} declined {job.name}"  # this family suits every kernel
             got = dest.to(job.out_dtype) if got is True else got
@@ -88,8 +93,11 @@ def test_every_kernel_equals_its_operators_reference(fam16, device, op, kernel, 
     assert merged > 0
 
 
-def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16):
+def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16, monkeypatch):
     # dare_ties with mergekit's stream in memory: dare16 first; with the counter stream: chunked
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba (the `fast` extra) is not installed: dare16 is compiled only")
+    monkeypatch.setattr(jit_core, "AVAILABLE", True)  # also when the suite runs with MERGELAB_JIT=0
     plan, sources = prepare(_recipe(fam16, "dare_ties", "mergekit"))
     job = next(j for j in plan.jobs if not j.copy)
     tm = TrialMerger(plan.recipe.base_model, plan.recipe.model_refs, cache="fast", sources=sources)
@@ -103,5 +111,39 @@ def test_selection_takes_the_first_applicable_kernel_and_names_it(fam16):
     assert [k.name for k in applicable(get_operator("dare_ties"), call2)] == ["chunked"]
     # float64 compute: no declared kernel suits it, the reference runs
     call3 = KernelCall(plan2, plan2.jobs[-1], "disk", torch.device("cpu"), torch.float64,
-                       JobReader(plan2.jobs[-1], sources, _fast.Workspace()))
+                       JobReader(plan2.jobs[-1], sources, kinputs.Workspace()))
     assert applicable(get_operator("dare_ties"), call3) == [] and run_job(call3).kernel == REFERENCE
+
+
+
+def test_dare16_declines_when_the_compiled_loops_are_off(fam16, monkeypatch):
+    # MERGELAB_JIT=0 (or no numba): dare16 cannot build its draw keys, so it declines and the
+    # chunked kernel merges the tensor (before, building the keys raised)
+    monkeypatch.setattr(jit_core, "AVAILABLE", False)
+    plan, sources = prepare(_recipe(fam16, "dare_ties", "mergekit"))
+    job = next(j for j in plan.jobs if not j.copy)
+    tm = TrialMerger(plan.recipe.base_model, plan.recipe.model_refs, cache="fast", sources=sources)
+    tm._assign_tiers(plan)
+    assert tm.dare16_sources(job, plan) is None
+    call = KernelCall(plan, job, "memory", torch.device("cpu"), torch.float32, tm,
+                      torch.empty(job.shape, dtype=torch.float32))
+    assert run_job(call) == Merged("chunked", None)
+
+def test_operators_declare_what_the_kernels_recipes_and_search_read_instead_of_names():
+    # the chunked/compiled kernels read `weighted_sum` / `task_vector` from the spec, never the name:
+    # every operator that declares them says what they compute, and no other operator declares them
+    chunked = {op for op in operator_names() if any(k.name == "chunked" for k in get_operator(op).kernels)}
+    assert chunked == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"}
+    for op in operator_names():
+        spec = get_operator(op)
+        assert not (spec.weighted_sum and spec.task_vector is not None), op
+        declares = spec.weighted_sum or (spec.task_vector is not None
+                                         and spec.task_vector.sparsification in ("none", "magnitude", "bernoulli"))
+        assert (op in chunked) == declares, op
+        if spec.task_vector is not None:
+            assert spec.task_vector.name == op
+    assert [op for op in operator_names() if get_operator(op).weighted_sum] == ["linear"]
+    assert [op for op in operator_names() if get_operator(op).averages_unlisted_base] == ["karcher", "linear"]
+    assert [op for op in operator_names() if get_operator(op).layer_source] == \
+        ["dare_linear", "dare_ties", "linear", "task_arithmetic", "ties"]
+    assert [op for op in operator_names() if get_operator(op).layer_stacking] == ["passthrough"]

@@ -482,11 +482,11 @@ def test_precomputed_path_is_bit_identical(op):
 
 @pytest.mark.parametrize("n,start", [(1, 0), (5000, 0), (70_001, 123_457), (300, (1 << 32) - 100)])
 def test_compiled_counter_mask_and_sums_equal_the_torch_stream(n, start):
-    from mergelab import _jit
+    from mergelab.kernels import jit_core
     from mergelab.kernels import counter_jit
     from operators.draws import CounterStream, exact_l1, fixed_scale
 
-    if not _jit.AVAILABLE:
+    if not jit_core.AVAILABLE:
         pytest.skip("numba (the `fast` extra) is not installed: the compiled pass is optional")
     a = (rand(n, seed=n) * torch.logspace(-5, 1, n)).abs()
     stream = CounterStream(0xDEADBEEF_12345678, position=start)

@@ -97,6 +97,18 @@ def test_filters_io_group_and_layer_sources(world):
     assert r["parameters"]["lambda"] == [1.0, 1.0, 1.0, 1.0]
 
 
+
+def test_layer_sources_refuse_an_operator_that_does_not_declare_it(world):
+    # OperatorSpec.layer_source decides (breadcrumbs' gamma keeps it from equalling one model)
+    cfg = parse_search_config({"base_model": str(world / "base"), "models": [str(world / "m1"), str(world / "m2")],
+                               "method": ["ties", "breadcrumbs"], "space": {"weight": [0, 1]},
+                               "layer_groups": 2, "layer_sources": True, "eval": "x"})
+    with pytest.raises(MergelabError) as e:
+        build_space(cfg, world / "base")
+    assert "works with dare_linear, dare_ties, linear, task_arithmetic, ties" in str(e.value)
+    assert "`method` has breadcrumbs." in str(e.value)
+
+
 @pytest.mark.parametrize("over, needle", [
     ({"space": {"weight": [1.5, 0]}}, "space.weight: [1.5, 0]` is reversed"),
     ({"space": {"weight": [0, 1], "temperature": [0, 1]}}, "`space.temperature`: `temperature` is not a parameter of ties"),

@@ -143,16 +143,16 @@ def family16(request, tmp_path_factory):
 def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, monkeypatch, method):
     # the 16-bit pass (sources as stored, 1-byte draw keys) writes what `mergelab merge` writes and
     # what the torch kernels give (compiled loops off), over several candidates of one search
-    from mergelab import _fast, _jit
+    from mergelab.kernels import cached, jit_core
 
     import importlib.util
 
     if importlib.util.find_spec("numba") is None:
         pytest.skip("numba (the `fast` extra) is not installed: the 16-bit pass is compiled only")
-    monkeypatch.setattr(_jit, "AVAILABLE", True)  # also when the suite runs with MERGELAB_JIT=0
+    monkeypatch.setattr(jit_core, "AVAILABLE", True)  # also when the suite runs with MERGELAB_JIT=0
     calls = []
-    real = _fast.dare16_into
-    monkeypatch.setattr(_fast, "dare16_into", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = cached.dare16_into
+    monkeypatch.setattr(cached, "dare16_into", lambda *a: calls.append(real(*a)) or calls[-1])
     base, *fts = (str(p) for p in family16)
     tm = TrialMerger(base, fts, cache="fast")
     for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)),
@@ -166,9 +166,9 @@ def test_dare_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
         disk = load_dir(tmp_path / f"out{i}")
         for k in disk:
             assert torch.equal(params[k].detach(), disk[k].float()), (i, k)
-        monkeypatch.setattr(_jit, "AVAILABLE", False)  # the torch kernels, same candidate
+        monkeypatch.setattr(jit_core, "AVAILABLE", False)  # the torch kernels, same candidate
         ref = TrialMerger(base, fts).state_dict(r)
-        monkeypatch.setattr(_jit, "AVAILABLE", True)
+        monkeypatch.setattr(jit_core, "AVAILABLE", True)
         assert all(torch.equal(ref[k], disk[k]) for k in disk)
     assert calls == [True] * (3 * len(disk))  # every tensor of every candidate took the pass
     assert tm._draws == {} and tm._deltas == {}  # no float32 draws or task vectors held
@@ -186,14 +186,14 @@ def test_ties_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
     # values as `mergelab merge` and as the torch kernels
     import importlib.util
 
-    from mergelab import _jit
+    from mergelab.kernels import jit_core, jit_taskvec
 
     if importlib.util.find_spec("numba") is None:
         pytest.skip("numba (the `fast` extra) is not installed: the 16-bit pass is compiled only")
-    monkeypatch.setattr(_jit, "AVAILABLE", True)
+    monkeypatch.setattr(jit_core, "AVAILABLE", True)
     calls = []
-    real = _jit.cut16_pass
-    monkeypatch.setattr(_jit, "cut16_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = jit_taskvec.cut16_pass
+    monkeypatch.setattr(jit_taskvec, "cut16_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     base, *fts = (str(p) for p in family16)
     tm = TrialMerger(base, fts, cache="fast")
     for i, (w, d) in enumerate((((0.5, 0.3, 0.2), (0.5, 0.6, 0.7)), ((0.9, -0.4, 0.3), (0.1, 0.95, 0.33)))):
@@ -204,9 +204,9 @@ def test_ties_from_16bit_sources_equals_disk_and_torch_path(family16, tmp_path, 
         merge_to_dir(r, tmp_path / f"out{i}")
         disk = load_dir(tmp_path / f"out{i}")
         assert all(torch.equal(params[k].detach(), disk[k].float()) for k in disk)
-        monkeypatch.setattr(_jit, "AVAILABLE", False)
+        monkeypatch.setattr(jit_core, "AVAILABLE", False)
         ref = TrialMerger(base, fts).state_dict(r)
-        monkeypatch.setattr(_jit, "AVAILABLE", True)
+        monkeypatch.setattr(jit_core, "AVAILABLE", True)
         assert all(torch.equal(ref[k], disk[k]) for k in disk)
     assert len(calls) == 2 * len(disk)  # every tensor of both candidates
 

@@ -12,7 +12,7 @@ import torch
 
 from operators.draws import _BITS, _C1, _C2, keep_threshold
 
-from .. import _jit
+from . import jit_core
 
 _M32 = 0xFFFFFFFF
 _C2U = _C2 & _M32
@@ -58,7 +58,7 @@ def _compiled():
 
 
 def available() -> bool:
-    return _jit.AVAILABLE
+    return jit_core.AVAILABLE
 
 
 def mask_l1(a: torch.Tensor, key: int, start: int, density: float, scale: torch.Tensor | None,
@@ -76,7 +76,7 @@ def mask_l1(a: torch.Tensor, key: int, start: int, density: float, scale: torch.
 
 class CounterSlices:
     """A row's counter-stream mask, redrawn slice by slice in flat order during a merge (the
-    interface of `_jit.MTStream.mask_into`): nothing tensor-sized is held for it."""
+    interface of `mt19937.MTStream.mask_into`): nothing tensor-sized is held for it."""
 
     def __init__(self, key: int, position: int):
         self.key, self.position = key, position

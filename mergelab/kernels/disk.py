@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _fast
+from . import chunked as _chunked
+from . import inputs as inp
 from .select import KernelCall
 
 
@@ -16,14 +17,14 @@ def copy(call: KernelCall) -> torch.Tensor:
 
 
 def chunked(call: KernelCall) -> torch.Tensor | None:
-    """linear and the task-vector methods slice by slice through reused buffers (`_fast`)."""
+    """linear and the task-vector methods slice by slice through reused buffers (`kernels.chunked`)."""
     reader, job = call.source, call.job
-    if not _fast.supported(call.plan, job, call.compute_dtype, reader.sources):
+    if not _chunked.supported(call.plan, job, call.compute_dtype, reader.sources):
         return None
-    inputs = _fast.DiskInputs(job, reader.sources, call.plan.recipe.base_index, reader.ws)
-    out, sink = _fast.full_output(job, reader.output())
-    _fast.merge_job(call.plan, job, inputs, sink, reader.ws)
-    return out
+    inputs = inp.DiskInputs(job, reader.sources, call.plan.recipe.base_index, reader.ws)
+    full = inp.full_output(job, reader.output())
+    _chunked.merge_job(call.plan, job, inputs, full.sink, reader.ws)
+    return full.out
 
 
 def reference(call: KernelCall) -> torch.Tensor:

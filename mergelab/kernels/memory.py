@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _fast
+from . import cached
+from . import chunked as _chunked
+from . import inputs as inp
 from .select import KernelCall
 
 
@@ -29,7 +31,7 @@ def linear16(call: KernelCall) -> bool | None:
     tm, job, dest = call.source, call.job, _dest(call)
     if dest is None:
         return None
-    return True if _fast.linear_into(job, [tm.stored(job, r).view(-1) for r in job.models], dest) else None
+    return True if cached.linear_into(job, [tm.stored(job, r).view(-1) for r in job.models], dest) else None
 
 
 def dare16(call: KernelCall) -> bool | None:
@@ -38,27 +40,27 @@ def dare16(call: KernelCall) -> bool | None:
     if dest is None:
         return None
     src = tm.dare16_sources(job, call.plan)
-    if src is None or not _fast.dare16_into(call.plan, job, src, dest, tm.workspace):
+    if src is None or not cached.dare16_into(call.plan, job, src, dest, tm.workspace):
         return None
     return True
 
 
 def chunked(call: KernelCall) -> torch.Tensor | bool | None:
-    """The chunked/compiled kernels (`_fast.merge_job`) over the cache: float32 task vectors and
+    """The chunked/compiled kernels (`chunked.merge_job`) over the cache: float32 task vectors and
     magnitude orders where the merger keeps them (its fast tier), else the sources as stored."""
     tm, job, plan = call.source, call.job, call.plan
-    if not _fast.supported(plan, job, call.compute_dtype, fitted=True):
+    if not _chunked.supported(plan, job, call.compute_dtype, fitted=True):
         return None
     inputs = tm.fast_inputs(job, plan) if tm.tier(job) == "fast" else \
-        _fast.StoredInputs(job, tm.stored_map(job), plan.recipe.base_index, tm.workspace)
+        inp.StoredInputs(job, tm.stored_map(job), plan.recipe.base_index, tm.workspace)
     dest = _dest(call)
     if dest is not None:
-        _fast.merge_job(plan, job, inputs, _fast.into_tensor(dest, job.out_dtype, tm.workspace), tm.workspace,
-                        dest if dest.dtype == torch.float32 else None)
+        _chunked.merge_job(plan, job, inputs, inp.into_tensor(dest, job.out_dtype, tm.workspace), tm.workspace,
+                           dest if dest.dtype == torch.float32 else None)
         return True
-    out, sink = _fast.full_output(job)
-    _fast.merge_job(plan, job, inputs, sink, tm.workspace)
-    return out
+    full = inp.full_output(job)
+    _chunked.merge_job(plan, job, inputs, full.sink, tm.workspace)
+    return full.out
 
 
 def reference(call: KernelCall) -> torch.Tensor:
