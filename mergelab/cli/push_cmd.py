@@ -26,12 +26,13 @@ def resolve_model_dir(path: Path) -> Path:
     reused when it already holds the current best)."""
     if not is_run_dir(path):
         return path
+    from search.export import export_best
     from search.rundir import RunDir
 
     from .progress import count_bar
 
     with count_bar("export") as on_tensor:
-        return Path(RunDir.open(path).export_best(on_tensor=on_tensor))
+        return Path(export_best(RunDir.open(path), on_tensor=on_tensor))
 
 
 @contextlib.contextmanager
@@ -70,6 +71,7 @@ def planned_run_push(run_path: Path, repo_id: str, revision: str | None):
     """What `push RUN` would upload when the best trial is not exported yet, without exporting:
     the files of the planned export (weights sized from the plan, when the sources can be read
     offline) and the card it would carry. Returns (PushResult, notes)."""
+    from search.export import search_metadata
     from search.rundir import RunDir
 
     from ..card import CARD_FILE, RECIPE_FILE, SEARCH_FILE, model_card_files, sources_info_from_local
@@ -78,12 +80,12 @@ def planned_run_push(run_path: Path, repo_id: str, revision: str | None):
     check_repo_id(repo_id)
     rd = RunDir.open(run_path)
     best = rd.summary()["best"]
-    rec = next((r for r in rd.trials() if r.get("number") == best["number"] and r.get("recipe")), None)
+    rec = next((r for r in rd.trial_records() if r.number == best["number"] and r.recipe), None)
     if rec is None:
         raise MergelabError(f"Run {run_path}: trials.jsonl has no recipe for the best trial {best['number']}.")
     target = rd.path / "best" / "model"
-    search = rd.search_metadata(rec)
-    recipe = rec["recipe"]
+    search = search_metadata(rd, rec)
+    recipe = rec.recipe
     notes = [f"The best trial ({best['number']}) is not exported yet; a real push exports it to {target} first."]
     files: list[tuple[str, int]] = []
     with _offline():

@@ -14,7 +14,7 @@ import click
 
 from ..errors import MergelabError
 
-STORAGE_ENV = "MERGELAB_STORAGE"  # = search.loop.STORAGE_ENV (not imported: the CLI loads search lazily)
+STORAGE_ENV = "MERGELAB_STORAGE"  # = search.storage.STORAGE_ENV (not imported: the CLI loads search lazily)
 
 
 @click.command()
@@ -30,7 +30,8 @@ STORAGE_ENV = "MERGELAB_STORAGE"  # = search.loop.STORAGE_ENV (not imported: the
 def search(config, run, storage, workers, worker, no_tui, dry_run, device, share_gpus):
     """Search merge recipes for CONFIG (a search YAML); results go to a run directory."""
     from search.config import load_search_config
-    from search.loop import prepare_run, validate_config, worker_devices
+    from search.loop import prepare_run
+    from search.validate import validate_config, worker_devices
 
     if worker and storage is None:
         storage = os.environ.get(STORAGE_ENV)  # how `--workers N` hands its workers the URL
@@ -179,10 +180,10 @@ def show(run, top):
 @click.option("--device", default=None, help="Device for the merge (default: the run's).")
 def export(run, out_dir, trial, device):
     """Write the merged model of the best (or --trial N) trial of RUN to OUT_DIR."""
-    from search.loop import export_trial
+    from search.export import export_trial
 
     path, rec = export_trial(run, out_dir, trial=trial, device=device)
-    click.echo(f"trial {rec['number']} (score {rec['value']:.6g}) written to {path}")
-    if rec.get("fusion"):
+    click.echo(f"trial {rec.number} (score {rec.value:.6g}) written to {path}")
+    if rec.fusion:
         click.echo(f"that score is of a logit-fusion hybrid over this merge: `mergelab eval "
                    f"{Path(path) / 'fusion_recipe.yaml'} --eval SPEC` reproduces it")

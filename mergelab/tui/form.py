@@ -278,7 +278,7 @@ def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
     Messages come from search.config / search.space / search.loop / mergelab.eval unchanged; each
     is filed under the field it names (see field_of)."""
     from search.config import parse_search_config
-    from search.loop import missing_spec_file, validate_config
+    from search.validate import missing_spec_file, validate_config
     from search.space import build_space
 
     res = FormCheck()

@@ -185,9 +185,9 @@ class RunReader:
                 return None
             import optuna
 
-            from search.loop import _open_storage
+            from search.storage import open_storage
 
-            self._study = optuna.load_study(study_name=self.rd.study_name(), storage=_open_storage(url, heartbeat=False))
+            self._study = optuna.load_study(study_name=self.rd.study_name(), storage=open_storage(url, heartbeat=False))
         except Exception:
             self._study_failed = True
         return self._study
