@@ -328,7 +328,9 @@ def test_racing_worker_gives_up_a_trial_past_the_budget(world, tmp_path):
     gives it up before evaluating it (not counted, no trials.jsonl line)."""
     import optuna
 
-    from search.loop import _one_trial, _open_storage, config_of
+    from search.loop import _one_trial
+    from search.storage import open_storage
+    from search.validate import config_of
     from search.optimizers import ABANDONED_ATTR, make_sampler, n_counted
 
     journal = f"journal:{tmp_path / 'j.log'}"
@@ -336,7 +338,7 @@ def test_racing_worker_gives_up_a_trial_past_the_budget(world, tmp_path):
     rd = prepare_run(cfg_path, tmp_path / "run", storage=journal)
     run_search(rd, sphere, worker=True, max_trials_this_session=2)
     cfg, space = config_of(rd)
-    storage = _open_storage(rd.storage_url(), False)
+    storage = open_storage(rd.storage_url(), False)
     study = optuna.load_study(study_name=rd.study_name(), storage=storage,
                               sampler=make_sampler("random", space, cfg.seed))
     other = study.ask()  # trial 2: another worker took the last slot and is evaluating it
