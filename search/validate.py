@@ -11,7 +11,16 @@ from mergelab.errors import MergelabError
 
 from .config import SearchConfig, parse_search_config
 from .rundir import RunDir
-from .space import Space, build_space
+from .dataflow import build_dataflow_space
+from .space import Space, build_merge_space
+
+
+def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
+    """The config's search space: layer paths for a `dataflow:` config (search/dataflow.py),
+    else merge coefficients (search/space.py). base_path: the base model's local directory."""
+    if cfg.dataflow is not None:
+        return build_dataflow_space(cfg, base_path)
+    return build_merge_space(cfg, base_path)
 
 
 def scorer_names(spec_ref: str | dict, base_dir: str | Path = ".") -> list[str]:

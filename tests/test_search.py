@@ -19,7 +19,7 @@ from mergelab.errors import MergelabError
 from search.config import parse_search_config
 from search.loop import prepare_run, run_search
 from search.rundir import RunDir
-from search.space import build_space
+from search.validate import build_space
 from search.synthetic import sphere
 
 from conftest import write_tiny_model

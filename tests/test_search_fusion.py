@@ -15,7 +15,7 @@ from conftest import make_llama
 from mergelab.errors import MergelabError
 from search.config import parse_search_config
 from search.loop import prepare_run, run_search
-from search.space import build_space
+from search.validate import build_space
 
 ITEMS_MC = [
     {"prompt": "12+7=", "choices": ["19", "21", "5"], "answer": 0},

@@ -87,7 +87,9 @@ def _run(rd, worker: bool, no_tui: bool, storage: str | None = None, device: str
     if not no_tui and sys.stdout.isatty() and sys.stdin.isatty():
         from mergelab.tui import search_with_dashboard
 
-        return search_with_dashboard(rd, worker=worker)
+        # the same search as without the dashboard: the run's storage (with its password) and
+        # this process's device go to run_search either way
+        return search_with_dashboard(rd, worker=worker, storage=storage, device=device)
     return run_search(rd, worker=worker, log=click.echo, storage=storage, device=device)
 
 

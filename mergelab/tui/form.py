@@ -279,7 +279,7 @@ def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
     is filed under the field it names (see field_of)."""
     from search.config import parse_search_config
     from search.validate import missing_spec_file, validate_config
-    from search.space import build_space
+    from search.validate import build_space
 
     res = FormCheck()
     name_err = check_name(values.name.strip(), runs_dir)
