@@ -158,11 +158,11 @@ def show(run, top):
     s = rd.status()
     click.echo(f"{s.name}: {s.status} ({s.detail}), {s.trials_done}/"
                f"{s.budget_trials or '-'} trials, optimizer {s.optimizer}")
-    recs = [r for r in rd.trials() if r.get("value") is not None]
-    recs.sort(key=lambda r: r["value"], reverse=True)
+    recs = [r for r in rd.trial_records() if r.value is not None]
+    recs.sort(key=lambda r: r.value, reverse=True)
     for r in recs[:top]:
-        scores = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("scores") or {}).items())
-        click.echo(f"  trial {r['number']:4d}  {r['value']:.6g}  {scores}")
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in r.scores.items() if isinstance(v, (int, float)))
+        click.echo(f"  trial {r.number:4d}  {r.value:.6g}  {scores}")
     from search.heldout import cached_held_out, held_out_table
 
     h = cached_held_out(rd)
