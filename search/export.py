@@ -36,11 +36,11 @@ def search_metadata(run: str | Path | RunDir, record: TrialRecord | dict | None 
     import yaml
 
     rd = _run(run)
-    s = rd.summary()
+    s = rd.run_summary()
     res = rd.resolved()
     if isinstance(record, TrialRecord):
         record = record.to_json()
-    best = s.get("best") if record is None else record
+    best = s.best if record is None else record
     if not best:
         raise MergelabError(f"Run {rd.path} has no finished trial yet; nothing to export.")
 
@@ -61,8 +61,8 @@ def search_metadata(run: str | Path | RunDir, record: TrialRecord | dict | None 
     metrics = dict(best.get("metrics") or {})
     metrics["combined"] = best.get("value")
     out = {
-        "optimizer": (res.get("optimizer") or {}).get("name") or s.get("optimizer"),
-        "n_trials": int(s.get("trials_done", 0)),
+        "optimizer": (res.get("optimizer") or {}).get("name") or s.optimizer,
+        "n_trials": s.trials_done,
         "eval_spec": spec_doc(res.get("eval")),
         "best_trial": best["number"],
         "best_metrics": metrics,
@@ -89,11 +89,11 @@ def export_best(run: str | Path | RunDir, out_dir: str | os.PathLike | None = No
     trial (with the same held-out scores) already there is reused; a stale one in the default
     folder is replaced. With `test_eval`, the held-out scores come first (search/heldout.py)."""
     rd = _run(run)
-    best = rd.summary().get("best")
-    if not best:
+    number = rd.run_summary().best_number
+    if number is None:
         raise MergelabError(f"Run {rd.path} has no finished trial yet; nothing to export.")
     dev = device if device != "auto" else (rd.resolved().get("device") or "auto")
-    held_out(rd, best["number"], device=dev)  # before anything is written; cached
+    held_out(rd, number, device=dev)  # before anything is written; cached
     meta = search_metadata(rd)
     target = Path(out_dir) if out_dir is not None else rd.inside(BEST_DIR, BEST_MODEL_DIR)
     old = target / SEARCH_META_FILE
@@ -107,7 +107,7 @@ def export_best(run: str | Path | RunDir, out_dir: str | os.PathLike | None = No
         if (prev.get("best_trial") == meta["best_trial"] and prev.get("run_name") == meta["run_name"]
                 and prev.get("test_metrics") == meta.get("test_metrics")):
             return target
-    export_trial(rd, target, trial=best["number"], device=dev, on_tensor=on_tensor,
+    export_trial(rd, target, trial=number, device=dev, on_tensor=on_tensor,
                  overwrite=out_dir is None, held_out=False)
     return target
 
@@ -130,10 +130,9 @@ def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | 
 
     rd = _run(run)
     if trial is None:
-        best = rd.summary().get("best")
-        if not best:
+        trial = rd.run_summary().best_number
+        if trial is None:
             raise MergelabError(f"Run {rd.path} has no finished trial yet; nothing to export.")
-        trial = best["number"]
     rec = next((r for r in rd.trial_records() if r.number == trial and r.complete and r.recipe), None)
     if rec is None:
         raise MergelabError(

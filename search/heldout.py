@@ -55,8 +55,7 @@ def _read_cache(rd: RunDir, key: str) -> dict:
 def _trial_or_best(rd: RunDir, trial: int | None) -> int | None:
     if trial is not None:
         return trial
-    best = rd.summary().get("best")
-    return best["number"] if best else None
+    return rd.run_summary().best_number
 
 
 def cached_held_out(rd: RunDir, trial: int | None = None) -> dict | None:

@@ -316,7 +316,7 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
 
     recover()
     reconcile_jsonl(study, rd, logline)
-    if repaired or (not worker and int(rd.summary().get("trials_done", 0)) != n_counted_records(rd)):
+    if repaired or (not worker and rd.run_summary().trials_done != n_counted_records(rd)):
         rebuild_summary(rd, logline)  # counts from the (repaired) lines, not from increments
     if cfg.warm_start and not study.get_trials(deepcopy=False) and opt != "pycma":
         from mergelab.recipe import load_recipe
@@ -341,7 +341,7 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
         sig.install()
     budget_trials = cfg.budget.trials
     budget_timeout = cfg.budget.timeout
-    elapsed_before = float(rd.summary().get("elapsed_s", 0.0))
+    elapsed_before = rd.run_summary().elapsed_s
     session_start = time.time()
     stop_hb = threading.Event()
     current = {"trial": None, "paused": False}
@@ -461,8 +461,8 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
         if install_signals:
             sig.restore()
         logline(f"search {status}: {detail}")
-    s = rd.summary()
-    return SearchResult(status, detail, int(s.get("trials_done", 0)), s.get("best"))
+    s = rd.run_summary()
+    return SearchResult(status, detail, s.trials_done, s.best)
 
 
 def _make_pruner(cfg: SearchConfig):

@@ -112,3 +112,99 @@ class TrialRecord:
                 out[k] = getattr(self, k)
         out.update(self.extra)
         return out
+
+
+_SUMMARY_KEYS = ("name", "status", "detail", "paused", "optimizer", "directions", "objective_names", "budget",
+                 "trials_done", "trials_complete", "trials_failed", "trials_pruned", "elapsed_s", "created",
+                 "updated", "best", "pareto", "device", "seed", "storage")
+
+
+def _best_ok(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("number"), int) and not isinstance(v.get("number"), bool)
+            and (v.get("value") is None or _num(v.get("value"))))
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """summary.json (search/rundir.py, SUMMARY), read once. `best` keeps the file's mapping
+    ({number, value, values, metrics, scores, params[, fusion]}), checked to have an integer
+    number and a numeric (or null) value."""
+
+    name: str | None = None
+    status: str = "stopped"
+    detail: str = ""
+    paused: bool = False
+    optimizer: str | None = None
+    directions: list[str] = field(default_factory=lambda: ["maximize"])
+    objective_names: list[str] = field(default_factory=lambda: ["combined"])
+    budget_trials: int | None = None
+    budget_timeout: float | None = None
+    trials_done: int = 0
+    trials_complete: int = 0
+    trials_failed: int = 0
+    trials_pruned: int = 0
+    elapsed_s: float = 0.0
+    created: float | None = None
+    updated: float | None = None
+    best: dict | None = None
+    pareto: list[dict] = field(default_factory=list)
+    device: str | None = None
+    seed: int | None = None
+    storage: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_number(self) -> int | None:
+        return self.best["number"] if self.best else None
+
+    @property
+    def best_value(self) -> float | None:
+        return self.best.get("value") if self.best else None
+
+    @classmethod
+    def from_json(cls, d: Any, strict: bool = True) -> "RunSummary":
+        """The summary of a parsed summary.json. strict: RecordError names the first key with a
+        wrong type; not strict (a viewer scanning many runs): such a key takes its default."""
+        if not isinstance(d, dict):
+            if strict:
+                raise RecordError(f"summary.json holds a JSON object, not {type(d).__name__}")
+            d = {}
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        is_str = lambda v: isinstance(v, str)  # noqa: E731
+        str_list = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+        budget = d.get("budget") if isinstance(d.get("budget"), dict) else {}
+        checks = {
+            "name": (is_str, "text", d.get("name")),
+            "status": (is_str, "text", d.get("status")),
+            "detail": (is_str, "text", d.get("detail")),
+            "paused": (lambda v: isinstance(v, bool), "true or false", d.get("paused")),
+            "optimizer": (is_str, "an optimizer name", d.get("optimizer")),
+            "directions": (str_list, "a list of directions", d.get("directions")),
+            "objective_names": (str_list, "a list of names", d.get("objective_names")),
+            "budget_trials": (is_int, "an integer (budget.trials)", budget.get("trials")),
+            "budget_timeout": (_num, "a number of seconds (budget.timeout)", budget.get("timeout")),
+            "trials_done": (is_int, "an integer", d.get("trials_done")),
+            "trials_complete": (is_int, "an integer", d.get("trials_complete")),
+            "trials_failed": (is_int, "an integer", d.get("trials_failed")),
+            "trials_pruned": (is_int, "an integer", d.get("trials_pruned")),
+            "elapsed_s": (_num, "a number of seconds", d.get("elapsed_s")),
+            "created": (_num, "a time (epoch s)", d.get("created")),
+            "updated": (_num, "a time (epoch s)", d.get("updated")),
+            "best": (_best_ok, "a trial mapping with an integer number", d.get("best")),
+            "pareto": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list", d.get("pareto")),
+            "device": (is_str, "a device name", d.get("device")),
+            "seed": (is_int, "an integer", d.get("seed")),
+            "storage": (is_str, "a storage URL", d.get("storage")),
+        }
+        kw: dict[str, Any] = {}
+        for key, (ok, want, v) in checks.items():
+            if v is None:
+                continue
+            if not ok(v):
+                if strict:
+                    raise RecordError(f"summary.json: `{key}` is {v!r}, expected {want}")
+                continue
+            kw[key] = v
+        if "elapsed_s" in kw:
+            kw["elapsed_s"] = float(kw["elapsed_s"])
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in _SUMMARY_KEYS})

@@ -121,7 +121,7 @@ def check_identity(rd: RunDir, study: optuna.Study, log) -> None:
 
 def set_budget_trials(rd: RunDir, trials: int) -> None:
     """`mergelab resume --trials N`: the run's trial budget becomes N."""
-    done = int(rd.summary().get("trials_done", 0))
+    done = rd.run_summary().trials_done
     if trials <= done:
         raise MergelabError(
             f"--trials {trials}: run {rd.path} has already counted {done} trials; give a larger budget."

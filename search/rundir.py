@@ -84,7 +84,7 @@ from typing import Any, Callable, Iterator
 
 from mergelab.errors import MergelabError
 
-from .records import RecordError, TrialRecord
+from .records import RecordError, RunSummary, TrialRecord
 
 CONFIG_FILE = "config.yaml"
 RESOLVED_FILE = "resolved.json"
@@ -406,8 +406,7 @@ class RunDir:
         return self.resolved().get("study_name") or "mergelab"
 
     def created(self) -> float | None:
-        s = self.summary()
-        return s.get("created") if s else None
+        return self.run_summary().created
 
     # -- locking --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -482,6 +481,11 @@ class RunDir:
             return json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+
+    def run_summary(self) -> RunSummary:
+        """summary.json read once into a RunSummary (a key of the wrong type takes its default:
+        viewers scan every run, and one damaged file must not stop them)."""
+        return RunSummary.from_json(self.summary(), strict=False)
 
     def write_summary(self, summary: dict) -> None:
         summary["updated"] = time.time()
@@ -628,30 +632,27 @@ class RunDir:
         return max(times) if times else None
 
     def status(self) -> RunStatus:
-        s = self.summary()
-        status = s.get("status", "stopped")
-        detail = s.get("detail", "")
+        s = self.run_summary()
+        status, detail = s.status, s.detail
         workers = self.workers()  # read once: the browser calls this for every run at every scan
         live = [w["worker"] for w in workers if w["alive"]]
         if status == "running" and not live:
             status, detail = "stopped", "interrupted (no live search process)"
-        budget = s.get("budget") or {}
-        best = s.get("best") or {}
         return RunStatus(
             name=self.name,
             path=self.path,
             status=status if status in STATUSES else "stopped",
             detail=detail,
-            paused=bool(s.get("paused")) and status == "running",
-            optimizer=s.get("optimizer"),
-            trials_done=int(s.get("trials_done", 0)),
-            budget_trials=budget.get("trials"),
-            budget_timeout=budget.get("timeout"),
-            best_value=best.get("value"),
-            best_trial=best.get("number"),
-            created=s.get("created"),
+            paused=s.paused and status == "running",
+            optimizer=s.optimizer,
+            trials_done=s.trials_done,
+            budget_trials=s.budget_trials,
+            budget_timeout=s.budget_timeout,
+            best_value=s.best_value,
+            best_trial=s.best_number,
+            created=s.created,
             last_activity=self.last_activity(workers),
-            elapsed_s=float(s.get("elapsed_s", 0.0)),
+            elapsed_s=s.elapsed_s,
             live_workers=live,
         )
 

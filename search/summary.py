@@ -76,5 +76,4 @@ def rebuild_summary(rd: RunDir, log) -> None:
         rd.write_summary(s)
     for rec in sorted(rd.trial_records(), key=lambda r: r.number):
         update_summary(rd, rec.to_json(), lambda m: None)
-    s = rd.summary()
-    log(f"summary rebuilt from trials.jsonl: {s['trials_done']} trials counted")
+    log(f"summary rebuilt from trials.jsonl: {rd.run_summary().trials_done} trials counted")

@@ -76,3 +76,34 @@ def test_append_trial_once_writes_a_number_once(tmp_path):
     assert rd.append_trial_once(rec) is True
     assert rd.append_trial_once({**rec, "error": "again"}) is False
     assert rd.trials() == [rec]
+
+
+@pytest.mark.parametrize("run", RUNS, ids=lambda p: p.name)
+def test_recorded_summaries_read_into_run_summaries(run):
+    from search.records import RunSummary
+
+    d = json.loads((run / "summary.json").read_text())
+    s = RunSummary.from_json(d)  # strict: every key of a recorded run has its type
+    assert s == RunDir(run).run_summary()
+    assert (s.status, s.trials_done, s.elapsed_s) == (d["status"], d["trials_done"], d["elapsed_s"])
+    assert (s.budget_trials, s.budget_timeout) == (d["budget"]["trials"], d["budget"]["timeout"])
+    assert s.best == d["best"] and s.best_number == (d["best"] or {}).get("number")
+    assert s.extra == {}
+
+
+def test_a_summary_key_of_the_wrong_type_is_named_or_defaulted(tmp_path):
+    from search.records import RunSummary
+
+    d = {"status": "finished", "trials_done": "7", "best": {"number": 2, "value": 0.5}, "budget": {"trials": 9},
+         "new_key": 1}
+    with pytest.raises(RecordError, match="`trials_done` is '7'"):
+        RunSummary.from_json(d)
+    s = RunSummary.from_json(d, strict=False)
+    assert (s.status, s.trials_done, s.best_number, s.best_value, s.budget_trials) == ("finished", 0, 2, 0.5, 9)
+    assert s.extra == {"new_key": 1}
+    with pytest.raises(RecordError, match="`best`"):
+        RunSummary.from_json({"best": {"value": 1.0}})
+    # what a runs browser shows for a run whose summary.json is damaged that way
+    (tmp_path / "summary.json").write_text(json.dumps(d))
+    st = RunDir(tmp_path).status()
+    assert (st.status, st.trials_done, st.best_trial, st.budget_trials) == ("finished", 0, 2, 9)

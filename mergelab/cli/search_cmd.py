@@ -94,10 +94,10 @@ def _run(rd, worker: bool, no_tui: bool, storage: str | None = None, device: str
 
 
 def _print_result(rd, worker: bool = False) -> None:
-    best = rd.summary().get("best")
-    if best:
-        click.echo(f"best: trial {best['number']} score {best['value']:.6g} -> {rd.path / 'best' / 'recipe.yaml'}")
-    if best and not worker and rd.resolved().get("test_eval") and rd.status().status == "finished":
+    s = rd.run_summary()
+    if s.best and s.best_value is not None:
+        click.echo(f"best: trial {s.best_number} score {s.best_value:.6g} -> {rd.path / 'best' / 'recipe.yaml'}")
+    if s.best and not worker and rd.resolved().get("test_eval") and rd.status().status == "finished":
         from search.heldout import held_out, held_out_table
 
         click.echo("scoring the best trial and the source models on the held-out `test_eval` ...")
