@@ -13,7 +13,9 @@ from typing import Callable
 
 from mergelab.errors import MergelabError
 
+from .objective import candidate_model
 from .rundir import RunDir, atomic_write_bytes
+from .validate import load_eval_spec
 
 HELDOUT_FILE = "heldout.json"
 
@@ -53,8 +55,7 @@ def _read_cache(rd: RunDir, key: str) -> dict:
 def _trial_or_best(rd: RunDir, trial: int | None) -> int | None:
     if trial is not None:
         return trial
-    best = rd.summary().get("best")
-    return best["number"] if best else None
+    return rd.run_summary().best_number
 
 
 def cached_held_out(rd: RunDir, trial: int | None = None) -> dict | None:
@@ -112,8 +113,6 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
     from mergelab.eval.models import HFLogitModel
     from mergelab.trial import TrialMerger
 
-    from .loop import _load_eval_spec, candidate_model
-
     res = rd.resolved()
     ref = res.get("test_eval")
     if ref is None:
@@ -124,13 +123,12 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
     cache = _read_cache(rd, _spec_key(ref))
     todo = [r for r in [res["base_model"], *res["models"]] if r not in cache["sources"]]
     if todo or str(trial) not in cache["trials"]:
-        rec = next((r for r in rd.trials() if r.get("number") == trial and r.get("state") == "COMPLETE"
-                    and r.get("recipe")), None)
+        rec = next((r for r in rd.trial_records() if r.number == trial and r.complete and r.recipe), None)
         if rec is None:
             raise MergelabError(
                 f"Run {rd.path} has no finished trial number {trial} with a recipe. `mergelab show {rd.path}` lists them."
             )
-        spec = _load_eval_spec(ref, res.get("eval_base_dir", "."), "test_eval")
+        spec = load_eval_spec(ref, res.get("eval_base_dir", "."), "test_eval")
         dev = device or res.get("device") or "auto"
         say = log or (lambda _m: None)
 
@@ -148,8 +146,8 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
             save()
         if str(trial) not in cache["trials"]:
             say(f"held-out eval: trial {trial}")
-            model = tm.apply(rec["recipe"])
-            scored = candidate_model(model, tm.tokenizer, rec.get("fusion"), {}, tm.device)
+            model = tm.apply(rec.recipe)
+            scored = candidate_model(model, tm.tokenizer, rec.fusion, {}, tm.device)
             cache["trials"][str(trial)] = _flat(ev.evaluate(scored))
             save()
     return _answer(res, cache, trial)

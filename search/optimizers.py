@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mergelab.errors import MergelabError
 
+from .records import RECORD_ATTR
 from .pycma_sampler import INTERRUPTED_ATTR, PycmaSampler, popsize_default
 from .space import Space
 
@@ -30,12 +31,22 @@ def derive_seed(seed: int, n: int, salt: str = "") -> int:
     return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
+def interrupted(t: FrozenTrial) -> bool:
+    """Was this trial's process killed before it could finish it? Marked by recovery
+    (INTERRUPTED_ATTR), or failed by optuna.storages.fail_stale_trials when its worker's storage
+    heartbeat stopped: a FAIL without the record every trial mergelab finishes carries
+    (RECORD_ATTR, set before it is told) and not given up for the budget (ABANDONED_ATTR)."""
+    if t.user_attrs.get(INTERRUPTED_ATTR, False):
+        return True
+    return (t.state == TrialState.FAIL and RECORD_ATTR not in t.user_attrs
+            and not t.user_attrs.get(ABANDONED_ATTR, False))
+
+
 def counted(t: FrozenTrial) -> bool:
     """Does this trial count towards the budget? (interrupted ones are re-tried instead)"""
     if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED_ATTR, False)
-            and not t.user_attrs.get(ABANDONED_ATTR, False))
+    return t.state == TrialState.FAIL and not interrupted(t) and not t.user_attrs.get(ABANDONED_ATTR, False)
 
 
 def n_counted(study: optuna.Study) -> int:

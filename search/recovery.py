@@ -16,13 +16,19 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import optuna
+from optuna.trial import TrialState
 
 from mergelab.errors import MergelabError
 
 from .config import parse_search_config
+from .optimizers import INTERRUPTED_ATTR, RETRY_ATTR, interrupted
+from .records import RECORD_ATTR, RecordError, TrialRecord
 from .rundir import CONFIG_FILE, RESOLVED_FILE, STUDY_FILE, TRIALS_FILE, RunDir
+from .storage import TrialIds
+from .summary import update_summary
 
 CONFIG_HASH_ATTR = "mergelab_config_sha256"
 CREATED_ATTR = "mergelab_created"
@@ -115,7 +121,7 @@ def check_identity(rd: RunDir, study: optuna.Study, log) -> None:
 
 def set_budget_trials(rd: RunDir, trials: int) -> None:
     """`mergelab resume --trials N`: the run's trial budget becomes N."""
-    done = int(rd.summary().get("trials_done", 0))
+    done = rd.run_summary().trials_done
     if trials <= done:
         raise MergelabError(
             f"--trials {trials}: run {rd.path} has already counted {done} trials; give a larger budget."
@@ -140,9 +146,8 @@ def repair_trials(rd: RunDir, log) -> bool:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-            n = rec["number"] if isinstance(rec, dict) else None
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            n = TrialRecord.from_json(json.loads(line)).number
+        except (json.JSONDecodeError, UnicodeDecodeError, RecordError):
             n = None
         if not isinstance(n, int) or n in seen:
             bad += 1
@@ -180,3 +185,73 @@ def _yaml(text: str, rd: RunDir) -> dict:
 def _when(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if isinstance(t, (int, float)) else "unknown"
 
+
+
+# -- trials an earlier (or another) process left unfinished ---------------------------------------
+def _interrupted_record(t: optuna.trial.FrozenTrial) -> dict:
+    return {"number": t.number, "state": "FAIL", "params": t.params, "recipe": None, "value": None,
+            "values": None, "metrics": {}, "scores": {}, "error": "interrupted: the search process died",
+            "interrupted": True, "retry_of": t.user_attrs.get(RETRY_ATTR), "timings": {},
+            "started": t.datetime_start.timestamp() if t.datetime_start else None,
+            "finished": time.time(), "device": t.user_attrs.get("device"), "worker": t.user_attrs.get("worker")}
+
+
+def mark_interrupted(study: optuna.Study, ids: TrialIds, rd: RunDir,
+                     alive: Callable[[optuna.trial.FrozenTrial], bool], log: Callable[[str], None],
+                     retry: bool, n_params: int) -> None:
+    """RUNNING trials whose process is gone -> FAIL (interrupted); every interrupted trial
+    (these, and those optuna.storages.fail_stale_trials failed) gets its trials.jsonl line once;
+    then every interrupted trial has a re-try queued. Idempotent, so a crash here is harmless.
+    `ids` maps trial numbers to the storage's trial ids (public storage methods only)."""
+    storage = ids.storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if alive(t) and not t.user_attrs.get(INTERRUPTED_ATTR):
+            continue
+        try:
+            tid = ids(t.number)
+            storage.set_trial_user_attr(tid, INTERRUPTED_ATTR, True)
+            storage.set_trial_state_values(tid, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first (or it just finished)
+    have = {r.number for r in rd.trial_records()}
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.state == TrialState.FAIL and interrupted(t) and t.number not in have:
+            if rd.append_trial_once(_interrupted_record(t)):
+                log(f"trial {t.number} was running when its process died: marked failed, will be re-tried")
+    if not retry:
+        return
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    for t in trials:
+        # Only a trial that had drawn every parameter is re-tried with them: one killed inside
+        # suggest_* holds some of them, and fixing those would shift the sampler's random draws
+        # for the rest. The samplers are reseeded from the count of finished trials, so the next
+        # ask draws the same point again anyway.
+        if (t.state == TrialState.FAIL and interrupted(t) and t.number not in retried
+                and t.params and len(t.params) == n_params):
+            study.enqueue_trial(t.params, user_attrs={RETRY_ATTR: t.number}, skip_if_exists=False)
+
+
+def n_counted_records(rd: RunDir) -> int:
+    """The trials.jsonl lines that count towards the budget (interrupted ones do not)."""
+    return sum(1 for r in rd.trial_records() if r.counted)
+
+
+def reconcile_jsonl(study: optuna.Study, rd: RunDir, log) -> None:
+    """A trial told to the storage whose line never reached trials.jsonl (killed in between)."""
+    have = {r.number for r in rd.trial_records()}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if t.number in have:
+            continue
+        raw = t.user_attrs.get(RECORD_ATTR)
+        if raw is None:
+            continue
+        try:
+            rec = TrialRecord.from_json(json.loads(raw)).to_json()
+        except (json.JSONDecodeError, TypeError, RecordError) as e:
+            log(f"trial {t.number}: its record in the study is not readable ({e}); left out of trials.jsonl",
+                "WARNING")
+            continue
+        rd.append_trial(rec)
+        update_summary(rd, rec, log)
+        log(f"trial {t.number}: restored its trials.jsonl line from the study")

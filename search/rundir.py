@@ -26,7 +26,7 @@ Layout of ``runs/NAME/``::
     best/fusion_recipe.yaml  only when the best is a hybrid (search config `fusion:`): the
                        logit_fusion recipe of what that trial scored, its merge given as
                        ./recipe.yaml; `mergelab eval runs/NAME/best/fusion_recipe.yaml` scores it
-    best/model/        written on demand by RunDir.export_best() (`mergelab push runs/NAME`): the
+    best/model/        written on demand by search.export.export_best() (`mergelab push runs/NAME`): the
                        best trial's merged model, its card and mergelab_search.json (optimizer,
                        n_trials, eval_spec, best_trial, best_metrics, history, scores (each
                        trial's {number, value, state}), run_name, and
@@ -87,13 +87,15 @@ from typing import Any, Callable, Iterator
 
 from mergelab.errors import MergelabError
 
+from .records import RecordError, RunSummary, TrialRecord
+
 CONFIG_FILE = "config.yaml"
 RESOLVED_FILE = "resolved.json"
 STUDY_FILE = "study.db"
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_DIR = "best"
-BEST_MODEL_DIR = "model"  # under best/: RunDir.export_best()'s default folder
+BEST_MODEL_DIR = "model"  # under best/: search.export.export_best()'s default folder
 SEARCH_META_FILE = "mergelab_search.json"  # the name mergelab.card reads
 LOG_FILE = "log.txt"
 WORKERS_DIR = "workers"
@@ -194,6 +196,17 @@ def fusion_recipe(fusion: dict, merge_ref: str) -> dict:
         "models": [{"model": merge_ref if m == "merge" else m} for m in fusion["members"]],
         "parameters": {k: fusion[k] for k in ("weighting", "tau", "grid_step")},
     }
+
+
+def records_of(lines: list) -> list[TrialRecord]:
+    """The parsed trials.jsonl lines that are trial records, as TrialRecords (others left out)."""
+    out = []
+    for d in lines:
+        try:
+            out.append(TrialRecord.from_json(d))
+        except RecordError:
+            continue
+    return out
 
 
 def worker_id() -> str:
@@ -398,8 +411,7 @@ class RunDir:
         return self.resolved().get("study_name") or "mergelab"
 
     def created(self) -> float | None:
-        s = self.summary()
-        return s.get("created") if s else None
+        return self.run_summary().created
 
     # -- locking --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -439,9 +451,30 @@ class RunDir:
             finally:
                 os.close(fd)
 
+    def append_trial_once(self, record: dict) -> bool:
+        """Append `record` unless trials.jsonl already has a line with its number (checked and
+        written under the lock, so of several processes recovering one trial, one writes it)."""
+        line = (dumps(record) + "\n").encode("utf-8")
+        with self.locked():
+            if any(r.get("number") == record["number"] for r in self.trials()):
+                return False
+            fd = os.open(self.path / TRIALS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return True
+
     def trials(self) -> list[dict]:
-        """Every complete line of trials.jsonl, in file order."""
+        """Every complete line of trials.jsonl, in file order (as parsed JSON)."""
         return TrialTail(self.path / TRIALS_FILE).poll()
+
+    def trial_records(self) -> list[TrialRecord]:
+        """Every trial record of trials.jsonl, in file order, each line read once into a
+        TrialRecord; a line that is not a record (a manual edit, a foreign tool) is left out, as
+        a corrupt line is."""
+        return records_of(self.trials())
 
     def follow(self) -> TrialTail:
         """A tail that returns, at each poll(), the records appended since the last poll."""
@@ -453,6 +486,11 @@ class RunDir:
             return json.loads((self.path / SUMMARY_FILE).read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+
+    def run_summary(self) -> RunSummary:
+        """summary.json read once into a RunSummary (a key of the wrong type takes its default:
+        viewers scan every run, and one damaged file must not stop them)."""
+        return RunSummary.from_json(self.summary(), strict=False)
 
     def write_summary(self, summary: dict) -> None:
         summary["updated"] = time.time()
@@ -599,125 +637,40 @@ class RunDir:
         return max(times) if times else None
 
     def status(self) -> RunStatus:
-        s = self.summary()
-        status = s.get("status", "stopped")
-        detail = s.get("detail", "")
+        s = self.run_summary()
+        status, detail = s.status, s.detail
         workers = self.workers()  # read once: the browser calls this for every run at every scan
         live = [w["worker"] for w in workers if w["alive"]]
         if status == "running" and not live:
             status, detail = "stopped", "interrupted (no live search process)"
-        budget = s.get("budget") or {}
-        best = s.get("best") or {}
         return RunStatus(
             name=self.name,
             path=self.path,
             status=status if status in STATUSES else "stopped",
             detail=detail,
-            paused=bool(s.get("paused")) and status == "running",
-            optimizer=s.get("optimizer"),
-            trials_done=int(s.get("trials_done", 0)),
-            budget_trials=budget.get("trials"),
-            budget_timeout=budget.get("timeout"),
-            best_value=best.get("value"),
-            best_trial=best.get("number"),
-            created=s.get("created"),
+            paused=s.paused and status == "running",
+            optimizer=s.optimizer,
+            trials_done=s.trials_done,
+            budget_trials=s.budget_trials,
+            budget_timeout=s.budget_timeout,
+            best_value=s.best_value,
+            best_trial=s.best_number,
+            created=s.created,
             last_activity=self.last_activity(workers),
-            elapsed_s=float(s.get("elapsed_s", 0.0)),
+            elapsed_s=s.elapsed_s,
             live_workers=live,
         )
 
-    # -- export (push) ---------------------------------------------------------------------------
+    # -- history (the card's; search/export.py) ------------------------------------------------
     def history(self) -> list[float | None]:
         """The best combined score after each counted trial, in trial-number order (null until
         the first finished trial; interrupted trials are left out, their re-tries count)."""
-        recs = sorted((r for r in self.trials() if not r.get("interrupted")), key=lambda r: r["number"])
+        recs = sorted((r for r in self.trial_records() if r.counted), key=lambda r: r.number)
         out: list[float | None] = []
         top: float | None = None
         for r in recs:
-            v = r.get("value") if r.get("state") == "COMPLETE" else None
+            v = r.value if r.complete else None
             if v is not None and (top is None or v > top):
                 top = v
             out.append(top)
         return out
-
-    def search_metadata(self, record: dict | None = None) -> dict:
-        """What the model card records about the search (mergelab_search.json), for the best
-        trial or for the given trial record (an export of another trial)."""
-        import yaml
-
-        s = self.summary()
-        res = self.resolved()
-        best = s.get("best") if record is None else record
-        if not best:
-            raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
-        def spec_doc(ref):
-            """An eval spec as the card shows it: the mapping, read from its file if need be.
-            Only a file that is an eval spec is copied into the card: resolved.json may name any
-            file (e.g. /etc/passwd), and the card is published."""
-            from mergelab.eval.spec import EvalSpec
-
-            if not isinstance(ref, str):
-                return ref
-            try:
-                EvalSpec.load(ref)
-                return yaml.safe_load(Path(ref).read_text(encoding="utf-8"))
-            except (OSError, yaml.YAMLError, MergelabError):
-                return {"path": ref}  # moved since, or not a spec: where it was, nothing of it
-
-        metrics = dict(best.get("metrics") or {})
-        metrics["combined"] = best.get("value")
-        out = {
-            "optimizer": (res.get("optimizer") or {}).get("name") or s.get("optimizer"),
-            "n_trials": int(s.get("trials_done", 0)),
-            "eval_spec": spec_doc(res.get("eval")),
-            "best_trial": best["number"],
-            "best_metrics": metrics,
-            "source_metrics": {},  # filled from the held-out scores below, when there are any
-            "history": self.history(),
-            # each counted trial's own score (the points of the card's plot), in history's order
-            "scores": [{"number": r["number"], "value": r.get("value"), "state": r.get("state")}
-                       for r in sorted((r for r in self.trials() if not r.get("interrupted")),
-                                       key=lambda r: r["number"])],
-            "run_name": self.name,
-        }
-        if best.get("fusion"):
-            # the metrics are those of the merge fused with other models at inference time
-            out["fusion"] = best["fusion"]
-        from .heldout import cached_held_out
-
-        held = cached_held_out(self, best["number"])
-        if held is not None:
-            # the numbers to quote: items no trial scored (best_metrics are the search's fitness)
-            out["test_eval_spec"] = spec_doc(held["eval_spec"])
-            out["test_metrics"] = held["metrics"]
-            out["source_metrics"] = held["sources"]
-        return out
-
-    def export_best(self, out_dir: str | os.PathLike | None = None, device: str = "auto",
-                    on_tensor=None) -> Path:
-        """The best trial's merged model (streaming engine) with its card and
-        mergelab_search.json; default folder runs/NAME/best/model. An export of the same best
-        trial (with the same held-out scores) already there is reused; a stale one in the default
-        folder is replaced. With `test_eval`, the held-out scores come first (search/heldout.py)."""
-        from .heldout import held_out
-        from .loop import export_trial
-
-        best = self.summary().get("best")
-        if not best:
-            raise MergelabError(f"Run {self.path} has no finished trial yet; nothing to export.")
-        dev = device if device != "auto" else (self.resolved().get("device") or "auto")
-        held_out(self, best["number"], device=dev)  # before anything is written; cached
-        meta = self.search_metadata()
-        target = Path(out_dir) if out_dir is not None else self.inside(BEST_DIR, BEST_MODEL_DIR)
-        old = target / SEARCH_META_FILE
-        if old.is_file() and any(target.glob("*.safetensors")):
-            try:
-                prev = json.loads(old.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                prev = {}
-            if (prev.get("best_trial") == meta["best_trial"] and prev.get("run_name") == meta["run_name"]
-                    and prev.get("test_metrics") == meta.get("test_metrics")):
-                return target
-        export_trial(self, target, trial=best["number"], device=dev, on_tensor=on_tensor,
-                     overwrite=out_dir is None, held_out=False)
-        return target

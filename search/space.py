@@ -1,6 +1,7 @@
 """The search space: which numbers a candidate is made of, and how a candidate becomes a recipe.
 
-`build_space(cfg)` checks the config against the operator registry and the base model's layer
+`build_merge_space(cfg)` (search.validate.build_space for any config) checks the config against the
+operator registry and the base model's layer
 count; `Space.recipe(values)` turns one candidate into an ordinary mergekit-format recipe dict.
 
 Parameter names (as Optuna and trials.jsonl show them):
@@ -344,18 +345,16 @@ def _num_layers(base_path: Path, where: str) -> int:
     )
 
 
-def build_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
-    """Check the config's space against the registry and turn it into a Space.
+def build_merge_space(cfg: SearchConfig, base_path: Path | None = None) -> Space:
+    """Check the config's (coefficient) space against the registry and turn it into a Space;
+    a `dataflow:` config's layer-path space is search/dataflow.py's (search.validate.build_space
+    picks the one the config asks for).
 
     base_path: the base model's local directory (layer count, tensor names); required when
     layer groups, io_group or layer_sources need them.
     """
     from operators import get_operator, operator_names
 
-    if cfg.dataflow is not None:  # layer paths instead of coefficients
-        from .dataflow import build_dataflow_space
-
-        return build_dataflow_space(cfg, base_path)
     ops = []
     for name in cfg.methods:
         try:

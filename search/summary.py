@@ -74,7 +74,6 @@ def rebuild_summary(rd: RunDir, log) -> None:
         s = rd.summary()
         s.update(trials_done=0, trials_complete=0, trials_failed=0, trials_pruned=0, best=None, pareto=[])
         rd.write_summary(s)
-    for rec in sorted(rd.trials(), key=lambda r: r["number"]):
-        update_summary(rd, rec, lambda m: None)
-    s = rd.summary()
-    log(f"summary rebuilt from trials.jsonl: {s['trials_done']} trials counted")
+    for rec in sorted(rd.trial_records(), key=lambda r: r.number):
+        update_summary(rd, rec.to_json(), lambda m: None)
+    log(f"summary rebuilt from trials.jsonl: {rd.run_summary().trials_done} trials counted")

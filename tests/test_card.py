@@ -347,13 +347,14 @@ def test_card_images_plot_the_scores_search_metadata_reads_from_trials_jsonl(tmp
     import shutil
 
     import mergelab.card_plots as plots
+    from search.export import search_metadata
     from search.rundir import RunDir
 
     run = tmp_path / "ties-search"
     shutil.copytree(Path(__file__).parent / "fixtures" / "tui" / "ties-search", run)
     with (run / "trials.jsonl").open("a") as f:  # a trial whose process died is no point and no step
         f.write(json.dumps({"number": 30, "state": "FAIL", "value": None, "interrupted": True}) + "\n")
-    meta = RunDir(run).search_metadata()
+    meta = search_metadata(RunDir(run))
     records = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     counted = [r for r in records if not r.get("interrupted")]
     assert meta["scores"] == [{"number": r["number"], "value": r["value"], "state": r["state"]}

@@ -20,7 +20,7 @@ from mergelab.trial import TrialMerger
 from search.config import parse_search_config
 from search.dataflow import PathStep, stack_recipe
 from search.loop import prepare_run, run_search
-from search.space import build_space
+from search.validate import build_space
 from search.synthetic import sphere
 
 ROOT = Path(__file__).resolve().parents[1]

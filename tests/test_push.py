@@ -389,12 +389,14 @@ def test_run_directory_pushes_its_exported_best(tmp_path, fakehub, monkeypatch):
             opened.append(Path(path))
             return cls()
 
-        def export_best(self, on_tensor=None):
-            return exported
-
         is_run_dir = staticmethod(lambda p: True)
 
+    def export_best(rd, on_tensor=None):
+        assert isinstance(rd, FakeRunDir)
+        return exported
+
     monkeypatch.setitem(sys.modules, "search.rundir", types.SimpleNamespace(RunDir=FakeRunDir))
+    monkeypatch.setitem(sys.modules, "search.export", types.SimpleNamespace(export_best=export_best))
     assert main(["push", str(run), "--repo", "alice/best"]) == 0
     assert opened == [run]
     (commit,) = fakehub.commits

@@ -19,7 +19,7 @@ from mergelab.errors import MergelabError
 from search.config import parse_search_config
 from search.loop import prepare_run, run_search
 from search.rundir import RunDir
-from search.space import build_space
+from search.validate import build_space
 from search.synthetic import sphere
 
 from conftest import write_tiny_model
@@ -309,6 +309,57 @@ def postgres_url():
         shutil.rmtree(server.data.parent, ignore_errors=True)
 
 
+def test_a_dead_workers_trial_on_another_machine_is_failed_by_its_heartbeat_and_retried(
+        world, tmp_path, postgres_url, monkeypatch):
+    """A worker on another machine died inside a trial: its storage heartbeat stops, and a worker
+    joining the run fails the trial through optuna.storages.fail_stale_trials (public API), records
+    it as interrupted (not counted), re-tries its parameters under a new number, and meets the
+    budget exactly."""
+    import time
+    import uuid
+
+    import optuna
+    from optuna.trial import TrialState
+
+    import search.storage
+    from search.optimizers import RETRY_ATTR, counted
+    from search.storage import TrialIds, open_storage
+    from search.validate import config_of
+
+    monkeypatch.setattr(search.storage, "GRACE_PERIOD_S", 1)  # stale after 1 s without a heartbeat
+    monkeypatch.setattr(search.storage, "HEARTBEAT_INTERVAL_S", 1)
+    run = tmp_path / f"pg-{uuid.uuid4().hex[:12]}"
+    cfg = _config(world, tmp_path, optimizer={"name": "random"}, budget={"trials": 3})
+    rd = prepare_run(cfg, run, storage=postgres_url)
+    try:
+        # the other machine's worker: asked a trial, drew every parameter, beat once, died
+        storage = open_storage(postgres_url, heartbeat=True)
+        study = optuna.load_study(study_name=rd.study_name(), storage=storage)
+        _, space = config_of(rd)
+        dead = study.ask()
+        dead.set_user_attr("worker", "elsewhere-4242")
+        drawn = {p.name: dead.suggest_float(p.name, p.low, p.high) for p in space.params}
+        storage.record_heartbeat(TrialIds(storage, rd.study_name())(dead.number))
+        time.sleep(2.5)
+        res = run_search(rd, sphere, worker=True, storage=postgres_url)
+        assert res.status == "finished" and res.trials_done == 3
+        trials = optuna.load_study(study_name=rd.study_name(), storage=postgres_url).get_trials()
+        t0 = trials[dead.number]
+        assert t0.state == TrialState.FAIL and not counted(t0)
+        assert sum(counted(t) for t in trials) == 3
+        recs = {r.number: r for r in rd.trial_records()}
+        assert recs[dead.number].interrupted and recs[dead.number].state == "FAIL"
+        (retry,) = [r for r in recs.values() if r.retry_of == dead.number]
+        assert retry.state == "COMPLETE" and retry.params == drawn
+        assert [t.user_attrs.get(RETRY_ATTR) for t in trials].count(dead.number) == 1
+        assert rd.summary()["trials_done"] == 3
+    finally:
+        try:
+            optuna.delete_study(study_name=rd.study_name(), storage=postgres_url)
+        except KeyError:
+            pass
+
+
 def test_two_workers_share_postgresql(world, tmp_path, postgres_url):
     import uuid
 
@@ -340,7 +391,9 @@ def test_racing_worker_gives_up_a_trial_past_the_budget(world, tmp_path):
     gives it up before evaluating it (not counted, no trials.jsonl line)."""
     import optuna
 
-    from search.loop import _one_trial, _open_storage, config_of
+    from search.loop import _one_trial
+    from search.storage import open_storage
+    from search.validate import config_of
     from search.optimizers import ABANDONED_ATTR, make_sampler, n_counted
 
     journal = f"journal:{tmp_path / 'j.log'}"
@@ -348,7 +401,7 @@ def test_racing_worker_gives_up_a_trial_past_the_budget(world, tmp_path):
     rd = prepare_run(cfg_path, tmp_path / "run", storage=journal)
     run_search(rd, sphere, worker=True, max_trials_this_session=2)
     cfg, space = config_of(rd)
-    storage = _open_storage(rd.storage_url(), False)
+    storage = open_storage(rd.storage_url(), False)
     study = optuna.load_study(study_name=rd.study_name(), storage=storage,
                               sampler=make_sampler("random", space, cfg.seed))
     other = study.ask()  # trial 2: another worker took the last slot and is evaluating it

@@ -15,7 +15,7 @@ from conftest import make_llama
 from mergelab.errors import MergelabError
 from search.config import parse_search_config
 from search.loop import prepare_run, run_search
-from search.space import build_space
+from search.validate import build_space
 
 ITEMS_MC = [
     {"prompt": "12+7=", "choices": ["19", "21", "5"], "answer": 0},
@@ -171,7 +171,9 @@ def test_three_trial_hybrid_search_records_marks_and_exports_the_fusion(world, t
     assert r.exit_code == 0, r.output
     assert json.loads(js2.read_text())["combined"] == pytest.approx(best["value"], abs=1e-6)
     # the card's provenance says the metrics are a fusion's
-    meta = rd.search_metadata()
+    from search.export import search_metadata
+
+    meta = search_metadata(rd)
     assert meta["fusion"] == best_rec["fusion"]
 
 

@@ -232,7 +232,9 @@ def test_run_pointing_outside_reads_and_writes_nothing_there(world, tmp_path):
     res = rd.resolved()
     res["eval"] = str(secret)
     rd.write_resolved(res)
-    meta = rd.search_metadata()
+    from search.export import search_metadata
+
+    meta = search_metadata(rd)
     assert "SECRET" not in json.dumps(meta) and meta["eval_spec"] == {"path": str(secret)}
     # a `best` link out of the run: the next best is not written through it
     outside = tmp_path / "outside"
@@ -258,7 +260,7 @@ def test_run_pointing_outside_reads_and_writes_nothing_there(world, tmp_path):
 
 # -- item 3: no password in the run directory -----------------------------------------------------
 def test_storage_password_is_kept_out_of_the_run(world, tmp_path, monkeypatch):
-    from search.loop import public_url, storage_of
+    from search.storage import public_url, storage_of
 
     url = "postgresql+psycopg2://ml:s3cr%40t@db.example:5432/runs"
     assert public_url(url) == "postgresql+psycopg2://ml@db.example:5432/runs"
@@ -315,7 +317,7 @@ def test_progress_json_follows_the_trial_stages(world, tmp_path):
 
 # -- issue 14 item 4: --workers N on GPUs ---------------------------------------------------------
 def test_each_local_worker_gets_its_own_gpu():
-    from search.loop import worker_devices
+    from search.validate import worker_devices
 
     assert worker_devices("cuda", 2, 2) == ["cuda:0", "cuda:1"]
     assert worker_devices("auto", 2, 2) == ["cuda:0", "cuda:1"]

@@ -6,7 +6,7 @@ import torch
 
 from mergelab.trial import TrialMerger
 from search.config import parse_search_config
-from search.loop import validate_config
+from search.validate import validate_config
 
 from conftest import load_dir
 

@@ -15,6 +15,7 @@ from conftest import make_llama
 from mergelab.eval.evaluator import Evaluator
 from mergelab.eval.models import HFLogitModel, load_model
 from mergelab.eval.spec import EvalSpec
+from search.export import export_best
 from search.loop import prepare_run, run_search
 from search.rundir import RunDir
 
@@ -118,7 +119,7 @@ def test_export_of_best_trial_reproduces_its_score(world, tmp_path):
 def test_export_best_writes_search_provenance_and_is_reused(world, tmp_path):
     rd = prepare_run(_config(world, tmp_path, optimizer={"name": "random"}, budget={"trials": 4}), tmp_path / "run")
     run_search(rd)
-    path = rd.export_best()
+    path = export_best(rd)
     assert path == rd.path / "best" / "model"
     meta = json.loads((path / "mergelab_search.json").read_text())
     recs = rd.trials()
@@ -137,11 +138,11 @@ def test_export_best_writes_search_provenance_and_is_reused(world, tmp_path):
     assert "search" in card.lower() and f"trial {best['number']}" in card
     # a second call reuses the export of the same best trial (nothing rewritten)
     mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert rd.export_best() == path
+    assert export_best(rd) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert _score_dir(path, world["eval"]).combined == pytest.approx(best["value"], abs=1e-9)
     # an explicit folder gets its own export
-    other = rd.export_best(tmp_path / "elsewhere")
+    other = export_best(rd, tmp_path / "elsewhere")
     assert other == tmp_path / "elsewhere" and (other / "mergelab_search.json").is_file()
 
 
@@ -170,7 +171,7 @@ def test_pruner_stops_a_hopeless_trial(world, tmp_path):
     # score (perplexity first here: a continuous value) with the finished trials' at that step.
     import optuna
 
-    from search.loop import _open_storage
+    from search.storage import open_storage
 
     spec = tmp_path / "eval.yaml"
     spec.write_text(yaml.safe_dump({"batch_size": 2, "scorers": [
@@ -180,7 +181,7 @@ def test_pruner_stops_a_hopeless_trial(world, tmp_path):
                   method="task_arithmetic", space={"weight": [0, 12.0]},
                   pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0})
     rd = prepare_run(cfg, tmp_path / "run")
-    study = optuna.load_study(study_name=rd.study_name(), storage=_open_storage(rd.storage_url(), False))
+    study = optuna.load_study(study_name=rd.study_name(), storage=open_storage(rd.storage_url(), False))
     sane = {"m0.weight.g0": 0.5, "m0.weight.g1": 0.5, "m1.weight.g0": 0.5, "m1.weight.g1": 0.5}
     wild = {k: 12.0 for k in sane}  # task vectors x 12 each: noise that swamps the base
     for p in (sane, sane, wild):
@@ -191,7 +192,7 @@ def test_pruner_stops_a_hopeless_trial(world, tmp_path):
     assert recs[2]["value"] is None and "pruned at step 0" in recs[2]["error"]
     s = rd.summary()
     assert s["trials_pruned"] == 1 and s["trials_done"] == 3 and s["status"] == "finished"
-    st = optuna.load_study(study_name=rd.study_name(), storage=_open_storage(rd.storage_url(), False))
+    st = optuna.load_study(study_name=rd.study_name(), storage=open_storage(rd.storage_url(), False))
     t2 = st.trials[2]
     assert t2.state == optuna.trial.TrialState.PRUNED
     # the intermediate values are running combined scores: step 0 = the first perplexity batch
@@ -210,7 +211,7 @@ def test_workers_two_processes_share_a_journal_file(world, tmp_path):
     """`mergelab search --workers 2 --storage journal:...`: two worker processes with the real
     objective, one study; the budget is met exactly and no trial runs twice."""
     from mergelab.cli import cli
-    from search.loop import _open_storage
+    from search.storage import open_storage
     from test_search import check_shared
 
     journal = f"journal:{tmp_path / 'study.journal'}"
@@ -220,7 +221,7 @@ def test_workers_two_processes_share_a_journal_file(world, tmp_path):
     assert r.exit_code == 0, r.output
     rd = RunDir.open(tmp_path / "run")
     assert f"best: trial {rd.summary()['best']['number']}" in r.output
-    check_shared(rd, 6, _open_storage(rd.storage_url(), False))
+    check_shared(rd, 6, open_storage(rd.storage_url(), False))
     assert all(r["timings"]["eval_s"] > 0 and set(r["scores"]) == {"choice", "ppl"} for r in rd.trials())
 
 
@@ -313,7 +314,7 @@ def test_held_out_eval_scores_best_and_sources_once_and_reaches_the_card(world, 
     # cached: export and a second call score nothing again
     monkeypatch.setattr(Ev, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rescored")))
     assert held_out(rd) == h
-    path = rd.export_best()
+    path = export_best(rd)
     meta = json.loads((path / "mergelab_search.json").read_text())
     assert meta["test_metrics"] == h["metrics"] and meta["source_metrics"] == h["sources"]
     assert meta["best_metrics"]["combined"] == best["value"]  # fitness stays reported as such

@@ -483,3 +483,34 @@ def test_reader_follows_partial_lines(tmp_path):
         f.write(json.dumps(recs[1])[40:] + "\n")
     state.apply(reader.read())
     assert sorted(state.by_number) == [0, 1]
+
+
+def test_search_under_the_dashboard_gets_the_clis_storage_and_device(tmp_path, monkeypatch):
+    """`mergelab search/resume` on a terminal runs the search under the dashboard with the same
+    run_search arguments as with --no-tui: the storage URL (with its password) and the device."""
+    import search.loop
+    from mergelab import tui
+    from mergelab.cli import search_cmd
+
+    rd = make_live(copy_run(tmp_path), status="stopped")
+    calls = []
+
+    def fake_run_search(run, objective=None, **kw):
+        calls.append((run, objective, kw))
+        return "result"
+
+    monkeypatch.setattr(search.loop, "run_search", fake_run_search)
+    monkeypatch.setattr(tui, "run_dashboard", lambda rd, ctl, search_thread, feed: search_thread.join())
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    url = "postgresql+psycopg2://alice:s3cret@db/merges"
+    assert search_cmd._run(rd, False, False, url, "cpu") == "result"
+    (run, objective, kw) = calls.pop()
+    assert run is rd and objective is None
+    assert kw["storage"] == url and kw["device"] == "cpu" and kw["worker"] is False
+    assert kw["install_signals"] is False and kw["max_trials_this_session"] is None
+    assert isinstance(kw["progress"], tui.state.LiveFeed)  # the dashboard's live feed
+    # the same arguments reach run_search without the dashboard
+    assert search_cmd._run(rd, True, True, url, "cpu") == "result"
+    (run, _, kw) = calls.pop()
+    assert kw["storage"] == url and kw["device"] == "cpu" and kw["worker"] is True

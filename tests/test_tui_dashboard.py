@@ -266,7 +266,7 @@ def test_recipe_pane_shows_device_kernels_path_and_labels():
 async def test_a_push_that_fails_after_exporting_leaves_nothing_that_breaks_the_demo(tmp_path, fakehub):
     """`u` exports runs/NAME/best/model, then the Hub refuses the commit: the dashboard says so, and
     the demo's own export of that folder (overwrite) still succeeds afterwards."""
-    from search.loop import export_trial
+    from search.export import export_trial
     from test_tui import _tiny_run
 
     from mergelab.tui.screens.dialogs import InputDialog

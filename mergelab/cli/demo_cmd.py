@@ -125,7 +125,8 @@ def demo(headless, trials, layer_groups, seed, device, run_path, val_limit, limi
 
     import yaml
 
-    from search.loop import export_trial, run_search
+    from search.export import export_trial
+    from search.loop import run_search
 
     from ..tui.launch import create_run
 

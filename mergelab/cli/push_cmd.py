@@ -26,12 +26,13 @@ def resolve_model_dir(path: Path) -> Path:
     reused when it already holds the current best)."""
     if not is_run_dir(path):
         return path
+    from search.export import export_best
     from search.rundir import RunDir
 
     from .progress import count_bar
 
     with count_bar("export") as on_tensor:
-        return Path(RunDir.open(path).export_best(on_tensor=on_tensor))
+        return Path(export_best(RunDir.open(path), on_tensor=on_tensor))
 
 
 @contextlib.contextmanager
@@ -52,14 +53,14 @@ def current_export(run_path: Path) -> Path | None:
     from search.rundir import RunDir
 
     rd = RunDir.open(run_path)
-    best = rd.summary().get("best")
-    if not best:
+    number = rd.run_summary().best_number
+    if number is None:
         raise MergelabError(f"Run {run_path} has no finished trial yet; nothing to export.")
     target = rd.path / "best" / "model"
     meta = target / "mergelab_search.json"
     if not target.is_symlink() and meta.is_file() and any(target.glob("*.safetensors")):
         try:
-            if json.loads(meta.read_text(encoding="utf-8")).get("best_trial") == best["number"]:
+            if json.loads(meta.read_text(encoding="utf-8")).get("best_trial") == number:
                 return target
         except (OSError, ValueError, AttributeError):
             return None
@@ -70,6 +71,7 @@ def planned_run_push(run_path: Path, repo_id: str, revision: str | None):
     """What `push RUN` would upload when the best trial is not exported yet, without exporting:
     the files of the planned export (weights sized from the plan, when the sources can be read
     offline) and the card it would carry. Returns (PushResult, notes)."""
+    from search.export import search_metadata
     from search.rundir import RunDir
 
     from ..card import CARD_FILE, RECIPE_FILE, SEARCH_FILE, model_card_files, sources_info_from_local
@@ -77,14 +79,14 @@ def planned_run_push(run_path: Path, repo_id: str, revision: str | None):
 
     check_repo_id(repo_id)
     rd = RunDir.open(run_path)
-    best = rd.summary()["best"]
-    rec = next((r for r in rd.trials() if r.get("number") == best["number"] and r.get("recipe")), None)
+    number = rd.run_summary().best_number
+    rec = next((r for r in rd.trial_records() if r.number == number and r.recipe), None)
     if rec is None:
-        raise MergelabError(f"Run {run_path}: trials.jsonl has no recipe for the best trial {best['number']}.")
+        raise MergelabError(f"Run {run_path}: trials.jsonl has no recipe for the best trial {number}.")
     target = rd.path / "best" / "model"
-    search = rd.search_metadata(rec)
-    recipe = rec["recipe"]
-    notes = [f"The best trial ({best['number']}) is not exported yet; a real push exports it to {target} first."]
+    search = search_metadata(rd, rec)
+    recipe = rec.recipe
+    notes = [f"The best trial ({number}) is not exported yet; a real push exports it to {target} first."]
     files: list[tuple[str, int]] = []
     with _offline():
         card_files = model_card_files(target, recipe, search, sources_info_from_local(recipe))

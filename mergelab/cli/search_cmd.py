@@ -14,7 +14,7 @@ import click
 
 from ..errors import MergelabError
 
-STORAGE_ENV = "MERGELAB_STORAGE"  # = search.loop.STORAGE_ENV (not imported: the CLI loads search lazily)
+STORAGE_ENV = "MERGELAB_STORAGE"  # = search.storage.STORAGE_ENV (not imported: the CLI loads search lazily)
 
 
 @click.command()
@@ -30,7 +30,8 @@ STORAGE_ENV = "MERGELAB_STORAGE"  # = search.loop.STORAGE_ENV (not imported: the
 def search(config, run, storage, workers, worker, no_tui, dry_run, device, share_gpus):
     """Search merge recipes for CONFIG (a search YAML); results go to a run directory."""
     from search.config import load_search_config
-    from search.loop import prepare_run, validate_config, worker_devices
+    from search.loop import prepare_run
+    from search.validate import validate_config, worker_devices
 
     if worker and storage is None:
         storage = os.environ.get(STORAGE_ENV)  # how `--workers N` hands its workers the URL
@@ -90,15 +91,17 @@ def _run(rd, worker: bool, no_tui: bool, storage: str | None = None, device: str
     if not no_tui and sys.stdout.isatty() and sys.stdin.isatty():
         from mergelab.tui import search_with_dashboard
 
-        return search_with_dashboard(rd, worker=worker)
+        # the same search as without the dashboard: the run's storage (with its password) and
+        # this process's device go to run_search either way
+        return search_with_dashboard(rd, worker=worker, storage=storage, device=device)
     return run_search(rd, worker=worker, log=click.echo, storage=storage, device=device)
 
 
 def _print_result(rd, worker: bool = False) -> None:
-    best = rd.summary().get("best")
-    if best:
-        click.echo(f"best: trial {best['number']} score {best['value']:.6g} -> {rd.path / 'best' / 'recipe.yaml'}")
-    if best and not worker and rd.resolved().get("test_eval") and rd.status().status == "finished":
+    s = rd.run_summary()
+    if s.best and s.best_value is not None:
+        click.echo(f"best: trial {s.best_number} score {s.best_value:.6g} -> {rd.path / 'best' / 'recipe.yaml'}")
+    if s.best and not worker and rd.resolved().get("test_eval") and rd.status().status == "finished":
         from search.heldout import held_out, held_out_table
 
         click.echo("scoring the best trial and the source models on the held-out `test_eval` ...")
@@ -159,11 +162,11 @@ def show(run, top):
     s = rd.status()
     click.echo(f"{s.name}: {s.status} ({s.detail}), {s.trials_done}/"
                f"{s.budget_trials or '-'} trials, optimizer {s.optimizer}")
-    recs = [r for r in rd.trials() if r.get("value") is not None]
-    recs.sort(key=lambda r: r["value"], reverse=True)
+    recs = [r for r in rd.trial_records() if r.value is not None]
+    recs.sort(key=lambda r: r.value, reverse=True)
     for r in recs[:top]:
-        scores = ", ".join(f"{k} {v:.4g}" for k, v in (r.get("scores") or {}).items())
-        click.echo(f"  trial {r['number']:4d}  {r['value']:.6g}  {scores}")
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in r.scores.items() if isinstance(v, (int, float)))
+        click.echo(f"  trial {r.number:4d}  {r.value:.6g}  {scores}")
     from search.heldout import cached_held_out, held_out_table
 
     h = cached_held_out(rd)
@@ -206,13 +209,13 @@ def _fmt_value(v) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(run, out_dir, trial, device, quiet):
     """Write the merged model of the best (or --trial N) trial of RUN to OUT_DIR."""
-    from search.loop import export_trial
+    from search.export import export_trial
 
     from .progress import count_bar
 
     with count_bar("export", quiet=quiet) as on_tensor:
         path, rec = export_trial(run, out_dir, trial=trial, device=device, on_tensor=on_tensor)
-    click.echo(f"trial {rec['number']} (score {rec['value']:.6g}) written to {path}")
-    if rec.get("fusion"):
+    click.echo(f"trial {rec.number} (score {rec.value:.6g}) written to {path}")
+    if rec.fusion:
         click.echo(f"that score is of a logit-fusion hybrid over this merge: `mergelab eval "
                    f"{Path(path) / 'fusion_recipe.yaml'} --eval SPEC` reproduces it")

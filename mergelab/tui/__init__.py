@@ -31,9 +31,15 @@ def run_dashboard(run_dir: str | Path, controller: Any = None, *, search_thread:
     MergelabApp(rd, controller=controller, search_thread=search_thread, feed=feed).run()
 
 
-def search_with_dashboard(run_dir: str | Path, objective: Any = None, **search_kw: Any):
+def search_with_dashboard(run_dir: str | Path, objective: Any = None, *, worker: bool = False,
+                          storage: str | None = None, device: str | None = None,
+                          max_trials_this_session: int | None = None):
     """Run (or resume) a search in a background thread with the dashboard in front; returns the
-    search's SearchResult once both have ended (quitting the UI stops the search after its trial)."""
+    search's SearchResult once both have ended (quitting the UI stops the search after its trial).
+
+    The arguments are search.loop.run_search's, as `mergelab search` / `resume` give them:
+    `worker` joins a shared-storage run, `storage` is the run's storage URL with its password
+    (else $MERGELAB_STORAGE), `device` this process's device instead of the run's."""
     from search.loop import start_search_thread
     from search.rundir import RunDir
 
@@ -41,7 +47,8 @@ def search_with_dashboard(run_dir: str | Path, objective: Any = None, **search_k
 
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
     feed = LiveFeed()
-    thread, controller = start_search_thread(rd, objective, progress=feed, **search_kw)
+    thread, controller = start_search_thread(rd, objective, progress=feed, worker=worker, storage=storage,
+                                             device=device, max_trials_this_session=max_trials_this_session)
     run_dashboard(rd, controller, search_thread=thread, feed=feed)
     if thread.is_alive():
         controller.stop()

@@ -1,5 +1,5 @@
 """What the dashboard's keys do besides showing: export a trial's merged model, and push the best
-one to the Hub, on the same code paths as the command line (search.loop.export_trial, hub.push_folder)."""
+one to the Hub, on the same code paths as the command line (search.export.export_trial, hub.push_folder)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +15,7 @@ def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
     """Write the merged model of one trial of a run to out_dir: `mergelab export`'s code path
     (streaming engine, atomic, card with the search's provenance; a hybrid trial also gets
     fusion_recipe.yaml, which `mergelab eval` scores)."""
-    from search.loop import export_trial as export
+    from search.export import export_trial as export
 
     if not record.get("recipe"):
         raise MergelabError(
@@ -28,8 +28,10 @@ def export_trial(rd: RunDir, record: dict, out_dir: str | Path, *,
 
 def best_export(rd: RunDir, *, on_tensor: Callable[[int, int], None] | None = None) -> Path:
     """runs/NAME/best/model holding the current best trial's merge; exported only when missing or
-    when it holds an older best (RunDir.export_best)."""
-    return rd.export_best(on_tensor=on_tensor)
+    when it holds an older best (search.export.export_best)."""
+    from search.export import export_best
+
+    return export_best(rd, on_tensor=on_tensor)
 
 
 def push_best(rd: RunDir, repo_id: str, *, on_tensor: Callable[[int, int], None] | None = None,

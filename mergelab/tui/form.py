@@ -1,5 +1,5 @@
 """The new-search form's logic, apart from its widgets: form values -> search config YAML, checked
-with the command line's own validators (search.config, search.space, search.loop) field by field.
+with the command line's own validators (search.config, search.space, search.validate) field by field.
 """
 from __future__ import annotations
 
@@ -275,11 +275,10 @@ def _model_ref_errors(cfg: dict[str, Any], errors: dict[str, str], notes: dict[s
 def check_form(values: FormValues, runs_dir: str | Path = "runs") -> FormCheck:
     """Every check the command line makes before a search, with its own messages, by field.
 
-    Messages come from search.config / search.space / search.loop / mergelab.eval unchanged; each
+    Messages come from search.config / search.space / search.validate / mergelab.eval unchanged; each
     is filed under the field it names (see field_of)."""
     from search.config import parse_search_config
-    from search.loop import missing_spec_file, validate_config
-    from search.space import build_space
+    from search.validate import build_space, missing_spec_file, validate_config
 
     res = FormCheck()
     name_err = check_name(values.name.strip(), runs_dir)

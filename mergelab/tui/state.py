@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from search.labels import layers_text, param_labels, short_model_names
+from search.records import RecordError, TrialRecord
 from search.rundir import RunDir
 
 LOG_TAIL_BYTES = 64 * 1024  # a viewer starts from the end of a long log
@@ -122,11 +123,11 @@ class RunReader:
     def read(self) -> Delta:
         d = Delta()
         before = self._tail.offset
-        d.new_trials = self._tail.poll()
+        d.new_trials = trial_lines(self._tail.poll())
         d.reset = self._tail.offset < before  # the tail starts over when the file shrank
         if d.reset:
             self._finished.clear()
-        self._finished.update(int(r["number"]) for r in d.new_trials if isinstance(r, dict) and "number" in r)
+        self._finished.update(int(r["number"]) for r in d.new_trials)
         d.summary = self.rd.summary()
         d.log_lines = self._log.poll()
         d.workers = self.rd.workers()
@@ -185,12 +186,26 @@ class RunReader:
                 return None
             import optuna
 
-            from search.loop import _open_storage
+            from search.storage import open_storage
 
-            self._study = optuna.load_study(study_name=self.rd.study_name(), storage=_open_storage(url, heartbeat=False))
+            self._study = optuna.load_study(study_name=self.rd.study_name(), storage=open_storage(url, heartbeat=False))
         except Exception:
             self._study_failed = True
         return self._study
+
+
+def trial_lines(lines: list) -> list[dict]:
+    """The trials.jsonl lines that are trial records (search.records.TrialRecord checks each
+    key's type once, here), as the mappings the views read; a line that is not one (a manual
+    edit, a foreign tool) is left out, as a corrupt line is."""
+    out = []
+    for d in lines:
+        try:
+            TrialRecord.from_json(d)
+        except RecordError:
+            continue
+        out.append(d)
+    return out
 
 
 PROGRESS_FILE = "progress.json"  # written by the search loop: the running trial's stage
