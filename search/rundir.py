@@ -406,8 +406,9 @@ class RunDir:
         return url or f"sqlite:///{(self.path / STUDY_FILE).resolve()}"
 
     def study_name(self) -> str:
-        """The Optuna study's name in the storage ("mergelab" in the run's own study.db;
-        "mergelab-RUNNAME" in a shared --storage, so runs sharing a database stay apart)."""
+        """The Optuna study's name in the storage: the run's name in its own study.db,
+        "mergelab-RUNNAME" in a shared --storage (runs sharing a database stay apart); "mergelab"
+        for runs made before studies were named after their run."""
         return self.resolved().get("study_name") or "mergelab"
 
     def created(self) -> float | None:
