@@ -1,4 +1,5 @@
-"""Typed views of a run directory's JSON files, read once: TrialRecord (one trials.jsonl line).
+"""Typed views of a run directory's JSON files, read once: TrialRecord (one trials.jsonl line),
+RunSummary (summary.json) and ResolvedRun (resolved.json).
 
 Pure data: this module imports nothing from search/ or mergelab, so the run directory
 (search/rundir.py) and every reader can use it without an import cycle. The JSON format is the
@@ -16,7 +17,7 @@ TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 
 class RecordError(ValueError):
-    """A trials.jsonl line that is not a trial record (says which key and why)."""
+    """A run file's JSON that is not the record it should be (says which key and why)."""
 
 
 def _num(v: Any) -> bool:
@@ -208,3 +209,149 @@ class RunSummary:
         if "elapsed_s" in kw:
             kw["elapsed_s"] = float(kw["elapsed_s"])
         return cls(**kw, extra={k: v for k, v in d.items() if k not in _SUMMARY_KEYS})
+
+
+# -- resolved.json -------------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _spec(v: Any) -> bool:  # an eval spec: its file's path, or the mapping itself
+    return isinstance(v, (str, dict))
+
+
+def _params_ok(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(p, dict) and isinstance(p.get("name", ""), str) for p in v)
+
+
+def _budget_ok(v: Any) -> bool:
+    return (isinstance(v, dict) and (v.get("trials") is None or _is_int(v["trials"]))
+            and (v.get("timeout") is None or _num(v["timeout"])))
+
+
+# key: (check, what it should be); every key here is optional and null means "not set"
+_RESOLVED_CHECKS: dict[str, tuple[Any, str]] = {
+    "base_model": (_is_str, "a model reference (text)"),
+    "models": (_str_list, "a list of model references"),
+    "method": (lambda v: _is_str(v) or _str_list(v), "a merge method name or a list of them"),
+    "params": (_params_ok, "a list of parameter mappings, each with a text `name`"),
+    "num_layers": (_is_int, "an integer"),
+    "layer_groups": (_is_int, "an integer"),
+    "filters": (_str_list, "a list of filter names"),
+    "optimizer": (lambda v: isinstance(v, dict) and (v.get("name") is None or _is_str(v["name"])),
+                  "an optimizer mapping with a text `name`"),
+    "budget": (_budget_ok, "a mapping {trials: integer, timeout: seconds}"),
+    "seed": (_is_int, "an integer"),
+    "device": (_is_str, "a device name"),
+    "storage": (_is_str, "a storage URL"),
+    "study_name": (_is_str, "a study name (text)"),
+    "eval": (_spec, "an eval spec (a file path or a mapping)"),
+    "eval_base_dir": (_is_str, "a directory (text)"),
+    "test_eval": (_spec, "an eval spec (a file path or a mapping)"),
+    "warm_start": (_is_str, "a recipe file path"),
+    "objective_names": (_str_list, "a list of names"),
+    "directions": (_str_list, "a list of directions"),
+    "versions": (lambda v: isinstance(v, dict), "a mapping of package versions"),
+    "config_sha256": (_is_str, "a SHA-256 (hex text)"),
+    "created": (_num, "a time (epoch s)"),
+    "given": (lambda v: isinstance(v, dict), "the config as given (a mapping)"),
+    "cwd": (_is_str, "a directory (text)"),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """resolved.json (search/rundir.py), read once: the run's config with absolute paths plus
+    what the loop added at creation (layer count, searched parameters, storage, versions...).
+    Keys this version does not type (space, model_space, recipe, pruner, fusion...) are kept in
+    `extra`; `keys` is the file's key order, so to_json() gives back the same mapping."""
+
+    base_model: str | None = None
+    models: list[str] = field(default_factory=list)
+    method: str | list[str] | None = None
+    params: list[dict] = field(default_factory=list)
+    num_layers: int | None = None
+    layer_groups: int | None = None
+    filters: list[str] | None = None
+    optimizer: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
+    seed: int | None = None
+    device: str | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    eval: str | dict | None = None
+    eval_base_dir: str | None = None
+    test_eval: str | dict | None = None
+    warm_start: str | None = None
+    objective_names: list[str] = field(default_factory=lambda: ["combined"])
+    directions: list[str] = field(default_factory=lambda: ["maximize"])
+    versions: dict = field(default_factory=dict)
+    config_sha256: str | None = None
+    created: float | None = None
+    given: dict | None = None
+    cwd: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    keys: tuple[str, ...] = ()  # the file's keys in order (to_json keeps them, and only them, plus changes)
+
+    @property
+    def optimizer_name(self) -> str | None:
+        return self.optimizer.get("name")
+
+    @property
+    def methods(self) -> list[str]:
+        """The merge method(s) searched over (search.labels reads a run through this)."""
+        return [self.method] if isinstance(self.method, str) else list(self.method or [])
+
+    @property
+    def budget_trials(self) -> int | None:
+        return self.budget.get("trials")
+
+    @property
+    def multi(self) -> bool:
+        return len(self.directions) > 1
+
+    @property
+    def base_dir(self) -> str:
+        """Where relative paths of the eval spec are read from (the config's folder)."""
+        return self.eval_base_dir or "."
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = "resolved.json") -> "ResolvedRun":
+        """The record of a parsed resolved.json; RecordError names the first key with a wrong
+        type (and `source`, the file). A missing key takes its default; a null one too."""
+        if not isinstance(d, dict):
+            raise RecordError(f"{source} holds a JSON object, not {type(d).__name__}")
+        kw: dict[str, Any] = {}
+        for key, (ok, want) in _RESOLVED_CHECKS.items():
+            v = d.get(key)
+            if v is None:
+                continue
+            if not ok(v):
+                raise RecordError(f"{source}: `{key}` is {v!r:.120}, expected {want}")
+            kw[key] = v
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in _RESOLVED_CHECKS}, keys=tuple(d))
+
+    def to_json(self) -> dict:
+        """The mapping resolved.json holds: the file's keys in its order (a key the file had as
+        null stays null), then a typed key set since (dataclasses.replace) and new extra keys."""
+        default = ResolvedRun()
+        out: dict[str, Any] = {}
+        for k in self.keys:
+            if k in _RESOLVED_CHECKS:
+                out[k] = getattr(self, k)
+            elif k in self.extra:
+                out[k] = self.extra[k]
+        for k in _RESOLVED_CHECKS:
+            if k not in out and getattr(self, k) != getattr(default, k):
+                out[k] = getattr(self, k)
+        for k, v in self.extra.items():
+            out.setdefault(k, v)
+        return out

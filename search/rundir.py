@@ -87,7 +87,7 @@ from typing import Any, Callable, Iterator
 
 from mergelab.errors import MergelabError
 
-from .records import RecordError, RunSummary, TrialRecord
+from .records import RecordError, ResolvedRun, RunSummary, TrialRecord
 
 CONFIG_FILE = "config.yaml"
 RESOLVED_FILE = "resolved.json"
@@ -396,20 +396,42 @@ class RunDir:
         return (self.path / CONFIG_FILE).read_text(encoding="utf-8")
 
     def resolved(self) -> dict:
+        """resolved.json as the raw mapping (what write_resolved writes back); readers use
+        resolved_run()."""
         return json.loads((self.path / RESOLVED_FILE).read_text(encoding="utf-8"))
 
-    def write_resolved(self, resolved: dict) -> None:
+    def resolved_run(self) -> ResolvedRun:
+        """resolved.json read once into a ResolvedRun. A file that is not JSON, or a key of the
+        wrong type, is a MergelabError naming the file and the key (not a traceback): the run's
+        config is what a resume, export or worker runs on, so a damaged one is refused."""
+        p = self.path / RESOLVED_FILE
+        try:
+            return ResolvedRun.from_json(json.loads(p.read_text(encoding="utf-8")), str(p))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            problem = f"{p} is not readable JSON ({e})"
+        except RecordError as e:
+            problem = str(e)
+        raise MergelabError(
+            f"Run {self.path}: {problem}. {RESOLVED_FILE} is the run's resolved config, written when "
+            f"the run was created and read by resume, export and the viewers; restore it from a copy "
+            f"of the run, or start a new run from its config: `mergelab search {self.path / CONFIG_FILE} "
+            f"--run NEW`."
+        )
+
+    def write_resolved(self, resolved: dict | ResolvedRun) -> None:
+        if isinstance(resolved, ResolvedRun):
+            resolved = resolved.to_json()
         _atomic_write(self.path / RESOLVED_FILE, dumps(resolved, indent=2) + "\n")
 
     def storage_url(self) -> str:
-        url = self.resolved().get("storage")
+        url = self.resolved_run().storage
         return url or f"sqlite:///{(self.path / STUDY_FILE).resolve()}"
 
     def study_name(self) -> str:
         """The Optuna study's name in the storage: the run's name in its own study.db,
         "mergelab-RUNNAME" in a shared --storage (runs sharing a database stay apart); "mergelab"
         for runs made before studies were named after their run."""
-        return self.resolved().get("study_name") or "mergelab"
+        return self.resolved_run().study_name or "mergelab"
 
     def created(self) -> float | None:
         return self.run_summary().created
