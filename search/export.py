@@ -37,7 +37,7 @@ def search_metadata(run: str | Path | RunDir, record: TrialRecord | dict | None 
 
     rd = _run(run)
     s = rd.run_summary()
-    res = rd.resolved()
+    res = rd.resolved_run()
     if isinstance(record, TrialRecord):
         record = record.to_json()
     best = s.best if record is None else record
@@ -61,9 +61,9 @@ def search_metadata(run: str | Path | RunDir, record: TrialRecord | dict | None 
     metrics = dict(best.get("metrics") or {})
     metrics["combined"] = best.get("value")
     out = {
-        "optimizer": (res.get("optimizer") or {}).get("name") or s.optimizer,
+        "optimizer": res.optimizer_name or s.optimizer,
         "n_trials": s.trials_done,
-        "eval_spec": spec_doc(res.get("eval")),
+        "eval_spec": spec_doc(res.eval),
         "best_trial": best["number"],
         "best_metrics": metrics,
         "source_metrics": {},  # filled from the held-out scores below, when there are any
@@ -95,7 +95,7 @@ def export_best(run: str | Path | RunDir, out_dir: str | os.PathLike | None = No
     number = rd.run_summary().best_number
     if number is None:
         raise MergelabError(f"Run {rd.path} has no finished trial yet; nothing to export.")
-    dev = device if device != "auto" else (rd.resolved().get("device") or "auto")
+    dev = device if device != "auto" else (rd.resolved_run().device or "auto")
     held_out(rd, number, device=dev)  # before anything is written; cached
     meta = search_metadata(rd)
     target = Path(out_dir) if out_dir is not None else rd.inside(BEST_DIR, BEST_MODEL_DIR)
@@ -141,7 +141,7 @@ def export_trial(run: str | Path | RunDir, out_dir: str | Path, *, trial: int | 
         raise MergelabError(
             f"Run {rd.path} has no finished trial number {trial}. `mergelab show {rd.path}` lists them."
         )
-    dev = device or rd.resolved().get("device") or "auto"
+    dev = device or rd.resolved_run().device or "auto"
     if held_out:
         score_held_out(rd, trial, device=dev)
     extra = {SEARCH_META_FILE: dumps(search_metadata(rd, rec), indent=2) + "\n"}

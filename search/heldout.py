@@ -14,6 +14,7 @@ from typing import Callable
 from mergelab.errors import MergelabError
 
 from .objective import candidate_model
+from .records import ResolvedRun
 from .rundir import RunDir, atomic_write_bytes
 from .validate import load_eval_spec
 
@@ -60,8 +61,8 @@ def _trial_or_best(rd: RunDir, trial: int | None) -> int | None:
 
 def cached_held_out(rd: RunDir, trial: int | None = None) -> dict | None:
     """The held-out scores already computed for `trial` (default: the best), else None."""
-    res = rd.resolved()
-    ref = res.get("test_eval")
+    res = rd.resolved_run()
+    ref = res.test_eval
     if ref is None:
         return None
     trial = _trial_or_best(rd, trial)
@@ -76,11 +77,11 @@ def cached_held_out(rd: RunDir, trial: int | None = None) -> dict | None:
     return _answer(res, cache, trial)
 
 
-def _answer(res: dict, cache: dict, trial: int) -> dict:
-    refs = [res["base_model"], *res["models"]]
+def _answer(res: ResolvedRun, cache: dict, trial: int) -> dict:
+    refs = [res.base_model, *res.models]
     return {"trial": trial, "metrics": cache["trials"][str(trial)],
             "sources": {r: cache["sources"][r] for r in refs if r in cache["sources"]},
-            "eval_spec": res["test_eval"]}
+            "eval_spec": res.test_eval}
 
 
 def _load_source(ref: str, dtype, device):
@@ -113,30 +114,30 @@ def held_out(rd: RunDir, trial: int | None = None, device: str | None = None,
     from mergelab.eval.models import HFLogitModel
     from mergelab.trial import TrialMerger
 
-    res = rd.resolved()
-    ref = res.get("test_eval")
+    res = rd.resolved_run()
+    ref = res.test_eval
     if ref is None:
         return None
     trial = _trial_or_best(rd, trial)
     if trial is None:
         raise MergelabError(f"Run {rd.path} has no finished trial yet; there is nothing to score on held-out data.")
     cache = _read_cache(rd, _spec_key(ref))
-    todo = [r for r in [res["base_model"], *res["models"]] if r not in cache["sources"]]
+    todo = [r for r in [res.base_model, *res.models] if r not in cache["sources"]]
     if todo or str(trial) not in cache["trials"]:
         rec = next((r for r in rd.trial_records() if r.number == trial and r.complete and r.recipe), None)
         if rec is None:
             raise MergelabError(
                 f"Run {rd.path} has no finished trial number {trial} with a recipe. `mergelab show {rd.path}` lists them."
             )
-        spec = load_eval_spec(ref, res.get("eval_base_dir", "."), "test_eval")
-        dev = device or res.get("device") or "auto"
+        spec = load_eval_spec(ref, res.base_dir, "test_eval")
+        dev = device or res.device or "auto"
         say = log or (lambda _m: None)
 
         def save() -> None:
             atomic_write_bytes(rd.inside(HELDOUT_FILE), (json.dumps(cache, indent=2) + "\n").encode())
 
         # the tokenizer and dtype the search scored with (the merge's reference model's)
-        tm = TrialMerger(res["base_model"], res["models"], device=dev)
+        tm = TrialMerger(res.base_model, res.models, device=dev)
         ev = Evaluator(spec, tm.tokenizer, tm.device)
         for src in todo:
             say(f"held-out eval: source {src}")

@@ -115,8 +115,8 @@ def param_label(p: Any, *, models: list[str], num_layers: int | None = None, lay
 
 
 def param_labels(run: Any) -> dict[str, str]:
-    """{compact name: label} for every searched parameter of a run, from its resolved config (the
-    dict in resolved.json) or a search.space.Space. Labels are unique: two parameters that would
+    """{compact name: label} for every searched parameter of a run, from its resolved config (a
+    records.ResolvedRun, or the dict in resolved.json) or a search.space.Space. Labels are unique: two parameters that would
     read the same keep their compact name in brackets."""
     if isinstance(run, Mapping):
         params = [_as_dict(p) for p in run.get("params") or []]
@@ -125,7 +125,7 @@ def param_labels(run: Any) -> dict[str, str]:
         groups = int(run.get("layer_groups") or 1)
         method = run.get("method")
         methods = [method] if isinstance(method, str) else list(method or [])
-    else:  # a Space
+    else:  # a Space or a ResolvedRun (the same attribute names)
         params = [_as_dict(p) for p in getattr(run, "params", [])]
         models = list(getattr(run, "models", []))
         num_layers = getattr(run, "num_layers", None)
@@ -140,13 +140,19 @@ def param_labels(run: Any) -> dict[str, str]:
     return {n: (f"{lab} [{n}]" if seen[lab] > 1 else lab) for n, lab in out.items()}
 
 
-def label_of(name: str, labels: Mapping[str, str], resolved: Mapping[str, Any] | None = None) -> str:
+def _run_key(run: Any, key: str) -> Any:
+    """A key of a run's resolved config: the dict in resolved.json or a records.ResolvedRun."""
+    return run.get(key) if isinstance(run, Mapping) else getattr(run, key, None)
+
+
+def label_of(name: str, labels: Mapping[str, str], resolved: Any = None) -> str:
     """The label of one parameter name: from `labels`, else recovered from the name itself with the
-    run's models (a parameter the run's list does not hold, e.g. an older run)."""
+    run's models (a parameter the run's list does not hold, e.g. an older run). `resolved` is the
+    run's resolved config (a records.ResolvedRun or the dict in resolved.json)."""
     if name in labels:
         return labels[name]
     if resolved is None:
         return name
-    models = short_model_names(resolved.get("models") or [])
-    return param_label(name, models=models, num_layers=resolved.get("num_layers"),
-                       layer_groups=int(resolved.get("layer_groups") or 1))
+    models = short_model_names(_run_key(resolved, "models") or [])
+    return param_label(name, models=models, num_layers=_run_key(resolved, "num_layers"),
+                       layer_groups=int(_run_key(resolved, "layer_groups") or 1))

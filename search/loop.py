@@ -107,14 +107,14 @@ def describe_study(study: optuna.Study, rd: RunDir, space: Space) -> None:
     mergelab: its metric names, the run it belongs to, and each parameter's meaning."""
     from .labels import layer_span, param_labels
 
-    res = rd.resolved()
+    res = rd.resolved_run()
     with warnings.catch_warnings():  # experimental in Optuna 3.2-5.x, and the API optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(list(res["objective_names"]))
+        study.set_metric_names(list(res.objective_names))
     labels = param_labels(space)
     study.set_user_attr("mergelab_run", rd.name)
-    study.set_user_attr("mergelab_base_model", res["base_model"])
-    study.set_user_attr("mergelab_models", list(res["models"]))
+    study.set_user_attr("mergelab_base_model", res.base_model)
+    study.set_user_attr("mergelab_models", list(res.models))
     study.set_user_attr("mergelab_params", {
         p.name: {"label": labels.get(p.name, p.name), "kind": p.kind, "parameter": p.param,
                  "model": (space.models[p.model] if p.model is not None and 0 <= p.model < len(space.models)
@@ -271,7 +271,7 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
     if device:
         check_device(device)
         cfg.device = device
-    res = rd.resolved()
+    res = rd.resolved_run()
     live = [w for w in rd.workers() if w["alive"] and w["worker"] != wid]
     if live and not worker:
         raise MergelabError(
@@ -279,7 +279,7 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
             f"it, stop it first, or join it as another worker with `mergelab resume {rd.path} --worker`."
         )
     opt = cfg.optimizer.name
-    if opt == "pycma" and (worker or (res.get("storage") and live)):
+    if opt == "pycma" and (worker or (res.storage and live)):
         raise MergelabError(
             "The pycma optimizer runs in a single process (it hands out the points of one generation "
             "at a time); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
@@ -288,8 +288,8 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
     pruner = _make_pruner(cfg)
     study = load_study_checked(rd, storage, sampler=sampler, pruner=pruner)
     ids = TrialIds(storage, rd.study_name())  # trial number -> the storage's id (public methods)
-    multi = len(res["directions"]) > 1
-    objective_names = res["objective_names"]
+    multi = res.multi
+    objective_names = res.objective_names
     rd.heartbeat(wid, {"trial": None, "paused": False, "started": time.time()})
 
     # -- recover what an earlier process left behind

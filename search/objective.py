@@ -106,7 +106,7 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     from mergelab.eval.evaluator import Evaluator
     from mergelab.trial import TrialMerger
 
-    spec = load_eval_spec(cfg.eval, rd.resolved().get("eval_base_dir", "."))
+    spec = load_eval_spec(cfg.eval, rd.resolved_run().base_dir)
     tm = TrialMerger(cfg.base_model, cfg.models, device=cfg.device)
     ev = Evaluator(spec, tm.tokenizer, tm.device)
     weights = {s.name: float(s.weight) for s in ev.scorers}

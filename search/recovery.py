@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +26,7 @@ from mergelab.errors import MergelabError
 
 from .config import parse_search_config
 from .optimizers import INTERRUPTED_ATTR, RETRY_ATTR, interrupted
-from .records import RECORD_ATTR, RecordError, TrialRecord
+from .records import RECORD_ATTR, RecordError, ResolvedRun, TrialRecord
 from .rundir import CONFIG_FILE, RESOLVED_FILE, STUDY_FILE, TRIALS_FILE, RunDir
 from .storage import TrialIds
 from .summary import update_summary
@@ -39,16 +40,18 @@ def config_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def stamp_study(study: optuna.Study, resolved: dict) -> None:
+def stamp_study(study: optuna.Study, resolved: dict | ResolvedRun) -> None:
     """The identity a later check compares resolved.json against (see module doc)."""
-    study.set_user_attr(CONFIG_HASH_ATTR, resolved["config_sha256"])
-    study.set_user_attr(CREATED_ATTR, resolved["created"])
+    if isinstance(resolved, dict):  # a run being created: its resolved.json is not written yet
+        resolved = ResolvedRun.from_json(resolved)
+    study.set_user_attr(CONFIG_HASH_ATTR, resolved.config_sha256)
+    study.set_user_attr(CREATED_ATTR, resolved.created)
 
 
 def check_storage_present(rd: RunDir) -> None:
     """The run's own study.db must exist: opening a missing one would create an empty study and
     the run would start over beside its own trials."""
-    stored = rd.resolved().get("storage")
+    stored = rd.resolved_run().storage
     if stored:
         # a shared file storage the run names must exist already: opening it would create a
         # database wherever resolved.json points
@@ -83,21 +86,21 @@ def load_study_checked(rd: RunDir, storage, **kw) -> optuna.Study:
 
 def check_identity(rd: RunDir, study: optuna.Study, log) -> None:
     """resolved.json belongs to this study; an edited config.yaml is honoured or refused."""
-    res = rd.resolved()
+    res = rd.resolved_run()
     attrs = study.user_attrs
-    if CONFIG_HASH_ATTR in attrs and (attrs[CONFIG_HASH_ATTR] != res.get("config_sha256")
-                                      or attrs.get(CREATED_ATTR) != res.get("created")):
+    if CONFIG_HASH_ATTR in attrs and (attrs[CONFIG_HASH_ATTR] != res.config_sha256
+                                      or attrs.get(CREATED_ATTR) != res.created):
         raise MergelabError(
             f"Run {rd.path}: {RESOLVED_FILE} does not belong to this run's study (it was written for "
-            f"another config or run; created {_when(res.get('created'))}, the study's run "
+            f"another config or run; created {_when(res.created)}, the study's run "
             f"{_when(attrs.get(CREATED_ATTR))}). Resuming would run trials of one search into another's "
             f"study. Restore the run's own {RESOLVED_FILE}, or start a new run from its config."
         )
     text = rd.config_text()
-    if "config_sha256" not in res or config_hash(text) == res["config_sha256"]:
+    if res.config_sha256 is None or config_hash(text) == res.config_sha256:
         return
     new = parse_search_config(_yaml(text, rd), f"{rd.path / CONFIG_FILE}").model_dump(mode="json")
-    old = res.get("given") or {}
+    old = res.given or {}
     changed = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
     refused = [k for k in changed if k not in EDITABLE]
     if refused:
@@ -110,9 +113,7 @@ def check_identity(rd: RunDir, study: optuna.Study, log) -> None:
             f"{rd.path} --trials N`)."
         )
     if changed:  # the budget: honoured
-        res["budget"] = new["budget"]
-        res["given"] = new
-        res["config_sha256"] = config_hash(text)
+        res = replace(res, budget=new["budget"], given=new, config_sha256=config_hash(text))
         rd.write_resolved(res)
         rd.update_summary(lambda s: s.update(budget=new["budget"]))
         stamp_study(study, res)
@@ -126,10 +127,10 @@ def set_budget_trials(rd: RunDir, trials: int) -> None:
         raise MergelabError(
             f"--trials {trials}: run {rd.path} has already counted {done} trials; give a larger budget."
         )
-    res = rd.resolved()
-    res["budget"] = {**(res.get("budget") or {}), "trials": trials}
+    res = rd.resolved_run()
+    res = replace(res, budget={**res.budget, "trials": trials})
     rd.write_resolved(res)
-    rd.update_summary(lambda s: s.update(budget=res["budget"]))
+    rd.update_summary(lambda s: s.update(budget=res.budget))
 
 
 def repair_trials(rd: RunDir, log) -> bool:

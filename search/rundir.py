@@ -406,9 +406,9 @@ class RunDir:
         config is what a resume, export or worker runs on, so a damaged one is refused."""
         p = self.path / RESOLVED_FILE
         try:
-            return ResolvedRun.from_json(json.loads(p.read_text(encoding="utf-8")), str(p))
+            return ResolvedRun.from_json(json.loads(p.read_text(encoding="utf-8")), RESOLVED_FILE)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            problem = f"{p} is not readable JSON ({e})"
+            problem = f"{RESOLVED_FILE} is not readable JSON ({e})"
         except RecordError as e:
             problem = str(e)
         raise MergelabError(

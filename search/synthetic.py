@@ -9,7 +9,7 @@ def sphere(recipe: dict, ctx) -> dict:
     """Higher is better, maximum 0 where every searched number sits at 30% of its range; two
     pseudo-scorers ("a": the first half of the parameters, "b": the rest) for multi-objective
     runs. Reads the candidate's values from ctx.params and its run's parameter ranges."""
-    defs = {p["name"]: p for p in ctx.run_dir.resolved()["params"]}
+    defs = {p["name"]: p for p in ctx.run_dir.resolved_run().params}
     names = sorted(ctx.params)
     half = max(1, len(names) // 2)
     parts = {"a": 0.0, "b": 0.0}

@@ -154,7 +154,7 @@ def worker_devices(device: str, workers: int, gpus: int, share: bool = False) ->
 
 def config_of(rd: RunDir) -> tuple[SearchConfig, Space]:
     """The run's config with the resolved (absolute) paths, re-validated."""
-    res = rd.resolved()
+    res = rd.resolved_run().to_json()  # checked; the config's own keys are re-validated below
     keys = SearchConfig.model_fields.keys()
     cfg = parse_search_config({k: res[k] for k in keys if k in res}, f"resolved config of {rd.path}")
     return validate_config(cfg, check_eval=False)

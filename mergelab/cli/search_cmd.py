@@ -101,7 +101,7 @@ def _print_result(rd, worker: bool = False) -> None:
     s = rd.run_summary()
     if s.best and s.best_value is not None:
         click.echo(f"best: trial {s.best_number} score {s.best_value:.6g} -> {rd.path / 'best' / 'recipe.yaml'}")
-    if s.best and not worker and rd.resolved().get("test_eval") and rd.status().status == "finished":
+    if s.best and not worker and rd.resolved_run().test_eval is not None and rd.status().status == "finished":
         from search.heldout import held_out, held_out_table
 
         click.echo("scoring the best trial and the source models on the held-out `test_eval` ...")
@@ -176,17 +176,17 @@ def show(run, top):
     best = rd.summary().get("best") or {}
     if best.get("params"):
         click.echo(f"best trial {best.get('number')}, searched values:")
-        click.echo(searched_values_text(best["params"], rd.resolved()))
+        click.echo(searched_values_text(best["params"], rd.resolved_run()))
     text = rd.best_recipe_text()
     if text:
         click.echo("best recipe:")
         click.echo(text.rstrip())
 
 
-def searched_values_text(params: dict, resolved: dict) -> str:
+def searched_values_text(params: dict, resolved) -> str:
     """A trial's searched values under the labels the dashboard, compare and the card use
     (`addition · weight · layers 0–1`), not the search space's compact names (`m0.weight.g0`):
-    one indented line each, the values in a column."""
+    one indented line each, the values in a column. `resolved`: the run's search.records.ResolvedRun."""
     from search.labels import label_of, param_labels
 
     labels = param_labels(resolved)

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from search.labels import layers_text, param_labels, short_model_names
-from search.records import RecordError, TrialRecord
+from search.records import RecordError, ResolvedRun, TrialRecord
 from search.rundir import RunDir
+
+from ..errors import MergelabError
 
 LOG_TAIL_BYTES = 64 * 1024  # a viewer starts from the end of a long log
 STATES = ("COMPLETE", "PRUNED", "FAIL")
@@ -239,9 +241,20 @@ def _frac(v: Any) -> float | None:
 
 
 # ------------------------------------------------------------------------------- state
-def eval_scorer_names(resolved: dict) -> list[str]:
+def as_resolved(resolved: ResolvedRun | dict | None) -> ResolvedRun:
+    """A run's resolved config as a ResolvedRun; a viewer shows what it can of a mapping that is
+    not one (a damaged key: the defaults)."""
+    if isinstance(resolved, ResolvedRun):
+        return resolved
+    try:
+        return ResolvedRun.from_json(resolved or {})
+    except RecordError:
+        return ResolvedRun()
+
+
+def eval_scorer_names(resolved: ResolvedRun | dict) -> list[str]:
     """Scorer names of the run's eval spec (the stages after merge), [] when unreadable."""
-    spec = resolved.get("eval")
+    spec = as_resolved(resolved).eval
     try:
         if isinstance(spec, str):
             import yaml
@@ -267,9 +280,9 @@ class RunState:
     def __init__(self, run_dir: RunDir):
         self.rd = run_dir
         try:
-            self.resolved = run_dir.resolved()
-        except (FileNotFoundError, json.JSONDecodeError):
-            self.resolved = {}
+            self.resolved = run_dir.resolved_run()
+        except (FileNotFoundError, MergelabError):  # gone or damaged: the dashboard shows the rest
+            self.resolved = ResolvedRun()
         self.trials: list[dict] = []  # file order
         self.by_number: dict[int, dict] = {}
         self._order: list[int] = []  # sorted trial numbers with a value
@@ -335,11 +348,11 @@ class RunState:
 
     @property
     def multi(self) -> bool:
-        return len(self.summary.get("directions") or self.resolved.get("directions") or ["maximize"]) > 1
+        return len(self.summary.get("directions") or self.resolved.directions) > 1
 
     @property
     def objective_names(self) -> list[str]:
-        return list(self.summary.get("objective_names") or self.resolved.get("objective_names") or ["combined"])
+        return list(self.summary.get("objective_names") or self.resolved.objective_names)
 
     def status(self) -> str:
         """What the run is doing now, as the header says it: "running" only with a live search
@@ -503,13 +516,14 @@ def _entries(value: Any, filters: set[str]) -> list[tuple[str, Any]]:
     return [("all", value)]
 
 
-def recipe_heatmaps(recipe: dict | None, resolved: dict) -> list[HeatGrid]:
+def recipe_heatmaps(recipe: dict | None, resolved: ResolvedRun | dict) -> list[HeatGrid]:
     """The heat maps of a recipe's searched model parameters (weight, density...)."""
     if not recipe:
         return []
+    resolved = as_resolved(resolved)
     models = [m for m in recipe.get("models") or [] if isinstance(m, dict)]
     cols = short_model_names([m.get("model", "?") for m in models])
-    pdefs = resolved.get("params") or []
+    pdefs = resolved.params
     searched = []
     ranges: dict[str, tuple[float, float]] = {}
     for p in pdefs:
@@ -523,9 +537,9 @@ def recipe_heatmaps(recipe: dict | None, resolved: dict) -> list[HeatGrid]:
             for k in (m.get("parameters") or {}):
                 if k not in searched:
                     searched.append(k)
-    filters = set(resolved.get("filters") or [])
-    L = resolved.get("num_layers")
-    K = int(resolved.get("layer_groups") or 1)
+    filters = set(resolved.filters or [])
+    L = resolved.num_layers
+    K = int(resolved.layer_groups or 1)
     grids = []
     for pname in searched:
         per_model = [_entries((m.get("parameters") or {}).get(pname), filters) for m in models]
@@ -564,11 +578,11 @@ def recipe_heatmaps(recipe: dict | None, resolved: dict) -> list[HeatGrid]:
     return grids
 
 
-def global_values(recipe: dict | None, resolved: dict) -> dict[str, Any]:
+def global_values(recipe: dict | None, resolved: ResolvedRun | dict) -> dict[str, Any]:
     """Searched global parameters (lambda...) of a recipe."""
     if not recipe:
         return {}
-    names = [p["param"] for p in resolved.get("params") or [] if p.get("kind") == "global"]
+    names = [p["param"] for p in as_resolved(resolved).params if p.get("kind") == "global"]
     gp = recipe.get("parameters") or {}
     return {n: gp.get(n) for n in names if n in gp}
 

@@ -57,7 +57,7 @@ def read_best(path: str | Path) -> RunBest:
     text = rd.best_recipe_text() if recipe is None else None
     if text:
         recipe = yaml.safe_load(text)
-    resolved = rd.resolved()
+    resolved = rd.resolved_run()
     trials = f"{st.trials_done}/{st.budget_trials}" if st.budget_trials else str(st.trials_done)
     return RunBest(name=st.name, path=rd.path, status=st.status, optimizer=st.optimizer or "-", trials=trials,
                    best_number=best.get("number"), value=best.get("value"),

@@ -51,7 +51,7 @@ class RunHeader(Static):
         run = Text.assemble(("run ", "dim"), (state.name, "bold"))
         stat = Text.assemble(("status ", "dim"), (status, _STATUS_STYLE.get(status, "bold yellow")))
         opt = Text.assemble(("optimizer ", "dim"), str(s.get("optimizer") or "-"),
-                            ("  device ", "dim"), str(s.get("device") or state.resolved.get("device") or "-"))
+                            ("  device ", "dim"), str(s.get("device") or state.resolved.device or "-"))
         best_t = Text.assemble(("best ", "dim"), (best_txt, "bold"))
         trials_t = Text.assemble(("trials ", "dim"), trials, ("  failed ", "dim"), str(s.get("trials_failed") or 0))
         elapsed_t = Text.assemble(("elapsed ", "dim"), fmt_duration(state.elapsed(now)))
