@@ -1,13 +1,16 @@
-"""TrialRecord: each trials.jsonl line read once into a typed record; the JSON format unchanged
-(every line of the recorded fixture runs reads and writes back to the same mapping)."""
+"""TrialRecord, RunSummary, ResolvedRun: each trials.jsonl line, summary.json and resolved.json read
+once into a typed record; the JSON format unchanged (every recorded fixture run reads and writes
+back to the same mapping)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from search.records import RecordError, TrialRecord
+from mergelab.errors import MergelabError
+from search.records import RecordError, ResolvedRun, TrialRecord
 from search.rundir import RunDir
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -107,3 +110,100 @@ def test_a_summary_key_of_the_wrong_type_is_named_or_defaulted(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(d))
     st = RunDir(tmp_path).status()
     assert (st.status, st.trials_done, st.best_trial, st.budget_trials) == ("finished", 0, 2, 9)
+
+
+# -- resolved.json --------------------------------------------------------------------------------
+@pytest.mark.parametrize("run", RUNS, ids=lambda p: p.name)
+def test_recorded_resolved_json_reads_into_a_resolved_run_and_back_unchanged(run, tmp_path):
+    import shutil
+
+    text = (run / "resolved.json").read_text()
+    d = json.loads(text)
+    r = ResolvedRun.from_json(d)  # every key of a recorded run has its type
+    assert r == RunDir(run).resolved_run()
+    assert r.to_json() == d and list(r.to_json()) == list(d)  # same keys, same order
+    assert (r.base_model, r.models, r.num_layers, r.seed, r.device) == (
+        d["base_model"], d["models"], d["num_layers"], d["seed"], d["device"])
+    assert (r.optimizer_name, r.budget_trials, r.eval, r.base_dir) == (
+        d["optimizer"]["name"], d["budget"]["trials"], d["eval"], d["eval_base_dir"])
+    assert r.params == d["params"] and r.objective_names == d["objective_names"] and r.multi == (len(d["directions"]) > 1)
+    assert r.storage is None and r.study_name is None and r.test_eval is None  # runs from before those keys
+    assert set(r.extra) == {"space", "model_space", "io_group", "layer_sources", "pruner", "recipe"}
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    RunDir(copy).write_resolved(RunDir(copy).resolved_run())
+    assert (copy / "resolved.json").read_text() == text  # written back byte for byte
+    assert RunDir(copy).study_name() == "mergelab"  # a run from before studies were named after runs
+
+
+def test_resolved_run_keeps_unknown_keys_and_fills_missing_ones():
+    d = {"base_model": "/m/base", "models": ["/m/a"], "future_key": {"x": 1}, "device": None}
+    r = ResolvedRun.from_json(d)
+    assert r.extra == {"future_key": {"x": 1}} and r.device is None
+    assert (r.objective_names, r.directions, r.params, r.budget, r.base_dir, r.methods) == (
+        ["combined"], ["maximize"], [], {}, ".", [])
+    assert r.to_json() == d  # null stays null, absent stays absent
+    from dataclasses import replace
+
+    r2 = replace(r, budget={"trials": 9})  # what a resume with --trials writes back
+    assert r2.to_json() == {**d, "budget": {"trials": 9}} and r2.budget_trials == 9
+    assert ResolvedRun.from_json({"method": ["ties", "dare_ties"]}).methods == ["ties", "dare_ties"]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("base_model", 3), ("models", "/m/a"), ("models", ["/m/a", 2]), ("params", [{"name": 1}]),
+    ("params", {"a": 1}), ("num_layers", "4"), ("num_layers", True), ("layer_groups", 2.0), ("seed", "0"),
+    ("device", ["cpu"]), ("storage", 1), ("study_name", 5), ("eval", 7), ("test_eval", ["x"]),
+    ("eval_base_dir", 1), ("optimizer", "cmaes"), ("optimizer", {"name": 3}), ("budget", {"trials": "5"}),
+    ("budget", {"timeout": "1h"}), ("objective_names", "combined"), ("directions", [1]), ("created", "now"),
+    ("config_sha256", 1), ("given", []), ("versions", "1.0"), ("method", 5), ("filters", "mlp"),
+    ("warm_start", {"a": 1}),
+])
+def test_a_resolved_key_of_the_wrong_type_is_named(key, value):
+    with pytest.raises(RecordError, match=rf"runs/x/resolved.json: `{key}` is .*expected "):
+        ResolvedRun.from_json({"base_model": "/m/base", key: value}, "runs/x/resolved.json")
+
+
+def test_resolved_json_that_is_not_an_object_is_refused():
+    with pytest.raises(RecordError, match="resolved.json holds a JSON object, not list"):
+        ResolvedRun.from_json([1, 2])
+
+
+@pytest.mark.parametrize("damage", ["num_layers", "json", "list"])
+def test_a_damaged_resolved_json_is_one_paragraph_naming_the_file_and_key(tmp_path, damage, capsys):
+    import shutil
+
+    from mergelab.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(RUNS[0], run)
+    d = json.loads((run / "resolved.json").read_text())
+    d["num_layers"] = "4"
+    (run / "resolved.json").write_text({"num_layers": json.dumps(d), "json": "{\"base_model\": ", "list": "[]"}[damage])
+    want = {"num_layers": r"resolved.json: `num_layers` is '4', expected an integer",
+            "json": r"resolved.json is not readable JSON", "list": r"resolved.json holds a JSON object, not list"}[damage]
+    with pytest.raises(MergelabError, match=rf"^Run {run}: {want}.*restore it from a copy of the run"):
+        RunDir(run).resolved_run()
+    capsys.readouterr()
+    assert main(["resume", str(run), "--no-tui"]) == 2  # refused before anything runs, no traceback
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and re.search(want, err)
+    assert json.loads((run / "summary.json").read_text()) == json.loads((RUNS[0] / "summary.json").read_text())
+
+
+def test_a_viewer_of_a_run_with_a_damaged_resolved_json_shows_the_rest(tmp_path):
+    import shutil
+
+    from mergelab.tui.state import RunState, recipe_heatmaps
+
+    run = tmp_path / "run"
+    shutil.copytree(RUNS[2], run)  # ties-search: 4 layers in 2 groups
+    good = RunState(RunDir(run))
+    assert good.resolved == RunDir(run).resolved_run() and good.labels["m0.weight.g0"] == "ft_math · weight · layers 0–1"
+    d = json.loads((run / "resolved.json").read_text())
+    recipe = json.loads((run / "best" / "trial.json").read_text())["recipe"]
+    assert recipe_heatmaps(recipe, d) == recipe_heatmaps(recipe, good.resolved) != []  # a dict reads the same
+    d["params"] = "m0.weight.g0"
+    (run / "resolved.json").write_text(json.dumps(d))
+    st = RunState(RunDir(run))
+    assert st.resolved == ResolvedRun() and st.labels == {} and st.objective_names == ["combined"]
