@@ -300,6 +300,7 @@ class ResolvedRun:
     cwd: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     keys: tuple[str, ...] = ()  # the file's keys in order (to_json keeps them, and only them, plus changes)
+    null_keys: frozenset[str] = frozenset()  # typed keys the file holds as null (written back as null)
 
     @property
     def optimizer_name(self) -> str | None:
@@ -337,7 +338,8 @@ class ResolvedRun:
             if not ok(v):
                 raise RecordError(f"{source}: `{key}` is {v!r:.120}, expected {want}")
             kw[key] = v
-        return cls(**kw, extra={k: v for k, v in d.items() if k not in _RESOLVED_CHECKS}, keys=tuple(d))
+        return cls(**kw, extra={k: v for k, v in d.items() if k not in _RESOLVED_CHECKS}, keys=tuple(d),
+                   null_keys=frozenset(k for k in _RESOLVED_CHECKS if k in d and d[k] is None))
 
     def to_json(self) -> dict:
         """The mapping resolved.json holds: the file's keys in its order (a key the file had as
@@ -346,7 +348,8 @@ class ResolvedRun:
         out: dict[str, Any] = {}
         for k in self.keys:
             if k in _RESOLVED_CHECKS:
-                out[k] = getattr(self, k)
+                v = getattr(self, k)
+                out[k] = None if k in self.null_keys and v == getattr(default, k) else v
             elif k in self.extra:
                 out[k] = self.extra[k]
         for k in _RESOLVED_CHECKS:

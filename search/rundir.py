@@ -8,7 +8,8 @@ Layout of ``runs/NAME/``::
     config.yaml        the search config exactly as given (frozen; never rewritten)
     resolved.json      the resolved config: absolute paths, layer count, the list of searched
                        parameters, optimizer and its options, budget, seed, device, storage URL,
-                       versions of mergelab / torch / transformers / optuna / python, created time
+                       versions of mergelab / torch / transformers / optuna / python, created time;
+                       read once into a search.records.ResolvedRun (RunDir.resolved_run())
     study.db           the Optuna study (SQLite) unless --storage named another storage; the run
                        is a normal Optuna study: ``optuna-dashboard sqlite:///runs/NAME/study.db``
     (no pickle)        the pycma optimizer keeps no state file: each trial's user attribute

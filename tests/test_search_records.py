@@ -137,7 +137,8 @@ def test_recorded_resolved_json_reads_into_a_resolved_run_and_back_unchanged(run
 
 
 def test_resolved_run_keeps_unknown_keys_and_fills_missing_ones():
-    d = {"base_model": "/m/base", "models": ["/m/a"], "future_key": {"x": 1}, "device": None}
+    d = {"base_model": "/m/base", "models": ["/m/a"], "future_key": {"x": 1}, "device": None,
+         "objective_names": None}
     r = ResolvedRun.from_json(d)
     assert r.extra == {"future_key": {"x": 1}} and r.device is None
     assert (r.objective_names, r.directions, r.params, r.budget, r.base_dir, r.methods) == (
