@@ -139,6 +139,15 @@ class DiskInputs(Inputs):
     is mapped, so the page cache holds the files and this process holds only the buffers."""
 
     def __init__(self, job: TensorJob, sources: dict, base_index: int | None, ws: Workspace):
+        def from_file(r: Read) -> Slot:
+            src = sources[r.ref]
+            return Slot(src, r.tensor, src.tensors[r.tensor].dtype)
+
+        self._setup(job, base_index, ws, from_file)
+
+    def _setup(self, job: TensorJob, base_index: int | None, ws: Workspace, make_slot) -> None:
+        """One slot per distinct (model, tensor) the job reads, made by make_slot(read); the
+        model rows and the base point at them."""
         self.n = math.prod(job.shape)
         self.ws = ws
         self._slots: list[Slot] = []
@@ -147,9 +156,8 @@ class DiskInputs(Inputs):
         def slot(r: Read) -> int:
             key = (r.ref, r.tensor)
             if key not in index:
-                src = sources[r.ref]
                 index[key] = len(self._slots)
-                self._slots.append(Slot(src, r.tensor, src.tensors[r.tensor].dtype))
+                self._slots.append(make_slot(r))
             return index[key]
 
         self._model = [slot(r) for r in job.models]
@@ -214,29 +222,11 @@ class StoredInputs(DiskInputs):
     workspace's buffers. The chunked kernels then run exactly as from disk, bit for bit."""
 
     def __init__(self, job: TensorJob, stored: dict, base_index: int | None, ws: Workspace):
-        self.n = math.prod(job.shape)
-        self.ws = ws
-        self._slots = []
-        index: dict[tuple[str, str], int] = {}
+        def held(r: Read) -> Slot:
+            t = stored[(r.ref, r.tensor)]
+            return Slot(t, r.tensor, t.dtype)
 
-        def slot(r: Read) -> int:
-            key = (r.ref, r.tensor)
-            if key not in index:
-                index[key] = len(self._slots)
-                t = stored[key]
-                self._slots.append(Slot(t, r.tensor, t.dtype))
-            return index[key]
-
-        self._model = [slot(r) for r in job.models]
-        if job.base is not None:
-            self._base = slot(job.base)
-        else:
-            self._base = self._model[base_index] if base_index is not None else None
-        self._at, self._raw_at = {}, {}
-        self._abs_of = None
-        dtypes = {s.dtype for s in self._slots}
-        self._sub16 = (jit_core.AVAILABLE and self._base is not None and len(dtypes) == 1
-                       and next(iter(dtypes)) in (torch.float16, torch.bfloat16))
+        self._setup(job, base_index, ws, held)
 
     def _raw(self, slot: int, s: int, e: int) -> torch.Tensor:
         return self._slots[slot].source[s:e]
