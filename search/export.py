@@ -15,6 +15,7 @@ from .heldout import cached_held_out, held_out
 from .heldout import held_out as score_held_out
 from .records import TrialRecord
 from .rundir import (
+    best_so_far,
     BEST_DIR,
     BEST_MODEL_DIR,
     EXPORT_MERGE_REF,
@@ -58,6 +59,7 @@ def search_metadata(run: str | Path | RunDir, record: TrialRecord | dict | None 
         except (OSError, yaml.YAMLError, MergelabError):
             return {"path": ref}  # moved since, or not a spec: where it was, nothing of it
 
+    counted = rd.counted_records()  # trials.jsonl read once for the history and the plot's points
     metrics = dict(best.get("metrics") or {})
     metrics["combined"] = best.get("value")
     out = {
@@ -67,10 +69,9 @@ def search_metadata(run: str | Path | RunDir, record: TrialRecord | dict | None 
         "best_trial": best["number"],
         "best_metrics": metrics,
         "source_metrics": {},  # filled from the held-out scores below, when there are any
-        "history": rd.history(),
+        "history": best_so_far(counted),
         # each counted trial's own score (the points of the card's plot), in history's order
-        "scores": [{"number": r.number, "value": r.value, "state": r.state}
-                   for r in sorted((r for r in rd.trial_records() if not r.interrupted), key=lambda r: r.number)],
+        "scores": [{"number": r.number, "value": r.value, "state": r.state} for r in counted],
         "run_name": rd.name,
     }
     if best.get("fusion"):

@@ -689,12 +689,20 @@ class RunDir:
     def history(self) -> list[float | None]:
         """The best combined score after each counted trial, in trial-number order (null until
         the first finished trial; interrupted trials are left out, their re-tries count)."""
-        recs = sorted((r for r in self.trial_records() if r.counted), key=lambda r: r.number)
-        out: list[float | None] = []
-        top: float | None = None
-        for r in recs:
-            v = r.value if r.complete else None
-            if v is not None and (top is None or v > top):
-                top = v
-            out.append(top)
-        return out
+        return best_so_far(self.counted_records())
+
+    def counted_records(self) -> list[TrialRecord]:
+        """The counted trials (interrupted ones left out, their re-tries in), by trial number."""
+        return sorted((r for r in self.trial_records() if r.counted), key=lambda r: r.number)
+
+
+def best_so_far(recs: list[TrialRecord]) -> list[float | None]:
+    """The best combined score after each of recs (null until the first completed one)."""
+    out: list[float | None] = []
+    top: float | None = None
+    for r in recs:
+        v = r.value if r.complete else None
+        if v is not None and (top is None or v > top):
+            top = v
+        out.append(top)
+    return out
