@@ -94,7 +94,8 @@ def run(args, seed: int, ta: TaskArithmetic, val, test) -> BaselineResult:
             w = [list(x[i * n_values:(i + 1) * n_values]) for i in range(n_models)]
             ta.set(w)
             r = val.evaluate(HFLogitModel(ta.model, ta.tokenizer))
-            fit = sum(r.scores.values()) / len(r.scores)
+            # the mean of the skills (sum) or the spec's geometric mean (combine geometric)
+            fit = r.combined if r.combine == "geometric" else sum(r.scores.values()) / len(r.scores)
             losses.append(-fit)
             if fit > best[0]:
                 best = (fit, w, n)
@@ -123,6 +124,10 @@ def main(argv=None) -> int:
     ap.add_argument("--x0", type=float, default=0.5)
     ap.add_argument("--bounds", type=float, nargs=2, default=[0.0, 1.0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--combine", choices=["sum", "geometric"], default="sum",
+                    help="how the val skills' scores combine into the fitness")
+    ap.add_argument("--fitness", choices=["accuracy", "answer_prob"], default="accuracy",
+                    help="the val scorers' score (answer_prob: exact_match mode forced, p(answer))")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -138,7 +143,8 @@ def main(argv=None) -> int:
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="baseline_pycma-"))
-    val = Evaluator(EvalSpec.load(skill_spec(args.family, "val", args.models, tmp / "val.yml")), ta.tokenizer, "cpu")
+    val = Evaluator(EvalSpec.load(skill_spec(args.family, "val", args.models, tmp / "val.yml", args.fitness, args.combine)),
+                    ta.tokenizer, "cpu")
     test = Evaluator(EvalSpec.load(skill_spec(args.family, "test", args.models, tmp / "test.yml")), ta.tokenizer, "cpu")
     results = []
     for seed in args.seeds:

@@ -249,13 +249,24 @@ def write_data(out: Path, splits, cfg: RealFamilyConfig) -> None:
         (data / f"eval_{split}.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-def skill_spec(out: Path, split: str, skills, dest: Path) -> Path:
+FITNESS = {  # what a search's fitness reads from each exact-match scorer (--fitness)
+    "accuracy": {},  # greedy generation, exact match: the number the tables report
+    "answer_prob": {"mode": "forced", "score": "answer_prob"},  # one forced pass, p(answer)
+}
+
+
+def skill_spec(out: Path, split: str, skills, dest: Path, fitness: str = "accuracy", combine: str = "sum") -> Path:
     """The family's eval spec for `split` restricted to `skills` (a search over some of the
-    fine-tunes is scored on their skills only), written to dest with absolute data paths."""
+    fine-tunes is scored on their skills only), written to dest with absolute data paths.
+    fitness "answer_prob" scores each item by the probability of its answer in one forced pass
+    (a smooth fitness for searches; tables always report generated exact match); combine
+    "geometric" makes the combined score their geometric mean (see mergelab's eval spec)."""
     import yaml
 
     spec = yaml.safe_load((out / "data" / f"eval_{split}.yml").read_text())
-    spec["scorers"] = [dict(s, data=str(out / "data" / s["data"])) for s in spec["scorers"] if s["name"] in skills]
+    spec["scorers"] = [dict(s, data=str(out / "data" / s["data"]), **FITNESS[fitness])
+                       for s in spec["scorers"] if s["name"] in skills]
+    spec["combine"] = combine
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(yaml.safe_dump(spec, sort_keys=False))
     return dest

@@ -111,7 +111,7 @@ def real_main(args) -> int:
     extra = yaml.safe_load(args.extra) if args.extra else {}
     work = args.work or Path(tempfile.mkdtemp(prefix="search_quality_real-"))
     work.mkdir(parents=True, exist_ok=True)
-    val_spec = skill_spec(fam, "val", args.models, work / "eval_val.yml")
+    val_spec = skill_spec(fam, "val", args.models, work / "eval_val.yml", args.fitness, args.combine)
     test_spec = skill_spec(fam, "test", args.models, work / "eval_test.yml")
     rows = []
     for seed in args.seeds:
@@ -130,10 +130,14 @@ def real_main(args) -> int:
         skills = {s: r.scores[s] for s in args.models}
         del tm
         row = {"label": args.label, "seed": seed, "trials": args.trials, "best_trial": best["number"],
-               "val": best["value"] / len(skills), "test": sum(skills.values()) / len(skills),
+               "fitness": args.fitness, "val": best["value"] / len(skills),
+               "val_skills": {s: best["scores"][s] for s in args.models},
+               "val_accuracy": sum(best["metrics"][f"{s}/accuracy"] for s in args.models) / len(skills),
+               "test": sum(skills.values()) / len(skills),
                "test_skills": skills, "seconds": secs, "config": cfg}
         rows.append(row)
         print(f"{args.label} seed {seed}: best trial {row['best_trial']} val {row['val']:.3f} "
+              f"(accuracy {row['val_accuracy']:.3f}) "
               f"test {row['test']:.3f} ({' '.join(f'{k} {v:.2f}' for k, v in skills.items())}) "
               f"{secs / args.trials:.1f} s/trial", flush=True)
     print(f"{args.label}: mean test over seeds {args.seeds}: "
@@ -151,6 +155,10 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", default=None, help="--real: YAML mapping merged into the search config")
     ap.add_argument("--label", default="default", help="--real: the variant's name in the output")
     ap.add_argument("--models", nargs="+", default=list(REAL_SKILLS), help="--real: the fine-tunes merged")
+    ap.add_argument("--combine", choices=["sum", "geometric"], default="sum",
+                    help="how the val skills' scores combine into the fitness")
+    ap.add_argument("--fitness", choices=["accuracy", "answer_prob"], default="accuracy",
+                    help="--real: the val scorers' score (answer_prob: exact_match mode forced)")
     ap.add_argument("--family", type=Path, default=REPO / "mergelab/demo/family")
     ap.add_argument("--val", type=Path, default=REPO / "mergelab/demo/data/eval_val.yml")
     ap.add_argument("--test", type=Path, default=REPO / "mergelab/demo/data/eval_test.yml")

@@ -58,7 +58,7 @@ from mergelab.errors import MergelabError, pydantic_problems
 
 from .dataflow_config import DataflowConfig
 
-OPTIMIZERS = ("cmaes", "tpe", "random", "nsga2", "pycma")
+OPTIMIZERS = ("cmaes", "gp", "tpe", "random", "nsga2", "pycma")
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband")
 FUSION_WEIGHTINGS = ("sim", "opt", "uniform", "top1")  # as mergelab.fusion.WEIGHTINGS
 FUSION_MEMBERS = ("merge", "sources", "base")
@@ -68,10 +68,10 @@ Range = list[float]
 
 class OptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: Literal["cmaes", "tpe", "random", "nsga2", "pycma"] = "cmaes"
+    name: Literal["cmaes", "gp", "tpe", "random", "nsga2", "pycma"] = "cmaes"
     popsize: int | None = Field(default=None, ge=2)
     sigma0: float | None = Field(default=None, gt=0)  # in the normalized [0, 1] space
-    n_startup_trials: int | None = Field(default=None, ge=0)  # tpe only
+    n_startup_trials: int | None = Field(default=None, ge=0)  # tpe and gp: random trials first
 
 
 class BudgetConfig(BaseModel):

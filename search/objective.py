@@ -100,10 +100,11 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
     device) and the eval data is read and tokenized once (Evaluator); a trial then costs the
     operator calls for the tensors whose parameters changed plus the forward passes.
     Intermediate values for a pruner: after every eval batch, the combined score so far (the
-    finished scorers' weighted scores plus the running score of the current one), at a step
-    counting batches over all scorers, so every trial reports the same steps in the same order.
+    spec's combine rule over the finished scorers' scores and the running score of the current
+    one), at a step counting batches over all scorers, so every trial reports the same steps in
+    the same order.
     """
-    from mergelab.eval.evaluator import Evaluator
+    from mergelab.eval.evaluator import Evaluator, combine
     from mergelab.trial import TrialMerger
 
     spec = load_eval_spec(cfg.eval, rd.resolved_run().base_dir)
@@ -127,14 +128,14 @@ def real_objective(rd: RunDir, cfg: SearchConfig) -> Objective:
         first[0] = False
         model = tm.apply(recipe)
         t1 = time.perf_counter()
-        done: dict[str, float] = {}  # scorer -> weighted running score (the last one is final)
+        done: dict[str, float] = {}  # scorer -> running score (the last one is final)
         step = [0]
 
         def report(scorer: str, _batch: int, running: float) -> None:
-            done[scorer] = weights.get(scorer, 1.0) * float(running)
+            done[scorer] = float(running)
             if ctx.progress:
                 ctx.progress(f"eval {scorer}", min(1.0, (step[0] + 1) / max(1, n_batches)))
-            ctx.report(sum(done.values()), step[0])
+            ctx.report(combine(done, weights, spec.combine), step[0])
             step[0] += 1
 
         res = ev.evaluate(scored(model, ctx.fusion), report=report)

@@ -132,6 +132,20 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
         nst = options.get("n_startup_trials")
         kw = {} if nst is None else {"n_startup_trials": nst}
         return ReseededSampler(lambda s: TPESampler(seed=s, **kw), seed, shared=shared)
+    if name == "gp":
+        # Gaussian-process Bayesian optimization (Optuna's GPSampler): a surrogate of the score
+        # over the whole space, refit on every finished trial; the strongest of these samplers
+        # when a trial is expensive and the budget is tens of trials. Reseeded per trial like
+        # the others (its fit is a function of the finished trials, so resuming changes nothing).
+        from optuna.samplers import GPSampler
+
+        nst = options.get("n_startup_trials")
+        kw = {} if nst is None else {"n_startup_trials": nst}
+        return ReseededSampler(
+            lambda s: GPSampler(seed=s, **kw, independent_sampler=RandomSampler(seed=s),
+                                warn_independent_sampling=False),
+            seed, shared=shared,
+        )
     if name == "nsga2":
         pop = options.get("popsize") or max(4, popsize_default(n))
         return ReseededSampler(lambda s: NSGAIISampler(seed=s, population_size=pop), seed, shared=shared)
@@ -150,4 +164,4 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
             )
 
         return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True, shared=shared)
-    raise MergelabError(f"unknown optimizer `{name}`; use one of cmaes, tpe, random, nsga2, pycma.")
+    raise MergelabError(f"unknown optimizer `{name}`; use one of cmaes, gp, tpe, random, nsga2, pycma.")

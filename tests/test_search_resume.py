@@ -53,9 +53,9 @@ _KILLER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("moment", ["suggest", "objective", "told"])
-@pytest.mark.parametrize("opt", ["cmaes", "tpe", "random", "pycma"])
+@pytest.mark.parametrize("opt", ["cmaes", "gp", "tpe", "random", "pycma"])
 def test_sigkill_at_each_moment_resumes_to_the_uninterrupted_run(world, tmp_path, opt, moment):
-    extra = {"n_startup_trials": 2} if opt == "tpe" else {"popsize": 3}
+    extra = {"n_startup_trials": 2} if opt in ("tpe", "gp") else {"popsize": 3}
     cfg = _config(world, tmp_path, optimizer={"name": opt, **extra}, budget={"trials": 6})
     ref = prepare_run(cfg, tmp_path / "ref")
     run_search(ref, sphere)

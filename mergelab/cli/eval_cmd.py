@@ -67,7 +67,8 @@ def render_table(result) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append(f"combined score (sum of weight x score, higher is better): {_fmt(result.combined)}")
+    rule = "sum of weight x score" if result.combine == "sum" else "weighted geometric mean of the scores"
+    lines.append(f"combined score ({rule}, higher is better): {_fmt(result.combined)}")
     return "\n".join(lines)
 
 

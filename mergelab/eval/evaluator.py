@@ -4,12 +4,14 @@ Data is read, checked and tokenized once; a search calls evaluate() for each can
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from ..errors import MergelabError
 from .data import read_exact_match, read_multiple_choice, read_perplexity
 from .protocol import LogitModel
 from .scorers import HIGHER, ExactMatchScorer, MultipleChoiceScorer, PerplexityScorer, Scorer
@@ -24,17 +26,34 @@ class EvalResult:
 
     metrics: dict[str, float]  # "scorer/metric" -> value, in the metric's own units
     scores: dict[str, float]  # scorer -> value used in the combination (higher is better)
-    combined: float  # sum of weight * score
+    combined: float  # the spec's combine rule over the scores (default: sum of weight * score)
     directions: dict[str, str]  # metric -> "higher" | "lower" (which way is better)
     weights: dict[str, float] = field(default_factory=dict)
     score_definitions: dict[str, str] = field(default_factory=dict)  # scorer -> what its score is
     counts: dict[str, int] = field(default_factory=dict)  # scorer -> items scored
     timings: dict[str, float] = field(default_factory=dict)  # scorer -> seconds, plus "total"
+    combine: str = "sum"  # the spec's rule that made `combined`
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["combined_direction"] = HIGHER
         return d
+
+
+def combine(scores: dict[str, float], weights: dict[str, float], how: str = "sum") -> float:
+    """The combined score of `scores` (scorer -> score) under the spec's `combine` rule."""
+    if how == "sum":
+        return sum(weights[k] * v for k, v in scores.items())
+    if any(v < 0 or v > 1 for v in scores.values()):
+        bad = ", ".join(f"{k} = {v:g}" for k, v in scores.items() if v < 0 or v > 1)
+        raise MergelabError(
+            f"combine: geometric needs every score in [0, 1], but got {bad}. Use combine: sum in "
+            "the eval spec, or scorers whose score is a fraction (accuracy, answer_prob)."
+        )
+    if any(v == 0 for v in scores.values()):
+        return 0.0
+    total = sum(weights[k] for k in scores)
+    return math.exp(sum(weights[k] * math.log(v) for k, v in scores.items()) / total)
 
 
 def load_data(spec: EvalSpec) -> dict[str, Any]:
@@ -107,10 +126,11 @@ class Evaluator:
         return EvalResult(
             metrics=metrics,
             scores=scores,
-            combined=sum(s.weight * scores[s.name] for s in self.scorers),
+            combined=combine(scores, {s.name: s.weight for s in self.scorers}, self.spec.combine),
             directions=directions,
             weights={s.name: s.weight for s in self.scorers},
             score_definitions={s.name: s.score_definition for s in self.scorers},
             counts={s.name: s.n_items for s in self.scorers},
             timings=timings,
+            combine=self.spec.combine,
         )

@@ -38,17 +38,21 @@ class HFLogitModel:
         self._cache_arg = "cache" if "cache" in params_of_forward else "past_key_values"
         self._keep_last = "logits_to_keep" in params_of_forward
 
-    def logits(self, input_ids, attention_mask, prompt_lengths=None):
+    def logits(self, input_ids, attention_mask, prompt_lengths=None, keep_last: int | None = None):
+        """keep_last: only the last k positions' logits ([B, k, V]); the head skips the rest."""
         with torch.inference_mode():
             input_ids = input_ids.to(self.device)
             attention_mask = attention_mask.to(self.device)
+            extra = {"logits_to_keep": keep_last} if keep_last is not None and self._keep_last else {}
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=_positions(attention_mask),
                 use_cache=False,
+                **extra,
             )
-            return out.logits[..., : self.vocab_size].float()
+            logits = out.logits if keep_last is None else out.logits[:, -keep_last:]
+            return logits[..., : self.vocab_size].float()
 
     def generate_greedy(
         self,

@@ -5,6 +5,7 @@ Each scorer pre-builds its padded batches at construction and only runs forward 
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -98,12 +99,27 @@ def make_batch(seqs, cont_lens, prompt_lengths, pad_id, device) -> Batch:
     return Batch(ids, mask, torch.tensor(cont_lens, dtype=torch.long, device=device), prompts)
 
 
+def _takes_keep_last(model) -> bool:
+    try:
+        return "keep_last" in inspect.signature(model.logits).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
 def continuation_logprobs(model: LogitModel, batch: Batch, greedy: bool = False):
     """Sum of log p(token) over each row's continuation (float64 [B]) and, if asked, whether every
     continuation token was the argmax (bool [B])."""
-    logits = model.logits(batch.ids, batch.mask, batch.prompt_lengths)
+    # Only the last max(cont_lens) + 1 positions predict continuation tokens (the batch is
+    # left-padded): a model that can skip the head elsewhere is asked for those alone, which
+    # spares the [B, T, V] logits of every prompt position (GBs with a 150k vocabulary).
+    tail = int(batch.cont_lens.max()) + 1 if batch.cont_lens.numel() else batch.ids.shape[1]
+    if tail < batch.ids.shape[1] and _takes_keep_last(model):
+        logits = model.logits(batch.ids, batch.mask, batch.prompt_lengths, keep_last=tail)
+    else:
+        logits = model.logits(batch.ids, batch.mask, batch.prompt_lengths)
+    logits = logits[:, -tail:]
     logits = logits[:, :-1, : model.vocab_size]
-    ids = batch.ids.to(logits.device)
+    ids = batch.ids[:, -tail:].to(logits.device)
     width = ids.shape[1] - 1
     selected = torch.arange(width, device=logits.device)[None, :] >= (width - batch.cont_lens.to(logits.device))[:, None]
     targets = torch.where(selected, ids[:, 1:], torch.zeros_like(ids[:, 1:]))
@@ -267,8 +283,13 @@ def extract_answer(text: str, stops: list[str], regex: re.Pattern | None, strip:
 class ExactMatchScorer(Scorer):
     def __init__(self, spec: ExactMatchScorerSpec, tokenizer, device, batch_size: int, items=None):
         self.name, self.weight = spec.name, spec.weight
+        self.mode, self.score_key = spec.mode, spec.score
         self.directions = {f"{self.name}/accuracy": HIGHER}
-        self.score_definition = "accuracy"
+        if spec.mode == "forced":
+            self.directions[f"{self.name}/answer_prob"] = HIGHER
+        self.score_definition = {"accuracy": "accuracy", "answer_prob": "mean probability of the answer"}[spec.score]
+        if spec.mode == "forced":
+            self.score_definition += " (forced: one pass, greedy check)"
         self.tokenizer = tokenizer
         self.max_new_tokens = spec.max_new_tokens
         self.stops = list(spec.stop)
@@ -279,6 +300,11 @@ class ExactMatchScorer(Scorer):
         chosen = [items[i] for i in subset(len(items), spec.limit, spec.seed)]
         self.n_items = len(chosen)
         self.answers = [it.answer.strip() if spec.strip else it.answer for it in chosen]
+        self.last_predictions: list[str | None] = []  # generate mode: each item's extracted answer
+        self.last_correct: list[bool] = []  # both modes: whether each item scored correct
+        if spec.mode == "forced":
+            self._forced_batches(spec, tokenizer, device, batch_size, chosen)
+            return
         seqs = []
         for item in chosen:
             text, special = prompt_text(tokenizer, item.prompt, spec.chat_template, f"Scorer '{self.name}'")
@@ -288,14 +314,56 @@ class ExactMatchScorer(Scorer):
             (g, make_batch([seqs[i] for i in g], [0] * len(g), [len(seqs[i]) for i in g], pad, device))
             for g in chunk_by_size([1] * len(seqs), batch_size)
         ]
-        self.last_predictions: list[str | None] = []
+
+    def _forced_batches(self, spec, tokenizer, device, batch_size, chosen) -> None:
+        """Prompt + delimiter + answer + terminator per item, the answer part scored."""
+        where = f"Scorer '{self.name}' ({spec.data})"
+        terminator_ids: list[int] = []
+        terminator = spec.stop[0] if spec.stop else ""
+        if not spec.stop:
+            if self.eos is None:
+                raise MergelabError(
+                    f"{where} uses mode: forced without stop strings, so an answer ends at the "
+                    "end-of-text token, but this tokenizer has none. Give the scorer a stop string "
+                    "(e.g. stop: [\"\\n\"]) that ends every answer, or use mode: generate."
+                )
+            terminator_ids = [int(self.eos)]
+        rows = []
+        for item, answer in zip(chosen, self.answers):
+            context, special = prompt_text(tokenizer, item.prompt, spec.chat_template, f"Scorer '{self.name}'")
+            ctx, cont = split_continuation(tokenizer, context, spec.target_delimiter + answer + terminator, special)
+            cont = cont + terminator_ids
+            if not cont:
+                raise MergelabError(f"{where}:{item.line}: the answer {answer!r} tokenizes to no tokens.")
+            rows.append((ctx + cont, len(cont), len(ctx)))
+        pad = pad_id_of(tokenizer)
+        self.batches = [
+            (g, make_batch([rows[i][0] for i in g], [rows[i][1] for i in g], [rows[i][2] for i in g], pad, device))
+            for g in chunk_by_size([1] * len(rows), batch_size)
+        ]
+
+    def _run_forced(self, model, report):
+        correct, prob, done, flags = 0, 0.0, 0, []
+        for step, (group, batch) in enumerate(self.batches, start=1):
+            sums, greedy = continuation_logprobs(model, batch, greedy=True)
+            flags += [bool(g) for g in greedy]
+            correct += int(greedy.sum())
+            prob += float(sums.exp().sum())
+            done += len(group)
+            if report is not None:
+                report(self.name, step, (correct if self.score_key == "accuracy" else prob) / done)
+        self.last_predictions, self.last_correct = [], flags
+        metrics = {f"{self.name}/accuracy": correct / done, f"{self.name}/answer_prob": prob / done}
+        return metrics, metrics[f"{self.name}/{self.score_key}"]
 
     def _stop(self, tokens: list[int]) -> bool:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return any(s in text for s in self.stops)
 
     def run(self, model, report):
-        correct, done, predictions = 0, 0, []
+        if self.mode == "forced":
+            return self._run_forced(model, report)
+        correct, done, predictions, flags = 0, 0, [], []
         for step, (group, batch) in enumerate(self.batches, start=1):
             outs = model.generate_greedy(
                 batch.ids, batch.mask, self.max_new_tokens, eos_token_id=self.eos,
@@ -305,10 +373,11 @@ class ExactMatchScorer(Scorer):
                 text = self.tokenizer.decode(new, skip_special_tokens=True)
                 pred = extract_answer(text, self.stops, self.regex, self.strip)
                 predictions.append(pred)
-                correct += int(pred is not None and pred == self.answers[i])
+                flags.append(pred is not None and pred == self.answers[i])
+                correct += int(flags[-1])
             done += len(group)
             if report is not None:
                 report(self.name, step, correct / done)
-        self.last_predictions = predictions
+        self.last_predictions, self.last_correct = predictions, flags
         accuracy = correct / done
         return {f"{self.name}/accuracy": accuracy}, accuracy

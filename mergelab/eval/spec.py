@@ -17,7 +17,7 @@ from ..errors import MergelabError, name_list
 SCORER_TYPES: dict[str, str] = {
     "perplexity": "perplexity and mean NLL per token on text; score = -NLL",
     "multiple_choice": "accuracy of the most likely choice; score = accuracy",
-    "exact_match": "accuracy of greedy generations against answers; score = accuracy",
+    "exact_match": "accuracy of greedy generations against answers (mode forced: in one pass); score = accuracy or answer_prob",
     "lm_eval": "an lm-evaluation-harness task; score = its metric (negated if lower is better)",
 }
 
@@ -72,7 +72,14 @@ class MultipleChoiceScorerSpec(_DataScorer):
 
 
 class ExactMatchScorerSpec(_DataScorer):
-    """JSONL {prompt, answer}; greedy generation, cut at stop strings, optional regex extraction."""
+    """JSONL {prompt, answer}; greedy generation, cut at stop strings, optional regex extraction.
+
+    mode "forced" scores the same question in one forward pass instead of a generation loop: an
+    item is correct when `target_delimiter + answer + terminator` (the first stop string, else the
+    end-of-text token) is the model's greedy choice at every token, i.e. when greedy decoding
+    would write exactly that. It also measures the probability of that text (answer_prob), a
+    smooth signal that `score: answer_prob` makes the scorer's score.
+    """
 
     type: Literal["exact_match"]
     max_new_tokens: int = Field(default=32, ge=1)
@@ -80,6 +87,23 @@ class ExactMatchScorerSpec(_DataScorer):
     extract_regex: str | None = None
     strip: bool = True
     chat_template: bool = False
+    mode: Literal["generate", "forced"] = "generate"
+    target_delimiter: str = " "
+    score: Literal["accuracy", "answer_prob"] = "accuracy"
+
+    @model_validator(mode="after")
+    def _forced_fits(self):
+        if self.mode == "forced" and self.extract_regex is not None:
+            raise ValueError(
+                "mode: forced scores the whole answer text token by token, so extract_regex cannot "
+                "apply; remove extract_regex or use mode: generate"
+            )
+        if self.score == "answer_prob" and self.mode != "forced":
+            raise ValueError(
+                "score: answer_prob needs mode: forced (the probability of the answer is measured "
+                "in the forced pass); set mode: forced or use score: accuracy"
+            )
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -138,6 +162,11 @@ class EvalSpec(BaseModel):
 
     scorers: list[ScorerSpec] = Field(min_length=1)
     batch_size: int = Field(default=16, ge=1)
+    # How the scorers' scores become the one combined score (a search's fitness):
+    # sum: sum of weight x score. geometric: exp(sum w log score / sum w), the weighted geometric
+    # mean of scores in [0, 1] (accuracies, answer probabilities): a skill near zero pulls the
+    # whole score toward zero, so a search keeps every skill instead of trading one away.
+    combine: Literal["sum", "geometric"] = "sum"
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -146,6 +175,24 @@ class EvalSpec(BaseModel):
             if s.name in seen:
                 raise ValueError(f"scorer name '{s.name}' is used twice; names must be unique")
             seen.add(s.name)
+        return self
+
+    @model_validator(mode="after")
+    def _geometric_needs_fractions(self):
+        if self.combine != "geometric":
+            return self
+        for s in self.scorers:
+            if isinstance(s, PerplexityScorerSpec):
+                raise ValueError(
+                    f"combine: geometric takes the geometric mean of scores in [0, 1], but scorer "
+                    f"'{s.name}' is a perplexity scorer (its score is -NLL, below 0); use combine: sum "
+                    "or drop that scorer"
+                )
+            if s.weight <= 0:
+                raise ValueError(
+                    f"combine: geometric needs positive weights (each is an exponent); scorer "
+                    f"'{s.name}' has weight {s.weight}"
+                )
         return self
 
     @classmethod
