@@ -291,6 +291,9 @@ async def test_filled_form_writes_a_config_the_command_line_accepts_and_starts_i
         await pilot.press("ctrl+s")
         await until(pilot, lambda: isinstance(app.screen, DashboardScreen), timeout=10)
         assert app.screen.rd.path == runs / "my-search"
+        # let the dashboard finish mounting before the app shuts down (a TabbedContent torn down
+        # mid-mount raises inside Textual)
+        await until(pilot, lambda: app.screen.query_one("#side-tabs").active == "tab-heatmap", timeout=10)
     run = runs / "my-search"
     assert [rd.path for rd in started] == [run]
     text = (run / "config.yaml").read_text()

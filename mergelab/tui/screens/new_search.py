@@ -16,6 +16,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.strip import Strip
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, SelectionList, Static
@@ -260,6 +261,12 @@ class NewSearchScreen(Screen):
             return  # the form changed since: a newer check is coming
         if not (self.is_attached and self.app.is_running):
             return  # the form was closed (Escape, quit) while the check ran: nothing to show it on
+        try:
+            self._show_check(res)
+        except NoMatches:
+            return  # the form is being taken down (its widgets go before it detaches)
+
+    def _show_check(self, res: FormCheck) -> None:
         self.result = res
         self.checks += 1
         for f in (*FIELDS, GENERAL):
