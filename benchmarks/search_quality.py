@@ -130,7 +130,7 @@ def real_main(args) -> int:
         skills = {s: r.scores[s] for s in args.models}
         del tm
         row = {"label": args.label, "seed": seed, "trials": args.trials, "best_trial": best["number"],
-               "fitness": args.fitness, "val": best["value"] / len(skills),
+               "fitness": args.fitness, "val": best["value"] / (len(skills) if args.combine == "sum" else 1),  # the mean skill / geometric mean
                "val_skills": {s: best["scores"][s] for s in args.models},
                "val_accuracy": sum(best["metrics"][f"{s}/accuracy"] for s in args.models) / len(skills),
                "test": sum(skills.values()) / len(skills),
