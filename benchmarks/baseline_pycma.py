@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.real_family import DEFAULT_OUT, skill_spec  # noqa: E402
+from benchmarks.real_family import DEFAULT_OUT, require_family, skill_spec  # noqa: E402
 
 
 @dataclass
@@ -131,10 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for d in ["base", *args.models]:
-        if not (args.family / d / "model.safetensors").is_file():
-            raise SystemExit(f"{args.family / d} is not a model directory of the family; build it first "
-                             "with `python benchmarks/real_family.py` or pass --family.")
+    require_family(args.family, args.models)
 
     from mergelab.eval.evaluator import Evaluator
     from mergelab.eval.spec import EvalSpec

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SKILLS = ("date", "rev", "time")
+from benchmarks.real_family import DEFAULT_OUT, SKILLS, require_family, skill_spec  # noqa: E402
 
 
 def g(a, b, c):
@@ -50,18 +51,17 @@ def show(w) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", type=Path, default=Path.home() / ".cache" / "mergelab" / "real_family")
+    ap.add_argument("--family", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from benchmarks.real_family import skill_spec
+    require_family(args.family, SKILLS)
     from mergelab.eval.evaluator import Evaluator
     from mergelab.eval.models import HFLogitModel
     from mergelab.eval.spec import EvalSpec
     from mergelab.trial import TrialMerger
 
     fam = args.family
-    import tempfile
     spec = skill_spec(fam, "val", SKILLS, Path(tempfile.mkdtemp(prefix="probe-")) / "val.yml")
     tm = TrialMerger(str(fam / "base"), [str(fam / s) for s in SKILLS], device="cpu")
     ev = Evaluator(EvalSpec.load(spec), tm.tokenizer, "cpu")

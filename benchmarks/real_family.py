@@ -255,6 +255,18 @@ FITNESS = {  # what a search's fitness reads from each exact-match scorer (--fit
 }
 
 
+def require_family(out: Path, models) -> None:
+    """Stop with a clear message, before any heavy work, when `out` lacks the base, one of
+    `models` or the split files (the family was not built there, or only in part)."""
+    for d in ["base", *models]:
+        if not ((out / d / "config.json").is_file() and (out / d / "model.safetensors").is_file()):
+            raise SystemExit(f"{out / d} is not a model directory of the real family; build it first "
+                             "with `python benchmarks/real_family.py` or pass --family.")
+    if not (out / "data" / "eval_val.yml").is_file():
+        raise SystemExit(f"{out / 'data'} has no eval specs; rebuild the family with "
+                         "`python benchmarks/real_family.py` or pass --family.")
+
+
 def skill_spec(out: Path, split: str, skills, dest: Path, fitness: str = "accuracy", combine: str = "sum") -> Path:
     """The family's eval spec for `split` restricted to `skills` (a search over some of the
     fine-tunes is scored on their skills only), written to dest with absolute data paths.

@@ -100,14 +100,11 @@ def real_main(args) -> int:
     from mergelab.eval.models import HFLogitModel
     from mergelab.eval.spec import EvalSpec
     from mergelab.trial import TrialMerger
-    from benchmarks.real_family import skill_spec
+    from benchmarks.real_family import require_family, skill_spec
     from search.loop import prepare_run, run_search
 
     fam = args.family
-    for d in ["base", *args.models]:
-        if not (fam / d / "config.json").is_file():
-            raise SystemExit(f"{fam / d} is not a model directory; build the family first "
-                             "(python benchmarks/real_family.py) or pass --family.")
+    require_family(fam, args.models)
     extra = yaml.safe_load(args.extra) if args.extra else {}
     work = args.work or Path(tempfile.mkdtemp(prefix="search_quality_real-"))
     work.mkdir(parents=True, exist_ok=True)
