@@ -25,6 +25,13 @@ def g(a, b, c):
     return [a] * 10 + [b] * 10 + [c] * 10
 
 
+def mlp_except(blocks, attn=0.0):
+    """date's MLP at weight 1 in every layer except the 3-layer blocks named (block b: layers
+    3b..3b+2), its attention at `attn`, everything else 0."""
+    lay = [0.0 if i // 3 in blocks else 1.0 for i in range(30)]
+    return [{"filter": "self_attn", "value": attn}, {"filter": "mlp", "value": lay}, {"value": 0.0}]
+
+
 def f(attn, mlp, other):
     """Per-tensor-family weights (mergekit's filter syntax)."""
     return [{"filter": "self_attn", "value": attn}, {"filter": "mlp", "value": mlp}, {"value": other}]
@@ -37,12 +44,19 @@ PROBES = {
     "date by tensor family, with time": [(f(1, 0, 0), 0, 1), (f(0, 1, 0), 0, 1), (f(0, 0, 1), 0, 1),
                                          (f(1, 1, 0), 0, 1), (f(0, 0.7, 0), 0, 1), (f(0, 0.5, 0), 0, 1),
                                          (f(0.3, 0.7, 0), 0, 1), (f(0, 0.7, 0), 0, f(1, 1.3, 1))],
+    "date MLP without one 3-layer block, with time": [(mlp_except({b}), 0, 1) for b in range(10)],
+    "date MLP without blocks 5-6 (layers 15-20)": [(mlp_except({5, 6}), 0, 1), (mlp_except({5, 6}, 0.3), 0, 1),
+                                                    (mlp_except({5, 6}, 0.3), 0.7, 1),
+                                                    (mlp_except({5, 6}, 0.3), 1, 1)],
     "all three": [(f(0, 0.7, 0), 0.5, 1), (f(0, 0.7, 0), 0.7, 1), (f(0, 0.7, 0), f(0.3, 0.7, 0.5), 1)],
 }
 
 
 def show(w) -> str:
     if isinstance(w, list) and w and isinstance(w[0], dict):
+        if isinstance(w[1]["value"], list):  # mlp_except
+            gone = sorted({i // 3 for i, v in enumerate(w[1]["value"]) if v == 0})
+            return f"mlp w/o {','.join(map(str, gone))} attn {w[0]['value']:g}"
         return "f(" + ",".join(f"{x['value']:g}" for x in w) + ")"
     if isinstance(w, list):
         return f"g({w[0]:g},{w[10]:g},{w[20]:g})"
