@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
+import pickle
 from typing import Callable
 
 import optuna
@@ -24,6 +26,70 @@ RETRY_ATTR = "mergelab_retry_of"
 # a worker's trial created after other workers had already taken the last budget slots: given
 # up before evaluation, never counted, never re-tried
 ABANDONED_ATTR = "mergelab_abandoned"
+
+
+# Optuna's CmaEsSampler keeps its optimizer in the study as a pickle (hex, split over trial system
+# attributes "<prefix>optimizer:<i>") and unpickles the latest one before each ask. The study lives
+# in the run directory, which is untrusted input (people share runs), so before the sampler may
+# touch a study every such state is loaded here first by an unpickler that resolves only the few
+# globals a CMA-ES state is made of; anything else is refused before Optuna's pickle.loads sees it.
+CMA_STATE_GLOBALS = frozenset({
+    ("cmaes._cma", "CMA"), ("cmaes._sepcma", "SepCMA"), ("cmaes._cmawm", "CMAwM"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+})
+
+
+class _CmaStateUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in CMA_STATE_GLOBALS:
+            raise _ForeignGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _ForeignGlobal(Exception):
+    pass
+
+
+class CmaStateGuard:
+    """Refuses a study whose stored CMA-ES states hold anything but a CMA-ES state (see above).
+    Called before every trial; a state already checked (same trial, same text) is not loaded again."""
+
+    def __init__(self) -> None:
+        self._checked: dict[tuple[int, str], str] = {}
+
+    def __call__(self, study: optuna.Study) -> None:
+        for t in study.get_trials(deepcopy=False):
+            parts: dict[str, dict[int, str]] = {}
+            for key, value in t.system_attrs.items():
+                head, sep, idx = key.rpartition(":")
+                if sep and head.endswith("optimizer") and idx.isdigit():
+                    parts.setdefault(head, {})[int(idx)] = value
+            for head, chunks in parts.items():
+                text = "".join(str(chunks[i]) for i in sorted(chunks))
+                if self._checked.get((t._trial_id, head)) == text:
+                    continue
+                self._check(t.number, head, text)
+                self._checked[(t._trial_id, head)] = text
+
+    @staticmethod
+    def _check(number: int, head: str, text: str) -> None:
+        problem = None
+        try:
+            _CmaStateUnpickler(io.BytesIO(bytes.fromhex(text))).load()
+        except _ForeignGlobal as e:
+            problem = f"refers to `{e}`, which no CMA-ES state does"
+        except Exception as e:  # noqa: BLE001 - truncated, not hex, not a pickle
+            problem = f"is not a readable CMA-ES state ({type(e).__name__})"
+        if problem:
+            raise MergelabError(
+                f"The run's Optuna study holds a CMA-ES optimizer state (trial {number}, "
+                f"attribute `{head}`) that {problem}. Optuna would unpickle it to resume, and a "
+                "crafted state runs code when unpickled, so mergelab will not continue this run. "
+                "If you did not make this run directory yourself, delete it; otherwise start a "
+                "new run (or use `optimizer: pycma`, which stores no pickle)."
+            )
 
 
 def derive_seed(seed: int, n: int, salt: str = "") -> int:
@@ -60,8 +126,10 @@ class ReseededSampler(BaseSampler):
     same k, so the parameter sequence of finished trials is the uninterrupted one."""
 
     def __init__(self, factory: Callable[[int], BaseSampler], seed: int,
-                 full_space: dict | None = None, renumber: bool = False, shared: bool = False):
+                 full_space: dict | None = None, renumber: bool = False, shared: bool = False,
+                 check_state: Callable[[optuna.Study], None] | None = None):
         self._factory = factory
+        self._check_state = check_state  # run on the study before each inner sampler sees it
         # Several workers asking at once see the same k: salt with the (unique) trial number so
         # they do not propose the same candidate. Only for shared runs: a re-tried trial gets a
         # new number, so the salt would break the resume equivalence of a single process.
@@ -76,6 +144,8 @@ class ReseededSampler(BaseSampler):
     def _get(self, study, trial: FrozenTrial) -> tuple[BaseSampler, int]:
         got = self._inner.get(trial.number)
         if got is None:
+            if self._check_state is not None:
+                self._check_state(study)
             k = n_counted(study)
             salt = f"t{trial.number}" if self._shared else ""
             got = (self._factory(derive_seed(self._seed, k, salt)), k)
@@ -163,5 +233,6 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
                 independent_sampler=RandomSampler(seed=s),
             )
 
-        return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True, shared=shared)
+        return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True, shared=shared,
+                               check_state=CmaStateGuard())
     raise MergelabError(f"unknown optimizer `{name}`; use one of cmaes, gp, tpe, random, nsga2, pycma.")

@@ -14,7 +14,10 @@ Layout of ``runs/NAME/``::
                        is a normal Optuna study: ``optuna-dashboard sqlite:///runs/NAME/study.db``
     (no pickle)        the pycma optimizer keeps no state file: each trial's user attribute
                        pycma_slot [generation, slot] lets it replay the evolution from the study
-                       (search/pycma_sampler.py); nothing in a run directory is unpickled
+                       (search/pycma_sampler.py). Optuna's cmaes sampler does keep a pickled
+                       optimizer in study.db: search.optimizers.CmaStateGuard loads every stored
+                       state with an unpickler that knows only CMA-ES/numpy classes before Optuna
+                       may unpickle it; nothing else in a run directory is unpickled
     trials.jsonl       append-only, one JSON object per line, one line per finished or failed
                        trial (see TRIAL RECORD below); each line is written with one write() on
                        an O_APPEND descriptor under an flock, then fsync'ed, so a reader never

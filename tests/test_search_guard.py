@@ -84,6 +84,48 @@ def test_planted_pickle_is_never_loaded_on_resume(world, tmp_path):
     assert not marker.exists() and rd.summary()["trials_done"] == 4
 
 
+def test_cmaes_state_in_the_study_is_checked_before_optuna_unpickles_it(world, tmp_path):
+    """Optuna's CmaEsSampler keeps its optimizer as a pickle in the study (study.db, in the run
+    directory): a planted one must be refused before Optuna's pickle.loads runs it."""
+    import pickle
+
+    import optuna
+
+    from search.recovery import set_budget_trials
+
+    rd = _run(world, tmp_path, optimizer={"name": "cmaes", "popsize": 3}, budget={"trials": 4})
+    run_search(rd, sphere)
+    url = f"sqlite:///{rd.path / 'study.db'}"
+    study = optuna.load_study(study_name=rd.study_name(), storage=url)
+    stored = [t for t in study.get_trials() if any(k.endswith("optimizer:0") for k in t.system_attrs)]
+    assert stored  # generation 2's trials carry generation 1's state: a real state passes the check
+    set_budget_trials(rd, 6)
+    run_search(rd, sphere)
+    assert rd.summary()["trials_done"] == 6
+
+    marker = tmp_path / "owned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    last = [t for t in study.get_trials() if any(k.endswith("optimizer:0") for k in t.system_attrs)][-1]
+    key = next(k for k in last.system_attrs if k.endswith("optimizer:0"))  # the state Optuna loads next
+    import sqlite3
+
+    with sqlite3.connect(rd.path / "study.db") as db:  # what someone editing a shared run's file does
+        n = db.execute("UPDATE trial_system_attributes SET value_json = ? WHERE trial_id = ? AND key = ?",
+                       (json.dumps(pickle.dumps(Evil()).hex()), last._trial_id, key)).rowcount
+        db.execute("DELETE FROM trial_system_attributes WHERE trial_id = ? AND key LIKE ? AND key != ?",
+                   (last._trial_id, key[:-1] + "%", key))  # the state's other chunks
+    assert n == 1
+    set_budget_trials(rd, 8)
+    with pytest.raises(MergelabError, match=rf"CMA-ES optimizer state \(trial {last.number}, .*refers to `posix.system`"):
+        run_search(rd, sphere)
+    assert not marker.exists()
+    assert rd.summary()["trials_done"] == 6  # nothing lost, nothing run
+
+
 # -- item 12: refuse before creating; stop a search that cannot succeed -----------------------
 def test_refused_device_leaves_no_run_directory(world, tmp_path):
     with pytest.raises(MergelabError, match="search config `device`.*tpu"):
