@@ -265,7 +265,8 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
     # the run's files against each other, before anything is written or any trial runs
     check_storage_present(rd)
     storage = open_storage(storage_url, heartbeat=True)
-    check_identity(rd, load_study_checked(rd, storage), logline)
+    study0 = load_study_checked(rd, storage)
+    check_identity(rd, study0, logline)
     repaired = False if worker else repair_trials(rd, logline)
     cfg, space = config_of(rd)
     if device:
@@ -284,7 +285,8 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
             "The pycma optimizer runs in a single process (it hands out the points of one generation "
             "at a time); use `cmaes` (Optuna's CMA-ES, shared through the storage) for several workers."
         )
-    sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump(), shared=worker)
+    warm = warm_start_values(study0, cfg, space, logline)
+    sampler = make_sampler(opt, space, cfg.seed, cfg.optimizer.model_dump(), shared=worker, x0=warm)
     pruner = _make_pruner(cfg)
     study = load_study_checked(rd, storage, sampler=sampler, pruner=pruner)
     ids = TrialIds(storage, rd.study_name())  # trial number -> the storage's id (public methods)
@@ -318,13 +320,9 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
     reconcile_jsonl(study, rd, logline)
     if repaired or (not worker and rd.run_summary().trials_done != n_counted_records(rd)):
         rebuild_summary(rd, logline)  # counts from the (repaired) lines, not from increments
-    if cfg.warm_start and not study.get_trials(deepcopy=False) and opt != "pycma":
-        from mergelab.recipe import load_recipe
-
-        values, clipped = space.values_from_recipe(load_recipe(cfg.warm_start))
-        if clipped:
-            logline(f"warm start: {', '.join(clipped)} outside the searched ranges, clipped", "WARNING")
-        study.enqueue_trial(values, user_attrs={"warm_start": True})
+    if warm is not None and not study.get_trials(deepcopy=False) and opt != "pycma":
+        # trial 0 is the warm start itself (pycma asks it as generation 0's first point)
+        study.enqueue_trial(warm, user_attrs={"warm_start": True})
     if cfg.dataflow is not None:  # trial 0: the identity path; PS + DFS: the PS merge, made once
         from .dataflow import ensure_ps_model
 
@@ -465,6 +463,43 @@ def _run_search(rd: RunDir, objective: Objective | None, *, worker: bool, contro
     return SearchResult(status, detail, s.trials_done, s.best)
 
 
+WARM_START_ATTR = "mergelab_warm_start"  # study user attribute: the warm start's parameter values
+
+
+def warm_start_values(study: optuna.Study, cfg, space, logline) -> dict[str, float] | None:
+    """The warm start as parameter values, or None. Read from the recipe once, when the run
+    first starts, and fixed in the study: every later start and every worker takes them from
+    there (the CMA-ES mean starts at them, so a resume must see the same values, and the recipe
+    file may be gone or elsewhere by then). The study is the run's, so the values are checked."""
+    stored = study.user_attrs.get(WARM_START_ATTR)
+    if stored is not None:
+        names = [p.name for p in space.params]
+        ok = isinstance(stored, dict) and sorted(stored) == sorted(names) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stored.values())
+        if not ok:
+            raise MergelabError(
+                f"The run's study holds a warm start (user attribute `{WARM_START_ATTR}`) that is not a "
+                f"value for each of the run's {len(names)} searched parameters. It was edited or "
+                "belongs to another search; restore the run's own study, or start a new run."
+            )
+        return {p.name: min(p.high, max(p.low, float(stored[p.name]))) for p in space.params}
+    if not cfg.warm_start or study.get_trials(deepcopy=False):
+        return None  # no warm start, or a run begun before warm starts were kept in the study
+    from mergelab.recipe import load_recipe
+
+    if not Path(cfg.warm_start).is_file():
+        raise MergelabError(
+            f"search config `warm_start`: the recipe {cfg.warm_start} does not exist any more, and this "
+            "run has not started yet, so its first trials need it. Put the recipe back, or start a new "
+            "run without `warm_start`."
+        )
+    values, clipped = space.values_from_recipe(load_recipe(cfg.warm_start, f"warm_start recipe {cfg.warm_start}"))
+    if clipped:
+        logline(f"warm start: {', '.join(clipped)} outside the searched ranges, clipped", "WARNING")
+    study.set_user_attr(WARM_START_ATTR, values)
+    return values
+
+
 def _make_pruner(cfg: SearchConfig):
     p = cfg.pruner
     if p is None:
@@ -498,7 +533,10 @@ def _one_trial(study, rd: RunDir, space: Space, objective: Objective, cfg: Searc
     _ = trial.relative_params
     if isinstance(study.sampler, PycmaSampler):
         # the trial's place in pycma's evolution: the sampler re-derives its state from these
-        trial.set_user_attr(SLOT_ATTR, study.sampler.slot_of(trial.number))
+        slot = study.sampler.slot_of(trial.number)
+        trial.set_user_attr(SLOT_ATTR, slot)
+        if slot == [0, 0] and study.sampler.warm_started:
+            trial.set_user_attr("warm_start", True)
     values = {p.name: trial.suggest_float(p.name, p.low, p.high) for p in space.params}
     trial.set_user_attr("device", cfg.device)
     current["trial"] = trial.number

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import io
 import pickle
+import warnings
 from typing import Callable
 
 import optuna
@@ -68,10 +69,10 @@ class CmaStateGuard:
                     parts.setdefault(head, {})[int(idx)] = value
             for head, chunks in parts.items():
                 text = "".join(str(chunks[i]) for i in sorted(chunks))
-                if self._checked.get((t._trial_id, head)) == text:
+                if self._checked.get((t.number, head)) == text:
                     continue
                 self._check(t.number, head, text)
-                self._checked[(t._trial_id, head)] = text
+                self._checked[(t.number, head)] = text
 
     @staticmethod
     def _check(number: int, head: str, text: str) -> None:
@@ -90,6 +91,15 @@ class CmaStateGuard:
                 "If you did not make this run directory yourself, delete it; otherwise start a "
                 "new run (or use `optimizer: pycma`, which stores no pickle)."
             )
+
+
+def cmaes_takes_x0() -> bool:
+    """Optuna's CmaEsSampler accepts `x0` (deprecated in 4.9, to be removed in 6.0)."""
+    import inspect
+
+    from optuna.samplers import CmaEsSampler
+
+    return "x0" in inspect.signature(CmaEsSampler.__init__).parameters
 
 
 def derive_seed(seed: int, n: int, salt: str = "") -> int:
@@ -187,15 +197,18 @@ class ReseededSampler(BaseSampler):
 
 
 def make_sampler(name: str, space: Space, seed: int, options: dict | None = None,
-                 shared: bool = False) -> BaseSampler:
+                 shared: bool = False, x0: dict[str, float] | None = None) -> BaseSampler:
     """The study's sampler for optimizer `name` (pycma: PycmaSampler, its state re-derived from the trials).
-    shared: several workers ask from this study at once (seeds salted per trial)."""
+    shared: several workers ask from this study at once (seeds salted per trial).
+    x0: a warm start (parameter values): the CMA-ES samplers start their mean there (the other
+    samplers have no mean; the loop enqueues the warm start as their trial 0)."""
     from optuna.samplers import CmaEsSampler, NSGAIISampler, RandomSampler, TPESampler
 
     options = options or {}
     n = len(space.params)
     if name == "pycma":
-        return PycmaSampler(space, seed, options.get("popsize"), options.get("sigma0"))
+        return PycmaSampler(space, seed, options.get("popsize"), options.get("sigma0"),
+                            x0=None if x0 is None else space.to_unit(x0))
     if name == "random":
         return ReseededSampler(lambda s: RandomSampler(seed=s), seed, shared=shared)
     if name == "tpe":
@@ -225,13 +238,17 @@ def make_sampler(name: str, space: Space, seed: int, options: dict | None = None
         # sigma0 = 1/6: the paper's settings. Only a configured sigma0 is passed (the argument
         # is deprecated in Optuna 4.9+ and warns).
         kw = {"sigma0": options["sigma0"]} if options.get("sigma0") else {}
+        if x0 is not None and cmaes_takes_x0():
+            kw["x0"] = dict(x0)  # the mean starts at the warm start (Optuna < 6; later ones only enqueue)
 
         def factory(s: int) -> BaseSampler:
-            return CmaEsSampler(
-                **kw, popsize=pop, seed=s, n_startup_trials=0,
-                warn_independent_sampling=False,
-                independent_sampler=RandomSampler(seed=s),
-            )
+            with warnings.catch_warnings():  # said once per trial otherwise; the fallback is above
+                warnings.filterwarnings("ignore", message=r"`x0` has been deprecated", category=FutureWarning)
+                return CmaEsSampler(
+                    **kw, popsize=pop, seed=s, n_startup_trials=0,
+                    warn_independent_sampling=False,
+                    independent_sampler=RandomSampler(seed=s),
+                )
 
         return ReseededSampler(factory, seed, full_space=space.distributions(), renumber=True, shared=shared,
                                check_state=CmaStateGuard())

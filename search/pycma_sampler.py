@@ -51,8 +51,11 @@ class Generation:
 class PycmaSampler(BaseSampler):
     """Every parameter sampled together from pycma's current generation (see module doc)."""
 
-    def __init__(self, space: Space, seed: int, popsize: int | None = None, sigma0: float | None = None):
+    def __init__(self, space: Space, seed: int, popsize: int | None = None, sigma0: float | None = None,
+                 x0: list[float] | None = None):
         self._space = space
+        # a warm start (unit cube): the evolution's first mean, and generation 0's slot 0 exactly
+        self._x0 = None if x0 is None else [min(1.0, max(0.0, float(u))) for u in x0]
         self._seed_base = seed
         self._popsize = popsize or popsize_default(len(space.params))
         self._sigma0 = sigma0 or 1.0 / 6.0
@@ -67,7 +70,10 @@ class PycmaSampler(BaseSampler):
         n = len(self._space.params)
         opts = {"popsize": self._popsize, "bounds": [0.0, 1.0], "seed": _seed(self._seed_base, 0, "pycma") + 1,
                 "verbose": -9, "verb_log": 0, "verb_disp": 0}
-        return cma.CMAEvolutionStrategy([0.5] * n, self._sigma0, opts)
+        es = cma.CMAEvolutionStrategy(self._x0 or [0.5] * n, self._sigma0, opts)
+        if self._x0 is not None:
+            es.inject([self._x0], force=True)  # the first point asked is the warm start itself
+        return es
 
     def _ask(self, number: int) -> None:
         np.random.seed(_seed(self._seed_base, number, "pycma-ask"))
@@ -120,6 +126,10 @@ class PycmaSampler(BaseSampler):
         for i, x in enumerate(gen.solutions):
             if i not in gen.losses and (gen.number, i) not in taken:
                 self._slots[trial.number] = [gen.number, i]
+                if self._x0 is not None and gen.number == 0 and i == 0:
+                    # pycma moves an injected point on the boundary a hair inside; the trial
+                    # evaluates the recipe itself
+                    return self._space.from_unit(self._x0)
                 return self._space.from_unit(x)
         raise MergelabError(  # one process asks at a time (the loop refuses pycma workers)
             "pycma: every point of the current generation is being evaluated already; pycma runs "
@@ -135,6 +145,11 @@ class PycmaSampler(BaseSampler):
     def slot_of(self, number: int) -> list[int] | None:
         """[generation, slot] the sampler gave trial `number` (for its user attribute)."""
         return self._slots.get(number)
+
+    @property
+    def warm_started(self) -> bool:
+        """Generation 0's slot 0 is the warm start."""
+        return self._x0 is not None
 
     @property
     def generation(self) -> int:

@@ -56,9 +56,10 @@ def _same_spec(a: str | dict, b: str | dict) -> bool:
     return a == b
 
 
-def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
+def validate_config(cfg: SearchConfig, *, check_eval: bool = True, check_warm: bool = True,
                     base_dir: str | Path = ".") -> tuple[SearchConfig, Space]:
-    """Everything a search needs, checked before the first trial (raises MergelabError)."""
+    """Everything a search needs, checked before the first trial (raises MergelabError).
+    check_warm: read the warm-start recipe (a run that has started keeps its values in the study)."""
     from mergelab.sources import resolve_local_path
 
     refs = [cfg.base_model, *cfg.models]
@@ -87,7 +88,7 @@ def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
         )
     if cfg.budget.trials is None and cfg.budget.timeout is None:
         raise MergelabError("search config `budget`: give `trials`, `timeout` (seconds) or both.")
-    if cfg.warm_start is not None and not Path(cfg.warm_start).is_file():
+    if check_warm and cfg.warm_start is not None and not Path(cfg.warm_start).is_file():
         raise MergelabError(f"search config `warm_start`: the recipe {cfg.warm_start} does not exist.")
     if cfg.optimizer.name == "nsga2" and cfg.pruner is not None:
         raise MergelabError("search config: `pruner` works with single-objective optimizers, not nsga2.")
@@ -98,7 +99,7 @@ def validate_config(cfg: SearchConfig, *, check_eval: bool = True,
         load_data(load_eval_spec(cfg.eval, base_dir))  # reads and checks every scorer's data
         if cfg.test_eval is not None:
             load_data(load_eval_spec(cfg.test_eval, base_dir, "test_eval"))
-    if cfg.warm_start is not None:
+    if check_warm and cfg.warm_start is not None:
         from mergelab.recipe import load_recipe
 
         r = load_recipe(cfg.warm_start, f"warm_start recipe {cfg.warm_start}")
@@ -157,5 +158,5 @@ def config_of(rd: RunDir) -> tuple[SearchConfig, Space]:
     res = rd.resolved_run().to_json()  # checked; the config's own keys are re-validated below
     keys = SearchConfig.model_fields.keys()
     cfg = parse_search_config({k: res[k] for k in keys if k in res}, f"resolved config of {rd.path}")
-    return validate_config(cfg, check_eval=False)
+    return validate_config(cfg, check_eval=False, check_warm=False)  # see loop.warm_start_values
 
