@@ -90,7 +90,10 @@ def real_config(fam: Path, seed: int, trials: int, extra: dict, models, val_spec
         "device": "cpu",
     }
     for k, v in extra.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+        if k.endswith("!"):  # `space!: {...}` replaces the key instead of merging into it
+            cfg[k[:-1]] = v
+        else:
+            cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return cfg
 
 
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real", action="store_true", help="the real-weights family (benchmarks/real_family.py)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--real: one search per seed")
     ap.add_argument("--trials", type=int, default=32, help="--real: trials per search")
-    ap.add_argument("--extra", default=None, help="--real: YAML mapping merged into the search config")
+    ap.add_argument("--extra", default=None, help="--real: YAML mapping merged into the search config (a key ending in `!`, e.g. `space!`, replaces it)")
     ap.add_argument("--label", default="default", help="--real: the variant's name in the output")
     ap.add_argument("--models", nargs="+", default=list(REAL_SKILLS), help="--real: the fine-tunes merged")
     ap.add_argument("--combine", choices=["sum", "geometric"], default="sum",

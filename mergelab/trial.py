@@ -41,6 +41,27 @@ def _available_memory() -> float:
     return math.inf
 
 
+def _tensors_in(v) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [t for x in v for t in _tensors_in(x)]
+    return []
+
+
+def _fast_extra(op) -> int:
+    """Bytes per source element the fast tier adds: float32 copies, task vectors, magnitude orders
+    (none for an operator whose kernel keeps its own derived tensors instead)."""
+    if op.keeps_derived:
+        return 0
+    return 4 * (1 + (op.uses_deltas or op.uses_sorted_abs) + op.uses_sorted_abs)
+
+
+def _derived_extra(op) -> int:
+    """Bytes per source element an operator's kernel derives and keeps in any tier (TSV's parts)."""
+    return 4 if op.keeps_derived else 0
+
+
 @dataclass
 class TrialStats:
     """What the last `TrialMerger.apply` did: tensors recomputed (unchanged ones are skipped),
@@ -109,6 +130,8 @@ class TrialMerger:
         # mergekit's DARE from the 16-bit sources and 1-byte draw keys, per (seed, tensor, sources)
         self._dare16: dict[tuple, cached.Dare16Sources | None] = {}
         self._last: dict[str, tuple] = {}  # tensor name -> key of the last candidate written
+        # what a memory kernel derives once from the sources (TSV's decompositions), by its key
+        self._derived: dict[tuple, object] = {}
         self.workspace = kinputs.Workspace()
         self.model_dtype = model_dtype
         self.last_stats = TrialStats(device=str(self.device))
@@ -169,9 +192,9 @@ class TrialMerger:
                     continue
                 seen.add(key)
                 size = self.sources[key[0]].tensors[key[1]].dtype.itemsize
-                total += n * size
+                total += n * (size + _derived_extra(op))
                 if tier == "fast":
-                    total += n * 4 * (1 + (op.uses_deltas or op.uses_sorted_abs) + op.uses_sorted_abs)
+                    total += n * _fast_extra(op)
         return total
 
     def _assign_tiers(self, plan: MergePlan) -> None:
@@ -185,15 +208,17 @@ class TrialMerger:
         used = sum(t.numel() * t.element_size() for t in self._stored.values())
         used += sum(t.numel() * t.element_size()
                     for d in (self._inputs, self._deltas, self._order) for t in d.values())
+        used += sum(t.numel() * t.element_size() for v in self._derived.values() for t in _tensors_in(v))
         budget = math.inf if self.max_memory is None else self.max_memory
         op = get_operator(plan.recipe.merge_method)
-        fast_extra = 4 * (1 + (op.uses_deltas or op.uses_sorted_abs) + op.uses_sorted_abs)
+        fast_extra = _fast_extra(op)
         seen = set(self._stored)
         stored_of, fast_of = {}, {}
         for job in new:
             reads = {k: n for k, n in self._reads(job).items() if k not in seen}
             seen.update(reads)
-            stored_of[job.name] = sum(n * self.sources[k[0]].tensors[k[1]].dtype.itemsize for k, n in reads.items())
+            stored_of[job.name] = sum(n * (self.sources[k[0]].tensors[k[1]].dtype.itemsize + _derived_extra(op))
+                                      for k, n in reads.items())
             fast_of[job.name] = stored_of[job.name] + sum(reads.values()) * fast_extra
         fast_budget = budget
         if self.cache == "auto" and self.max_memory is None:  # the fast tier while it takes at most half
@@ -294,6 +319,14 @@ class TrialMerger:
                 l1.append(self._l1[k].item())
             got = cached.Dare16Sources(jit_core.bits16(b), tuple(jit_core.bits16(m) for m in ms), keys, l1)
         self._dare16[key] = got
+        return got
+
+    def derived(self, key: tuple, build):
+        """What `build()` derives from the sources for a kernel (its key names the kernel, the
+        tensor and the sources), built on first use and kept: it does not depend on a candidate."""
+        got = self._derived.get(key)
+        if got is None:
+            got = self._derived[key] = build()
         return got
 
     def fast_inputs(self, job: TensorJob, plan: MergePlan) -> kinputs.CachedInputs:

@@ -16,5 +16,5 @@ from .base import (  # noqa: F401
 
 # Each module registers its operators on import.
 # (filled in by the operator modules; keep this list in sync)
-from . import linear, model_stock, passthrough, sce, slerp, spherical, task_vectors  # noqa: E402,F401
+from . import linear, model_stock, passthrough, sce, slerp, spherical, task_vectors, tsv  # noqa: E402,F401
 from .checks import check_params  # noqa: E402,F401

@@ -156,6 +156,9 @@ class OperatorSpec:
     # `scale`), and a recipe's slices always stack layer ranges (mergelab.stack, whose candidate
     # builder serves only these operators), even one uniform slice group
     layer_stacking: bool = False
+    # its trial-merger kernel keeps, per tensor, one float32 tensor of the tensor's size for each
+    # source it reads (TSV: the base and each fine-tune's decorrelated part), in any cache tier
+    keeps_derived: bool = False
 
     def param(self, name: str) -> ParamSpec | None:
         for p in self.params:

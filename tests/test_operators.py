@@ -45,7 +45,7 @@ def rand(*shape, seed=0):
 
 REQUIRED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock",
+    "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "tsv",
 }
 
 
@@ -498,3 +498,51 @@ def test_compiled_counter_mask_and_sums_equal_the_torch_stream(n, start):
     assert total == int(norms.total) and after == int(norms.masked(want))
     empty = torch.empty(0)
     assert counter_jit.mask_l1(empty, stream.key, start, 0.37, None, mask) == (0, 0) and torch.equal(mask, want)
+
+
+# ---- tsv ------------------------------------------------------------------------------------
+
+def _orthogonal(n, seed):
+    q, _ = torch.linalg.qr(rand(n, n, seed=seed))
+    return q
+
+
+def test_tsv_of_task_vectors_in_orthogonal_subspaces_is_task_arithmetic():
+    # each task vector of rank r = 6 / 2 = 3 in its own left and right subspace: nothing to decorrelate
+    q, p = _orthogonal(6, 1), _orthogonal(6, 2)
+    base = rand(6, 6, seed=3)
+    d1 = q[:, :3] @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ p[:, :3].T
+    d2 = q[:, 3:] @ torch.diag(torch.tensor([1.5, 0.7, 0.2])) @ p[:, 3:].T
+    out = run("tsv", base, [base + d1, base + d2], [{"weight": 0.5}, {"weight": 2.0}], {"lambda": 0.8})
+    assert torch.allclose(out, base + 0.8 * (0.5 * d1 + 2.0 * d2), atol=1e-5)
+
+
+def test_tsv_decorrelates_overlapping_task_vectors():
+    from operators.tsv import tsv_parts
+
+    base = rand(8, 12, seed=4)
+    shared = rand(8, 12, seed=5)
+    deltas = [shared + 0.5 * rand(8, 12, seed=6 + i) for i in range(3)]  # strongly overlapping
+    parts = tsv_parts(deltas)
+    r = 8 // 3
+    for i, m in enumerate(parts):
+        assert torch.linalg.matrix_rank(m).item() == r  # each task keeps its top r directions
+        s_kept = torch.linalg.svdvals(deltas[i])[:r]
+        assert torch.allclose(torch.linalg.svdvals(m)[:r], s_kept, rtol=1e-4)  # with their strengths
+        for j in range(i + 1, 3):  # and the tasks' parts share no left or right direction any more
+            assert torch.linalg.norm(m.T @ parts[j]) < 1e-4 * torch.linalg.norm(m) * torch.linalg.norm(parts[j])
+            assert torch.linalg.norm(m @ parts[j].T) < 1e-4 * torch.linalg.norm(m) * torch.linalg.norm(parts[j])
+    # the merge is base + λ Σ wᵢ Mᵢ; task arithmetic would have added the shared part three times
+    out = run("tsv", base, [base + d for d in deltas], [{"weight": 1.0}] * 3, name="model.layers.0.mlp.up_proj.weight")
+    assert torch.allclose(out, base + sum(parts), atol=1e-5)
+    ta = base + sum(deltas)
+    assert torch.linalg.norm(out - base) < 0.8 * torch.linalg.norm(ta - base)
+
+
+def test_tsv_keeps_task_arithmetic_for_vectors_and_vocabulary_tables():
+    base, a, b = rand(5, seed=7), rand(5, seed=8), rand(5, seed=9)
+    out = run("tsv", base, [a, b], [{"weight": 0.3}, {"weight": 1.2}], {"lambda": 1.5})
+    assert torch.allclose(out, base + 1.5 * (0.3 * (a - base) + 1.2 * (b - base)), atol=1e-6)
+    E, A, B = rand(20, 4, seed=10), rand(20, 4, seed=11), rand(20, 4, seed=12)
+    out = run("tsv", E, [A, B], [{}, {}], name="model.embed_tokens.weight")
+    assert torch.allclose(out, A + B - E, atol=1e-6)

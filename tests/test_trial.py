@@ -22,13 +22,13 @@ def recipe(fam, method, w=(0.6, 0.4), d=(0.5, 0.7), lam=1.0, seed=0, rng=None):
            "parameters": {"lambda": lam}, "dtype": "float16"}
     if rng is not None:
         out["rng"] = rng
-    if method == "task_arithmetic":
+    if method in ("task_arithmetic", "tsv"):
         for m in models:
             m["parameters"].pop("density")
     return out
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "task_arithmetic", "tsv"])
 def test_in_memory_equals_disk_bit_for_bit(tiny_family, tmp_path, method):
     r = recipe(tiny_family, method)
     merge_to_dir(r, tmp_path / "out")
@@ -45,6 +45,8 @@ def test_in_memory_equals_disk_bit_for_bit(tiny_family, tmp_path, method):
     params = dict(model.named_parameters())
     for k in disk:
         assert torch.equal(params[k].detach(), disk[k].float()), k
+    if method == "tsv":  # from the kept decompositions, not the reference recomputing them
+        assert set(tm.last_stats.kernels) == {"tsv"}
 
 
 def test_only_changed_tensors_recomputed(tiny_family):
@@ -241,3 +243,18 @@ def test_auto_cache_takes_the_fast_tier_only_while_it_fits_half_the_free_memory(
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     with pytest.raises(ValueError, match="auto, compact or fast"):
         TrialMerger(str(tiny_family["base"]), models, cache="small")
+
+
+def test_tsv_cache_counts_the_parts_its_kernel_keeps(tiny_family):
+    """TSV's kernel keeps one float32 tensor per source read (the base and each decorrelated part)
+    in any tier; the budget counts them instead of the fast tier's task vectors."""
+    r = recipe(tiny_family, "tsv")
+    tm = TrialMerger(str(tiny_family["base"]), [str(tiny_family["a"]), str(tiny_family["b"])], cache="compact")
+    plan = tm.plan(r)
+    elements = sum(n for job in plan.jobs for n in tm._reads(job).values())
+    ta_bytes = tm.cache_bytes(tm.plan(recipe(tiny_family, "task_arithmetic")), "stored")
+    assert tm.cache_bytes(plan, "stored") == ta_bytes + 4 * elements
+    assert tm.cache_bytes(plan, "fast") == tm.cache_bytes(plan, "stored")
+    tm.apply(r)
+    kept = sum(t.numel() for v in tm._derived.values() for t in (v[0], *v[1]))
+    assert kept == elements  # what the kernel holds is what was counted

@@ -72,3 +72,35 @@ def reference(call: KernelCall) -> torch.Tensor:
     base = tm.stored(job, job.base).to(call.compute_dtype) if job.base is not None else None
     models = [tm.stored(job, r).to(call.compute_dtype) for r in job.models]
     return run_operator(job, call.plan, base, models).to(job.out_dtype)
+
+
+def tsv(call: KernelCall) -> torch.Tensor | bool | None:
+    """TSV-Merge from each tensor's parts (`operators.tsv.merge_parts`: a weight matrix's
+    decorrelated task parts, else its task vectors), built from the sources on the first
+    candidate and kept by the merger: a candidate is a weighted sum added into the parameter."""
+    from operators.tsv import merge_parts, tsv_combine
+
+    tm, job, plan = call.source, call.job, call.plan
+    if tm.tier(job) == "disk":
+        return None
+    bi = plan.recipe.base_index
+    base_read = job.base if job.base is not None else job.models[bi]
+    rows = [i for i in range(len(job.models)) if i != bi]
+    if not rows:
+        return None
+    key = ("tsv", job.name, (base_read.ref, base_read.tensor),
+           tuple((job.models[i].ref, job.models[i].tensor) for i in rows))
+
+    def build():
+        base = tm.stored(job, base_read).to(call.compute_dtype).view(job.shape)
+        deltas = [tm.stored(job, job.models[i]).to(call.compute_dtype).view(job.shape) - base for i in rows]
+        return base, merge_parts(job.name, deltas)
+
+    base, parts = tm.derived(key, build)
+    ws = [float(job.model_params[i]["weight"]) for i in rows]
+    lam = float(job.params["lambda"])
+    dest = _dest(call)
+    if dest is not None and dest.dtype == base.dtype == job.out_dtype == torch.float32:
+        tsv_combine(base, parts, ws, lam, out=dest)
+        return True
+    return tsv_combine(base, parts, ws, lam).to(base.dtype).to(job.out_dtype)
