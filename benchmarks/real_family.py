@@ -328,13 +328,14 @@ def build(out: Path, cfg: RealFamilyConfig, only: list[str] | None, log) -> None
     build_file.write_text(json.dumps(prev, indent=2))
 
 
-# The usual hand-set recipes (mergekit's documented settings), merged with `mergelab merge`.
+# The usual hand-set recipes (mergekit's documented settings; tsv at its paper's, every weight 1), merged with `mergelab merge`.
 HAND_SET = {
     "linear (equal weights)": {"merge_method": "linear", "w": 1.0, "extra": {"normalize": True}},
     "task_arithmetic (w=1)": {"merge_method": "task_arithmetic", "w": 1.0},
     "task_arithmetic (w=1/3)": {"merge_method": "task_arithmetic", "w": 1 / 3},
     "ties (w=1, d=0.5)": {"merge_method": "ties", "w": 1.0, "density": 0.5},
     "dare_ties (w=1, d=0.5)": {"merge_method": "dare_ties", "w": 1.0, "density": 0.5},
+    "tsv (w=1)": {"merge_method": "tsv", "w": 1.0},
 }
 
 

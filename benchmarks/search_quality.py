@@ -45,8 +45,9 @@ def _search(name: str, optimizer: str, trials: int, args, work: Path) -> tuple[d
     cfg = {
         "base_model": str(fam / "base"),
         "models": [str(fam / s) for s in SKILLS],
-        "method": "ties",
-        "space": {"weight": [0.0, 1.0], "density": [0.1, 1.0], "lambda": list(args.lambda_range)},
+        "method": args.method,
+        "space": {"weight": [0.0, 1.0], "density": [0.1, 1.0], "lambda": list(args.lambda_range)}
+        if args.method == "ties" else {"weight": [0.0, 2.0]},
         "layer_groups": args.layer_groups,
         "eval": str(args.val),
         "optimizer": {"name": optimizer},
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-warm-start", action="store_true",
                     help="do not enqueue the equal-weight ties merge as every search's trial 0")
     ap.add_argument("--density", type=float, default=0.5, help="density of the equal-weight ties merge")
+    ap.add_argument("--method", choices=["ties", "tsv"], default="ties",
+                    help="bundled family: the searched operator (tsv: weight [0, 2] per model and group, lambda 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="keep run directories here")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
@@ -212,12 +215,19 @@ def main(argv=None) -> int:
     row("base", model_dir=fam / "base")
     for s in SKILLS:
         row(f"fine-tune `{s}`", model_dir=fam / s)
-    eq = {"merge_method": "ties", "base_model": str(fam / "base"),
-          "models": [{"model": str(fam / s), "parameters": {"weight": 1.0, "density": args.density}} for s in SKILLS]}
-    row(f"ties, equal weights (w=1, d={args.density:g}, lambda=1)", recipe=eq)
+    if args.method == "ties":
+        eq = {"merge_method": "ties", "base_model": str(fam / "base"),
+              "models": [{"model": str(fam / s), "parameters": {"weight": 1.0, "density": args.density}}
+                         for s in SKILLS]}
+        eq_label = f"ties, equal weights (w=1, d={args.density:g}, lambda=1)"
+    else:
+        eq = {"merge_method": "tsv", "base_model": str(fam / "base"),
+              "models": [{"model": str(fam / s), "parameters": {"weight": 1.0}} for s in SKILLS]}
+        eq_label = "tsv, equal weights (w=1)"
+    row(eq_label, recipe=eq)
     args.warm_start = None
     if not args.no_warm_start:
-        args.warm_start = work / "equal_weight_ties.yaml"
+        args.warm_start = work / f"equal_weight_{args.method}.yaml"
         args.warm_start.write_text(yaml.safe_dump(eq, sort_keys=False))
     searches = [("random", args.random)] + [("cmaes", n) for n in args.cmaes]
     configs = {}
@@ -234,10 +244,11 @@ def main(argv=None) -> int:
     cmd = "python benchmarks/search_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"Search quality on the bundled family (exact match, fraction correct per skill; "
           f"combined = sum of the three). Fitness: VAL split ({args.val.name}); every number below "
-          f"is the TEST split ({args.test.name}), items no search scored. Space: ties, "
-          f"{args.layer_groups} layer groups, weight [0, 1] and density [0.1, 1] per model and "
-          f"group, lambda {list(args.lambda_range)}; "
-          f"{'warm start: the equal-weight ties merge is trial 0 of every search; ' if args.warm_start else ''}"
+          f"is the TEST split ({args.test.name}), items no search scored. Space: "
+          + (f"ties, {args.layer_groups} layer groups, weight [0, 1] and density [0.1, 1] per model and "
+             f"group, lambda {list(args.lambda_range)}; " if args.method == "ties" else
+             f"tsv, {args.layer_groups} layer groups, weight [0, 2] per model and group, lambda 1; ")
+          + f"{f'warm start: the equal-weight {args.method} merge is trial 0 of every search; ' if args.warm_start else ''}"
           f"seed {args.seed}; CPU, {args.threads} thread(s).\n")
     print("| model | addition | sort | reverse | combined (test) | combined (val) | search time |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -248,9 +259,9 @@ def main(argv=None) -> int:
     print(f"\nCommand: `{cmd.strip()}` ({total:.0f} s in all; run directories in {work}).")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "configs": configs, "seconds": total}, indent=2))
-    eq_test = next(r["test"] for r in rows if r["model"].startswith("ties, equal"))
+    eq_test = next(r["test"] for r in rows if r["model"].startswith(f"{args.method}, equal"))
     best_cmaes = max(r["test"] for r in rows if "`cmaes`" in r["model"])
-    print(f"\nsearched (best cmaes) {best_cmaes:.4f} vs equal-weight ties {eq_test:.4f}: "
+    print(f"\nsearched (best cmaes) {best_cmaes:.4f} vs equal-weight {args.method} {eq_test:.4f}: "
           f"{'BEATS' if best_cmaes > eq_test else 'does NOT beat'} it.")
     return 0
 

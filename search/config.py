@@ -7,7 +7,7 @@ Example::
 
     base_model: mergelab/demo/family/base
     models: [mergelab/demo/family/addition, mergelab/demo/family/sort, mergelab/demo/family/reverse]
-    method: ties                     # or a list to choose from: [ties, dare_ties, task_arithmetic]
+    method: ties                     # default tsv; or a list to choose from: [tsv, ties, dare_ties]
     space:
       weight: [0, 1.5]               # model parameter: one value per model (x layer groups)
       density: [0.1, 1.0]
@@ -109,7 +109,9 @@ class SearchConfig(BaseModel):
 
     base_model: str
     models: list[str] = Field(min_length=1)
-    method: Union[str, list[str]] = "ties"
+    # tsv by default: on the real family (benchmarks/README.md, issue 17) the only operator whose
+    # searched merges keep every fine-tune's skill at once
+    method: Union[str, list[str]] = "tsv"
     space: dict[str, Any] = Field(default_factory=dict)
     model_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     layer_groups: int = Field(default=1, ge=1)

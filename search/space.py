@@ -401,9 +401,13 @@ def build_merge_space(cfg: SearchConfig, base_path: Path | None = None) -> Space
         spec = specs.get(pname)
         if spec is None:
             allowed = sorted(specs)
+            hint = ""
+            if "method" not in cfg.model_fields_set:
+                hint = (f" `method` is not given, so it is the default, {'/'.join(names)}; write e.g. "
+                        "`method: ties` for an operator that takes it.")
             raise MergelabError(
                 f"search config `{field_name}`: `{pname}` is not a parameter of "
-                f"{'/'.join(names)}. Parameters they take: {', '.join(allowed) or 'none'}."
+                f"{'/'.join(names)}. Parameters they take: {', '.join(allowed) or 'none'}.{hint}"
             )
         if value is None or value == "auto":
             if spec.search_range is None:

@@ -431,3 +431,20 @@ def test_racing_worker_gives_up_a_trial_past_the_budget(world, tmp_path):
     _one_trial(study, rd, space, sphere, cfg, "me", False, ["combined"], {"trial": None},
                lambda *a: None, None, shared_budget=5)
     assert [r["number"] for r in rd.trials()] == [0, 1, 4]
+
+
+def test_default_method_is_tsv_and_a_ties_only_parameter_says_so(world, tmp_path):
+    from search.config import parse_search_config
+    from search.validate import validate_config
+
+    base = {"base_model": str(world / "base"), "models": [str(world / "m1"), str(world / "m2")],
+            "eval": str(world / "eval.yaml"), "budget": {"trials": 2}}
+    cfg, space = validate_config(parse_search_config({**base, "space": {"weight": [0, 2]}}, "t"))
+    assert cfg.methods == ["tsv"] and sorted(p.name for p in space.params) == ["m0.weight", "m1.weight"]
+    with pytest.raises(MergelabError, match=r"`density` is not a parameter of tsv.*`method` is not given, so it is "
+                                            r"the default, tsv; write e.g. `method: ties`"):
+        validate_config(parse_search_config({**base, "space": {"weight": [0, 2], "density": [0.1, 1]}}, "t"))
+    # given explicitly, the message does not blame the default
+    with pytest.raises(MergelabError) as e:
+        validate_config(parse_search_config({**base, "method": "tsv", "space": {"density": [0.1, 1]}}, "t"))
+    assert "is the default" not in str(e.value)

@@ -52,7 +52,7 @@ async def open_form(pilot, runs: Path, started: list) -> NewSearchScreen:
         return _FakeProcess()
 
     form = NewSearchScreen(runs, clock=lambda: FROZEN, browser=browser, start_process=start,
-                           values=FormValues(name="my-search"))
+                           values=FormValues(name="my-search", methods=["ties"]))  # weight, density, lambda
     pilot.app.push_screen(form)
     await until(pilot, lambda: form.checks >= 1)
     return form
@@ -115,15 +115,22 @@ async def test_n_opens_the_form_with_registry_ranges(tmp_path):
         await pilot.press("n")
         await until(pilot, lambda: isinstance(app.screen, NewSearchScreen) and app.screen.checks >= 1)
         form = app.screen
-        assert form.query_one("#pv-weight").value == "0, 1" and form.query_one("#p-weight").value is True
-        assert form.query_one("#pv-density").value == "0.1, 1"
-        assert form.query_one("#pv-lambda").value == "0.5, 2" and form.query_one("#p-lambda").value is False
+        # the search config's default operator, tsv: its weight searched over [0, 2], lambda fixed
+        assert [r.id for r in form.query(".param-value")] == ["pv-weight", "pv-lambda"]
+        assert form.query_one("#pv-weight").value == "0, 2" and form.query_one("#p-weight").value is True
+        assert form.query_one("#pv-lambda").value == "0.5, 1.5" and form.query_one("#p-lambda").value is False
         # empty required fields are not shouted at before Start
         assert form.error("base_model") is None
         assert "3 fields to fix" in str(form.query_one("#form-size").render())
-        # choosing another operator rebuilds the parameter rows (slerp: only `t`)
+        # choosing another operator rebuilds the parameter rows (ties: weight, density, lambda ...)
         sel = form.query_one("#f-methods")
-        sel.deselect("ties")
+        sel.deselect("tsv")
+        sel.select("ties")
+        await until(pilot, lambda: "pv-density" in [r.id for r in form.query(".param-value")])
+        assert form.query_one("#pv-density").value == "0.1, 1" and form.query_one("#p-density").value is True
+        # what was already there is kept as typed
+        assert form.query_one("#pv-weight").value == "0, 2" and form.query_one("#pv-lambda").value == "0.5, 1.5"
+        sel.deselect("ties")  # (slerp: only `t`)
         sel.select("slerp")
         await until(pilot, lambda: [r.id for r in form.query(".param-value")] == ["pv-t"])
         assert form.query_one("#pv-t").value == "0, 1"

@@ -36,7 +36,7 @@ class FormValues:
     name: str = ""
     base_model: str = ""
     models: str = ""  # comma-separated paths / hub ids
-    methods: list[str] = field(default_factory=lambda: ["ties"])
+    methods: list[str] = field(default_factory=lambda: ["tsv"])  # the search config's default
     params: dict[str, ParamChoice] = field(default_factory=dict)
     layer_groups: str = "1"
     filters: str = ""
@@ -90,7 +90,7 @@ def default_choice(spec) -> ParamChoice:
     the parameter or it shapes the merge per model (weight, density)."""
     if spec.search_range is not None:
         lo, hi = spec.search_range
-        searched = spec.required or spec.name == "density"
+        searched = spec.required or spec.name in ("weight", "density")
         return ParamChoice(spec.name, searched, f"{lo:g}, {hi:g}")
     text = "" if spec.default is None else yaml.safe_dump(spec.default).split("\n")[0]
     return ParamChoice(spec.name, False, text)
