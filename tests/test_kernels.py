@@ -32,7 +32,7 @@ def _recipe(fam, op: str, rng: str | None) -> dict:
     models = []
     for k, m in enumerate(fam[1:]):
         p = {"weight": weights[k]}
-        if op not in ("linear", "task_arithmetic"):
+        if op not in ("linear", "task_arithmetic") and get_operator(op).param("density") is not None:
             p["density"] = densities[k]
         models.append({"model": str(m), "parameters": p})
     r = {"merge_method": op, "models": models, "dtype": "float32", "out_dtype": "bfloat16", "seed": 5,
