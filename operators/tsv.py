@@ -44,18 +44,31 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
 
 def tsv_parts(deltas: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each task's decorrelated part Mᵢ = U⊥ᵢ Sᵢ V⊥ᵢᵀ of one matrix (float32 whatever the
-    deltas' dtype): the merge is base + λ Σ wᵢ Mᵢ, linear in the weights."""
+    deltas' dtype): the merge is base + λ Σ wᵢ Mᵢ, linear in the weights.
+
+    Only singular directions with a non-zero singular value (above 1e-6 of the task's largest)
+    take part: a task vector of lower rank than r (a LoRA fine-tune, a layer it left unchanged)
+    would otherwise bring arbitrary null-space vectors into the orthogonalization and move the
+    other tasks' directions."""
     m, n = deltas[0].shape
     r = max(1, min(m, n) // len(deltas))
     us, ss, vs = [], [], []
     for d in deltas:
         u, s, vh = torch.linalg.svd(d.float(), full_matrices=False)
-        us.append(u[:, :r])
-        ss.append(s[:r])
-        vs.append(vh[:r])
+        k = int((s[:r] > s[0] * 1e-6).sum()) if s.numel() and s[0] > 0 else 0
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(vh[:k])
+    if sum(x.numel() for x in ss) == 0:
+        return [torch.zeros(m, n, dtype=torch.float32, device=deltas[0].device) for _ in deltas]
     u = _polar(torch.cat(us, dim=1))
     vh = _polar(torch.cat(vs, dim=0).T).T
-    return [((u[:, i * r:(i + 1) * r] * s) @ vh[i * r:(i + 1) * r]).contiguous() for i, s in enumerate(ss)]
+    parts, at = [], 0
+    for s in ss:
+        k = s.numel()
+        parts.append(((u[:, at:at + k] * s) @ vh[at:at + k]).contiguous())
+        at += k
+    return parts
 
 
 def tsv_combine(base: torch.Tensor, parts: list[torch.Tensor], weights: list[float], lam: float,

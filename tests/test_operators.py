@@ -546,3 +546,15 @@ def test_tsv_keeps_task_arithmetic_for_vectors_and_vocabulary_tables():
     E, A, B = rand(20, 4, seed=10), rand(20, 4, seed=11), rand(20, 4, seed=12)
     out = run("tsv", E, [A, B], [{}, {}], name="model.embed_tokens.weight")
     assert torch.allclose(out, A + B - E, atol=1e-6)
+
+
+def test_tsv_ignores_the_null_directions_of_a_low_rank_or_unchanged_task():
+    # a rank-1 task vector next to an unchanged model (a LoRA fine-tune, a frozen layer): the
+    # SVD's directions with singular value 0 are arbitrary and must not move the real one
+    from operators.tsv import tsv_parts
+
+    u, v = rand(6, seed=20), rand(5, seed=21)
+    low = torch.outer(u, v) * 0.1
+    parts = tsv_parts([low, torch.zeros(6, 5)])
+    assert torch.allclose(parts[0], low, atol=1e-6) and torch.count_nonzero(parts[1]) == 0
+    assert all(torch.count_nonzero(p) == 0 for p in tsv_parts([torch.zeros(6, 5), torch.zeros(6, 5)]))
