@@ -102,6 +102,7 @@ def tsv_merge(inp: MergeInputs) -> torch.Tensor:
               for i in others]
     return tsv_combine(base, merge_parts(inp.name, deltas), ws, lam).to(base.dtype)
 
+
 register(
     OperatorSpec(
         name="tsv",

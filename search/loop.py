@@ -48,7 +48,7 @@ from .rundir import HEARTBEAT_S, STALE_AFTER_S, RunDir, dumps, worker_id
 from .space import Space
 from .storage import TrialIds, fail_stale, heartbeat_on, open_storage, public_url, storage_of
 from .summary import rebuild_summary, update_summary
-from .validate import check_device, config_of, scorer_names, validate_config
+from .validate import check_device, config_of, load_warm_start, scorer_names, validate_config
 
 STUDY_NAME = "mergelab"
 FAIL_FAST = 3  # a session whose first this-many trials fail for one reason stops with that reason
@@ -485,15 +485,7 @@ def warm_start_values(study: optuna.Study, cfg, space, logline) -> dict[str, flo
         return {p.name: min(p.high, max(p.low, float(stored[p.name]))) for p in space.params}
     if not cfg.warm_start or study.get_trials(deepcopy=False):
         return None  # no warm start, or a run begun before warm starts were kept in the study
-    from mergelab.recipe import load_recipe
-
-    if not Path(cfg.warm_start).is_file():
-        raise MergelabError(
-            f"search config `warm_start`: the recipe {cfg.warm_start} does not exist any more, and this "
-            "run has not started yet, so its first trials need it. Put the recipe back, or start a new "
-            "run without `warm_start`."
-        )
-    values, clipped = space.values_from_recipe(load_recipe(cfg.warm_start, f"warm_start recipe {cfg.warm_start}"))
+    values, clipped = space.values_from_recipe(load_warm_start(cfg, space))  # the run's first start
     if clipped:
         logline(f"warm start: {', '.join(clipped)} outside the searched ranges, clipped", "WARNING")
     study.set_user_attr(WARM_START_ATTR, values)

@@ -100,15 +100,24 @@ def validate_config(cfg: SearchConfig, *, check_eval: bool = True, check_warm: b
         if cfg.test_eval is not None:
             load_data(load_eval_spec(cfg.test_eval, base_dir, "test_eval"))
     if check_warm and cfg.warm_start is not None:
-        from mergelab.recipe import load_recipe
-
-        r = load_recipe(cfg.warm_start, f"warm_start recipe {cfg.warm_start}")
-        if r.merge_method not in space.methods:
-            raise MergelabError(
-                f"search config `warm_start`: the recipe uses `{r.merge_method}`, which is not in "
-                f"`method` ({', '.join(space.methods)})."
-            )
+        load_warm_start(cfg, space)
     return cfg, space
+
+
+def load_warm_start(cfg: SearchConfig, space: Space):
+    """The config's warm-start recipe, checked: it exists, is a valid recipe and uses one of the
+    searched methods (at validation, and again when a run first starts and reads it)."""
+    from mergelab.recipe import load_recipe
+
+    if not Path(cfg.warm_start).is_file():
+        raise MergelabError(f"search config `warm_start`: the recipe {cfg.warm_start} does not exist.")
+    r = load_recipe(cfg.warm_start, f"warm_start recipe {cfg.warm_start}")
+    if r.merge_method not in space.methods:
+        raise MergelabError(
+            f"search config `warm_start`: the recipe uses `{r.merge_method}`, which is not in "
+            f"`method` ({', '.join(space.methods)})."
+        )
+    return r
 
 
 def check_device(device: str) -> None:
